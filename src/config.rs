@@ -1,0 +1,872 @@
+//! Configuration: the raw TOML shape (`raw`), units (`units`), where values may
+//! come from (file, `GATEHOUSE_*` and the seed's environment names, command-line
+//! flags), and the validated [`Config`] the rest of the crate reads.
+//!
+//! Precedence, lowest first: embedded defaults < the TOML file <
+//! `GATEHOUSE_SECTION__KEY` < seed names (`RATE_LIMIT_*`, `CACHE_*`,
+//! `REDIS_*`, `METRICS_PORT`, `ENABLE_METRICS`) < command-line flags.
+//! Every problem names its origin: file and line, or the environment variable.
+
+pub mod raw;
+pub mod units;
+
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use http::Method;
+use ipnet::IpNet;
+
+use raw::{RawGateway, RawRoute};
+
+/// One problem with a configuration, located as precisely as we can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The file, environment variable or flag the bad value came from.
+    pub origin: String,
+    /// 1-based line in `origin` when it is a file.
+    pub line: Option<usize>,
+    /// Dotted key, such as `upstream.servers[1].weight`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: ", self.origin, line)?,
+            None => write!(f, "{}: ", self.origin)?,
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "`{}`: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in one load; the config is used only when there are none.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.problems.iter().map(ToString::to_string).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}
+
+impl ConfigError {
+    fn one(origin: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            problems: vec![ConfigProblem {
+                origin: origin.into(),
+                line: None,
+                key: key.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub upstreams: Vec<String>,
+}
+
+/// The validated gateway configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// `None` when the admin listener is disabled (`ENABLE_METRICS=false`).
+    pub admin_listen: Option<SocketAddr>,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub routes: Vec<Route>,
+    pub redis: Option<RedisConfig>,
+    pub ratelimit: RatelimitConfig,
+    pub cache: CacheConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Worker threads, each with its own runtime, listener and upstream pool.
+    pub workers: usize,
+    pub health_path: String,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub max_header_size: usize,
+    pub max_headers: usize,
+    pub max_body_size: u64,
+    pub http2: bool,
+    pub trusted_proxies: Vec<IpNet>,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamConfig {
+    pub servers: Vec<UpstreamServer>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub response_buffer_size: usize,
+    pub max_idle_per_server: usize,
+    pub idle_timeout: Duration,
+    pub retries: u32,
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+    pub preserve_host: bool,
+    /// `None` when active health checks are disabled.
+    pub health_check: Option<HealthCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamServer {
+    pub target: UpstreamTarget,
+    pub weight: u32,
+}
+
+/// Where a Gunicorn listens: TCP (`http://host:port`) or a Unix socket
+/// (`unix:/run/gunicorn.sock`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum UpstreamTarget {
+    Tcp { authority: String },
+    Unix { path: PathBuf },
+}
+
+impl fmt::Display for UpstreamTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamTarget::Tcp { authority } => write!(f, "http://{authority}"),
+            UpstreamTarget::Unix { path } => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl UpstreamTarget {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if !path.starts_with('/') {
+                return Err(format!("`{text}`: a unix socket path must be absolute"));
+            }
+            return Ok(UpstreamTarget::Unix { path: path.into() });
+        }
+        let Some(rest) = text.strip_prefix("http://") else {
+            return Err(format!(
+                "`{text}`: expected http://host:port or unix:/path/to/socket"
+            ));
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(format!("`{text}`: an upstream URL has no path"));
+        }
+        let authority: http::uri::Authority =
+            authority.parse().map_err(|e| format!("`{text}`: {e}"))?;
+        let port = authority.port_u16().unwrap_or(80);
+        Ok(UpstreamTarget::Tcp {
+            authority: format!("{}:{port}", authority.host()),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+    pub access_log: bool,
+}
+
+/// An endpoint rule: which requests it matches and what applies to them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Used as the metric label, so it stays low-cardinality.
+    pub name: String,
+    pub path_prefix: String,
+    /// Empty: every method.
+    pub methods: Vec<Method>,
+    pub limit: Option<u64>,
+    pub cache_ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port/db`
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RatelimitConfig {
+    pub enabled: bool,
+    pub per_user: u64,
+    pub global: u64,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub default_ttl: Duration,
+    pub l1_max_entries: u64,
+    pub l1_ttl: Duration,
+}
+
+/// Where the process environment comes from; tests pass their own.
+pub trait EnvSource {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl EnvSource for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Config {
+    /// Load `path` (or the embedded defaults when `None`), apply environment
+    /// and flags, and validate.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_with_env(path, overrides, &ProcessEnv)
+    }
+
+    pub fn load_with_env(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: &dyn EnvSource,
+    ) -> Result<Config, ConfigError> {
+        let source = match path {
+            Some(path) => Some(SourceFile::read(path)?),
+            None => None,
+        };
+        let mut figment = Figment::new();
+        if let Some(file) = &source {
+            figment = figment.merge(Toml::string(&file.text));
+        }
+        figment = figment.merge(Env::prefixed("GATEHOUSE_").split("__"));
+        figment = merge_seed_scalars(figment, env)?;
+        let mut raw: RawGateway = figment
+            .extract()
+            .map_err(|e| from_figment(e, source.as_ref()))?;
+        apply_seed_structured(&mut raw, env)?;
+        apply_overrides(&mut raw, overrides);
+        Config::try_from(&raw).map_err(|problems| ConfigError {
+            problems: problems
+                .into_iter()
+                .map(|(key, message)| locate(source.as_ref(), key, message))
+                .collect(),
+        })
+    }
+}
+
+/// A config file's name and text, kept to point problems at their line.
+struct SourceFile {
+    name: String,
+    text: String,
+}
+
+impl SourceFile {
+    fn read(path: &Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one(&name, "", format!("cannot read: {e}")))?;
+        Ok(SourceFile { name, text })
+    }
+
+    /// The 1-based line of a dotted key path (`["upstream", "servers", "1", "weight"]`).
+    fn line_of(&self, path: &[String]) -> Option<usize> {
+        let doc = toml_edit::Document::parse(self.text.as_str()).ok()?;
+        let mut item = doc.as_item();
+        let mut span = None;
+        for segment in path {
+            let next = match segment.parse::<usize>() {
+                Ok(index) => item.get(index),
+                Err(_) => {
+                    if let Some(key) = item.as_table_like().and_then(|t| t.key(segment)) {
+                        span = key.span().or(span);
+                    }
+                    item.get(segment.as_str())
+                }
+            };
+            match next {
+                Some(next) => {
+                    item = next;
+                    span = item.span().or(span);
+                }
+                None => break,
+            }
+        }
+        let offset = span?.start;
+        Some(self.text[..offset].matches('\n').count() + 1)
+    }
+}
+
+fn dotted(path: &[String]) -> String {
+    let mut out = String::new();
+    for segment in path {
+        if segment.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
+}
+
+fn locate(source: Option<&SourceFile>, key: String, message: String) -> ConfigProblem {
+    let path = split_key(&key);
+    ConfigProblem {
+        origin: source.map_or_else(|| "configuration".to_string(), |s| s.name.clone()),
+        line: source.and_then(|s| s.line_of(&path)),
+        key,
+        message,
+    }
+}
+
+/// `upstream.servers[1].weight` → `["upstream", "servers", "1", "weight"]`.
+fn split_key(key: &str) -> Vec<String> {
+    key.replace('[', ".")
+        .replace(']', "")
+        .split('.')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn from_figment(error: figment::Error, source: Option<&SourceFile>) -> ConfigError {
+    let problems = error
+        .into_iter()
+        .map(|e| {
+            let mut path = e.path.clone();
+            let message = match &e.kind {
+                figment::error::Kind::UnknownField(field, expected) => {
+                    // figment includes the field in the path on some versions only.
+                    if path.last() != Some(field) {
+                        path.push(field.clone());
+                    }
+                    format!("unknown key (expected one of: {})", expected.join(", "))
+                }
+                kind => kind.to_string(),
+            };
+            let from_env = e
+                .metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"));
+            if from_env {
+                let var = e
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.interpolate(&figment::Profile::Default, &path))
+                    .unwrap_or_default();
+                ConfigProblem {
+                    origin: format!("environment variable {}", var.to_uppercase()),
+                    line: None,
+                    key: dotted(&path),
+                    message,
+                }
+            } else {
+                ConfigProblem {
+                    origin: source.map_or_else(|| "configuration".into(), |s| s.name.clone()),
+                    line: source.and_then(|s| s.line_of(&path)),
+                    key: dotted(&path),
+                    message,
+                }
+            }
+        })
+        .collect();
+    ConfigError { problems }
+}
+
+fn env_number(env: &dyn EnvSource, name: &str) -> Result<Option<u64>, ConfigError> {
+    env.var(name)
+        .map(|v| {
+            v.trim().parse::<u64>().map_err(|_| {
+                ConfigError::one(
+                    format!("environment variable {name}"),
+                    "",
+                    format!("`{v}` is not a whole number"),
+                )
+            })
+        })
+        .transpose()
+}
+
+/// Seed durations are whole seconds (`RATE_LIMIT_WINDOW=60`); a unit is also accepted.
+fn env_duration(env: &dyn EnvSource, name: &str) -> Result<Option<String>, ConfigError> {
+    Ok(env.var(name).map(|v| {
+        let v = v.trim().to_string();
+        if v.chars().all(|c| c.is_ascii_digit()) {
+            format!("{v}s")
+        } else {
+            v
+        }
+    }))
+}
+
+/// Seed names that map to one key each.
+fn merge_seed_scalars(mut figment: Figment, env: &dyn EnvSource) -> Result<Figment, ConfigError> {
+    for (name, key) in [
+        ("RATE_LIMIT_PER_USER", "ratelimit.per_user"),
+        ("RATE_LIMIT_GLOBAL", "ratelimit.global"),
+        ("CACHE_L1_SIZE", "cache.l1_max_entries"),
+        ("REDIS_PORT", "redis.port"),
+        ("REDIS_DB", "redis.db"),
+    ] {
+        if let Some(n) = env_number(env, name)? {
+            figment = figment.merge(Serialized::default(key, n));
+        }
+    }
+    for (name, key) in [
+        ("RATE_LIMIT_WINDOW", "ratelimit.window"),
+        ("CACHE_TTL_DEFAULT", "cache.default_ttl"),
+        ("CACHE_L1_TTL", "cache.l1_ttl"),
+    ] {
+        if let Some(d) = env_duration(env, name)? {
+            figment = figment.merge(Serialized::default(key, d));
+        }
+    }
+    for (name, key) in [
+        ("REDIS_HOST", "redis.host"),
+        ("REDIS_PASSWORD", "redis.password"),
+    ] {
+        if let Some(v) = env.var(name) {
+            figment = figment.merge(Serialized::default(key, v));
+        }
+    }
+    if let Some(v) = env.var("ENABLE_METRICS") {
+        let enabled = match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => true,
+            "0" | "false" | "no" | "off" => false,
+            _ => {
+                return Err(ConfigError::one(
+                    "environment variable ENABLE_METRICS",
+                    "",
+                    format!("`{v}` is not true or false"),
+                ));
+            }
+        };
+        figment = figment.merge(Serialized::default("admin.enabled", enabled));
+    }
+    Ok(figment)
+}
+
+/// Seed names that touch part of a value (a port) or a route by name.
+fn apply_seed_structured(raw: &mut RawGateway, env: &dyn EnvSource) -> Result<(), ConfigError> {
+    if let Some(port) = env_number(env, "METRICS_PORT")? {
+        let host = raw
+            .admin
+            .listen
+            .parse::<SocketAddr>()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_else(|_| "127.0.0.1".into());
+        raw.admin.listen = SocketAddr::new(
+            host.parse().unwrap_or([127, 0, 0, 1].into()),
+            u16::try_from(port).map_err(|_| {
+                ConfigError::one(
+                    "environment variable METRICS_PORT",
+                    "",
+                    "a port is at most 65535",
+                )
+            })?,
+        )
+        .to_string();
+    }
+    for (name, route) in [
+        ("CACHE_TTL_STORIES", "stories"),
+        ("CACHE_TTL_USERS", "users"),
+    ] {
+        if let Some(ttl) = env_duration(env, name)? {
+            let origin = format!("environment variable {name}");
+            let ttl = humantime::parse_duration(&ttl)
+                .map_err(|e| ConfigError::one(&origin, "", format!("`{ttl}`: {e}")))?;
+            let entry = raw
+                .routes
+                .iter_mut()
+                .find(|r| r.name == route)
+                .ok_or_else(|| {
+                    ConfigError::one(
+                        &origin,
+                        "",
+                        format!("no route named `{route}` to apply it to"),
+                    )
+                })?;
+            entry.cache_ttl = Some(ttl);
+        }
+    }
+    Ok(())
+}
+
+fn apply_overrides(raw: &mut RawGateway, overrides: &Overrides) {
+    if let Some(listen) = &overrides.listen {
+        raw.server.listen = listen.clone();
+    }
+    if let Some(admin) = &overrides.admin_listen {
+        raw.admin.listen = admin.clone();
+        raw.admin.enabled = true;
+    }
+    if !overrides.upstreams.is_empty() {
+        raw.upstream.servers = overrides
+            .upstreams
+            .iter()
+            .map(|url| raw::RawServerEntry {
+                url: url.clone(),
+                weight: 1,
+            })
+            .collect();
+    }
+}
+
+/// Problems as (dotted key, message); `locate` adds the file and line.
+type Problems = Vec<(String, String)>;
+
+fn socket_addr(key: &str, text: &str, problems: &mut Problems) -> Option<SocketAddr> {
+    match text.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => Some(addr),
+        _ => {
+            problems.push((
+                key.into(),
+                format!("`{text}` is not an address such as 127.0.0.1:8080"),
+            ));
+            None
+        }
+    }
+}
+
+fn positive(key: &str, value: Duration, problems: &mut Problems) {
+    if value.is_zero() {
+        problems.push((key.into(), "must be greater than zero".into()));
+    }
+}
+
+fn route(index: usize, raw: &RawRoute, problems: &mut Problems) -> Option<Route> {
+    let key = format!("routes[{index}]");
+    let before = problems.len();
+    if raw.name.is_empty()
+        || !raw
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        problems.push((
+            format!("{key}.name"),
+            "use letters, digits, `_` and `-`".into(),
+        ));
+    }
+    if !raw.path_prefix.starts_with('/') {
+        problems.push((format!("{key}.path_prefix"), "must start with `/`".into()));
+    }
+    let mut methods = Vec::new();
+    for (i, m) in raw.methods.iter().enumerate() {
+        match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+            Ok(method) => methods.push(method),
+            Err(_) => problems.push((
+                format!("{key}.methods[{i}]"),
+                format!("`{m}` is not a method"),
+            )),
+        }
+    }
+    if raw.limit == Some(0) {
+        problems.push((format!("{key}.limit"), "must be greater than zero".into()));
+    }
+    (problems.len() == before).then(|| Route {
+        name: raw.name.clone(),
+        path_prefix: raw.path_prefix.clone(),
+        methods,
+        limit: raw.limit,
+        cache_ttl: raw.cache_ttl,
+    })
+}
+
+impl TryFrom<&RawGateway> for Config {
+    type Error = Problems;
+
+    fn try_from(raw: &RawGateway) -> Result<Self, Problems> {
+        let mut problems = Problems::new();
+        let listen = socket_addr("server.listen", &raw.server.listen, &mut problems);
+        let admin_listen = if raw.admin.enabled {
+            socket_addr("admin.listen", &raw.admin.listen, &mut problems)
+        } else {
+            None
+        };
+        let s = &raw.server;
+        if !s.health_path.starts_with('/') {
+            problems.push(("server.health_path".into(), "must start with `/`".into()));
+        }
+        positive(
+            "server.header_read_timeout",
+            s.header_read_timeout,
+            &mut problems,
+        );
+        positive(
+            "server.body_read_timeout",
+            s.body_read_timeout,
+            &mut problems,
+        );
+        positive("server.drain_timeout", s.drain_timeout, &mut problems);
+        if s.max_connections == 0 {
+            problems.push((
+                "server.max_connections".into(),
+                "must be greater than zero".into(),
+            ));
+        }
+        // hyper cannot read a request line into less than 8 KiB.
+        if s.max_header_size.0 < 8192 {
+            problems.push((
+                "server.max_header_size".into(),
+                "must be at least 8KiB".into(),
+            ));
+        }
+        if s.max_headers == 0 {
+            problems.push((
+                "server.max_headers".into(),
+                "must be greater than zero".into(),
+            ));
+        }
+        let mut trusted_proxies = Vec::new();
+        for (i, cidr) in s.trusted_proxies.iter().enumerate() {
+            let parsed = cidr
+                .parse::<IpNet>()
+                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => problems.push((
+                    format!("server.trusted_proxies[{i}]"),
+                    format!("`{cidr}` is not an address or CIDR such as 10.0.0.0/8"),
+                )),
+            }
+        }
+
+        let u = &raw.upstream;
+        if u.servers.is_empty() {
+            problems.push((
+                "upstream.servers".into(),
+                "at least one server is needed".into(),
+            ));
+        }
+        let mut servers = Vec::new();
+        for (i, entry) in u.servers.iter().enumerate() {
+            if entry.weight == 0 {
+                problems.push((
+                    format!("upstream.servers[{i}].weight"),
+                    "must be at least 1".into(),
+                ));
+            }
+            match UpstreamTarget::parse(&entry.url) {
+                Ok(target) if servers.iter().any(|s: &UpstreamServer| s.target == target) => {
+                    problems.push((format!("upstream.servers[{i}].url"), "listed twice".into()));
+                }
+                Ok(target) => servers.push(UpstreamServer {
+                    target,
+                    weight: entry.weight,
+                }),
+                Err(message) => problems.push((format!("upstream.servers[{i}].url"), message)),
+            }
+        }
+        positive("upstream.connect_timeout", u.connect_timeout, &mut problems);
+        positive(
+            "upstream.response_timeout",
+            u.response_timeout,
+            &mut problems,
+        );
+        if u.max_fails == 0 {
+            problems.push(("upstream.max_fails".into(), "must be at least 1".into()));
+        }
+        let hc = &u.health_check;
+        let health_check = if hc.enabled {
+            if !hc.path.starts_with('/') {
+                problems.push((
+                    "upstream.health_check.path".into(),
+                    "must start with `/`".into(),
+                ));
+            }
+            positive("upstream.health_check.interval", hc.interval, &mut problems);
+            positive("upstream.health_check.timeout", hc.timeout, &mut problems);
+            Some(HealthCheck {
+                path: hc.path.clone(),
+                interval: hc.interval,
+                timeout: hc.timeout,
+            })
+        } else {
+            None
+        };
+
+        let format = match raw.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                problems.push((
+                    "log.format".into(),
+                    format!("`{other}`: use \"text\" or \"json\""),
+                ));
+                LogFormat::Text
+            }
+        };
+        if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
+            problems.push((
+                "log.level".into(),
+                format!("`{}` is not a log filter", raw.log.level),
+            ));
+        }
+
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            if let Some(route) = route(i, r, &mut problems) {
+                // A duplicate rule makes a config silently ambiguous (envoy #14232).
+                if routes.iter().any(|o: &Route| o.name == route.name) {
+                    problems.push((
+                        format!("routes[{i}].name"),
+                        format!("`{}` is used twice", route.name),
+                    ));
+                } else if routes.iter().any(|o: &Route| {
+                    o.path_prefix == route.path_prefix && o.methods == route.methods
+                }) {
+                    problems.push((
+                        format!("routes[{i}].path_prefix"),
+                        "another route has the same prefix and methods".into(),
+                    ));
+                }
+                routes.push(route);
+            }
+        }
+
+        let redis = redis(&raw.redis, &mut problems);
+        let rl = &raw.ratelimit;
+        if rl.per_user == 0 || rl.global == 0 {
+            problems.push((
+                "ratelimit".into(),
+                "limits must be greater than zero".into(),
+            ));
+        }
+        positive("ratelimit.window", rl.window, &mut problems);
+        // Until the limiter and the cache land, accepting `enabled = true`
+        // would promise protection the gateway does not give.
+        if rl.enabled {
+            problems.push((
+                "ratelimit.enabled".into(),
+                "rate limiting is not available in this build yet".into(),
+            ));
+        }
+        let c = &raw.cache;
+        if c.enabled {
+            problems.push((
+                "cache.enabled".into(),
+                "response caching is not available in this build yet".into(),
+            ));
+        }
+        positive("cache.default_ttl", c.default_ttl, &mut problems);
+        positive("cache.l1_ttl", c.l1_ttl, &mut problems);
+
+        // Every `None` above pushed a problem.
+        let Some(listen) = listen.filter(|_| problems.is_empty()) else {
+            return Err(problems);
+        };
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                workers: if s.workers == 0 {
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                } else {
+                    s.workers
+                },
+                health_path: s.health_path.clone(),
+                max_connections: s.max_connections,
+                header_read_timeout: s.header_read_timeout,
+                body_read_timeout: s.body_read_timeout,
+                max_header_size: usize::try_from(s.max_header_size.0).unwrap_or(usize::MAX),
+                max_headers: s.max_headers,
+                max_body_size: s.max_body_size.0,
+                http2: s.http2,
+                trusted_proxies,
+                drain_timeout: s.drain_timeout,
+            },
+            admin_listen,
+            upstream: UpstreamConfig {
+                servers,
+                connect_timeout: u.connect_timeout,
+                response_timeout: u.response_timeout,
+                response_buffer_size: usize::try_from(u.response_buffer_size.0)
+                    .unwrap_or(usize::MAX),
+                max_idle_per_server: u.max_idle_per_server,
+                idle_timeout: u.idle_timeout,
+                retries: u.retries,
+                max_fails: u.max_fails,
+                fail_timeout: u.fail_timeout,
+                preserve_host: u.preserve_host,
+                health_check,
+            },
+            log: LogConfig {
+                level: raw.log.level.clone(),
+                format,
+                access_log: raw.log.access_log,
+            },
+            routes,
+            redis,
+            ratelimit: RatelimitConfig {
+                enabled: rl.enabled,
+                per_user: rl.per_user,
+                global: rl.global,
+                window: rl.window,
+            },
+            cache: CacheConfig {
+                enabled: c.enabled,
+                default_ttl: c.default_ttl,
+                l1_max_entries: c.l1_max_entries,
+                l1_ttl: c.l1_ttl,
+            },
+        })
+    }
+}
+
+fn redis(raw: &raw::RawRedis, problems: &mut Problems) -> Option<RedisConfig> {
+    if let Some(url) = &raw.url {
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("unix:"))
+        {
+            problems.push((
+                "redis.url".into(),
+                format!("`{url}`: expected redis://host:port/db"),
+            ));
+        }
+        return Some(RedisConfig { url: url.clone() });
+    }
+    let host = raw.host.as_ref()?;
+    let auth = raw
+        .password
+        .as_ref()
+        .map(|p| format!(":{p}@"))
+        .unwrap_or_default();
+    Some(RedisConfig {
+        url: format!("redis://{auth}{host}:{}/{}", raw.port, raw.db),
+    })
+}
+
+#[cfg(test)]
+mod tests;

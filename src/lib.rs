@@ -1,0 +1,31 @@
+//! Gatehouse: the edge of a Django deployment in one binary.
+//!
+//! ```text
+//!  clients ──► gatehouse proxy ──► Gunicorn (Django) ──► gatehouse db ──► PostgreSQL
+//! ```
+//!
+//! # Modules
+//!
+//! - [`config`]: raw TOML structs, units, environment and flag overrides, and
+//!   the validated [`config::Config`]; every problem names file, line and key.
+//! - [`proxy`]: `gatehouse proxy`, the HTTP gateway: start-up, signals and
+//!   reload, and the request path in named phases:
+//!   - [`proxy::accept`]: listeners, connection limits, header deadline, size
+//!     limits, request-smuggling shapes, HTTP/1.1 and h2c, graceful drain;
+//!   - [`proxy::identify`]: who is calling (client address through trusted
+//!     proxies, request id);
+//!   - [`proxy::route`]: the endpoint rule a request falls under;
+//!   - limit and cache: not built yet; their places are marked in
+//!     [`proxy::request`];
+//!   - [`proxy::upstream`]: buffered forwarding to Gunicorn, keep-alive
+//!     pools, retries, passive ejection and active health checks;
+//!   - response: hop-by-hop stripping, in [`proxy::request`] with
+//!     [`proxy::headers`];
+//!   - log: the access log line and request metrics, in [`proxy::request`].
+//! - [`admin`]: `/health`, `/ready`, `/metrics`, `/metrics/json`.
+//! - [`telemetry`]: tracing setup and the Prometheus registry.
+
+pub mod admin;
+pub mod config;
+pub mod proxy;
+pub mod telemetry;

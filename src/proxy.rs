@@ -1,0 +1,233 @@
+//! `gatehouse proxy`: the HTTP gateway in front of Gunicorn. This module owns
+//! start-up (listeners, worker threads, the admin listener, health checks),
+//! signals (SIGHUP reload, SIGTERM drain, SIGINT exit) and the state the
+//! request path reads; the phases live in the submodules.
+
+pub mod accept;
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod identify;
+pub mod request;
+pub mod route;
+pub mod upstream;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::config::{Config, Overrides};
+use crate::telemetry::Metrics;
+use route::RouteTable;
+use upstream::UpstreamSet;
+
+/// Everything one configuration implies, swapped whole on reload.
+pub struct Live {
+    pub config: Config,
+    pub routes: RouteTable,
+    pub upstreams: Arc<UpstreamSet>,
+}
+
+/// State shared by the workers, the admin listener and the control loop.
+pub struct Shared {
+    pub live: ArcSwap<Live>,
+    pub metrics: Metrics,
+    pub workers: usize,
+}
+
+/// Where the running configuration came from, to load it again on SIGHUP.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub overrides: Overrides,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "cannot listen on {addr}: {source}; ports below 1024 need root or \
+         CAP_NET_BIND_SERVICE; pass --listen 127.0.0.1:8080 to use another port"
+    )]
+    PrivilegedPort { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("starting a runtime: {0}")]
+    Runtime(io::Error),
+}
+
+fn listen_error(addr: SocketAddr, source: io::Error) -> StartError {
+    if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+        StartError::PrivilegedPort { addr, source }
+    } else {
+        StartError::Listen { addr, source }
+    }
+}
+
+/// Run the gateway until SIGTERM (drain, then return) or SIGINT (exit now).
+pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
+    let metrics = Metrics::new()?;
+    let workers = config.server.workers;
+    let listeners = accept::bind(config.server.listen, workers)
+        .map_err(|e| listen_error(config.server.listen, e))?;
+    let admin = match config.admin_listen {
+        Some(addr) => Some(crate::admin::bind(addr).map_err(|e| listen_error(addr, e))?),
+        None => None,
+    };
+    let upstreams = Arc::new(UpstreamSet::new(&config.upstream, workers, &metrics));
+    let shared = Arc::new(Shared {
+        live: ArcSwap::from_pointee(Live {
+            routes: RouteTable::new(&config.routes),
+            upstreams,
+            config,
+        }),
+        metrics,
+        workers,
+    });
+    if let Some(first) = listeners.first() {
+        if let Ok(addr) = first.local_addr() {
+            tracing::info!(service = "proxy", %addr, workers, "listening");
+        }
+    }
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut threads = Vec::with_capacity(listeners.len());
+    for (worker, listener) in listeners.into_iter().enumerate() {
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown_rx.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("gatehouse-worker-{worker}"))
+            .spawn(move || {
+                if let Err(e) = runtime.block_on(accept::serve(worker, listener, shared, shutdown))
+                {
+                    tracing::error!(worker, error = %e, "worker stopped");
+                }
+            })
+            .map_err(StartError::Runtime)?;
+        threads.push(thread);
+    }
+
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
+    control.block_on(async {
+        if let Some(listener) = admin {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move { crate::admin::serve(listener, shared).await });
+        }
+        tokio::spawn(health_checks(Arc::clone(&shared)));
+        signals(&shared, &source, shutdown_tx).await
+    })?;
+    for thread in threads {
+        let _ = thread.join();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Wait for signals: SIGHUP reloads, SIGTERM starts the drain, SIGINT exits.
+async fn signals(
+    shared: &Shared,
+    source: &ConfigSource,
+    shutdown: watch::Sender<bool>,
+) -> Result<(), StartError> {
+    let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Runtime)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(shared, source),
+            _ = terminate.recv() => {
+                let drain = shared.live.load().config.server.drain_timeout;
+                tracing::info!(?drain, "SIGTERM: no new connections; finishing in-flight requests");
+                let _ = shutdown.send(true);
+                return Ok(());
+            }
+            _ = interrupt.recv() => {
+                tracing::info!("SIGINT: exiting now");
+                std::process::exit(130);
+            }
+        }
+    }
+}
+
+/// Load the configuration again; swap it in only when it is valid.
+pub fn reload(shared: &Shared, source: &ConfigSource) {
+    let file = source.path.as_ref().map_or_else(
+        || "embedded defaults".to_string(),
+        |p| p.display().to_string(),
+    );
+    let config = match Config::load(source.path.as_deref(), &source.overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
+            for problem in &e.problems {
+                tracing::error!(%file, %problem, "reload rejected; keeping the running configuration");
+            }
+            return;
+        }
+    };
+    let old = shared.live.load_full();
+    if config.server.listen != old.config.server.listen
+        || config.server.workers != old.config.server.workers
+        || config.admin_listen != old.config.admin_listen
+    {
+        tracing::warn!("listen addresses and worker count change only on restart");
+    }
+    let upstreams = if config.upstream == old.config.upstream {
+        Arc::clone(&old.upstreams)
+    } else {
+        for server in &old.upstreams.servers {
+            let _ = shared
+                .metrics
+                .upstream_healthy
+                .remove_label_values(&[server.label.as_str()]);
+        }
+        Arc::new(UpstreamSet::new(
+            &config.upstream,
+            shared.workers,
+            &shared.metrics,
+        ))
+    };
+    shared.live.store(Arc::new(Live {
+        routes: RouteTable::new(&config.routes),
+        upstreams,
+        config,
+    }));
+    shared
+        .metrics
+        .config_reloads
+        .with_label_values(&["ok"])
+        .inc();
+    tracing::info!(%file, "configuration reloaded");
+}
+
+/// Probe the upstreams of whatever configuration is live, forever.
+async fn health_checks(shared: Arc<Shared>) {
+    loop {
+        let live = shared.live.load_full();
+        match &live.config.upstream.health_check {
+            Some(check) => {
+                upstream::health::check_all(&live.upstreams, check).await;
+                tokio::time::sleep(check.interval).await;
+            }
+            None => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! A read-side watch on HTTP/1 framing. hyper quietly resolves a request that
+//! carries both `Content-Length` and `Transfer-Encoding` (it drops the length),
+//! so the handler cannot see the shape; RFC 9112 §6.1 lets a server reject it,
+//! and a gateway must, because the next hop may frame it differently. This
+//! wrapper follows request boundaries in the bytes hyper reads and records the
+//! index of the first request with that shape; the `accept` phase answers that
+//! request with 400 and closes the connection.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the reader learned, shared with the connection's service.
+#[derive(Debug, Default)]
+pub struct FramingVerdicts {
+    /// Index (0-based) of the first request head with both framing headers;
+    /// `u64::MAX` while there is none.
+    first_ambiguous: AtomicU64,
+    /// Requests the service has seen on this connection.
+    served: AtomicU64,
+}
+
+impl FramingVerdicts {
+    pub fn new() -> Arc<Self> {
+        Arc::new(FramingVerdicts {
+            first_ambiguous: AtomicU64::new(u64::MAX),
+            served: AtomicU64::new(0),
+        })
+    }
+
+    /// Called once per request by the service, in order: is this one ambiguous?
+    pub fn next_request_is_ambiguous(&self) -> bool {
+        let index = self.served.fetch_add(1, Ordering::Relaxed);
+        self.first_ambiguous.load(Ordering::Relaxed) == index
+    }
+}
+
+/// Where in the byte stream the reader is.
+#[derive(Debug)]
+enum State {
+    /// Reading a request head; holds the part of it seen so far.
+    Head(Vec<u8>),
+    /// Skipping a body of known length.
+    Body(u64),
+    /// Reading a chunk-size line.
+    ChunkSize(Vec<u8>),
+    ChunkData(u64),
+    /// The CRLF after chunk data.
+    ChunkEnd(u8),
+    /// Reading trailer lines until an empty one.
+    Trailer(Vec<u8>),
+    /// Nothing more to watch: an HTTP/2 preface, a shape hyper rejects
+    /// itself, or a connection already condemned.
+    Off,
+}
+
+pub struct FramingGuard<T> {
+    inner: T,
+    state: State,
+    heads: u64,
+    max_head: usize,
+    verdicts: Arc<FramingVerdicts>,
+}
+
+impl<T> FramingGuard<T> {
+    pub fn new(inner: T, max_head: usize, verdicts: Arc<FramingVerdicts>) -> Self {
+        FramingGuard {
+            inner,
+            state: State::Head(Vec::new()),
+            heads: 0,
+            max_head,
+            verdicts,
+        }
+    }
+
+    fn observe(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let state = std::mem::replace(&mut self.state, State::Off);
+            let (next, used) = self.step(state, data);
+            self.state = next;
+            data = &data[used..];
+            if matches!(self.state, State::Off) {
+                return;
+            }
+        }
+    }
+
+    /// Advance over a prefix of `data`; returns the new state and bytes used.
+    fn step(&mut self, state: State, data: &[u8]) -> (State, usize) {
+        match state {
+            State::Off => (State::Off, data.len()),
+            // The usual case: a whole head inside one read, parsed in place.
+            State::Head(seen) if seen.is_empty() => match find(data, b"\r\n\r\n") {
+                Some(i) => (self.on_head(&data[..i + 4]), i + 4),
+                None if data.len() > self.max_head => (State::Off, data.len()),
+                None => (State::Head(data.to_vec()), data.len()),
+            },
+            State::Head(mut seen) => {
+                let start = seen.len();
+                seen.extend_from_slice(data);
+                let Some(end) = find(&seen, b"\r\n\r\n").map(|i| i + 4) else {
+                    if seen.len() > self.max_head {
+                        return (State::Off, data.len());
+                    }
+                    return (State::Head(seen), data.len());
+                };
+                let used = end - start;
+                let next = self.on_head(&seen[..end]);
+                (next, used)
+            }
+            State::Body(left) => {
+                let n = left.min(data.len() as u64);
+                let left = left - n;
+                let next = if left == 0 {
+                    State::Head(Vec::new())
+                } else {
+                    State::Body(left)
+                };
+                // `n` is at most `data.len()`, so it fits in usize.
+                (next, usize::try_from(n).unwrap_or(data.len()))
+            }
+            State::ChunkSize(line) => Self::line(line, data, State::ChunkSize, |line| {
+                let text = std::str::from_utf8(line).ok()?;
+                let size = text.split(';').next()?.trim();
+                let size = u64::from_str_radix(size, 16).ok()?;
+                Some(if size == 0 {
+                    State::Trailer(Vec::new())
+                } else {
+                    State::ChunkData(size)
+                })
+            }),
+            State::ChunkData(left) => {
+                let n = left.min(data.len() as u64);
+                let left = left - n;
+                let next = if left == 0 {
+                    State::ChunkEnd(2)
+                } else {
+                    State::ChunkData(left)
+                };
+                (next, usize::try_from(n).unwrap_or(data.len()))
+            }
+            State::ChunkEnd(left) => {
+                let n = usize::from(left).min(data.len());
+                // n <= 2
+                let left = left - n as u8;
+                let next = if left == 0 {
+                    State::ChunkSize(Vec::new())
+                } else {
+                    State::ChunkEnd(left)
+                };
+                (next, n)
+            }
+            State::Trailer(line) => Self::line(line, data, State::Trailer, |line| {
+                Some(if line.is_empty() {
+                    State::Head(Vec::new())
+                } else {
+                    State::Trailer(Vec::new())
+                })
+            }),
+        }
+    }
+
+    /// Collect one CRLF-terminated line, then decide with `on_line` (given the
+    /// line without CRLF); `None` from it, or an overlong line, turns off.
+    fn line(
+        mut line: Vec<u8>,
+        data: &[u8],
+        partial: fn(Vec<u8>) -> State,
+        on_line: impl FnOnce(&[u8]) -> Option<State>,
+    ) -> (State, usize) {
+        match data.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&data[..i]);
+                let content = line.strip_suffix(b"\r").unwrap_or(&line);
+                (on_line(content).unwrap_or(State::Off), i + 1)
+            }
+            None if line.len() + data.len() > 4096 => (State::Off, data.len()),
+            None => {
+                line.extend_from_slice(data);
+                (partial(line), data.len())
+            }
+        }
+    }
+
+    fn on_head(&mut self, head: &[u8]) -> State {
+        let index = self.heads;
+        self.heads += 1;
+        if head.starts_with(b"PRI * HTTP/2.0") {
+            return State::Off;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut request = httparse::Request::new(&mut headers);
+        let Ok(httparse::Status::Complete(_)) = request.parse(head) else {
+            // hyper rejects what httparse rejects.
+            return State::Off;
+        };
+        let mut length: Option<u64> = None;
+        let mut chunked = false;
+        let mut has_length = false;
+        let mut has_encoding = false;
+        for h in request.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                has_length = true;
+                length = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok());
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                has_encoding = true;
+                chunked = h
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+        }
+        if has_length && has_encoding {
+            let _ = self.verdicts.first_ambiguous.compare_exchange(
+                u64::MAX,
+                index,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            return State::Off;
+        }
+        match (chunked, length) {
+            (true, _) => State::ChunkSize(Vec::new()),
+            (false, Some(0)) | (false, None) if !has_encoding => State::Head(Vec::new()),
+            (false, Some(n)) => State::Body(n),
+            // Non-chunked Transfer-Encoding: hyper answers 400 itself.
+            (false, None) => State::Off,
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            if !matches!(this.state, State::Off) {
+                this.observe(&buf.filled()[before..]);
+            }
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

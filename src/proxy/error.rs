@@ -1,0 +1,111 @@
+//! Errors on the request path, classified by side, and their one mapping to
+//! an HTTP status and an `application/problem+json` body (RFC 9457).
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::ProxyBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    // Client side.
+    #[error("malformed request: {0}")]
+    BadRequest(&'static str),
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(std::time::Duration),
+    #[error("reading the request body: {0}")]
+    BodyRead(String),
+
+    // Upstream side.
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
+    #[error("upstream {addr}: {reason}")]
+    UpstreamUnreachable { addr: String, reason: String },
+    #[error("upstream {addr} did not answer within {after:?}")]
+    UpstreamTimeout {
+        addr: String,
+        after: std::time::Duration,
+    },
+    #[error("upstream {addr}: {reason}")]
+    UpstreamBroken { addr: String, reason: String },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
+            // Pingora #980: a timeout is a 504, never a 502.
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamBroken { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+        }
+    }
+
+    /// The `kind` label of `gatehouse_http_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BodyTooLarge { .. } => "body_too_large",
+            ProxyError::BodyTimeout(_) => "body_timeout",
+            ProxyError::BodyRead(_) => "body_read",
+            ProxyError::NoHealthyUpstream => "no_healthy_upstream",
+            ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
+            ProxyError::UpstreamBroken { .. } => "upstream_broken",
+        }
+    }
+
+    /// Client errors close the connection: after a malformed or oversized
+    /// request the rest of the stream cannot be trusted.
+    pub fn closes_connection(&self) -> bool {
+        self.status().is_client_error()
+    }
+
+    pub fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
+        let status = self.status();
+        // Upstream details (addresses, OS errors) stay in the log, not the body.
+        let detail = match &self {
+            ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamBroken { .. } => {
+                "the application server could not be reached".to_string()
+            }
+            ProxyError::UpstreamTimeout { .. } => {
+                "the application server did not answer in time".to_string()
+            }
+            other => other.to_string(),
+        };
+        problem(status, &detail, request_id, self.closes_connection())
+    }
+}
+
+/// An `application/problem+json` response carrying the request id.
+pub fn problem(
+    status: StatusCode,
+    detail: &str,
+    request_id: &HeaderValue,
+    close: bool,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("Error"),
+        "status": status.as_u16(),
+        "detail": detail,
+        "request_id": request_id.to_str().unwrap_or_default(),
+    });
+    let mut response = Response::new(ProxyBody::full(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    headers.insert("x-request-id", request_id.clone());
+    if close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}

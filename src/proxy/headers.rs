@@ -1,0 +1,106 @@
+//! Header rewriting between client and Gunicorn: hop-by-hop fields removed in
+//! both directions (RFC 9110 §7.6.1, pingora #706) and the `X-Forwarded-*`
+//! fields set from what the `identify` phase decided.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::identify::{Caller, X_FORWARDED_FOR, X_REQUEST_ID};
+
+/// Fields that describe one connection, never the message.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Remove hop-by-hop fields, including every field `Connection` names.
+/// `Upgrade` goes too: the gateway does not tunnel protocol upgrades.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that would let an untrusted client rewrite what Django thinks the
+/// URL is, an unkeyed input for cache poisoning (FIELD-NOTES, caching).
+const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+
+/// Set `X-Forwarded-For/Proto/Host` and `X-Request-ID` for Gunicorn. Values a
+/// client sent are kept only when its peer is a trusted proxy.
+pub fn set_forwarded(headers: &mut HeaderMap, caller: &Caller, host: Option<&HeaderValue>) {
+    let peer = caller.peer.to_string();
+    let xff = if caller.trusted_peer {
+        let earlier: Vec<&str> = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if earlier.is_empty() {
+            peer
+        } else {
+            format!("{}, {peer}", earlier.join(", "))
+        }
+    } else {
+        peer
+    };
+    if let Ok(value) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    if !caller.trusted_peer || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if !caller.trusted_peer || !headers.contains_key(&X_FORWARDED_HOST) {
+        match host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST, host.clone());
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+    if !caller.trusted_peer {
+        for name in URL_OVERRIDES {
+            headers.remove(name);
+        }
+    }
+    headers.insert(X_REQUEST_ID, caller.request_id.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_listed_fields_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, X-Secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TE, "trailers".parse().unwrap());
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

@@ -1,0 +1,318 @@
+//! The request path, one request top to bottom. [`Exchange::handle`] calls
+//! the phases in the order ARCHITECTURE.md draws them:
+//!
+//! ```text
+//! accept → identify → route → limit → cache → upstream → response → log
+//! ```
+//!
+//! `limit` and `cache` are not built yet; their places are marked in
+//! [`Exchange::run`] so the rate limiter and the cache slot in there.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use super::headers::{set_forwarded, strip_hop_by_hop};
+use super::identify::{Caller, X_REQUEST_ID, identify};
+use super::route::DEFAULT_ROUTE;
+use super::upstream::Forwarded;
+use super::{Live, Shared};
+use crate::config::UpstreamTarget;
+
+/// One request's journey and what the `log` phase reports about it.
+pub struct Exchange {
+    shared: Arc<Shared>,
+    /// The configuration this request sees from start to end, even across a reload.
+    live: Arc<Live>,
+    worker: usize,
+    peer: SocketAddr,
+    ambiguous_framing: bool,
+    started: Instant,
+    caller: Option<Caller>,
+    route: String,
+    upstream: Option<String>,
+    upstream_time: Option<Duration>,
+    request_bytes: u64,
+}
+
+impl Exchange {
+    pub fn new(
+        shared: Arc<Shared>,
+        worker: usize,
+        peer: SocketAddr,
+        ambiguous_framing: bool,
+    ) -> Self {
+        let live = shared.live.load_full();
+        Exchange {
+            shared,
+            live,
+            worker,
+            peer,
+            ambiguous_framing,
+            started: Instant::now(),
+            caller: None,
+            route: DEFAULT_ROUTE.to_string(),
+            upstream: None,
+            upstream_time: None,
+            request_bytes: 0,
+        }
+    }
+
+    /// Run the phases, turn an error into its problem response, and log.
+    pub async fn handle(mut self, req: Request<Incoming>) -> Response<ProxyBody> {
+        let method = req.method().clone();
+        let target = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        let version = req.version();
+        let response = match self.run(req).await {
+            Ok(response) => response,
+            Err(error) => {
+                self.shared
+                    .metrics
+                    .errors
+                    .with_label_values(&[error.kind()])
+                    .inc();
+                if error.status().is_server_error() {
+                    tracing::warn!(error = %error, "request failed");
+                }
+                error.into_response(self.request_id())
+            }
+        };
+        self.log(&method, &target, version, &response);
+        response
+    }
+
+    async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        self.accept(&req)?;
+        let caller = self.identify(&req);
+        if req.uri().path() == self.live.config.server.health_path {
+            return Ok(self.health(&caller));
+        }
+        self.route(&req);
+        // limit: global / per-user / per-endpoint rate limits go here.
+        // cache: GET/HEAD lookups in L1/L2 go here.
+        let forwarded = self.upstream(req, &caller).await?;
+        Ok(self.response(forwarded, &caller))
+    }
+
+    /// accept: refuse framing a next hop could read differently (RFC 9112 §6.1).
+    /// hyper itself answers obs-fold and conflicting `Content-Length` with 400
+    /// and oversized heads with 431.
+    fn accept(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        if self.ambiguous_framing {
+            return Err(ProxyError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        if req.uri().path_and_query().is_none() && req.method() != Method::OPTIONS {
+            return Err(ProxyError::BadRequest("request target has no path"));
+        }
+        Ok(())
+    }
+
+    /// identify: the client address and the request id.
+    fn identify(&mut self, req: &Request<Incoming>) -> Caller {
+        let caller = identify(
+            req.headers(),
+            self.peer.ip(),
+            &self.live.config.server.trusted_proxies,
+        );
+        self.caller = Some(caller.clone());
+        caller
+    }
+
+    /// The gateway's own liveness answer on the main listener.
+    fn health(&self, caller: &Caller) -> Response<ProxyBody> {
+        let mut response = Response::new(ProxyBody::full("{\"status\":\"ok\"}"));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(X_REQUEST_ID, caller.request_id.clone());
+        response
+    }
+
+    /// route: which endpoint rule applies.
+    fn route(&mut self, req: &Request<Incoming>) {
+        self.route = self
+            .live
+            .routes
+            .name_of(req.method(), req.uri().path())
+            .to_string();
+    }
+
+    /// upstream: buffer the body, rewrite headers, send to a healthy Gunicorn.
+    async fn upstream(
+        &mut self,
+        req: Request<Incoming>,
+        caller: &Caller,
+    ) -> Result<Forwarded, ProxyError> {
+        let (mut parts, body) = req.into_parts();
+        let body = self.read_body(body).await?;
+        self.request_bytes = body.len() as u64;
+
+        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        // The body is already here; Gunicorn must not wait to send 100 Continue.
+        headers.remove(header::EXPECT);
+        set_forwarded(headers, caller, host.as_ref());
+        let upstream_host = if self.live.config.upstream.preserve_host {
+            host
+        } else {
+            None
+        };
+        let upstream_host = upstream_host.or_else(|| self.default_upstream_host());
+        if let Some(host) = upstream_host {
+            headers.insert(header::HOST, host);
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        if !body.is_empty() || body_expected(&parts.method) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        // Gunicorn gets origin-form even when an HTTP/2 client sent a full URI.
+        parts.uri = parts.uri.path_and_query().map_or_else(
+            || Uri::from_static("/"),
+            |pq| Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
+        );
+        parts.version = Version::HTTP_11;
+        let request = Request::from_parts(parts, Full::new(body));
+
+        let upstreams = Arc::clone(&self.live.upstreams);
+        let forwarded = upstreams
+            .forward(self.worker, request, &self.shared.metrics)
+            .await?;
+        self.upstream = Some(forwarded.upstream.label.clone());
+        self.upstream_time = Some(forwarded.upstream_time);
+        Ok(forwarded)
+    }
+
+    /// The whole request body, within `max_body_size` (else 413) and
+    /// `body_read_timeout`, before any upstream is contacted: Gunicorn's sync
+    /// workers must not wait on a slow client.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
+        let server = &self.live.config.server;
+        let limit = server.max_body_size;
+        if body.size_hint().lower() > limit {
+            return Err(ProxyError::BodyTooLarge { limit });
+        }
+        if body.is_end_stream() {
+            return Ok(Bytes::new());
+        }
+        let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+        match tokio::time::timeout(server.body_read_timeout, limited.collect()).await {
+            Err(_) => Err(ProxyError::BodyTimeout(server.body_read_timeout)),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(ProxyError::BodyTooLarge { limit })
+            }
+            Ok(Err(e)) => Err(ProxyError::BodyRead(e.to_string())),
+        }
+    }
+
+    fn default_upstream_host(&self) -> Option<HeaderValue> {
+        match self.live.upstreams.servers.first().map(|s| &s.target) {
+            Some(UpstreamTarget::Tcp { authority }) => HeaderValue::from_str(authority).ok(),
+            _ => Some(HeaderValue::from_static("localhost")),
+        }
+    }
+
+    /// response: strip hop-by-hop fields and tag the response with the request id.
+    fn response(&self, forwarded: Forwarded, caller: &Caller) -> Response<ProxyBody> {
+        let mut response = forwarded.response;
+        let headers = response.headers_mut();
+        strip_hop_by_hop(headers);
+        headers.insert(X_REQUEST_ID, caller.request_id.clone());
+        response
+    }
+
+    fn request_id(&self) -> &HeaderValue {
+        static UNKNOWN: HeaderValue = HeaderValue::from_static("-");
+        self.caller.as_ref().map_or(&UNKNOWN, |c| &c.request_id)
+    }
+
+    /// log: one access-log line and the request metrics.
+    fn log(&self, method: &Method, target: &str, version: Version, response: &Response<ProxyBody>) {
+        let elapsed = self.started.elapsed();
+        let status = response.status();
+        let bytes = response.body().size_hint().exact().unwrap_or(0);
+        let metrics = &self.shared.metrics;
+        metrics
+            .requests
+            .with_label_values(&[
+                self.route.as_str(),
+                method_label(method),
+                status_class(status),
+            ])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[self.route.as_str()])
+            .observe(elapsed.as_secs_f64());
+        metrics.bytes_received.inc_by(self.request_bytes);
+        metrics.bytes_sent.inc_by(bytes);
+        if self.live.config.log.access_log {
+            let client = self.caller.as_ref().map_or(self.peer.ip(), |c| c.client);
+            tracing::info!(
+                target: "access",
+                request_id = self.request_id().to_str().unwrap_or("-"),
+                client = %client,
+                method = %method,
+                path = target,
+                version = ?version,
+                status = status.as_u16(),
+                bytes,
+                route = self.route.as_str(),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                upstream = self.upstream.as_deref().unwrap_or("-"),
+                upstream_ms = self.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+            );
+        }
+    }
+}
+
+/// Methods whose requests carry a body even when it is empty.
+fn body_expected(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}

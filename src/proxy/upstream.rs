@@ -1,0 +1,493 @@
+//! The `upstream` phase's machinery: the Gunicorn servers and their health
+//! (passive ejection, active checks in `health`), per-worker keep-alive pools,
+//! and sending one buffered request with at most the configured retries.
+
+pub mod health;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use prometheus::IntGauge;
+use tokio::net::{TcpStream, UnixStream};
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use crate::config::{UpstreamConfig, UpstreamTarget};
+use crate::telemetry::Metrics;
+
+type Sender = http1::SendRequest<Full<Bytes>>;
+
+/// One keep-alive connection waiting in a pool.
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// One Gunicorn address with its health and its idle connections.
+pub struct Server {
+    pub target: UpstreamTarget,
+    /// `target` as text: the metric label and the log field.
+    pub label: String,
+    pub weight: u32,
+    healthy: AtomicBool,
+    consecutive_failures: AtomicU32,
+    ejected_at: Mutex<Option<Instant>>,
+    /// One pool per worker thread; a connection belongs to the runtime that
+    /// opened it, so it is reused only there.
+    idle: Box<[Mutex<Vec<Idle>>]>,
+    healthy_gauge: IntGauge,
+}
+
+impl Server {
+    fn new(target: UpstreamTarget, weight: u32, workers: usize, metrics: &Metrics) -> Self {
+        let label = target.to_string();
+        let healthy_gauge = metrics
+            .upstream_healthy
+            .with_label_values(&[label.as_str()]);
+        healthy_gauge.set(1);
+        Server {
+            target,
+            label,
+            weight,
+            healthy: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_at: Mutex::new(None),
+            idle: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
+            healthy_gauge,
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// Takes traffic: healthy, or ejected long enough ago for one trial
+    /// request (nginx's `fail_timeout`).
+    fn is_available(&self, fail_timeout: Duration) -> bool {
+        if self.is_healthy() {
+            return true;
+        }
+        let ejected_at = self.ejected_at.lock().map(|g| *g).unwrap_or(None);
+        ejected_at.is_some_and(|at| at.elapsed() >= fail_timeout)
+    }
+
+    pub fn record_success(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if !self.healthy.swap(true, Ordering::Relaxed) {
+            tracing::info!(upstream = %self.label, "upstream readmitted");
+            self.healthy_gauge.set(1);
+        }
+    }
+
+    pub fn record_failure(&self, max_fails: u32) {
+        let fails = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails >= max_fails {
+            if let Ok(mut at) = self.ejected_at.lock() {
+                *at = Some(Instant::now());
+            }
+            if self.healthy.swap(false, Ordering::Relaxed) {
+                tracing::warn!(upstream = %self.label, failures = fails, "upstream ejected");
+                self.healthy_gauge.set(0);
+            }
+        }
+    }
+
+    /// A pooled connection still open and not idle too long, if any.
+    fn checkout(&self, worker: usize, idle_timeout: Duration) -> Option<Sender> {
+        let mut pool = self.idle.get(worker)?.lock().ok()?;
+        while let Some(idle) = pool.pop() {
+            if !idle.sender.is_closed() && idle.since.elapsed() < idle_timeout {
+                return Some(idle.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, worker: usize, sender: Sender, max_idle: usize) {
+        if sender.is_closed() {
+            return;
+        }
+        if let Some(Ok(mut pool)) = self.idle.get(worker).map(|p| p.lock()) {
+            if pool.len() < max_idle {
+                pool.push(Idle {
+                    sender,
+                    since: Instant::now(),
+                });
+            }
+        }
+    }
+
+    /// Open a new HTTP/1.1 connection; its driver task runs on this worker.
+    async fn connect(&self, timeout: Duration) -> Result<Sender, ProxyError> {
+        let unreachable = |e: std::io::Error| ProxyError::UpstreamUnreachable {
+            addr: self.label.clone(),
+            reason: e.to_string(),
+        };
+        let handshake = async {
+            match &self.target {
+                UpstreamTarget::Tcp { authority } => {
+                    let stream = TcpStream::connect(authority.as_str())
+                        .await
+                        .map_err(unreachable)?;
+                    let _ = stream.set_nodelay(true);
+                    handshake(TokioIo::new(stream), &self.label).await
+                }
+                UpstreamTarget::Unix { path } => {
+                    let stream = UnixStream::connect(path).await.map_err(unreachable)?;
+                    handshake(TokioIo::new(stream), &self.label).await
+                }
+            }
+        };
+        tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout {
+                addr: self.label.clone(),
+                after: timeout,
+            })?
+    }
+}
+
+async fn handshake<T>(io: T, label: &str) -> Result<Sender, ProxyError>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) =
+        http1::handshake(io)
+            .await
+            .map_err(|e| ProxyError::UpstreamUnreachable {
+                addr: label.to_string(),
+                reason: e.to_string(),
+            })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// The servers of one configuration and how requests are spread over them.
+pub struct UpstreamSet {
+    pub servers: Vec<Arc<Server>>,
+    /// Server indexes repeated by weight; a rotating cursor walks it.
+    rotation: Vec<usize>,
+    cursor: AtomicUsize,
+    pub config: UpstreamConfig,
+}
+
+impl UpstreamSet {
+    pub fn new(config: &UpstreamConfig, workers: usize, metrics: &Metrics) -> Self {
+        let servers: Vec<Arc<Server>> = config
+            .servers
+            .iter()
+            .map(|s| Arc::new(Server::new(s.target.clone(), s.weight, workers, metrics)))
+            .collect();
+        let rotation = interleave(&servers);
+        UpstreamSet {
+            servers,
+            rotation,
+            cursor: AtomicUsize::new(0),
+            config: config.clone(),
+        }
+    }
+
+    pub fn any_healthy(&self) -> bool {
+        self.servers.iter().any(|s| s.is_healthy())
+    }
+
+    /// The next available server not yet tried for this request.
+    fn pick(&self, tried: &[usize]) -> Option<(usize, &Arc<Server>)> {
+        let len = self.rotation.len();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        (0..len)
+            .map(|i| self.rotation[(start + i) % len])
+            .filter(|index| !tried.contains(index))
+            .map(|index| (index, &self.servers[index]))
+            .find(|(_, s)| s.is_available(self.config.fail_timeout))
+    }
+
+    /// Send a buffered request, retrying once on another server when that is
+    /// safe, and buffer the response up to `response_buffer_size`.
+    pub async fn forward(
+        &self,
+        worker: usize,
+        request: Request<Full<Bytes>>,
+        metrics: &Metrics,
+    ) -> Result<Forwarded, ProxyError> {
+        let retry_safe = is_idempotent(request.method());
+        let (parts, body) = request.into_parts();
+        let mut tried: Vec<usize> = Vec::with_capacity(2);
+        let mut last_error = None;
+        for attempt in 0..=self.config.retries {
+            let Some((index, server)) = self.pick(&tried) else {
+                break;
+            };
+            tried.push(index);
+            if attempt > 0 {
+                metrics.upstream_retries.inc();
+            }
+            let request = Request::from_parts(parts.clone(), body.clone());
+            let started = Instant::now();
+            match self.attempt(worker, server, request).await {
+                Ok(response) => {
+                    server.record_success();
+                    let elapsed = started.elapsed();
+                    metrics
+                        .upstream_duration
+                        .with_label_values(&[server.label.as_str()])
+                        .observe(elapsed.as_secs_f64());
+                    metrics
+                        .upstream_requests
+                        .with_label_values(&[server.label.as_str(), "ok"])
+                        .inc();
+                    return Ok(Forwarded {
+                        response,
+                        upstream: Arc::clone(server),
+                        upstream_time: elapsed,
+                    });
+                }
+                Err(failure) => {
+                    server.record_failure(self.config.max_fails);
+                    metrics
+                        .upstream_requests
+                        .with_label_values(&[server.label.as_str(), failure.error.kind()])
+                        .inc();
+                    tracing::warn!(upstream = %server.label, error = %failure.error, "upstream attempt failed");
+                    // Pingora #979: never resend what a server may have acted on.
+                    let again = retry_safe && !failure.reached_upstream;
+                    last_error = Some(failure.error);
+                    if !again {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_error.unwrap_or(ProxyError::NoHealthyUpstream))
+    }
+
+    /// One server: a pooled connection (a stale one is replaced without
+    /// counting as a failure), the request, the buffered response.
+    async fn attempt(
+        &self,
+        worker: usize,
+        server: &Server,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        let cfg = &self.config;
+        let timeout = cfg.response_timeout;
+        let timed_out = || ProxyError::UpstreamTimeout {
+            addr: server.label.clone(),
+            after: timeout,
+        };
+        let (mut sender, response) = loop {
+            let (mut sender, pooled) = match server.checkout(worker, cfg.idle_timeout) {
+                Some(sender) => (sender, true),
+                None => (
+                    server
+                        .connect(cfg.connect_timeout)
+                        .await
+                        .map_err(Failure::before_sending)?,
+                    false,
+                ),
+            };
+            if pooled && sender.ready().await.is_err() {
+                continue;
+            }
+            match tokio::time::timeout(timeout, sender.try_send_request(request)).await {
+                Err(_) => return Err(Failure::after_sending(timed_out())),
+                Ok(Ok(response)) => break (sender, response),
+                Ok(Err(mut e)) => match e.take_message() {
+                    // The connection closed before a byte of this request went
+                    // out: a kept-alive connection the server had closed.
+                    Some(back) if pooled => request = back,
+                    Some(_) => return Err(Failure::before_sending(broken(server, e.error()))),
+                    None => return Err(Failure::after_sending(broken(server, e.error()))),
+                },
+            }
+        };
+        let (parts, mut body) = response.into_parts();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut buffered = 0usize;
+        loop {
+            if buffered > cfg.response_buffer_size {
+                // Too large to hold: send what we have, stream the rest. The
+                // connection is not pooled; hyper closes it when the body ends.
+                let head = concat(chunks);
+                let body = ProxyBody::Streaming {
+                    head: (!head.is_empty()).then_some(head),
+                    rest: body,
+                };
+                return Ok(Response::from_parts(parts, body));
+            }
+            match tokio::time::timeout(timeout, body.frame()).await {
+                Err(_) => return Err(Failure::after_sending(timed_out())),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(Failure::after_sending(broken(server, &e))),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        buffered += data.len();
+                        chunks.push(data);
+                    }
+                }
+            }
+        }
+        drop(body);
+        if sender.ready().await.is_ok() {
+            server.checkin(worker, sender, cfg.max_idle_per_server);
+        }
+        Ok(Response::from_parts(parts, ProxyBody::full(concat(chunks))))
+    }
+}
+
+/// A response from a server, and which server gave it.
+pub struct Forwarded {
+    pub response: Response<ProxyBody>,
+    pub upstream: Arc<Server>,
+    pub upstream_time: Duration,
+}
+
+/// Why one attempt failed, and whether any byte of the request was written.
+struct Failure {
+    error: ProxyError,
+    reached_upstream: bool,
+}
+
+impl Failure {
+    fn before_sending(error: ProxyError) -> Self {
+        Failure {
+            error,
+            reached_upstream: false,
+        }
+    }
+
+    fn after_sending(error: ProxyError) -> Self {
+        Failure {
+            error,
+            reached_upstream: true,
+        }
+    }
+}
+
+fn broken(server: &Server, error: &hyper::Error) -> ProxyError {
+    ProxyError::UpstreamBroken {
+        addr: server.label.clone(),
+        reason: error.to_string(),
+    }
+}
+
+fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for chunk in chunks {
+                all.extend_from_slice(&chunk);
+            }
+            all.freeze()
+        }
+    }
+}
+
+/// RFC 9110 §9.2.2; POST and PATCH are never resent.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Spread servers by weight so that a heavy one does not take long runs:
+/// weights 3 and 1 give `[0, 0, 1, 0]`-like order rather than `[0, 0, 0, 1]`
+/// (nginx's smooth weighted round-robin, precomputed).
+fn interleave(servers: &[Arc<Server>]) -> Vec<usize> {
+    let total: i64 = servers.iter().map(|s| i64::from(s.weight)).sum();
+    let mut current: Vec<i64> = vec![0; servers.len()];
+    let mut order = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        for (c, s) in current.iter_mut().zip(servers) {
+            *c += i64::from(s.weight);
+        }
+        let Some((best, _)) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, c)| (**c, -(*i as i64)))
+        else {
+            break;
+        };
+        current[best] -= total;
+        order.push(best);
+    }
+    order
+}
+
+/// Read a whole body from a response (used by the health checker).
+pub async fn drain(body: Incoming) -> Result<usize, hyper::Error> {
+    Ok(body.collect().await?.to_bytes().len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(weights: &[u32]) -> UpstreamSet {
+        let metrics = Metrics::new().unwrap();
+        let config = UpstreamConfig {
+            servers: weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| crate::config::UpstreamServer {
+                    target: UpstreamTarget::Tcp {
+                        authority: format!("127.0.0.1:{}", 1000 + i),
+                    },
+                    weight: *w,
+                })
+                .collect(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            response_buffer_size: 1024,
+            max_idle_per_server: 1,
+            idle_timeout: Duration::from_secs(1),
+            retries: 1,
+            max_fails: 2,
+            fail_timeout: Duration::from_secs(3600),
+            preserve_host: true,
+            health_check: None,
+        };
+        UpstreamSet::new(&config, 1, &metrics)
+    }
+
+    #[test]
+    fn weights_share_traffic_smoothly() {
+        let set = set(&[3, 1]);
+        assert_eq!(set.rotation.len(), 4);
+        assert_eq!(set.rotation.iter().filter(|i| **i == 0).count(), 3);
+        assert_ne!(set.rotation[..3], [0, 0, 0]);
+    }
+
+    #[test]
+    fn ejected_after_max_fails_and_skipped() {
+        let set = set(&[1, 1]);
+        set.servers[0].record_failure(2);
+        assert!(set.servers[0].is_healthy());
+        set.servers[0].record_failure(2);
+        assert!(!set.servers[0].is_healthy());
+        for _ in 0..4 {
+            assert_eq!(set.pick(&[]).map(|(i, _)| i), Some(1));
+        }
+        assert!(set.pick(&[1]).is_none());
+        set.servers[0].record_success();
+        assert!(set.pick(&[1]).is_some());
+    }
+}
