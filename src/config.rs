@@ -267,7 +267,13 @@ impl Config {
         if let Some(file) = &source {
             figment = figment.merge(Toml::string(&file.text));
         }
-        figment = figment.merge(Env::prefixed("GATEHOUSE_").split("__"));
+        // Only SECTION__KEY names: every top-level key is a table, and other
+        // GATEHOUSE_* variables (tooling, tests) are not configuration.
+        figment = figment.merge(
+            Env::prefixed("GATEHOUSE_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
         figment = merge_seed_scalars(figment, env)?;
         let mut raw: RawGateway = figment
             .extract()

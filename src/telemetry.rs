@@ -13,9 +13,8 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Install the global tracing subscriber. Called once, from `main`.
 pub fn init_tracing(log: &LogConfig) {
-    let filter = EnvFilter::try_from_env("GATEHOUSE_LOG")
-        .or_else(|_| EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // `log.level` was validated with the same parser.
+    let filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -1,0 +1,60 @@
+"""Settings for the example project that Gatehouse's tests, compose file and
+locust runs put behind the gateway. Everything deployment-specific comes from
+the environment, with defaults that work on a laptop (SQLite)."""
+import os
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-only-not-secret")
+DEBUG = os.environ.get("DJANGO_DEBUG", "0") == "1"
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "*").split(",")
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "stories",
+]
+
+MIDDLEWARE = [
+    "stories.middleware.RequestContextMiddleware",
+    "django.middleware.common.CommonMiddleware",
+]
+
+ROOT_URLCONF = "muejam_library.urls"
+WSGI_APPLICATION = "muejam_library.wsgi.application"
+
+
+def _database():
+    """PostgreSQL when DB_NAME is set (through `gatehouse db`: DB_HOST is its
+    socket directory), else SQLite."""
+    name = os.environ.get("DB_NAME")
+    if not name:
+        return {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": os.environ.get("DJANGO_SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+        }
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": name,
+        "USER": os.environ.get("DB_USER", ""),
+        "PASSWORD": os.environ.get("DB_PASSWORD", ""),
+        "HOST": os.environ.get("DB_HOST", os.environ.get("DB_PRIMARY_HOST", "")),
+        "PORT": os.environ.get("DB_PORT", ""),
+        # Transaction pooling: server-side cursors cannot outlive a transaction.
+        "DISABLE_SERVER_SIDE_CURSORS": True,
+    }
+
+
+DATABASES = {"default": _database()}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+USE_TZ = True
+TIME_ZONE = "UTC"
+LANGUAGE_CODE = "en-us"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "WARNING")},
+}

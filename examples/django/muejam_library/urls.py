@@ -1,0 +1,11 @@
+from django.urls import path
+
+from stories import views
+
+urlpatterns = [
+    path("healthz", views.healthz),
+    path("v1/stories/", views.story_list),
+    path("v1/stories/<int:story_id>/", views.story_detail),
+    path("v1/search/", views.search),
+    path("v1/users/<int:user_id>/", views.user_detail),
+]

@@ -1,0 +1,94 @@
+"""JSON views with the seed API's shape."""
+import json
+
+from django.db.models import Q
+from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse
+from django.shortcuts import get_object_or_404
+from django.views.decorators.csrf import csrf_exempt
+
+from .models import Member, Story
+
+PAGE_SIZE = 20
+
+
+def _json_body(request):
+    try:
+        data = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _bad(message, status=400):
+    return JsonResponse({"error": message}, status=status)
+
+
+def healthz(request):
+    return JsonResponse({"status": "ok"})
+
+
+def _page(request):
+    try:
+        return max(1, int(request.GET.get("page", "1")))
+    except ValueError:
+        return 1
+
+
+@csrf_exempt
+def story_list(request):
+    if request.method in ("GET", "HEAD"):
+        page = _page(request)
+        start = (page - 1) * PAGE_SIZE
+        stories = Story.objects.all()[start : start + PAGE_SIZE]
+        return JsonResponse(
+            {"page": page, "count": Story.objects.count(), "results": [s.as_json() for s in stories]}
+        )
+    if request.method == "POST":
+        data = _json_body(request)
+        if data is None or not data.get("title") or "author_id" not in data:
+            return _bad("title and author_id are required")
+        author = Member.objects.filter(id=data["author_id"]).first()
+        if author is None:
+            return _bad("unknown author")
+        story = Story.objects.create(title=data["title"], body=data.get("body", ""), author=author)
+        response = JsonResponse(story.as_json(), status=201)
+        response["Location"] = f"/v1/stories/{story.id}/"
+        return response
+    return HttpResponseNotAllowed(["GET", "HEAD", "POST"])
+
+
+@csrf_exempt
+def story_detail(request, story_id):
+    story = get_object_or_404(Story, id=story_id)
+    if request.method in ("GET", "HEAD"):
+        return JsonResponse(story.as_json())
+    if request.method in ("PUT", "PATCH"):
+        data = _json_body(request)
+        if data is None:
+            return _bad("body must be a JSON object")
+        if request.method == "PUT" and not data.get("title"):
+            return _bad("PUT needs a title")
+        for field in ("title", "body"):
+            if field in data:
+                setattr(story, field, data[field])
+        story.save()
+        return JsonResponse(story.as_json())
+    if request.method == "DELETE":
+        story.delete()
+        return HttpResponse(status=204)
+    return HttpResponseNotAllowed(["GET", "HEAD", "PUT", "PATCH", "DELETE"])
+
+
+def search(request):
+    q = request.GET.get("q", "").strip()
+    if not q:
+        return _bad("q is required")
+    matches = Story.objects.filter(Q(title__icontains=q) | Q(body__icontains=q))[:PAGE_SIZE]
+    return JsonResponse({"q": q, "results": [s.as_json() for s in matches]})
+
+
+def user_detail(request, user_id):
+    member = get_object_or_404(Member, id=user_id)
+    data = member.as_json()
+    data["stories"] = member.stories.count()
+    return JsonResponse(data)

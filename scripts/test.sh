@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs what the tests
+# need (curl, Python venv with Django and Gunicorn), then runs formatting,
+# lints and every test against real servers. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+command -v cc >/dev/null || missing+=(build-essential)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install a Rust toolchain >= 1.85 (rustup, or Debian's rustc/cargo if new enough)" >&2
+  exit 1
+fi
+
+# The example Django app runs under real Gunicorn in the tests.
+venv=${GATEHOUSE_VENV:-.venv}
+if [ ! -x "$venv/bin/gunicorn" ] || ! cmp -s examples/django/requirements.txt "$venv/.requirements"; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r examples/django/requirements.txt
+  cp examples/django/requirements.txt "$venv/.requirements"
+fi
+export GATEHOUSE_VENV="$(cd "$venv" && pwd)"
+
+cargo fmt --all -- --check
+cargo clippy --locked --all-targets -- -D warnings
+cargo build --locked --release
+./target/release/gatehouse check-config config/*.toml
+cargo test --locked

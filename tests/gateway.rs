@@ -1,0 +1,778 @@
+//! The gateway against real servers: the `gatehouse` binary in front of a
+//! scriptable Rust upstream and of Gunicorn serving the example Django app.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+#[path = "gateway/harness.rs"]
+mod harness;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use harness::{
+    Gatehouse, Gunicorn, TestUpstream, curl, eventually, get, header_line, json, raw_exchange,
+    send, status_of,
+};
+
+/// A gateway config: `servers` as upstream URLs, extra lines for `[server]`
+/// and `[upstream]`, and `health` lines for `[upstream.health_check]` (empty:
+/// active checks off).
+fn config(servers: &[String], server: &str, upstream: &str, health: &str) -> String {
+    let health = if health.is_empty() {
+        "enabled = false".to_string()
+    } else {
+        format!("enabled = true\n{health}")
+    };
+    let servers: String = servers
+        .iter()
+        .map(|url| format!("[[upstream.servers]]\nurl = \"{url}\"\n"))
+        .collect();
+    format!(
+        "[server]\nworkers = 2\n{server}\n\n[upstream]\n{upstream}\n\n\
+         [upstream.health_check]\n{health}\n\n{servers}\n[log]\naccess_log = true\n"
+    )
+}
+
+fn simple(servers: &[String]) -> String {
+    config(servers, "", "", "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_method_path_query_body_and_headers() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
+    let request = Request::post("/v1/things/7/?x=1&y=two")
+        .header("host", "shop.example")
+        .header("x-custom", "kept")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{\"n\":1}")))
+        .unwrap();
+    let (status, headers, body) = send(gateway.addr, request).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let echo = json(&body);
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["path"], "/v1/things/7/");
+    assert_eq!(echo["query"], "x=1&y=two");
+    assert_eq!(echo["body"], "{\"n\":1}");
+    assert_eq!(echo["version"], "HTTP/1.1");
+    let h = &echo["headers"];
+    assert_eq!(h["x-custom"][0], "kept");
+    assert_eq!(h["host"][0], "shop.example");
+    assert_eq!(h["content-length"][0], "7");
+    assert_eq!(h["x-forwarded-for"][0], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert_eq!(h["x-forwarded-host"][0], "shop.example");
+    let id = headers["x-request-id"].to_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert_eq!(h["x-request-id"][0], id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
+    let upstream = TestUpstream::start("a").await;
+    let untrusted = Gatehouse::start(&simple(&[upstream.url()]));
+    let trusted = Gatehouse::start(&config(
+        &[upstream.url()],
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        "",
+        "",
+    ));
+    let spoof = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-request-id", "chosen-by-client"),
+        ("x-original-url", "/admin/"),
+    ];
+
+    let (_, headers, body) = get(untrusted.addr, "/", &spoof).await.unwrap();
+    let h = &json(&body)["headers"];
+    assert_eq!(h["x-forwarded-for"][0], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert_ne!(h["x-forwarded-host"][0], "evil.example");
+    assert_ne!(h["x-request-id"][0], "chosen-by-client");
+    assert_ne!(headers["x-request-id"], "chosen-by-client");
+    assert!(h.get("x-original-url").is_none());
+
+    let (_, headers, body) = get(trusted.addr, "/", &spoof).await.unwrap();
+    let h = &json(&body)["headers"];
+    assert_eq!(h["x-forwarded-for"][0], "6.6.6.6, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"][0], "https");
+    assert_eq!(h["x-forwarded-host"][0], "evil.example");
+    assert_eq!(h["x-request-id"][0], "chosen-by-client");
+    assert_eq!(headers["x-request-id"], "chosen-by-client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_stripped_both_ways() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
+    let (_, _, body) = get(
+        gateway.addr,
+        "/echo",
+        &[
+            ("connection", "keep-alive, x-client-private"),
+            ("x-client-private", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("x-client-public", "fine"),
+        ],
+    )
+    .await
+    .unwrap();
+    let h = &json(&body)["headers"];
+    for name in [
+        "x-client-private",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+    ] {
+        assert!(h.get(name).is_none(), "{name} reached the upstream: {h}");
+    }
+    assert_eq!(h["x-client-public"][0], "fine");
+
+    let (_, headers, _) = get(gateway.addr, "/hop", &[]).await.unwrap();
+    for name in ["x-upstream-private", "keep-alive", "proxy-authenticate"] {
+        assert!(
+            !headers.contains_key(name),
+            "{name} reached the client: {headers:?}"
+        );
+    }
+    assert_eq!(headers["x-upstream-public"], "fine");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_get_413_and_431() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(
+        &[upstream.url()],
+        "max_body_size = 1024\nmax_header_size = \"8KiB\"",
+        "",
+        "",
+    ));
+    let big = vec![b'a'; 2048];
+    let request = Request::post("/upload")
+        .body(Full::new(Bytes::from(big.clone())))
+        .unwrap();
+    let (status, headers, body) = send(gateway.addr, request).await.unwrap();
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(json(&body)["status"], 413);
+
+    // Chunked: no length up front, the limit is found while reading.
+    let mut chunked =
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        chunked.extend_from_slice(b"400\r\n");
+        chunked.extend_from_slice(&[b'b'; 1024]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(status_of(&raw_exchange(gateway.addr, &chunked)), 413);
+
+    // Within the limit still passes.
+    let request = Request::post("/upload")
+        .body(Full::new(Bytes::from(vec![b'c'; 1000])))
+        .unwrap();
+    assert_eq!(send(gateway.addr, request).await.unwrap().0, StatusCode::OK);
+
+    let long = "v".repeat(10 * 1024);
+    let head = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {long}\r\n\r\n");
+    assert_eq!(status_of(&raw_exchange(gateway.addr, head.as_bytes())), 431);
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "only the request within limits reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_smuggling_shapes_get_400() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
+    let shapes: [&[u8]; 4] = [
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
+    ];
+    for shape in shapes {
+        let answer = raw_exchange(gateway.addr, shape);
+        assert_eq!(
+            status_of(&answer),
+            400,
+            "{}",
+            String::from_utf8_lossy(shape)
+        );
+    }
+    assert_eq!(upstream.hits(), 0);
+
+    // A smuggled request behind an ambiguous one on the same connection is
+    // never served: the connection closes after the 400.
+    let answer = raw_exchange(
+        gateway.addr,
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+    assert_eq!(upstream.hits(), 1, "only /first was forwarded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_upstream_gets_a_fast_502() {
+    let dead = TestUpstream::start("dead").await.stop().await;
+    let gateway = Gatehouse::start(&config(
+        &[format!("http://{dead}")],
+        "",
+        "connect_timeout = \"5s\"\nmax_fails = 100",
+        "",
+    ));
+    let started = Instant::now();
+    let (status, headers, body) = get(gateway.addr, "/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(
+        json(&body)["request_id"],
+        headers["x-request-id"].to_str().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upstream_gets_504_at_the_response_timeout() {
+    let upstream = TestUpstream::start("slow").await;
+    let gateway = Gatehouse::start(&config(
+        &[upstream.url()],
+        "",
+        "response_timeout = \"400ms\"\nmax_fails = 100",
+        "",
+    ));
+    let started = Instant::now();
+    let (status, _, body) = get(gateway.addr, "/delay/5000", &[]).await.unwrap();
+    let elapsed = started.elapsed();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(json(&body)["status"], 504);
+    assert!(
+        elapsed >= Duration::from_millis(400),
+        "answered before the timeout: {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(3),
+        "waited for the upstream: {elapsed:?}"
+    );
+    // A timeout is never retried: the request may have been acted on.
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_client_is_cut_at_the_header_deadline() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(
+        &[upstream.url()],
+        "header_read_timeout = \"1s\"",
+        "",
+        "",
+    ));
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(gateway.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+    // Keep trickling header bytes; the deadline covers the whole head.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(300));
+        if stream.write_all(b"X-Drip: 1\r\n").is_err() {
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "closed early: {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_secs(5), "not cut: {elapsed:?}");
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+    assert_eq!(upstream.hits(), 0);
+    // Other clients are served meanwhile and after.
+    assert_eq!(get(gateway.addr, "/", &[]).await.unwrap().0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
+    for _ in 0..20 {
+        assert_eq!(get(gateway.addr, "/", &[]).await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(upstream.hits(), 20);
+    // At most one connection per worker thread for sequential requests.
+    assert!(
+        upstream
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+            <= 2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_upstream_is_ejected_and_readmitted() {
+    let a = TestUpstream::start("a").await;
+    let b = TestUpstream::start("b").await;
+    let a_url = a.url();
+    let gateway = Gatehouse::start(&config(
+        &[a.url(), b.url()],
+        "",
+        "max_fails = 2\nfail_timeout = \"60s\"",
+        "path = \"/health\"\ninterval = \"200ms\"\ntimeout = \"500ms\"",
+    ));
+    let healthy = format!("gatehouse_upstream_healthy{{upstream=\"{a_url}\"}}");
+    assert_eq!(gateway.metric(&healthy).await, Some(1.0));
+
+    let a_addr = a.stop().await;
+    // Idempotent requests are retried on the other server: no client sees the failure.
+    for _ in 0..10 {
+        let (status, _, body) = get(gateway.addr, "/", &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(json(&body)["upstream"], "b");
+    }
+    assert!(
+        eventually(Duration::from_secs(5), async || gateway
+            .metric(&healthy)
+            .await
+            == Some(0.0))
+        .await
+    );
+    let (status, _, _) = get(gateway.admin, "/ready", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "b still serves");
+
+    let a = TestUpstream::start_on("a", a_addr).await;
+    assert!(
+        eventually(Duration::from_secs(5), async || gateway
+            .metric(&healthy)
+            .await
+            == Some(1.0))
+        .await,
+        "the health check readmits a"
+    );
+    let before = a.hits();
+    for _ in 0..6 {
+        assert_eq!(get(gateway.addr, "/", &[]).await.unwrap().0, StatusCode::OK);
+    }
+    assert!(a.hits() > before, "traffic returns to a");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_healthy_upstream_gives_503_and_not_ready() {
+    let dead = TestUpstream::start("dead").await.stop().await;
+    let gateway = Gatehouse::start(&config(
+        &[format!("http://{dead}")],
+        "",
+        "max_fails = 1\nfail_timeout = \"60s\"",
+        "",
+    ));
+    assert_eq!(
+        get(gateway.addr, "/", &[]).await.unwrap().0,
+        StatusCode::BAD_GATEWAY
+    );
+    let (status, headers, body) = get(gateway.addr, "/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert_eq!(json(&body)["detail"], "no healthy upstream");
+    let (status, _, body) = get(gateway.admin, "/ready", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(json(&body)["reason"], "no healthy upstream");
+    // Liveness does not depend on Gunicorn.
+    assert_eq!(
+        get(gateway.addr, "/health", &[]).await.unwrap().0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(gateway.admin, "/health", &[]).await.unwrap().0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_idempotent_requests_are_retried() {
+    let dead = TestUpstream::start("dead").await.stop().await;
+    let live = TestUpstream::start("live").await;
+    let gateway = Gatehouse::start(&config(
+        &[format!("http://{dead}"), live.url()],
+        "",
+        "max_fails = 1000",
+        "",
+    ));
+    let mut post_statuses = Vec::new();
+    for _ in 0..6 {
+        let request = Request::post("/")
+            .body(Full::new(Bytes::from("x")))
+            .unwrap();
+        post_statuses.push(send(gateway.addr, request).await.unwrap().0);
+    }
+    let failed = post_statuses
+        .iter()
+        .filter(|s| **s == StatusCode::BAD_GATEWAY)
+        .count();
+    assert!(
+        failed > 0,
+        "a POST that met the dead server was not resent: {post_statuses:?}"
+    );
+    assert_eq!(live.hits(), 6 - failed);
+    for _ in 0..6 {
+        assert_eq!(get(gateway.addr, "/", &[]).await.unwrap().0, StatusCode::OK);
+    }
+    let retries = gateway
+        .metric("gatehouse_upstream_retries_total")
+        .await
+        .unwrap();
+    assert!(retries >= 1.0, "GETs were retried: {retries}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_responses_stream_past_the_buffer() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(
+        &[upstream.url()],
+        "",
+        "response_buffer_size = \"64KiB\"",
+        "",
+    ));
+    for size in [10, 64 * 1024 + 1, 3_000_000] {
+        let (status, _, body) = get(gateway.addr, &format!("/bytes/{size}"), &[])
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body.len(), size);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_clients_are_served() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
+    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{}/h2?q=1", gateway.addr))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let echo = json(&body);
+    assert_eq!(echo["path"], "/h2");
+    assert_eq!(echo["query"], "q=1");
+    assert_eq!(echo["version"], "HTTP/1.1");
+    assert_eq!(echo["headers"]["host"][0], gateway.addr.to_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_then_exits() {
+    let upstream = TestUpstream::start("a").await;
+    let mut gateway = Gatehouse::start(&config(
+        &[upstream.url()],
+        "drain_timeout = \"10s\"",
+        "",
+        "",
+    ));
+    let addr = gateway.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "/delay/1500", &[]).await });
+    assert!(eventually(Duration::from_secs(5), async || upstream.hits() == 1).await);
+    gateway.signal("TERM");
+    let (status, _, body) = in_flight.await.unwrap().unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(&body[..], b"slow");
+    let exit = gateway
+        .wait_exit(Duration::from_secs(5))
+        .expect("exited after the drain");
+    assert!(exit.success(), "{exit}");
+    assert!(TcpStream::connect(addr).is_err(), "no longer accepting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_is_bounded_by_drain_timeout() {
+    let upstream = TestUpstream::start("a").await;
+    let mut gateway = Gatehouse::start(&config(
+        &[upstream.url()],
+        "drain_timeout = \"500ms\"",
+        "",
+        "",
+    ));
+    let addr = gateway.addr;
+    let stuck = tokio::spawn(async move { get(addr, "/delay/30000", &[]).await });
+    assert!(eventually(Duration::from_secs(5), async || upstream.hits() == 1).await);
+    let started = Instant::now();
+    gateway.signal("TERM");
+    let exit = gateway.wait_exit(Duration::from_secs(5)).expect("exited");
+    assert!(exit.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the stuck request was cut, not answered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_a_valid_config_and_keeps_the_old_one_on_error() {
+    let a = TestUpstream::start("a").await;
+    let b = TestUpstream::start("b").await;
+    let gateway = Gatehouse::start(&simple(&[a.url()]));
+    assert_eq!(
+        json(&get(gateway.addr, "/", &[]).await.unwrap().2)["upstream"],
+        "a"
+    );
+
+    gateway.rewrite_config(&format!(
+        "{}\n[upstream]\nconect_timeout = \"1s\"\n",
+        "# broken"
+    ));
+    gateway.signal("HUP");
+    let errors = "gatehouse_config_reloads_total{result=\"error\"}";
+    assert!(
+        eventually(Duration::from_secs(5), async || gateway
+            .metric(errors)
+            .await
+            == Some(1.0))
+        .await
+    );
+    let log = gateway.log();
+    assert!(
+        log.contains("upstream.conect_timeout")
+            && log.contains(&gateway.config_path.display().to_string()),
+        "the log names the file and the key:\n{log}"
+    );
+    assert_eq!(
+        json(&get(gateway.addr, "/", &[]).await.unwrap().2)["upstream"],
+        "a"
+    );
+
+    gateway.rewrite_config(&simple(&[b.url()]));
+    gateway.signal("HUP");
+    let ok = "gatehouse_config_reloads_total{result=\"ok\"}";
+    assert!(
+        eventually(Duration::from_secs(5), async || gateway.metric(ok).await
+            == Some(1.0))
+        .await
+    );
+    assert_eq!(
+        json(&get(gateway.addr, "/", &[]).await.unwrap().2)["upstream"],
+        "b"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_has_one_line_per_request() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
+    let (_, headers, _) = get(gateway.addr, "/v1/stories/?page=3", &[]).await.unwrap();
+    let id = headers["x-request-id"].to_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(3), async || gateway.log().contains(&id)).await);
+    let log = gateway.log();
+    let line = log.lines().find(|l| l.contains(&id)).unwrap();
+    for field in [
+        "access",
+        "client=127.0.0.1",
+        "method=GET",
+        "path=\"/v1/stories/?page=3\"",
+        "status=200",
+        "route=\"stories\"",
+        "duration_ms=",
+        "upstream_ms=",
+        &format!("upstream=\"{}\"", upstream.url()),
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+}
+
+#[test]
+fn check_config_accepts_shipped_files_and_names_bad_keys() {
+    let shipped = harness::repo_root().join("config/gateway.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("check-config")
+        .arg(&shipped)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = \"127.0.0.1:1\"\n\n[upstream]\nretrys = 2\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{}:5: `upstream.retrys`", bad.display())),
+        "{text}"
+    );
+}
+
+/// The Django app under real Gunicorn, reached with curl through the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_crud_through_gunicorn() {
+    let gunicorn = Gunicorn::start(2);
+    let gateway = Gatehouse::start(&simple(&[gunicorn.upstream_url()]));
+    let url = |p: &str| gateway.url(p);
+
+    let (status, headers, body) = curl(&[&url("/v1/stories/")]);
+    assert_eq!(status, 200, "{body}");
+    let list = json(body.as_bytes());
+    assert_eq!(list["count"], 30);
+    // Django saw the gateway's request id and forwarding headers.
+    assert_eq!(
+        header_line(&headers, "x-app-request-id"),
+        header_line(&headers, "x-request-id")
+    );
+    assert_eq!(
+        header_line(&headers, "x-app-forwarded-for"),
+        Some("127.0.0.1")
+    );
+
+    let (status, headers, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "--data",
+        "{\"title\": \"Through the gate\", \"body\": \"hello\", \"author_id\": 1}",
+        &url("/v1/stories/"),
+    ]);
+    assert_eq!(status, 201, "{body}");
+    let created = json(body.as_bytes());
+    let id = created["id"].as_i64().unwrap();
+    assert_eq!(
+        header_line(&headers, "location"),
+        Some(format!("/v1/stories/{id}/").as_str())
+    );
+    let detail = url(&format!("/v1/stories/{id}/"));
+
+    let (status, _, body) = curl(&[&detail]);
+    assert_eq!(status, 200);
+    assert_eq!(json(body.as_bytes())["title"], "Through the gate");
+
+    let (status, _, _) = curl(&["-X", "PUT", "--data", "{\"title\": \"Renamed\"}", &detail]);
+    assert_eq!(status, 200);
+    let (status, _, body) = curl(&["-X", "PATCH", "--data", "{\"body\": \"patched\"}", &detail]);
+    assert_eq!(status, 200);
+    let story = json(body.as_bytes());
+    assert_eq!(
+        (story["title"].as_str(), story["body"].as_str()),
+        (Some("Renamed"), Some("patched"))
+    );
+
+    let (status, _, body) = curl(&[&url("/v1/search/?q=renamed")]);
+    assert_eq!(status, 200);
+    assert_eq!(json(body.as_bytes())["results"][0]["id"], id);
+
+    let (status, _, body) = curl(&[&url("/v1/users/1/")]);
+    assert_eq!(status, 200);
+    assert_eq!(json(body.as_bytes())["username"], "reader1");
+
+    let (status, _, _) = curl(&["-X", "DELETE", &detail]);
+    assert_eq!(status, 204);
+    let (status, _, _) = curl(&[&detail]);
+    assert_eq!(status, 404);
+
+    let (status, _, body) = curl(&[&url("/health")]);
+    assert_eq!((status, body.as_str()), (200, "{\"status\":\"ok\"}"));
+
+    let stories_ok =
+        "gatehouse_http_requests_total{method=\"GET\",route=\"stories\",status=\"2xx\"}";
+    assert_eq!(gateway.metric(stories_ok).await, Some(2.0));
+    let stories_404 =
+        "gatehouse_http_requests_total{method=\"GET\",route=\"stories\",status=\"4xx\"}";
+    assert_eq!(gateway.metric(stories_404).await, Some(1.0));
+    let writes = "gatehouse_http_requests_total{method=\"PATCH\",route=\"stories\",status=\"2xx\"}";
+    assert_eq!(gateway.metric(writes).await, Some(1.0));
+    let (_, _, body) = get(gateway.admin, "/metrics/json", &[]).await.unwrap();
+    let metrics = json(&body);
+    assert_eq!(
+        metrics["upstream"]["servers"][0]["address"],
+        gunicorn.upstream_url()
+    );
+    assert_eq!(metrics["upstream"]["servers"][0]["healthy"], true);
+    assert!(
+        metrics["requests"]["http_requests_total"]
+            .as_array()
+            .unwrap()
+            .len()
+            >= 5
+    );
+}
+
+/// Gunicorn's sync worker handles one request at a time. The gateway reads a
+/// slow upload whole before contacting it, so a fast request is not stuck
+/// behind the upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_upload_does_not_hold_a_gunicorn_sync_worker() {
+    let gunicorn = Gunicorn::start(1);
+    let gateway = Gatehouse::start(&simple(&[gunicorn.upstream_url()]));
+    let addr = gateway.addr;
+
+    let body = b"{\"title\": \"slow upload\", \"author_id\": 1, \"body\": \"0123456789\"}";
+    let uploader = std::thread::spawn(move || {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST /v1/stories/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        // About three seconds for the whole body.
+        for chunk in body.chunks(5) {
+            std::thread::sleep(Duration::from_millis(220));
+            stream.write_all(chunk).unwrap();
+        }
+        let finished_sending = Instant::now();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        (finished_sending, answer)
+    });
+
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, _, _) = get(gateway.addr, "/v1/stories/", &[]).await.unwrap();
+    let fast_done = Instant::now();
+    assert_eq!(status, StatusCode::OK);
+
+    let (finished_sending, answer) = uploader.join().unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert!(
+        fast_done < finished_sending,
+        "the fast request waited for the slow upload"
+    );
+}
