@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Gatehouse vs nginx as a reverse proxy, in one run, on this machine.
+#
+# Starts a fast upstream (nginx serving fixed bodies), nginx as a proxy
+# (proxy_pass, keep-alive upstream, worker_processes = workers) and gatehouse
+# (same upstream, same worker count), then drives each with wrk: 64 connections,
+# a small (2 KiB) and a large (64 KiB) response. Rounds alternate between the
+# two proxies so drift on a shared machine hits both. Prints req/s, p50, p99 and
+# the gatehouse/nginx ratios. Access logs are off for both.
+#
+# Usage: loadtest/bench_proxy.sh [seconds-per-run=10] [rounds=3]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${1:-10}
+rounds=${2:-3}
+workers=${WORKERS:-2}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v wrk >/dev/null || missing+=(wrk)
+if [ ${#missing[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build --release --locked -q
+GATEHOUSE=$PWD/target/release/gatehouse
+
+dir=$(mktemp -d)
+chmod 755 "$dir"  # nginx workers run as www-data
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  [ -f "$dir/up.pid" ] && kill "$(cat "$dir/up.pid")" 2>/dev/null || true
+  [ -f "$dir/px.pid" ] && kill "$(cat "$dir/px.pid")" 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(free_port); NG=$(free_port); GH=$(free_port); ADMIN=$(free_port)
+
+mkdir -p "$dir/www"
+head -c 2048 /dev/zero | tr '\0' 'a' > "$dir/www/small"
+head -c 65536 /dev/zero | tr '\0' 'b' > "$dir/www/large"
+
+common="daemon on; error_log $dir/error.log warn; events { worker_connections 4096; }"
+cat > "$dir/upstream.conf" <<CONF
+worker_processes 1; pid $dir/up.pid; $common
+http { access_log off; keepalive_requests 100000;
+  server { listen 127.0.0.1:$UP; root $dir/www; location / { default_type text/plain; } } }
+CONF
+cat > "$dir/proxy.conf" <<CONF
+worker_processes $workers; pid $dir/px.pid; $common
+http { access_log off; keepalive_requests 100000;
+  upstream app { server 127.0.0.1:$UP; keepalive 64; }
+  server { listen 127.0.0.1:$NG;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+                 proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
+CONF
+"$NGINX" -c "$dir/upstream.conf" -p "$dir"
+"$NGINX" -c "$dir/proxy.conf" -p "$dir"
+
+GATEHOUSE_SERVER__WORKERS=$workers GATEHOUSE_LOG__ACCESS_LOG=false GATEHOUSE_LOG__LEVEL=warn \
+GATEHOUSE_UPSTREAM__HEALTH_CHECK__PATH=/small \
+  "$GATEHOUSE" proxy --listen "127.0.0.1:$GH" --admin-listen "127.0.0.1:$ADMIN" \
+  --upstream "http://127.0.0.1:$UP" 2>"$dir/gatehouse.log" &
+pids+=($!)
+for _ in $(seq 50); do curl -sf "http://127.0.0.1:$GH/small" >/dev/null && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$GH/small" >/dev/null || { echo "gatehouse did not answer:" >&2; cat "$dir/gatehouse.log" >&2; curl -si "http://127.0.0.1:$GH/small" >&2; exit 1; }
+curl -sf "http://127.0.0.1:$NG/small" >/dev/null
+
+# wrk → "rps p50_ms p99_ms"
+measure() {
+  wrk -t2 -c64 -d"${duration}s" --latency "$1" | awk '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /^Requests\/sec/ { rps=$2 } / 50%/ { p50=ms($2) } / 99%/ { p99=ms($2) }
+    END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
+}
+
+printf '%-8s %-10s %5s %10s %9s %9s\n' size target round req/s p50_ms p99_ms
+declare -A best_rps best_p99
+for size in small large; do
+  curl -s "http://127.0.0.1:$UP/$size" >/dev/null
+  for round in $(seq "$rounds"); do
+    for target in direct nginx gatehouse; do
+      case $target in direct) port=$UP;; nginx) port=$NG;; gatehouse) port=$GH;; esac
+      read -r rps p50 p99 < <(measure "http://127.0.0.1:$port/$size")
+      printf '%-8s %-10s %5s %10s %9s %9s\n' "$size" "$target" "$round" "$rps" "$p50" "$p99"
+      key="$size/$target"
+      if [ -z "${best_rps[$key]:-}" ] || [ "$rps" -gt "${best_rps[$key]}" ]; then
+        best_rps[$key]=$rps; best_p99[$key]=$p99
+      fi
+    done
+  done
+done
+
+echo
+echo "best of $rounds rounds, ${duration}s each, 64 connections, $workers workers, $(nproc) cores"
+printf '%-8s %12s %12s %12s %16s %18s\n' size direct nginx gatehouse "gatehouse/nginx" "p99 gh-nginx (ms)"
+for size in small large; do
+  d=${best_rps[$size/direct]}; n=${best_rps[$size/nginx]}; g=${best_rps[$size/gatehouse]}
+  ratio=$(awk -v g="$g" -v n="$n" 'BEGIN { printf "%.2f", g/n }')
+  dp99=$(awk -v g="${best_p99[$size/gatehouse]}" -v n="${best_p99[$size/nginx]}" 'BEGIN { printf "%+.3f", g-n }')
+  printf '%-8s %12s %12s %12s %16s %18s\n' "$size" "$d" "$n" "$g" "${ratio}x" "$dp99"
+done
