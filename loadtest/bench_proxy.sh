@@ -2,8 +2,9 @@
 # Gatehouse vs nginx as a reverse proxy, in one run, on this machine.
 #
 # Starts a fast upstream (nginx serving fixed bodies), nginx as a proxy
-# (proxy_pass, keep-alive upstream, worker_processes = workers) and gatehouse
-# (same upstream, same worker count), then drives each with wrk: 64 connections,
+# (proxy_pass, keep-alive upstream, `worker_processes auto`, its recommended
+# setting: one per core) and gatehouse (same upstream, its default worker count:
+# two per core), then drives each with wrk: 64 connections,
 # a small (2 KiB) and a large (64 KiB) response. Rounds alternate between the
 # two proxies so drift on a shared machine hits both. Prints req/s, p50, p99 and
 # the gatehouse/nginx ratios. Access logs are off for both.
@@ -13,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
 rounds=${2:-3}
-workers=${WORKERS:-2}
+nginx_workers=${NGINX_WORKERS:-auto}
+gatehouse_workers=${GATEHOUSE_WORKERS:-0}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
@@ -52,7 +54,7 @@ http { access_log off; keepalive_requests 100000;
   server { listen 127.0.0.1:$UP; root $dir/www; location / { default_type text/plain; } } }
 CONF
 cat > "$dir/proxy.conf" <<CONF
-worker_processes $workers; pid $dir/px.pid; $common
+worker_processes $nginx_workers; pid $dir/px.pid; $common
 http { access_log off; keepalive_requests 100000;
   upstream app { server 127.0.0.1:$UP; keepalive 64; }
   server { listen 127.0.0.1:$NG;
@@ -62,7 +64,7 @@ CONF
 "$NGINX" -c "$dir/upstream.conf" -p "$dir"
 "$NGINX" -c "$dir/proxy.conf" -p "$dir"
 
-GATEHOUSE_SERVER__WORKERS=$workers GATEHOUSE_LOG__ACCESS_LOG=false GATEHOUSE_LOG__LEVEL=warn \
+GATEHOUSE_SERVER__WORKERS=$gatehouse_workers GATEHOUSE_LOG__ACCESS_LOG=false GATEHOUSE_LOG__LEVEL=warn \
 GATEHOUSE_UPSTREAM__HEALTH_CHECK__PATH=/small \
   "$GATEHOUSE" proxy --listen "127.0.0.1:$GH" --admin-listen "127.0.0.1:$ADMIN" \
   --upstream "http://127.0.0.1:$UP" 2>"$dir/gatehouse.log" &
@@ -97,7 +99,8 @@ for size in small large; do
 done
 
 echo
-echo "best of $rounds rounds, ${duration}s each, 64 connections, $workers workers, $(nproc) cores"
+echo "best of $rounds rounds, ${duration}s each, 64 connections, $(nproc) cores;" \
+  "nginx worker_processes=$nginx_workers, gatehouse workers=$gatehouse_workers (0 = 2 per core)"
 printf '%-8s %12s %12s %12s %16s %18s\n' size direct nginx gatehouse "gatehouse/nginx" "p99 gh-nginx (ms)"
 for size in small large; do
   d=${best_rps[$size/direct]}; n=${best_rps[$size/nginx]}; g=${best_rps[$size/gatehouse]}

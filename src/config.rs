@@ -796,8 +796,10 @@ impl TryFrom<&RawGateway> for Config {
         Ok(Config {
             server: ServerConfig {
                 listen,
+                // Two per core: measured against nginx in docs/benchmarks.md,
+                // one per core left cores idle while a worker waited on Gunicorn.
                 workers: if s.workers == 0 {
-                    std::thread::available_parallelism().map_or(1, |n| n.get())
+                    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
                 } else {
                     s.workers
                 },

@@ -226,7 +226,7 @@ impl UpstreamSet {
         metrics: &Metrics,
     ) -> Result<Forwarded, ProxyError> {
         let retry_safe = is_idempotent(request.method());
-        let (parts, body) = request.into_parts();
+        let mut request = request;
         let mut tried: Vec<usize> = Vec::with_capacity(2);
         let mut last_error = None;
         for attempt in 0..=self.config.retries {
@@ -237,7 +237,6 @@ impl UpstreamSet {
             if attempt > 0 {
                 metrics.upstream_retries.inc();
             }
-            let request = Request::from_parts(parts.clone(), body.clone());
             let started = Instant::now();
             match self.attempt(worker, server, request).await {
                 Ok(response) => {
@@ -264,11 +263,12 @@ impl UpstreamSet {
                         .with_label_values(&[server.label.as_str(), failure.error.kind()])
                         .inc();
                     tracing::warn!(upstream = %server.label, error = %failure.error, "upstream attempt failed");
-                    // Pingora #979: never resend what a server may have acted on.
-                    let again = retry_safe && !failure.reached_upstream;
                     last_error = Some(failure.error);
-                    if !again {
-                        break;
+                    // Pingora #979: never resend what a server may have acted
+                    // on; `unsent` is the request back only when no byte left.
+                    match failure.unsent {
+                        Some(unsent) if retry_safe => request = unsent,
+                        _ => break,
                     }
                 }
             }
@@ -290,29 +290,28 @@ impl UpstreamSet {
             addr: server.label.clone(),
             after: timeout,
         };
-        let (mut sender, response) = loop {
+        let (sender, response) = loop {
             let (mut sender, pooled) = match server.checkout(worker, cfg.idle_timeout) {
                 Some(sender) => (sender, true),
-                None => (
-                    server
-                        .connect(cfg.connect_timeout)
-                        .await
-                        .map_err(Failure::before_sending)?,
-                    false,
-                ),
+                None => match server.connect(cfg.connect_timeout).await {
+                    Ok(sender) => (sender, false),
+                    Err(error) => return Err(Failure::unsent(error, request)),
+                },
             };
+            // A pooled connection becomes ready once its previous response is
+            // fully read; one that closed meanwhile is simply dropped.
             if pooled && sender.ready().await.is_err() {
                 continue;
             }
             match tokio::time::timeout(timeout, sender.try_send_request(request)).await {
-                Err(_) => return Err(Failure::after_sending(timed_out())),
+                Err(_) => return Err(Failure::sent(timed_out())),
                 Ok(Ok(response)) => break (sender, response),
                 Ok(Err(mut e)) => match e.take_message() {
                     // The connection closed before a byte of this request went
                     // out: a kept-alive connection the server had closed.
                     Some(back) if pooled => request = back,
-                    Some(_) => return Err(Failure::before_sending(broken(server, e.error()))),
-                    None => return Err(Failure::after_sending(broken(server, e.error()))),
+                    Some(back) => return Err(Failure::unsent(broken(server, e.error()), back)),
+                    None => return Err(Failure::sent(broken(server, e.error()))),
                 },
             }
         };
@@ -331,9 +330,9 @@ impl UpstreamSet {
                 return Ok(Response::from_parts(parts, body));
             }
             match tokio::time::timeout(timeout, body.frame()).await {
-                Err(_) => return Err(Failure::after_sending(timed_out())),
+                Err(_) => return Err(Failure::sent(timed_out())),
                 Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(Failure::after_sending(broken(server, &e))),
+                Ok(Some(Err(e))) => return Err(Failure::sent(broken(server, &e))),
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         buffered += data.len();
@@ -343,9 +342,7 @@ impl UpstreamSet {
             }
         }
         drop(body);
-        if sender.ready().await.is_ok() {
-            server.checkin(worker, sender, cfg.max_idle_per_server);
-        }
+        server.checkin(worker, sender, cfg.max_idle_per_server);
         Ok(Response::from_parts(parts, ProxyBody::full(concat(chunks))))
     }
 }
@@ -357,24 +354,25 @@ pub struct Forwarded {
     pub upstream_time: Duration,
 }
 
-/// Why one attempt failed, and whether any byte of the request was written.
+/// Why one attempt failed; the request comes back only when no byte of it
+/// reached the server, so it can safely go to another.
 struct Failure {
     error: ProxyError,
-    reached_upstream: bool,
+    unsent: Option<Request<Full<Bytes>>>,
 }
 
 impl Failure {
-    fn before_sending(error: ProxyError) -> Self {
+    fn unsent(error: ProxyError, request: Request<Full<Bytes>>) -> Self {
         Failure {
             error,
-            reached_upstream: false,
+            unsent: Some(request),
         }
     }
 
-    fn after_sending(error: ProxyError) -> Self {
+    fn sent(error: ProxyError) -> Self {
         Failure {
             error,
-            reached_upstream: true,
+            unsent: None,
         }
     }
 }
