@@ -776,3 +776,66 @@ async fn slow_upload_does_not_hold_a_gunicorn_sync_worker() {
         "the fast request waited for the slow upload"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_body_gets_408_and_never_reaches_the_upstream() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(
+        &[upstream.url()],
+        "body_read_timeout = \"500ms\"",
+        "",
+        "",
+    ));
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(gateway.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly ten b")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert_eq!(status_of(&answer), 408, "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_lines_parse() {
+    let upstream = TestUpstream::start("a").await;
+    let mut toml = simple(&[upstream.url()]);
+    toml = toml.replace("[log]\n", "[log]\nformat = \"json\"\n");
+    let gateway = Gatehouse::start(&toml);
+    let (_, headers, _) = get(gateway.addr, "/v1/users/4/", &[]).await.unwrap();
+    let id = headers["x-request-id"].to_str().unwrap().to_string();
+    assert!(eventually(Duration::from_secs(3), async || gateway.log().contains(&id)).await);
+    let log = gateway.log();
+    let line: serde_json::Value =
+        serde_json::from_str(log.lines().find(|l| l.contains(&id)).unwrap()).unwrap();
+    assert_eq!(line["target"], "access");
+    assert_eq!(line["request_id"], id.as_str());
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["route"], "users");
+    assert_eq!(line["method"], "GET");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_exits_at_once() {
+    let upstream = TestUpstream::start("a").await;
+    let mut gateway = Gatehouse::start(&config(
+        &[upstream.url()],
+        "drain_timeout = \"30s\"",
+        "",
+        "",
+    ));
+    let addr = gateway.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "/delay/20000", &[]).await });
+    assert!(eventually(Duration::from_secs(5), async || upstream.hits() == 1).await);
+    let started = Instant::now();
+    gateway.signal("INT");
+    let exit = gateway.wait_exit(Duration::from_secs(3)).expect("exited");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(exit.code(), Some(130));
+    assert!(in_flight.await.unwrap().is_err());
+}

@@ -157,11 +157,19 @@ impl Drop for Gatehouse {
     }
 }
 
-/// `addr=` of the log line `listening service="<service>"`.
+/// The address of the `listening` log line for `service`, text or JSON.
 fn listening(log: &str, service: &str) -> Option<SocketAddr> {
     log.lines()
-        .filter(|l| l.contains("listening") && l.contains(&format!("service=\"{service}\"")))
+        .filter(|l| l.contains("listening"))
         .find_map(|l| {
+            if let Ok(line) = serde_json::from_str::<serde_json::Value>(l) {
+                return (line["service"] == service)
+                    .then(|| line["addr"].as_str()?.parse().ok())
+                    .flatten();
+            }
+            if !l.contains(&format!("service=\"{service}\"")) {
+                return None;
+            }
             let rest = &l[l.find("addr=")? + 5..];
             rest.split_whitespace().next()?.parse().ok()
         })
