@@ -486,18 +486,34 @@ async fn http2_prior_knowledge_clients_are_served() {
     assert_eq!(echo["headers"]["host"][0], gateway.addr.to_string());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_in_flight_requests_then_exits() {
+/// A gateway with `drain_timeout`, and a request to `/delay/<delay_ms>` that
+/// has reached its upstream and waits for the answer.
+async fn request_in_flight(
+    drain_timeout: &str,
+    delay_ms: u64,
+) -> (
+    Gatehouse,
+    TestUpstream,
+    tokio::task::JoinHandle<Result<harness::Reply, String>>,
+) {
     let upstream = TestUpstream::start("a").await;
-    let mut gateway = Gatehouse::start(&config(
+    let gateway = Gatehouse::start(&config(
         &[upstream.url()],
-        "drain_timeout = \"10s\"",
+        &format!("drain_timeout = \"{drain_timeout}\""),
         "",
         "",
     ));
     let addr = gateway.addr;
-    let in_flight = tokio::spawn(async move { get(addr, "/delay/1500", &[]).await });
+    let in_flight =
+        tokio::spawn(async move { get(addr, &format!("/delay/{delay_ms}"), &[]).await });
     assert!(eventually(Duration::from_secs(5), async || upstream.hits() == 1).await);
+    (gateway, upstream, in_flight)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_in_flight_requests_then_exits() {
+    let (mut gateway, _upstream, in_flight) = request_in_flight("10s", 1500).await;
+    let addr = gateway.addr;
     gateway.signal("TERM");
     let (status, _, body) = in_flight.await.unwrap().unwrap();
     assert_eq!(status, StatusCode::OK);
@@ -511,16 +527,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_is_bounded_by_drain_timeout() {
-    let upstream = TestUpstream::start("a").await;
-    let mut gateway = Gatehouse::start(&config(
-        &[upstream.url()],
-        "drain_timeout = \"500ms\"",
-        "",
-        "",
-    ));
-    let addr = gateway.addr;
-    let stuck = tokio::spawn(async move { get(addr, "/delay/30000", &[]).await });
-    assert!(eventually(Duration::from_secs(5), async || upstream.hits() == 1).await);
+    let (mut gateway, _upstream, stuck) = request_in_flight("500ms", 30000).await;
     let started = Instant::now();
     gateway.signal("TERM");
     let exit = gateway.wait_exit(Duration::from_secs(5)).expect("exited");
@@ -822,16 +829,7 @@ async fn json_access_log_lines_parse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_exits_at_once() {
-    let upstream = TestUpstream::start("a").await;
-    let mut gateway = Gatehouse::start(&config(
-        &[upstream.url()],
-        "drain_timeout = \"30s\"",
-        "",
-        "",
-    ));
-    let addr = gateway.addr;
-    let in_flight = tokio::spawn(async move { get(addr, "/delay/20000", &[]).await });
-    assert!(eventually(Duration::from_secs(5), async || upstream.hits() == 1).await);
+    let (mut gateway, _upstream, in_flight) = request_in_flight("30s", 20000).await;
     let started = Instant::now();
     gateway.signal("INT");
     let exit = gateway.wait_exit(Duration::from_secs(3)).expect("exited");
