@@ -287,3 +287,63 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feed `stream` to a guard in pieces cut at `cuts`; return the verdict.
+    fn first_ambiguous(stream: &[u8], cuts: &[usize]) -> Option<u64> {
+        let verdicts = FramingVerdicts::new();
+        let mut guard = FramingGuard::new((), 16 * 1024, Arc::clone(&verdicts));
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut start = 0;
+        for cut in cuts.into_iter().chain([stream.len()]) {
+            guard.observe(&stream[start..cut]);
+            start = cut;
+        }
+        let index = verdicts.first_ambiguous.load(Ordering::Relaxed);
+        (index != u64::MAX).then_some(index)
+    }
+
+    const PLAIN: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    const SIZED: &[u8] = b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nGET /";
+    const CHUNKED: &[u8] = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+        4;ext=1\r\n\r\n\r\n\r\n0\r\nX-Trailer: 1\r\n\r\n";
+    const AMBIGUOUS: &[u8] = b"POST /d HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\
+        Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+
+    #[test]
+    fn bodies_that_look_like_heads_are_skipped() {
+        // The sized and chunked bodies contain "GET /" and blank lines.
+        let stream = [PLAIN, SIZED, CHUNKED, AMBIGUOUS].concat();
+        assert_eq!(first_ambiguous(&stream, &[]), Some(3));
+        assert_eq!(
+            first_ambiguous(&[PLAIN, SIZED, CHUNKED].concat(), &[]),
+            None
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn verdict_does_not_depend_on_how_reads_split(
+            order in proptest::collection::vec(0usize..3, 0..6),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let parts = [PLAIN, SIZED, CHUNKED];
+            let mut stream: Vec<u8> = order.iter().flat_map(|i| parts[*i].to_vec()).collect();
+            stream.extend_from_slice(AMBIGUOUS);
+            prop_assert_eq!(first_ambiguous(&stream, &cuts), Some(order.len() as u64));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            stream in proptest::collection::vec(any::<u8>(), 0..2048),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let _ = first_ambiguous(&stream, &cuts);
+        }
+    }
+}
