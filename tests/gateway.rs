@@ -43,6 +43,14 @@ fn simple(servers: &[String]) -> String {
     config(servers, "", "", "")
 }
 
+/// One test upstream named `name` behind a gateway with extra `[server]` and
+/// `[upstream]` lines.
+async fn gateway_with(name: &str, server: &str, upstream: &str) -> (TestUpstream, Gatehouse) {
+    let test_upstream = TestUpstream::start(name).await;
+    let gateway = Gatehouse::start(&config(&[test_upstream.url()], server, upstream, ""));
+    (test_upstream, gateway)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_method_path_query_body_and_headers() {
     let upstream = TestUpstream::start("a").await;
@@ -150,13 +158,8 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_requests_get_413_and_431() {
-    let upstream = TestUpstream::start("a").await;
-    let gateway = Gatehouse::start(&config(
-        &[upstream.url()],
-        "max_body_size = 1024\nmax_header_size = \"8KiB\"",
-        "",
-        "",
-    ));
+    let (upstream, gateway) =
+        gateway_with("a", "max_body_size = 1024\nmax_header_size = \"8KiB\"", "").await;
     let big = vec![b'a'; 2048];
     let request = Request::post("/upload")
         .body(Full::new(Bytes::from(big.clone())))
@@ -253,13 +256,8 @@ async fn dead_upstream_gets_a_fast_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_gets_504_at_the_response_timeout() {
-    let upstream = TestUpstream::start("slow").await;
-    let gateway = Gatehouse::start(&config(
-        &[upstream.url()],
-        "",
-        "response_timeout = \"400ms\"\nmax_fails = 100",
-        "",
-    ));
+    let (upstream, gateway) =
+        gateway_with("slow", "", "response_timeout = \"400ms\"\nmax_fails = 100").await;
     let started = Instant::now();
     let (status, _, body) = get(gateway.addr, "/delay/5000", &[]).await.unwrap();
     let elapsed = started.elapsed();
@@ -279,13 +277,7 @@ async fn slow_upstream_gets_504_at_the_response_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_client_is_cut_at_the_header_deadline() {
-    let upstream = TestUpstream::start("a").await;
-    let gateway = Gatehouse::start(&config(
-        &[upstream.url()],
-        "header_read_timeout = \"1s\"",
-        "",
-        "",
-    ));
+    let (upstream, gateway) = gateway_with("a", "header_read_timeout = \"1s\"", "").await;
     let started = Instant::now();
     let mut stream = TcpStream::connect(gateway.addr).unwrap();
     stream
@@ -446,13 +438,7 @@ async fn only_idempotent_requests_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_responses_stream_past_the_buffer() {
-    let upstream = TestUpstream::start("a").await;
-    let gateway = Gatehouse::start(&config(
-        &[upstream.url()],
-        "",
-        "response_buffer_size = \"64KiB\"",
-        "",
-    ));
+    let (upstream, gateway) = gateway_with("a", "", "response_buffer_size = \"64KiB\"").await;
     for size in [10, 64 * 1024 + 1, 3_000_000] {
         let (status, _, body) = get(gateway.addr, &format!("/bytes/{size}"), &[])
             .await
@@ -496,13 +482,8 @@ async fn request_in_flight(
     TestUpstream,
     tokio::task::JoinHandle<Result<harness::Reply, String>>,
 ) {
-    let upstream = TestUpstream::start("a").await;
-    let gateway = Gatehouse::start(&config(
-        &[upstream.url()],
-        &format!("drain_timeout = \"{drain_timeout}\""),
-        "",
-        "",
-    ));
+    let (upstream, gateway) =
+        gateway_with("a", &format!("drain_timeout = \"{drain_timeout}\""), "").await;
     let addr = gateway.addr;
     let in_flight =
         tokio::spawn(async move { get(addr, &format!("/delay/{delay_ms}"), &[]).await });
@@ -786,13 +767,7 @@ async fn slow_upload_does_not_hold_a_gunicorn_sync_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_request_body_gets_408_and_never_reaches_the_upstream() {
-    let upstream = TestUpstream::start("a").await;
-    let gateway = Gatehouse::start(&config(
-        &[upstream.url()],
-        "body_read_timeout = \"500ms\"",
-        "",
-        "",
-    ));
+    let (upstream, gateway) = gateway_with("a", "body_read_timeout = \"500ms\"", "").await;
     let started = Instant::now();
     let mut stream = TcpStream::connect(gateway.addr).unwrap();
     stream
