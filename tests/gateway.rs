@@ -438,7 +438,7 @@ async fn only_idempotent_requests_are_retried() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_responses_stream_past_the_buffer() {
-    let (upstream, gateway) = gateway_with("a", "", "response_buffer_size = \"64KiB\"").await;
+    let (_upstream, gateway) = gateway_with("a", "", "response_buffer_size = \"64KiB\"").await;
     for size in [10, 64 * 1024 + 1, 3_000_000] {
         let (status, _, body) = get(gateway.addr, &format!("/bytes/{size}"), &[])
             .await
