@@ -812,3 +812,14 @@ async fn sigint_exits_at_once() {
     assert_eq!(exit.code(), Some(130));
     assert!(in_flight.await.unwrap().is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preserve_host_off_sends_the_upstream_address() {
+    let (upstream, gateway) = gateway_with("a", "", "preserve_host = false").await;
+    let (_, _, body) = get(gateway.addr, "/", &[("host", "shop.example")])
+        .await
+        .unwrap();
+    let h = &json(&body)["headers"];
+    assert_eq!(h["host"][0], upstream.addr.to_string());
+    assert_eq!(h["x-forwarded-host"][0], "shop.example");
+}

@@ -26,7 +26,6 @@ use super::identify::{Caller, X_REQUEST_ID, identify};
 use super::route::DEFAULT_ROUTE;
 use super::upstream::Forwarded;
 use super::{Live, Shared};
-use crate::config::UpstreamTarget;
 
 /// One request's journey and what the `log` phase reports about it.
 pub struct Exchange {
@@ -175,15 +174,12 @@ impl Exchange {
         // The body is already here; Gunicorn must not wait to send 100 Continue.
         headers.remove(header::EXPECT);
         set_forwarded(headers, caller, host.as_ref());
-        let upstream_host = if self.live.config.upstream.preserve_host {
-            host
-        } else {
-            None
+        // `preserve_host = false` is applied per attempt, with the address of
+        // the server actually chosen.
+        match host {
+            Some(host) => headers.insert(header::HOST, host),
+            None => headers.remove(header::HOST),
         };
-        let upstream_host = upstream_host.or_else(|| self.default_upstream_host());
-        if let Some(host) = upstream_host {
-            headers.insert(header::HOST, host);
-        }
         headers.remove(header::CONTENT_LENGTH);
         if !body.is_empty() || body_expected(&parts.method) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -225,13 +221,6 @@ impl Exchange {
                 Err(ProxyError::BodyTooLarge { limit })
             }
             Ok(Err(e)) => Err(ProxyError::BodyRead(e.to_string())),
-        }
-    }
-
-    fn default_upstream_host(&self) -> Option<HeaderValue> {
-        match self.live.upstreams.servers.first().map(|s| &s.target) {
-            Some(UpstreamTarget::Tcp { authority }) => HeaderValue::from_str(authority).ok(),
-            _ => Some(HeaderValue::from_static("localhost")),
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{Method, Request, Response};
+use http::{HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
@@ -61,6 +61,16 @@ impl Server {
             ejected_at: Mutex::new(None),
             idle: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
             healthy_gauge,
+        }
+    }
+
+    /// `Host` for requests that do not carry the client's: the server's
+    /// address, or `localhost` for a Unix socket.
+    pub fn host_header(&self) -> HeaderValue {
+        match &self.target {
+            UpstreamTarget::Tcp { authority } => HeaderValue::from_str(authority)
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            UpstreamTarget::Unix { .. } => HeaderValue::from_static("localhost"),
         }
     }
 
@@ -285,6 +295,11 @@ impl UpstreamSet {
         mut request: Request<Full<Bytes>>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let cfg = &self.config;
+        if !cfg.preserve_host || !request.headers().contains_key(http::header::HOST) {
+            request
+                .headers_mut()
+                .insert(http::header::HOST, server.host_header());
+        }
         let timeout = cfg.response_timeout;
         let timed_out = || ProxyError::UpstreamTimeout {
             addr: server.label.clone(),

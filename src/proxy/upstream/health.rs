@@ -19,7 +19,7 @@ pub async fn probe(server: &Server, check: &HealthCheck) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         let request = Request::get(check.path.as_str())
-            .header(header::HOST, host_of(server))
+            .header(header::HOST, server.host_header())
             .header(header::USER_AGENT, "gatehouse-health-check")
             .header(header::CONNECTION, "close")
             .body(Full::new(Bytes::new()))
@@ -39,13 +39,6 @@ pub async fn probe(server: &Server, check: &HealthCheck) -> Result<(), String> {
     tokio::time::timeout(check.timeout, attempt)
         .await
         .map_err(|_| format!("health check timed out after {:?}", check.timeout))?
-}
-
-fn host_of(server: &Server) -> String {
-    match &server.target {
-        crate::config::UpstreamTarget::Tcp { authority } => authority.clone(),
-        crate::config::UpstreamTarget::Unix { .. } => "localhost".into(),
-    }
 }
 
 /// Probe every server of `set` once, concurrently, and record the results.
