@@ -197,7 +197,7 @@ async fn oversized_requests_get_413_and_431() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_smuggling_shapes_get_400() {
+async fn request_smuggling_and_host_confusion_get_400() {
     let upstream = TestUpstream::start("a").await;
     let gateway = Gatehouse::start(&simple(&[upstream.url()]));
     let shapes: [&[u8]; 4] = [
@@ -206,7 +206,11 @@ async fn request_smuggling_shapes_get_400() {
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
     ];
-    for shape in shapes {
+    let hosts: [&[u8]; 2] = [
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nUser-Agent: no-host\r\n\r\n",
+    ];
+    for shape in shapes.into_iter().chain(hosts) {
         let answer = raw_exchange(gateway.addr, shape);
         assert_eq!(
             status_of(&answer),

@@ -117,6 +117,14 @@ impl Exchange {
         if req.uri().path_and_query().is_none() && req.method() != Method::OPTIONS {
             return Err(ProxyError::BadRequest("request target has no path"));
         }
+        // RFC 9112 §3.2: exactly one Host in HTTP/1.1; HTTP/2 may use :authority.
+        let hosts = req.headers().get_all(header::HOST).iter().count();
+        if hosts > 1 {
+            return Err(ProxyError::BadRequest("more than one Host header"));
+        }
+        if hosts == 0 && req.version() == Version::HTTP_11 {
+            return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
+        }
         Ok(())
     }
 

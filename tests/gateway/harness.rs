@@ -315,8 +315,14 @@ async fn respond(
 
 pub type Reply = (StatusCode, http::HeaderMap, Bytes);
 
-/// One request on a fresh HTTP/1.1 connection.
-pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+/// One request on a fresh HTTP/1.1 connection; like every real client, it
+/// sends `Host` (the gateway's address) unless the request names one.
+pub async fn send(addr: SocketAddr, mut request: Request<Full<Bytes>>) -> Result<Reply, String> {
+    if !request.headers().contains_key("host") {
+        request
+            .headers_mut()
+            .insert("host", addr.to_string().parse().unwrap());
+    }
     let stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
@@ -334,7 +340,13 @@ pub async fn send(addr: SocketAddr, request: Request<Full<Bytes>>) -> Result<Rep
 }
 
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
-    let mut builder = Request::get(path).header("host", format!("{addr}"));
+    let mut builder = Request::get(path);
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        builder = builder.header("host", format!("{addr}"));
+    }
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
