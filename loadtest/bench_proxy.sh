@@ -64,7 +64,7 @@ CONF
 "$NGINX" -c "$dir/upstream.conf" -p "$dir"
 "$NGINX" -c "$dir/proxy.conf" -p "$dir"
 
-GATEHOUSE_SERVER__WORKERS=$gatehouse_workers GATEHOUSE_LOG__ACCESS_LOG=false GATEHOUSE_LOG__LEVEL=warn \
+GATEHOUSE_SERVER__WORKERS=$gatehouse_workers GATEHOUSE_RATELIMIT__ENABLED=false GATEHOUSE_LOG__ACCESS_LOG=false GATEHOUSE_LOG__LEVEL=warn \
 GATEHOUSE_UPSTREAM__HEALTH_CHECK__PATH=/small \
   "$GATEHOUSE" proxy --listen "127.0.0.1:$GH" --admin-listen "127.0.0.1:$ADMIN" \
   --upstream "http://127.0.0.1:$UP" 2>"$dir/gatehouse.log" &

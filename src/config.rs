@@ -7,6 +7,8 @@
 //! `REDIS_*`, `METRICS_PORT`, `ENABLE_METRICS`) < command-line flags.
 //! Every problem names its origin: file and line, or the environment variable.
 
+pub mod identity;
+pub mod ratelimit;
 pub mod raw;
 pub mod units;
 
@@ -20,6 +22,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use http::Method;
 use ipnet::IpNet;
 
+pub use identity::IdentityConfig;
+pub use ratelimit::RatelimitConfig;
 use raw::{RawGateway, RawRoute};
 
 /// One problem with a configuration, located as precisely as we can.
@@ -90,6 +94,7 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     pub upstream: UpstreamConfig,
     pub log: LogConfig,
+    pub identity: IdentityConfig,
     pub routes: Vec<Route>,
     pub redis: Option<RedisConfig>,
     pub ratelimit: RatelimitConfig,
@@ -207,7 +212,6 @@ pub struct Route {
     pub path_prefix: String,
     /// Empty: every method.
     pub methods: Vec<Method>,
-    pub limit: Option<u64>,
     pub cache_ttl: Option<Duration>,
 }
 
@@ -215,14 +219,6 @@ pub struct Route {
 pub struct RedisConfig {
     /// `redis://[:password@]host:port/db`
     pub url: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RatelimitConfig {
-    pub enabled: bool,
-    pub per_user: u64,
-    pub global: u64,
-    pub window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -598,14 +594,10 @@ fn route(index: usize, raw: &RawRoute, problems: &mut Problems) -> Option<Route>
             )),
         }
     }
-    if raw.limit == Some(0) {
-        problems.push((format!("{key}.limit"), "must be greater than zero".into()));
-    }
     (problems.len() == before).then(|| Route {
         name: raw.name.clone(),
         path_prefix: raw.path_prefix.clone(),
         methods,
-        limit: raw.limit,
         cache_ttl: raw.cache_ttl,
     })
 }
@@ -657,12 +649,9 @@ impl TryFrom<&RawGateway> for Config {
         }
         let mut trusted_proxies = Vec::new();
         for (i, cidr) in s.trusted_proxies.iter().enumerate() {
-            let parsed = cidr
-                .parse::<IpNet>()
-                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
-            match parsed {
-                Ok(net) => trusted_proxies.push(net),
-                Err(_) => problems.push((
+            match parse_net(cidr) {
+                Some(net) => trusted_proxies.push(net),
+                None => problems.push((
                     format!("server.trusted_proxies[{i}]"),
                     format!("`{cidr}` is not an address or CIDR such as 10.0.0.0/8"),
                 )),
@@ -763,22 +752,20 @@ impl TryFrom<&RawGateway> for Config {
         }
 
         let redis = redis(&raw.redis, &mut problems);
-        let rl = &raw.ratelimit;
-        if rl.per_user == 0 || rl.global == 0 {
-            problems.push((
-                "ratelimit".into(),
-                "limits must be greater than zero".into(),
-            ));
+        let ratelimit = ratelimit::validate(&raw.ratelimit, &mut problems);
+        let identity = identity::validate(&raw.identity, &mut problems);
+        for (i, key) in raw.identity.api_keys.keys.iter().enumerate() {
+            if let Some(tier) = &key.tier {
+                if !ratelimit.tiers.contains_key(tier) {
+                    problems.push((
+                        format!("identity.api_keys.keys[{i}].tier"),
+                        format!("`{tier}` is not defined under ratelimit.tiers"),
+                    ));
+                }
+            }
         }
-        positive("ratelimit.window", rl.window, &mut problems);
-        // Until the limiter and the cache land, accepting `enabled = true`
-        // would promise protection the gateway does not give.
-        if rl.enabled {
-            problems.push((
-                "ratelimit.enabled".into(),
-                "rate limiting is not available in this build yet".into(),
-            ));
-        }
+        // Until the cache lands, accepting `enabled = true` would promise
+        // caching the gateway does not do.
         let c = &raw.cache;
         if c.enabled {
             problems.push((
@@ -834,14 +821,10 @@ impl TryFrom<&RawGateway> for Config {
                 format,
                 access_log: raw.log.access_log,
             },
+            identity,
             routes,
             redis,
-            ratelimit: RatelimitConfig {
-                enabled: rl.enabled,
-                per_user: rl.per_user,
-                global: rl.global,
-                window: rl.window,
-            },
+            ratelimit,
             cache: CacheConfig {
                 enabled: c.enabled,
                 default_ttl: c.default_ttl,
@@ -852,7 +835,22 @@ impl TryFrom<&RawGateway> for Config {
     }
 }
 
+/// An address or CIDR (`10.0.0.0/8`, `192.0.2.7`).
+fn parse_net(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+}
+
 fn redis(raw: &raw::RawRedis, problems: &mut Problems) -> Option<RedisConfig> {
+    let config = redis_url(raw, problems)?;
+    if let Err(e) = ::redis::Client::open(config.url.as_str()) {
+        problems.push(("redis".into(), format!("not a usable Redis address: {e}")));
+    }
+    Some(config)
+}
+
+fn redis_url(raw: &raw::RawRedis, problems: &mut Problems) -> Option<RedisConfig> {
     if let Some(url) = &raw.url {
         if !(url.starts_with("redis://")
             || url.starts_with("rediss://")

@@ -12,20 +12,25 @@
 //!   reload, and the request path in named phases:
 //!   - [`proxy::accept`]: listeners, connection limits, header deadline, size
 //!     limits, request-smuggling shapes, HTTP/1.1 and h2c, graceful drain;
-//!   - [`proxy::identify`]: who is calling (client address through trusted
-//!     proxies, request id);
+//!   - [`proxy::identify`]: who is calling (JWT, API key, session cookie,
+//!     else the client address through trusted proxies; request id);
 //!   - [`proxy::route`]: the endpoint rule a request falls under;
-//!   - limit and cache: not built yet; their places are marked in
-//!     [`proxy::request`];
+//!   - limit: [`ratelimit`] decides, in [`proxy::request`];
+//!   - cache: not built yet; its place is marked in [`proxy::request`];
 //!   - [`proxy::upstream`]: buffered forwarding to Gunicorn, keep-alive
 //!     pools, retries, passive ejection and active health checks;
 //!   - response: hop-by-hop stripping, in [`proxy::request`] with
 //!     [`proxy::headers`];
 //!   - log: the access log line and request metrics, in [`proxy::request`].
-//! - [`admin`]: `/health`, `/ready`, `/metrics`, `/metrics/json`.
+//! - [`ratelimit`]: global, per-user and endpoint sliding-window limits,
+//!   one atomic Lua call to Redis per request, a local fallback behind a
+//!   circuit breaker, and the `RateLimit` response fields.
+//! - [`admin`]: `/health`, `/ready`, `/metrics`, `/metrics/json`,
+//!   `/ratelimit/<subject>`.
 //! - [`telemetry`]: tracing setup and the Prometheus registry.
 
 pub mod admin;
 pub mod config;
 pub mod proxy;
+pub mod ratelimit;
 pub mod telemetry;

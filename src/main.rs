@@ -36,12 +36,45 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Rate-limit tools for operators.
+    Ratelimit {
+        #[command(subcommand)]
+        command: RatelimitCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RatelimitCommand {
+    /// Show each rule's count, remaining budget and reset for one subject.
+    Inspect {
+        /// user:42, ip:203.0.113.9, session:<hash>
+        #[arg(long)]
+        subject: String,
+        /// Apply this tier's overrides.
+        #[arg(long)]
+        tier: Option<String>,
+        /// The gateway's admin listener.
+        #[arg(long, default_value = "127.0.0.1:9091")]
+        admin: std::net::SocketAddr,
+        /// Print the JSON answer instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { files } => check_config(&files),
+        Command::Ratelimit {
+            command:
+                RatelimitCommand::Inspect {
+                    subject,
+                    tier,
+                    admin,
+                    json,
+                },
+        } => inspect(admin, &subject, tier.as_deref(), json),
         Command::Proxy {
             config,
             listen,
@@ -94,4 +127,45 @@ fn check_config(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn inspect(admin: std::net::SocketAddr, subject: &str, tier: Option<&str>, json: bool) -> ExitCode {
+    let answer = match gatehouse::admin::fetch_inspection(admin, subject, tier) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("gatehouse: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{answer:#}");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "subject {}  counted in {}{}",
+        answer["subject"].as_str().unwrap_or(subject),
+        answer["source"].as_str().unwrap_or("?"),
+        if answer["exempt"] == true {
+            "  (exempt)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<16} {:>8} {:>8} {:>8} {:>10} {:>8}  key",
+        "rule", "limit", "window", "used", "remaining", "reset"
+    );
+    for rule in answer["rules"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:>8} {:>7}s {:>8} {:>10} {:>7}s  {}",
+            rule["rule"].as_str().unwrap_or("?"),
+            rule["limit"],
+            rule["window_secs"],
+            rule["used"],
+            rule["remaining"],
+            rule["reset_secs"],
+            rule["key"].as_str().unwrap_or("")
+        );
+    }
+    ExitCode::SUCCESS
 }

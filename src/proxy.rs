@@ -15,7 +15,7 @@ pub mod upstream;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -23,7 +23,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::config::{Config, Overrides};
+use crate::ratelimit::Limiter;
+use crate::ratelimit::local::{LocalStore, SystemClock};
+use crate::ratelimit::redis::RedisStore;
 use crate::telemetry::Metrics;
+use identify::Identifier;
 use route::RouteTable;
 use upstream::UpstreamSet;
 
@@ -32,6 +36,82 @@ pub struct Live {
     pub config: Config,
     pub routes: RouteTable,
     pub upstreams: Arc<UpstreamSet>,
+    pub identifier: Identifier,
+    pub limiter: Limiter,
+}
+
+/// The rate-limit stores, which outlive any one configuration: counts of
+/// unchanged rules survive a reload.
+pub struct LimitStores {
+    pub local: Arc<LocalStore>,
+    /// The Redis store and the settings it was built with.
+    redis: Mutex<Option<(String, Arc<RedisStore>)>>,
+}
+
+impl LimitStores {
+    fn new() -> Self {
+        LimitStores {
+            local: Arc::new(LocalStore::new(Box::new(SystemClock))),
+            redis: Mutex::new(None),
+        }
+    }
+
+    /// The Redis store for `config`, reusing the current one when its
+    /// settings did not change. Must run inside the control runtime, which
+    /// drives the connection.
+    fn redis_for(&self, config: &Config) -> Option<Arc<RedisStore>> {
+        let rl = &config.ratelimit;
+        let url = &config.redis.as_ref().filter(|_| rl.enabled)?.url;
+        let settings = format!(
+            "{url} {:?} {} {:?}",
+            rl.redis_timeout, rl.breaker_failures, rl.breaker_cooldown
+        );
+        let mut slot = self.redis.lock().ok()?;
+        if let Some((current, store)) = slot.as_ref() {
+            if *current == settings {
+                return Some(Arc::clone(store));
+            }
+        }
+        match RedisStore::new(
+            url,
+            rl.redis_timeout,
+            rl.breaker_failures,
+            rl.breaker_cooldown,
+        ) {
+            Ok(store) => {
+                let store = Arc::new(store);
+                *slot = Some((settings, Arc::clone(&store)));
+                Some(store)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "redis client; rate limits count in this process");
+                None
+            }
+        }
+    }
+}
+
+impl Live {
+    fn new(
+        config: Config,
+        upstreams: Arc<UpstreamSet>,
+        stores: &LimitStores,
+        metrics: &Metrics,
+    ) -> Self {
+        let limiter = Limiter::new(
+            &config.ratelimit,
+            stores.redis_for(&config),
+            Arc::clone(&stores.local),
+            metrics,
+        );
+        Live {
+            routes: RouteTable::new(&config.routes),
+            identifier: Identifier::new(&config.identity),
+            upstreams,
+            limiter,
+            config,
+        }
+    }
 }
 
 /// State shared by the workers, the admin listener and the control loop.
@@ -39,6 +119,7 @@ pub struct Shared {
     pub live: ArcSwap<Live>,
     pub metrics: Metrics,
     pub workers: usize,
+    pub limit_stores: LimitStores,
 }
 
 /// Where the running configuration came from, to load it again on SIGHUP.
@@ -81,15 +162,22 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
         Some(addr) => Some(crate::admin::bind(addr).map_err(|e| listen_error(addr, e))?),
         None => None,
     };
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
     let upstreams = Arc::new(UpstreamSet::new(&config.upstream, workers, &metrics));
+    let limit_stores = LimitStores::new();
+    let live = {
+        // The Redis connection is driven by the control runtime.
+        let _inside = control.enter();
+        Live::new(config, upstreams, &limit_stores, &metrics)
+    };
     let shared = Arc::new(Shared {
-        live: ArcSwap::from_pointee(Live {
-            routes: RouteTable::new(&config.routes),
-            upstreams,
-            config,
-        }),
+        live: ArcSwap::from_pointee(live),
         metrics,
         workers,
+        limit_stores,
     });
     if let Some(first) = listeners.first() {
         if let Ok(addr) = first.local_addr() {
@@ -118,10 +206,6 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
         threads.push(thread);
     }
 
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
     control.block_on(async {
         if let Some(listener) = admin {
             let shared = Arc::clone(&shared);
@@ -205,11 +289,12 @@ pub fn reload(shared: &Shared, source: &ConfigSource) {
             &shared.metrics,
         ))
     };
-    shared.live.store(Arc::new(Live {
-        routes: RouteTable::new(&config.routes),
-        upstreams,
+    shared.live.store(Arc::new(Live::new(
         config,
-    }));
+        upstreams,
+        &shared.limit_stores,
+        &shared.metrics,
+    )));
     shared
         .metrics
         .config_reloads

@@ -49,6 +49,11 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub drain_seconds: Histogram,
+    pub ratelimit_decisions: IntCounterVec,
+    pub ratelimit_fallbacks: IntCounterVec,
+    pub ratelimit_redis_errors: IntCounterVec,
+    pub ratelimit_redis_duration: Histogram,
+    pub ratelimit_shared: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -135,6 +140,35 @@ impl Metrics {
                 "shutdown_drain_seconds",
                 "Time a graceful shutdown spent finishing in-flight requests.",
             ))?,
+            ratelimit_decisions: IntCounterVec::new(
+                opts(
+                    "ratelimit_decisions_total",
+                    "Rate-limit decisions, by rule and result.",
+                ),
+                &["rule", "result"],
+            )?,
+            ratelimit_fallbacks: IntCounterVec::new(
+                opts(
+                    "ratelimit_fallbacks_total",
+                    "Decisions made without Redis while Redis is configured, by the policy applied.",
+                ),
+                &["policy"],
+            )?,
+            ratelimit_redis_errors: IntCounterVec::new(
+                opts(
+                    "ratelimit_redis_errors_total",
+                    "Failed rate-limit calls to Redis, by kind.",
+                ),
+                &["kind"],
+            )?,
+            ratelimit_redis_duration: Histogram::with_opts(histogram(
+                "ratelimit_redis_duration_seconds",
+                "Time of one rate-limit script call to Redis.",
+            ))?,
+            ratelimit_shared: IntGauge::with_opts(opts(
+                "ratelimit_shared",
+                "1 while limits are counted in Redis, 0 while counted in this process.",
+            ))?,
             registry,
         };
         m.registry.register(Box::new(m.requests.clone()))?;
@@ -151,6 +185,15 @@ impl Metrics {
         m.registry.register(Box::new(m.errors.clone()))?;
         m.registry.register(Box::new(m.config_reloads.clone()))?;
         m.registry.register(Box::new(m.drain_seconds.clone()))?;
+        m.registry
+            .register(Box::new(m.ratelimit_decisions.clone()))?;
+        m.registry
+            .register(Box::new(m.ratelimit_fallbacks.clone()))?;
+        m.registry
+            .register(Box::new(m.ratelimit_redis_errors.clone()))?;
+        m.registry
+            .register(Box::new(m.ratelimit_redis_duration.clone()))?;
+        m.registry.register(Box::new(m.ratelimit_shared.clone()))?;
         // Both results exist from the start, so a dashboard sees 0, not "no data".
         m.config_reloads.with_label_values(&["ok"]);
         m.config_reloads.with_label_values(&["error"]);

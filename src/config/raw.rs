@@ -15,6 +15,7 @@ pub struct RawGateway {
     pub admin: RawAdmin,
     pub upstream: RawUpstream,
     pub log: RawLog,
+    pub identity: RawIdentity,
     pub routes: Vec<RawRoute>,
     pub redis: RawRedis,
     pub ratelimit: RawRatelimit,
@@ -25,11 +26,10 @@ pub struct RawGateway {
 /// with no file behaves like one started with `config/gateway.toml`.
 impl Default for RawGateway {
     fn default() -> Self {
-        let route = |name: &str, prefix: &str, limit: u64, ttl: Option<u64>| RawRoute {
+        let route = |name: &str, prefix: &str, ttl: Option<u64>| RawRoute {
             name: name.into(),
             path_prefix: prefix.into(),
             methods: Vec::new(),
-            limit: Some(limit),
             cache_ttl: ttl.map(Duration::from_secs),
         };
         Self {
@@ -37,10 +37,11 @@ impl Default for RawGateway {
             admin: RawAdmin::default(),
             upstream: RawUpstream::default(),
             log: RawLog::default(),
+            identity: RawIdentity::default(),
             routes: vec![
-                route("stories", "/v1/stories/", 50, Some(600)),
-                route("search", "/v1/search/", 20, None),
-                route("users", "/v1/users/", 100, Some(1800)),
+                route("stories", "/v1/stories/", Some(600)),
+                route("search", "/v1/search/", None),
+                route("users", "/v1/users/", Some(1800)),
             ],
             redis: RawRedis::default(),
             ratelimit: RawRatelimit::default(),
@@ -204,9 +205,6 @@ pub struct RawRoute {
     pub path_prefix: String,
     #[serde(default)]
     pub methods: Vec<String>,
-    /// Requests per window for this endpoint (enforced by the rate limiter).
-    #[serde(default)]
-    pub limit: Option<u64>,
     /// Cache TTL for GET responses on this route (used by the cache).
     #[serde(default, with = "humantime_serde")]
     pub cache_ttl: Option<Duration>,
@@ -238,19 +236,197 @@ impl Default for RawRedis {
 #[serde(deny_unknown_fields, default)]
 pub struct RawRatelimit {
     pub enabled: bool,
-    pub per_user: u64,
     pub global: u64,
+    pub per_user: u64,
     #[serde(with = "humantime_serde")]
     pub window: Duration,
+    /// Gateway instances sharing the limits; the local fallback allows
+    /// `limit / instances` per instance.
+    pub instances: u32,
+    pub on_redis_error: String,
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    pub headers: bool,
+    pub legacy_headers: bool,
+    pub admin_bypass: bool,
+    pub allowlist: Vec<String>,
+    pub key_prefix: String,
+    pub tiers: std::collections::BTreeMap<String, RawTier>,
+    pub endpoints: Vec<RawEndpoint>,
 }
 
 impl Default for RawRatelimit {
     fn default() -> Self {
+        let endpoint = |name: &str, prefix: &str, limit: u64| RawEndpoint {
+            name: name.into(),
+            methods: Vec::new(),
+            path_prefix: Some(prefix.into()),
+            path_pattern: None,
+            limit,
+            window: None,
+            scope: "user".into(),
+            cost: 1,
+            algorithm: "sliding_window".into(),
+            on_redis_error: None,
+        };
+        Self {
+            enabled: true,
+            global: 10_000,
+            per_user: 100,
+            window: Duration::from_secs(60),
+            instances: 1,
+            on_redis_error: "local".into(),
+            redis_timeout: Duration::from_millis(50),
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(5),
+            headers: true,
+            legacy_headers: false,
+            admin_bypass: true,
+            allowlist: Vec::new(),
+            key_prefix: "gatehouse".into(),
+            tiers: std::collections::BTreeMap::new(),
+            endpoints: vec![
+                endpoint("stories", "/v1/stories/", 50),
+                endpoint("search", "/v1/search/", 20),
+                endpoint("users", "/v1/users/", 100),
+            ],
+        }
+    }
+}
+
+/// Overrides for callers of one tier (from a JWT claim or an API key).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTier {
+    pub per_user: Option<u64>,
+    /// Tiers exempt from every limit.
+    #[serde(default)]
+    pub unlimited: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEndpoint {
+    pub name: String,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub path_prefix: Option<String>,
+    /// Segments separated by `/`; `*` matches one segment, a trailing `**` the rest.
+    pub path_pattern: Option<String>,
+    pub limit: u64,
+    #[serde(default, with = "humantime_serde")]
+    pub window: Option<Duration>,
+    #[serde(default = "scope_user")]
+    pub scope: String,
+    #[serde(default = "cost_one")]
+    pub cost: u32,
+    #[serde(default = "sliding_window")]
+    pub algorithm: String,
+    pub on_redis_error: Option<String>,
+}
+
+fn scope_user() -> String {
+    "user".into()
+}
+
+fn cost_one() -> u32 {
+    1
+}
+
+fn sliding_window() -> String {
+    "sliding_window".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentity {
+    /// Methods tried in order; the first that identifies the caller wins.
+    /// The client address is always the last resort.
+    pub order: Vec<String>,
+    pub jwt: RawJwt,
+    pub api_keys: RawApiKeys,
+    pub session: RawSession,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawJwt {
+    pub enabled: bool,
+    pub algorithm: String,
+    pub secret: Option<String>,
+    pub public_key_file: Option<std::path::PathBuf>,
+    pub user_claim: String,
+    pub tier_claim: String,
+    pub admin_claim: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Answer a present but invalid token with 401 instead of treating the
+    /// caller as anonymous.
+    pub reject_invalid: bool,
+}
+
+impl Default for RawJwt {
+    fn default() -> Self {
         Self {
             enabled: false,
-            per_user: 100,
-            global: 10_000,
-            window: Duration::from_secs(60),
+            algorithm: "HS256".into(),
+            secret: None,
+            public_key_file: None,
+            user_claim: "sub".into(),
+            tier_claim: "tier".into(),
+            admin_claim: "admin".into(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+            reject_invalid: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawApiKeys {
+    pub header: String,
+    pub keys: Vec<RawApiKey>,
+}
+
+impl Default for RawApiKeys {
+    fn default() -> Self {
+        Self {
+            header: "x-api-key".into(),
+            keys: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApiKey {
+    /// Hex SHA-256 of the key; the key itself is never stored.
+    pub sha256: String,
+    pub user: String,
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSession {
+    pub enabled: bool,
+    pub cookie: String,
+}
+
+impl Default for RawSession {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cookie: "sessionid".into(),
         }
     }
 }

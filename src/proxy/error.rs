@@ -16,6 +16,13 @@ pub enum ProxyError {
     BodyTimeout(std::time::Duration),
     #[error("reading the request body: {0}")]
     BodyRead(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{}", crate::ratelimit::headers::refusal(.report).1)]
+    RateLimited {
+        report: crate::ratelimit::RuleReport,
+        legacy_headers: bool,
+    },
 
     // Upstream side.
     #[error("no healthy upstream")]
@@ -37,6 +44,8 @@ impl ProxyError {
             ProxyError::BadRequest(_) | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             // Pingora #980: a timeout is a 504, never a 502.
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -53,6 +62,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::BodyRead(_) => "body_read",
+            ProxyError::Unauthorized(_) => "unauthorized",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::NoHealthyUpstream => "no_healthy_upstream",
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
@@ -60,10 +71,14 @@ impl ProxyError {
         }
     }
 
-    /// Client errors close the connection: after a malformed or oversized
-    /// request the rest of the stream cannot be trusted.
+    /// A malformed or oversized request closes the connection: the rest of
+    /// the stream cannot be trusted. A refusal on policy (401, 429) does not.
     pub fn closes_connection(&self) -> bool {
         self.status().is_client_error()
+            && !matches!(
+                self,
+                ProxyError::Unauthorized(_) | ProxyError::RateLimited { .. }
+            )
     }
 
     pub fn into_response(self, request_id: &HeaderValue) -> Response<ProxyBody> {
@@ -78,7 +93,26 @@ impl ProxyError {
             }
             other => other.to_string(),
         };
-        problem(status, &detail, request_id, self.closes_connection())
+        let close = self.closes_connection();
+        let mut response = problem(status, &detail, request_id, close);
+        let headers = response.headers_mut();
+        match &self {
+            ProxyError::RateLimited {
+                report,
+                legacy_headers,
+            } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(report.reset_secs));
+                crate::ratelimit::headers::apply(headers, report, *legacy_headers);
+            }
+            ProxyError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            _ => {}
+        }
+        response
     }
 }
 

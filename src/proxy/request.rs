@@ -5,8 +5,7 @@
 //! accept → identify → route → limit → cache → upstream → response → log
 //! ```
 //!
-//! `limit` and `cache` are not built yet; their places are marked in
-//! [`Exchange::run`] so the rate limiter and the cache slot in there.
+//! `cache` is not built yet; its place is marked in [`Exchange::run`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use hyper::body::Incoming;
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers::{set_forwarded, strip_hop_by_hop};
-use super::identify::{Caller, X_REQUEST_ID, identify};
+use super::identify::{Caller, X_REQUEST_ID};
 use super::route::DEFAULT_ROUTE;
 use super::upstream::Forwarded;
 use super::{Live, Shared};
@@ -41,6 +40,8 @@ pub struct Exchange {
     upstream: Option<String>,
     upstream_time: Option<Duration>,
     request_bytes: u64,
+    /// The rate-limit rule reported on an allowed response.
+    limit_report: Option<crate::ratelimit::RuleReport>,
 }
 
 impl Exchange {
@@ -63,6 +64,7 @@ impl Exchange {
             upstream: None,
             upstream_time: None,
             request_bytes: 0,
+            limit_report: None,
         }
     }
 
@@ -94,12 +96,12 @@ impl Exchange {
 
     async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
         self.accept(&req)?;
-        let caller = self.identify(&req);
+        let caller = self.identify(&req)?;
         if req.uri().path() == self.live.config.server.health_path {
             return Ok(self.health(&caller));
         }
         self.route(&req);
-        // limit: global / per-user / per-endpoint rate limits go here.
+        self.limit(&req, &caller).await?;
         // cache: GET/HEAD lookups in L1/L2 go here.
         let forwarded = self.upstream(req, &caller).await?;
         Ok(self.response(forwarded, &caller))
@@ -128,15 +130,45 @@ impl Exchange {
         Ok(())
     }
 
-    /// identify: the client address and the request id.
-    fn identify(&mut self, req: &Request<Incoming>) -> Caller {
-        let caller = identify(
+    /// identify: who is calling, the client address and the request id. A
+    /// bad token is a 401 only when `identity.jwt.reject_invalid` says so.
+    fn identify(&mut self, req: &Request<Incoming>) -> Result<Caller, ProxyError> {
+        let identified = self.live.identifier.identify(
             req.headers(),
             self.peer.ip(),
             &self.live.config.server.trusted_proxies,
         );
-        self.caller = Some(caller.clone());
-        caller
+        match identified {
+            Ok(caller) => {
+                self.caller = Some(caller.clone());
+                Ok(caller)
+            }
+            Err(invalid) => Err(ProxyError::Unauthorized(invalid.to_string())),
+        }
+    }
+
+    /// limit: check and count every rule that applies; 429 when one refuses.
+    async fn limit(&mut self, req: &Request<Incoming>, caller: &Caller) -> Result<(), ProxyError> {
+        let limiter = &self.live.limiter;
+        let subject = crate::ratelimit::Subject {
+            id: &caller.subject,
+            client: caller.client,
+            tier: caller.tier.as_deref(),
+            admin: caller.admin,
+        };
+        let checks = limiter.checks(&subject, req.method(), req.uri().path());
+        let decision = limiter.decide(&checks, &self.shared.metrics).await;
+        let config = limiter.config();
+        match decision.report {
+            Some(report) if !decision.allowed => Err(ProxyError::RateLimited {
+                report,
+                legacy_headers: config.legacy_headers,
+            }),
+            report => {
+                self.limit_report = report.filter(|_| config.headers);
+                Ok(())
+            }
+        }
     }
 
     /// The gateway's own liveness answer on the main listener.
@@ -238,6 +270,10 @@ impl Exchange {
         let headers = response.headers_mut();
         strip_hop_by_hop(headers);
         headers.insert(X_REQUEST_ID, caller.request_id.clone());
+        if let Some(report) = &self.limit_report {
+            let legacy = self.live.limiter.config().legacy_headers;
+            crate::ratelimit::headers::apply(headers, report, legacy);
+        }
         response
     }
 

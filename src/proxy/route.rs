@@ -47,7 +47,6 @@ mod tests {
             name: name.into(),
             path_prefix: prefix.into(),
             methods: methods.to_vec(),
-            limit: None,
             cache_ttl: None,
         }
     }

@@ -1,0 +1,375 @@
+//! The validated `[ratelimit]` section: global, per-user and endpoint rules.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use http::Method;
+use ipnet::IpNet;
+
+use super::Problems;
+use super::raw::{RawEndpoint, RawRatelimit};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RatelimitConfig {
+    pub enabled: bool,
+    pub global: u64,
+    pub per_user: u64,
+    pub window: Duration,
+    pub instances: u32,
+    pub on_redis_error: RedisErrorPolicy,
+    pub redis_timeout: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub headers: bool,
+    pub legacy_headers: bool,
+    pub admin_bypass: bool,
+    pub allowlist: Vec<IpNet>,
+    pub key_prefix: String,
+    pub tiers: BTreeMap<String, Tier>,
+    pub endpoints: Vec<EndpointRule>,
+}
+
+/// What a rule does while Redis cannot answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisErrorPolicy {
+    /// Count in this process, at the limit divided by `instances`.
+    Local,
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Two counters per key, the previous window weighted (Cloudflare's).
+    SlidingWindow,
+    /// Every request's timestamp: exact, for low-rate endpoints such as login.
+    SlidingLog,
+}
+
+/// Whose budget an endpoint rule counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Per caller (user, API key, session, or client address).
+    User,
+    /// Per client address, whoever the caller says it is.
+    Ip,
+    /// One budget for everybody.
+    Global,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tier {
+    pub per_user: Option<u64>,
+    pub unlimited: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Prefix(String),
+    /// Segments; `*` matches one segment, a final `**` any rest.
+    Pattern(Vec<String>),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Pattern(segments) => {
+                let mut parts = path.trim_start_matches('/').split('/');
+                for segment in segments {
+                    if segment == "**" {
+                        return true;
+                    }
+                    match parts.next() {
+                        Some(part) if segment == "*" || segment == part => {}
+                        _ => return false,
+                    }
+                }
+                parts.next().is_none()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRule {
+    pub name: String,
+    /// Empty: every method.
+    pub methods: Vec<Method>,
+    pub path: PathMatch,
+    pub limit: u64,
+    pub window: Duration,
+    pub scope: Scope,
+    pub cost: u32,
+    pub algorithm: Algorithm,
+    pub on_redis_error: RedisErrorPolicy,
+}
+
+impl EndpointRule {
+    pub fn applies(&self, method: &Method, path: &str) -> bool {
+        (self.methods.is_empty() || self.methods.contains(method)) && self.path.matches(path)
+    }
+}
+
+fn policy(key: &str, text: &str, problems: &mut Problems) -> RedisErrorPolicy {
+    match text {
+        "local" => RedisErrorPolicy::Local,
+        "allow" => RedisErrorPolicy::Allow,
+        "deny" => RedisErrorPolicy::Deny,
+        other => {
+            problems.push((
+                key.into(),
+                format!("`{other}`: use \"local\", \"allow\" or \"deny\""),
+            ));
+            RedisErrorPolicy::Local
+        }
+    }
+}
+
+fn endpoint(
+    index: usize,
+    raw: &RawEndpoint,
+    defaults: (Duration, RedisErrorPolicy),
+    problems: &mut Problems,
+) -> EndpointRule {
+    let key = format!("ratelimit.endpoints[{index}]");
+    if raw.name.is_empty()
+        || !raw
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        problems.push((
+            format!("{key}.name"),
+            "use letters, digits, `_` and `-`".into(),
+        ));
+    }
+    let path = match (&raw.path_prefix, &raw.path_pattern) {
+        (Some(prefix), None) if prefix.starts_with('/') => PathMatch::Prefix(prefix.clone()),
+        (None, Some(pattern)) if pattern.starts_with('/') => PathMatch::Pattern(
+            pattern
+                .trim_start_matches('/')
+                .split('/')
+                .map(str::to_string)
+                .collect(),
+        ),
+        (Some(_), Some(_)) => {
+            problems.push((
+                format!("{key}.path_pattern"),
+                "give path_prefix or path_pattern, not both".into(),
+            ));
+            PathMatch::Prefix("/".into())
+        }
+        (None, None) => {
+            problems.push((
+                format!("{key}.path_prefix"),
+                "a rule needs path_prefix or path_pattern".into(),
+            ));
+            PathMatch::Prefix("/".into())
+        }
+        _ => {
+            let which = if raw.path_prefix.is_some() {
+                "path_prefix"
+            } else {
+                "path_pattern"
+            };
+            problems.push((format!("{key}.{which}"), "must start with `/`".into()));
+            PathMatch::Prefix("/".into())
+        }
+    };
+    let mut methods = Vec::new();
+    for (i, m) in raw.methods.iter().enumerate() {
+        match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+            Ok(method) => methods.push(method),
+            Err(_) => problems.push((
+                format!("{key}.methods[{i}]"),
+                format!("`{m}` is not a method"),
+            )),
+        }
+    }
+    if raw.limit == 0 {
+        problems.push((format!("{key}.limit"), "must be greater than zero".into()));
+    }
+    if raw.cost == 0 || u64::from(raw.cost) > raw.limit {
+        problems.push((
+            format!("{key}.cost"),
+            "must be between 1 and the limit".into(),
+        ));
+    }
+    let window = raw.window.unwrap_or(defaults.0);
+    if window < Duration::from_secs(1) {
+        problems.push((format!("{key}.window"), "must be at least 1s".into()));
+    }
+    let scope = match raw.scope.as_str() {
+        "user" => Scope::User,
+        "ip" => Scope::Ip,
+        "global" => Scope::Global,
+        other => {
+            problems.push((
+                format!("{key}.scope"),
+                format!("`{other}`: use \"user\", \"ip\" or \"global\""),
+            ));
+            Scope::User
+        }
+    };
+    let algorithm = match raw.algorithm.as_str() {
+        "sliding_window" => Algorithm::SlidingWindow,
+        "sliding_log" => Algorithm::SlidingLog,
+        other => {
+            problems.push((
+                format!("{key}.algorithm"),
+                format!("`{other}`: use \"sliding_window\" or \"sliding_log\""),
+            ));
+            Algorithm::SlidingWindow
+        }
+    };
+    let on_redis_error = match &raw.on_redis_error {
+        Some(text) => policy(&format!("{key}.on_redis_error"), text, problems),
+        None => defaults.1,
+    };
+    EndpointRule {
+        name: raw.name.clone(),
+        methods,
+        path,
+        limit: raw.limit,
+        window,
+        scope,
+        cost: raw.cost,
+        algorithm,
+        on_redis_error,
+    }
+}
+
+/// Names the limiter uses for its own rules; endpoint rules may not reuse them.
+pub const RESERVED_RULES: [&str; 2] = ["global", "per_user"];
+
+pub fn validate(raw: &RawRatelimit, problems: &mut Problems) -> RatelimitConfig {
+    if raw.global == 0 {
+        problems.push((
+            "ratelimit.global".into(),
+            "must be greater than zero".into(),
+        ));
+    }
+    if raw.per_user == 0 {
+        problems.push((
+            "ratelimit.per_user".into(),
+            "must be greater than zero".into(),
+        ));
+    }
+    if raw.window < Duration::from_secs(1) {
+        problems.push(("ratelimit.window".into(), "must be at least 1s".into()));
+    }
+    if raw.instances == 0 {
+        problems.push(("ratelimit.instances".into(), "must be at least 1".into()));
+    }
+    if raw.redis_timeout.is_zero() {
+        problems.push((
+            "ratelimit.redis_timeout".into(),
+            "must be greater than zero".into(),
+        ));
+    }
+    if raw.breaker_failures == 0 {
+        problems.push((
+            "ratelimit.breaker_failures".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if raw.key_prefix.is_empty() || raw.key_prefix.contains(['{', '}', ' ']) {
+        problems.push((
+            "ratelimit.key_prefix".into(),
+            "must be non-empty, without braces or spaces".into(),
+        ));
+    }
+    let on_redis_error = policy("ratelimit.on_redis_error", &raw.on_redis_error, problems);
+    let mut allowlist = Vec::new();
+    for (i, cidr) in raw.allowlist.iter().enumerate() {
+        match super::parse_net(cidr) {
+            Some(net) => allowlist.push(net),
+            None => problems.push((
+                format!("ratelimit.allowlist[{i}]"),
+                format!("`{cidr}` is not an address or CIDR"),
+            )),
+        }
+    }
+    let tiers = raw
+        .tiers
+        .iter()
+        .map(|(name, t)| {
+            if t.per_user == Some(0) {
+                problems.push((
+                    format!("ratelimit.tiers.{name}.per_user"),
+                    "must be greater than zero".into(),
+                ));
+            }
+            (
+                name.clone(),
+                Tier {
+                    per_user: t.per_user,
+                    unlimited: t.unlimited,
+                },
+            )
+        })
+        .collect();
+    let mut endpoints: Vec<EndpointRule> = Vec::new();
+    for (i, raw_rule) in raw.endpoints.iter().enumerate() {
+        let rule = endpoint(i, raw_rule, (raw.window, on_redis_error), problems);
+        // A duplicate rule makes a config silently ambiguous (envoy #14232).
+        if RESERVED_RULES.contains(&rule.name.as_str())
+            || endpoints.iter().any(|r| r.name == rule.name)
+        {
+            problems.push((
+                format!("ratelimit.endpoints[{i}].name"),
+                format!("`{}` is already a rule name", rule.name),
+            ));
+        } else if endpoints
+            .iter()
+            .any(|r| r.path == rule.path && r.methods == rule.methods && r.scope == rule.scope)
+        {
+            problems.push((
+                format!("ratelimit.endpoints[{i}]"),
+                "another rule has the same path, methods and scope".into(),
+            ));
+        }
+        endpoints.push(rule);
+    }
+    RatelimitConfig {
+        enabled: raw.enabled,
+        global: raw.global,
+        per_user: raw.per_user,
+        window: raw.window,
+        instances: raw.instances.max(1),
+        on_redis_error,
+        redis_timeout: raw.redis_timeout,
+        breaker_failures: raw.breaker_failures.max(1),
+        breaker_cooldown: raw.breaker_cooldown,
+        headers: raw.headers,
+        legacy_headers: raw.legacy_headers,
+        admin_bypass: raw.admin_bypass,
+        allowlist,
+        key_prefix: raw.key_prefix.clone(),
+        tiers,
+        endpoints,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PathMatch;
+
+    #[test]
+    fn patterns_match_whole_segments() {
+        let p = |s: &str| {
+            PathMatch::Pattern(
+                s.trim_start_matches('/')
+                    .split('/')
+                    .map(String::from)
+                    .collect(),
+            )
+        };
+        assert!(p("/v1/stories/*/").matches("/v1/stories/12/"));
+        assert!(!p("/v1/stories/*/").matches("/v1/stories/12/comments/"));
+        assert!(p("/v1/stories/*/**").matches("/v1/stories/12/comments/3/"));
+        assert!(!p("/v1/stories/*/").matches("/v1/users/12/"));
+        assert!(PathMatch::Prefix("/v1/".into()).matches("/v1/x"));
+    }
+}

@@ -1,0 +1,187 @@
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::json;
+
+use super::*;
+use crate::config::identity::validate;
+use crate::config::raw::{RawApiKey, RawIdentity};
+
+const SECRET: &str = "a-test-secret-that-is-long-enough-for-hs256";
+
+fn nets(list: &[&str]) -> Vec<IpNet> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+fn identifier(reject_invalid: bool) -> Identifier {
+    let mut raw = RawIdentity::default();
+    raw.jwt.enabled = true;
+    raw.jwt.secret = Some(SECRET.into());
+    raw.jwt.reject_invalid = reject_invalid;
+    raw.api_keys.keys.push(RawApiKey {
+        sha256: hex::encode(Sha256::digest(b"k-123")),
+        user: "partner-7".into(),
+        tier: Some("premium".into()),
+        admin: false,
+    });
+    let mut problems = Vec::new();
+    let config = validate(&raw, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    Identifier::new(&config)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token(claims: serde_json::Value, secret: &str) -> String {
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (name, value) in pairs {
+        h.append(*name, value.parse().unwrap());
+    }
+    h
+}
+
+fn who(id: &Identifier, pairs: &[(&'static str, &str)]) -> Caller {
+    id.identify(&headers(pairs), "203.0.113.9".parse().unwrap(), &[])
+        .unwrap()
+}
+
+#[test]
+fn untrusted_peer_cannot_choose_its_address_or_request_id() {
+    let id = identifier(false);
+    let caller = id
+        .identify(
+            &headers(&[(X_FORWARDED_FOR, "1.2.3.4"), (X_REQUEST_ID, "mine")]),
+            "203.0.113.9".parse().unwrap(),
+            &nets(&["10.0.0.0/8"]),
+        )
+        .unwrap();
+    assert_eq!(caller.client, "203.0.113.9".parse::<IpAddr>().unwrap());
+    assert_eq!(caller.subject, "ip:203.0.113.9");
+    assert!(!caller.trusted_peer);
+    assert_ne!(caller.request_id, "mine");
+    assert_eq!(caller.request_id.len(), 32);
+}
+
+#[test]
+fn trusted_chain_is_walked_right_to_left() {
+    let id = identifier(false);
+    let caller = id
+        .identify(
+            &headers(&[
+                (X_FORWARDED_FOR, "6.6.6.6, 1.2.3.4, 10.0.0.7"),
+                (X_REQUEST_ID, "abc-123"),
+            ]),
+            "10.0.0.1".parse().unwrap(),
+            &nets(&["10.0.0.0/8"]),
+        )
+        .unwrap();
+    assert_eq!(caller.client, "1.2.3.4".parse::<IpAddr>().unwrap());
+    assert_eq!(caller.subject, "ip:1.2.3.4");
+    assert_eq!(caller.request_id, "abc-123");
+}
+
+#[test]
+fn mapped_ipv6_peer_matches_ipv4_cidr() {
+    assert!(is_trusted(
+        &nets(&["127.0.0.0/8"]),
+        "::ffff:127.0.0.1".parse().unwrap()
+    ));
+}
+
+#[test]
+fn valid_jwt_names_user_tier_and_admin() {
+    let id = identifier(false);
+    let t = token(
+        json!({"sub": "42", "tier": "premium", "admin": true, "exp": now() + 600}),
+        SECRET,
+    );
+    let caller = who(&id, &[("authorization", &format!("Bearer {t}"))]);
+    assert_eq!(caller.subject, "user:42");
+    assert_eq!(caller.tier.as_deref(), Some("premium"));
+    assert!(caller.admin);
+}
+
+#[test]
+fn forged_expired_and_unsigned_tokens_are_anonymous() {
+    let id = identifier(false);
+    let forged = token(
+        json!({"sub": "42", "admin": true, "exp": now() + 600}),
+        "another-secret-that-is-long-enough-too",
+    );
+    let expired = token(
+        json!({"sub": "42", "admin": true, "exp": now() - 3600}),
+        SECRET,
+    );
+    let no_exp = token(json!({"sub": "42", "admin": true}), SECRET);
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+    };
+    let unsigned = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(&format!(
+            r#"{{"sub":"42","admin":true,"exp":{}}}"#,
+            now() + 600
+        ))
+    );
+    for bad in [forged, expired, no_exp, unsigned] {
+        let caller = who(&id, &[("authorization", &format!("Bearer {bad}"))]);
+        assert_eq!(caller.subject, "ip:203.0.113.9", "{bad}");
+        assert!(!caller.admin);
+    }
+    let strict = identifier(true);
+    let expired = token(json!({"sub": "42", "exp": now() - 3600}), SECRET);
+    assert!(
+        strict
+            .identify(
+                &headers(&[("authorization", &format!("Bearer {expired}"))]),
+                "203.0.113.9".parse().unwrap(),
+                &[]
+            )
+            .is_err()
+    );
+}
+
+#[test]
+fn admin_header_from_a_client_means_nothing() {
+    let id = identifier(false);
+    let caller = who(&id, &[("x-admin", "true"), ("x-user-id", "1")]);
+    assert!(!caller.admin);
+    assert_eq!(caller.subject, "ip:203.0.113.9");
+}
+
+#[test]
+fn api_key_and_session_cookie_identify() {
+    let id = identifier(false);
+    let caller = who(&id, &[("x-api-key", "k-123")]);
+    assert_eq!(caller.subject, "user:partner-7");
+    assert_eq!(caller.tier.as_deref(), Some("premium"));
+    assert_eq!(
+        who(&id, &[("x-api-key", "wrong")]).subject,
+        "ip:203.0.113.9"
+    );
+
+    let a = who(&id, &[("cookie", "csrftoken=x; sessionid=abc")]);
+    let b = who(&id, &[("cookie", "sessionid=abd")]);
+    assert!(a.subject.starts_with("session:"));
+    assert!(
+        !a.subject.contains("abc"),
+        "the cookie value never becomes a key"
+    );
+    assert_ne!(a.subject, b.subject);
+}

@@ -1,0 +1,261 @@
+//! The shared store: one Lua script checks and counts every rule of a request
+//! atomically on Redis's clock (Kong #5311: read-then-increment lets bursts
+//! through), behind a short timeout and a circuit breaker (envoyproxy/ratelimit
+//! #462: a slow Redis must not slow every request).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+
+use super::Check;
+use super::window::Observed;
+use crate::config::ratelimit::Algorithm;
+use crate::telemetry::Metrics;
+
+/// KEYS: one per rule. ARGV: commit flag, then per rule: algorithm (0 counter,
+/// 1 log), limit, window ms, cost. Counter keys are hashes {w: window index,
+/// c: count, p: previous count}; log keys are sorted sets of timestamps. Reads
+/// every rule first and writes only if all fit, so a refused request counts
+/// nowhere. Returns, per rule, two integers (see `decode`).
+const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local commit = ARGV[1] == '1'
+local fits = true
+local out = {}
+local seen = {}
+for i, key in ipairs(KEYS) do
+  local b = 1 + (i - 1) * 4
+  local algo = tonumber(ARGV[b + 1])
+  local limit = tonumber(ARGV[b + 2])
+  local window = tonumber(ARGV[b + 3])
+  local cost = tonumber(ARGV[b + 4])
+  if algo == 0 then
+    local idx = math.floor(now / window)
+    local h = redis.call('HMGET', key, 'w', 'c', 'p')
+    local w = tonumber(h[1]) or idx
+    local c = tonumber(h[2]) or 0
+    local p = tonumber(h[3]) or 0
+    if w ~= idx then
+      if w == idx - 1 then p = c else p = 0 end
+      c = 0
+    end
+    local elapsed = now - idx * window
+    if p * (1 - elapsed / window) + c + cost > limit then fits = false end
+    seen[i] = {idx, c, p}
+    out[#out + 1] = p * 4294967296 + c
+    out[#out + 1] = elapsed
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+    local count = redis.call('ZCARD', key)
+    if count + cost > limit then fits = false end
+    local leave = count + cost - limit
+    if leave < 1 then leave = 1 end
+    local wait = window
+    local entry = redis.call('ZRANGE', key, leave - 1, leave - 1, 'WITHSCORES')
+    if entry[2] then wait = tonumber(entry[2]) + window - now end
+    seen[i] = {count}
+    out[#out + 1] = count
+    out[#out + 1] = wait
+  end
+end
+if commit and fits then
+  for i, key in ipairs(KEYS) do
+    local b = 1 + (i - 1) * 4
+    local window = tonumber(ARGV[b + 3])
+    local cost = tonumber(ARGV[b + 4])
+    if tonumber(ARGV[b + 1]) == 0 then
+      local s = seen[i]
+      redis.call('HSET', key, 'w', s[1], 'c', s[2] + cost, 'p', s[3])
+      redis.call('PEXPIRE', key, 2 * window)
+    else
+      for k = 1, cost do
+        redis.call('ZADD', key, now, t[1] .. t[2] .. ':' .. (seen[i][1] + k))
+      end
+      redis.call('PEXPIRE', key, window)
+    end
+  end
+end
+return out
+";
+
+/// Whether the breaker lets a call through.
+enum Gate {
+    Closed,
+    /// Open until the instant; then one trial call.
+    Open(Instant),
+}
+
+pub struct RedisStore {
+    connection: ConnectionManager,
+    script: redis::Script,
+    timeout: Duration,
+    failures: AtomicU32,
+    breaker_failures: u32,
+    cooldown: Duration,
+    gate: Mutex<Gate>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis circuit breaker open")]
+    BreakerOpen,
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis answered {0} values for {1} rules")]
+    Shape(usize, usize),
+}
+
+impl StoreError {
+    /// The `kind` label of `gatehouse_ratelimit_redis_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::BreakerOpen => "breaker_open",
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Redis(_) => "error",
+            StoreError::Shape(..) => "protocol",
+        }
+    }
+}
+
+impl RedisStore {
+    /// Must be called inside the runtime that will drive the connection.
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        breaker_failures: u32,
+        cooldown: Duration,
+    ) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(timeout.max(Duration::from_millis(250))))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(RedisStore {
+            connection,
+            script: redis::Script::new(SCRIPT),
+            timeout,
+            failures: AtomicU32::new(0),
+            breaker_failures,
+            cooldown,
+            gate: Mutex::new(Gate::Closed),
+        })
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.gate
+            .lock()
+            .map(|g| matches!(*g, Gate::Open(_)))
+            .unwrap_or(false)
+    }
+
+    /// Check (and with `commit`, count) `checks` in one script call.
+    pub async fn check(
+        &self,
+        checks: &[Check],
+        commit: bool,
+        metrics: &Metrics,
+    ) -> Result<Vec<Observed>, StoreError> {
+        if let Ok(gate) = self.gate.lock() {
+            if let Gate::Open(until) = *gate {
+                if Instant::now() < until {
+                    return Err(StoreError::BreakerOpen);
+                }
+            }
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.call(checks, commit)).await;
+        metrics
+            .ratelimit_redis_duration
+            .observe(started.elapsed().as_secs_f64());
+        let result = match result {
+            Ok(Ok(values)) => decode(checks, &values),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        match &result {
+            Ok(_) => self.succeeded(),
+            Err(e) => self.failed(e),
+        }
+        result
+    }
+
+    async fn call(&self, checks: &[Check], commit: bool) -> Result<Vec<i64>, redis::RedisError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(if commit { "1" } else { "0" });
+        for check in checks {
+            let b = &check.budget;
+            invocation
+                .key(&check.key)
+                .arg(match b.algorithm {
+                    Algorithm::SlidingWindow => 0,
+                    Algorithm::SlidingLog => 1,
+                })
+                .arg(b.limit)
+                .arg(b.window_ms)
+                .arg(b.cost);
+        }
+        let mut connection = self.connection.clone();
+        // EVALSHA, and EVAL again on NOSCRIPT (after a restart or SCRIPT FLUSH).
+        invocation.invoke_async(&mut connection).await
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if let Ok(mut gate) = self.gate.lock() {
+            if matches!(*gate, Gate::Open(_)) {
+                tracing::info!("redis answers again; shared rate limits resume");
+                *gate = Gate::Closed;
+            }
+        }
+    }
+
+    fn failed(&self, error: &StoreError) {
+        if matches!(error, StoreError::BreakerOpen) {
+            return;
+        }
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < self.breaker_failures {
+            return;
+        }
+        if let Ok(mut gate) = self.gate.lock() {
+            if matches!(*gate, Gate::Closed) {
+                tracing::warn!(%error, cooldown = ?self.cooldown, "redis unavailable; rate limits fall back");
+            }
+            *gate = Gate::Open(Instant::now() + self.cooldown);
+        }
+    }
+}
+
+/// Two integers per rule: counter → (prev << 32 | curr, elapsed ms);
+/// log → (count, wait ms).
+fn decode(checks: &[Check], values: &[i64]) -> Result<Vec<Observed>, StoreError> {
+    if values.len() != 2 * checks.len() {
+        return Err(StoreError::Shape(values.len(), checks.len()));
+    }
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok(checks
+        .iter()
+        .zip(values.chunks_exact(2))
+        .map(|(check, pair)| match check.budget.algorithm {
+            Algorithm::SlidingWindow => {
+                let packed = unsigned(pair[0]);
+                Observed::Counter {
+                    prev: packed >> 32,
+                    curr: packed & 0xffff_ffff,
+                    elapsed_ms: unsigned(pair[1]),
+                }
+            }
+            Algorithm::SlidingLog => Observed::Log {
+                count: unsigned(pair[0]),
+                wait_ms: unsigned(pair[1]),
+            },
+        })
+        .collect())
+}
