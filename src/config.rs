@@ -854,6 +854,7 @@ fn redis_url(raw: &raw::RawRedis, problems: &mut Problems) -> Option<RedisConfig
     if let Some(url) = &raw.url {
         if !(url.starts_with("redis://")
             || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://")
             || url.starts_with("unix:"))
         {
             problems.push((

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
-#[path = "gateway/harness.rs"]
+#[path = "support/harness.rs"]
 mod harness;
 
 use std::io::{Read, Write};

@@ -1,0 +1,491 @@
+//! Rate limits through the real gateway binary, counted in a real Redis (or in
+//! the gateway when Redis is absent or killed).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+#[allow(dead_code)]
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/redis.rs"]
+mod redis;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use harness::{Gatehouse, Gunicorn, TestUpstream, eventually, get, json};
+use http::StatusCode;
+use jsonwebtoken::{EncodingKey, Header, encode};
+use redis::TestRedis;
+use serde_json::json;
+
+const SECRET: &str = "integration-test-secret-of-enough-length";
+
+/// A unique key prefix per test, so tests sharing one Redis never share counts.
+fn prefix() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "t{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A gateway config with rate limits. `limits` goes under `[ratelimit]`,
+/// `rest` after everything (endpoint rules, identity).
+fn config(upstream: &str, redis: Option<&str>, limits: &str, rest: &str) -> String {
+    let redis = redis
+        .map(|url| format!("[redis]\nurl = \"{url}\"\n"))
+        .unwrap_or_default();
+    // Without rules of its own, a test does without the seed's endpoint rules.
+    let endpoints = if rest.contains("[[ratelimit.endpoints]]") {
+        ""
+    } else {
+        "endpoints = []"
+    };
+    format!(
+        "[server]\nworkers = 2\n\n[upstream.health_check]\nenabled = false\n\n\
+         [[upstream.servers]]\nurl = \"{upstream}\"\n\n{redis}\n\
+         [identity.jwt]\nenabled = true\nsecret = \"{SECRET}\"\n\n\
+         [ratelimit]\nkey_prefix = \"{}\"\n{endpoints}\n{limits}\n\n{rest}\n",
+        prefix()
+    )
+}
+
+fn token(sub: &str, admin: bool) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    encode(
+        &Header::default(),
+        &json!({"sub": sub, "admin": admin, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn bearer(sub: &str) -> String {
+    format!("Bearer {}", token(sub, false))
+}
+
+async fn status(gateway: &Gatehouse, path: &str, headers: &[(&str, &str)]) -> StatusCode {
+    get(gateway.addr, path, headers).await.unwrap().0
+}
+
+/// How many of `n` sequential requests pass.
+async fn passes(gateway: &Gatehouse, n: usize, path: &str, headers: &[(&str, &str)]) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        if status(gateway, path, headers).await == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_limit_allows_exactly_n_then_429_with_fields() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 5",
+        "",
+    ));
+    for left in (0..5).rev() {
+        let (status, headers, _) = get(gateway.addr, "/", &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["ratelimit-policy"], "\"per_user\";q=5;w=60");
+        let state = headers["ratelimit"].to_str().unwrap();
+        assert!(
+            state.starts_with(&format!("\"per_user\";r={left};t=")),
+            "{state}"
+        );
+    }
+    let (status, headers, body) = get(gateway.addr, "/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(
+        headers["ratelimit"],
+        format!("\"per_user\";r=0;t={retry}").as_str()
+    );
+    assert_eq!(json(&body)["status"], 429);
+    assert_eq!(
+        upstream.hits(),
+        5,
+        "the refused request never reached the upstream"
+    );
+    // The count lives in Redis under a key an operator can read.
+    let keys = redis.cli(&["KEYS", "*:rl:{ip:127.0.0.1}:per_user"]);
+    assert!(!keys.trim().is_empty(), "no per-user key in Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_scopes_count_per_user_per_ip_and_globally() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let rules = "[[ratelimit.endpoints]]\nname = \"mine\"\npath_prefix = \"/user/\"\nlimit = 2\n\n\
+                 [[ratelimit.endpoints]]\nname = \"by-ip\"\npath_prefix = \"/ip/\"\nlimit = 2\nscope = \"ip\"\n\n\
+                 [[ratelimit.endpoints]]\nname = \"shared\"\npath_prefix = \"/all/\"\nlimit = 3\nscope = \"global\"\n";
+    let gateway = Gatehouse::start(&config(&upstream.url(), Some(&redis.url()), "", rules));
+    let (alice, bob) = (bearer("alice"), bearer("bob"));
+    let alice = [("authorization", alice.as_str())];
+    let bob = [("authorization", bob.as_str())];
+
+    assert_eq!(passes(&gateway, 3, "/user/x", &alice).await, 2);
+    assert_eq!(
+        passes(&gateway, 3, "/user/x", &bob).await,
+        2,
+        "bob has his own budget"
+    );
+
+    // Per IP: both users come from 127.0.0.1 and share it.
+    assert_eq!(passes(&gateway, 2, "/ip/x", &alice).await, 2);
+    assert_eq!(
+        status(&gateway, "/ip/x", &bob).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    assert_eq!(passes(&gateway, 2, "/all/x", &alice).await, 2);
+    assert_eq!(
+        passes(&gateway, 2, "/all/x", &bob).await,
+        1,
+        "one budget for everybody"
+    );
+    let (_, headers, _) = get(gateway.addr, "/all/x", &bob).await.unwrap();
+    assert!(
+        headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"shared\";r=0;")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_per_user_and_global_limits() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let shared = config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 6\nglobal = 10",
+        "",
+    );
+    let a = Gatehouse::start(&shared);
+    let b = Gatehouse::start(&shared);
+    let carol = bearer("carol");
+    let carol = [("authorization", carol.as_str())];
+    let mut ok = 0;
+    for i in 0..10 {
+        let gateway = if i % 2 == 0 { &a } else { &b };
+        if status(gateway, "/", &carol).await == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 6, "one per-user budget across both gateways");
+    // Global: 6 used by carol; 4 more for anybody, then none on either gateway.
+    let mut others = 0;
+    for i in 0..8 {
+        let user = bearer(&format!("user-{i}"));
+        let gateway = if i % 2 == 0 { &a } else { &b };
+        if status(gateway, "/", &[("authorization", user.as_str())]).await == StatusCode::OK {
+            others += 1;
+        }
+    }
+    assert_eq!(others, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_bypass_and_allowlist_skip_limits() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 2",
+        "",
+    ));
+    let admin = format!("Bearer {}", token("root", true));
+    assert_eq!(
+        passes(&gateway, 6, "/", &[("authorization", admin.as_str())]).await,
+        6
+    );
+
+    let allowlisted = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 2\nallowlist = [\"127.0.0.0/8\"]",
+        "",
+    ));
+    assert_eq!(passes(&allowlisted, 6, "/", &[]).await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_and_spoofed_addresses_change_nothing() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 3",
+        "",
+    ));
+    let forged = encode(
+        &Header::default(),
+        &json!({"sub": "dave", "admin": true, "exp": 9_999_999_999u64}),
+        &EncodingKey::from_secret(b"not-the-gateway-secret-but-long-enough"),
+    )
+    .unwrap();
+    let forged = format!("Bearer {forged}");
+    // A forged admin token is anonymous: it counts as 127.0.0.1.
+    assert_eq!(
+        passes(&gateway, 4, "/", &[("authorization", forged.as_str())]).await,
+        3
+    );
+    // So does a client naming another address: the peer is not trusted.
+    assert_eq!(
+        status(&gateway, "/", &[("x-forwarded-for", "198.51.100.7")]).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // And dave's real budget is untouched by the forgery.
+    let dave = bearer("dave");
+    assert_eq!(
+        passes(&gateway, 3, "/", &[("authorization", dave.as_str())]).await,
+        3
+    );
+
+    let strict = Gatehouse::start(
+        &config(&upstream.url(), Some(&redis.url()), "", "").replace(
+            "[identity.jwt]\nenabled = true",
+            "[identity.jwt]\nenabled = true\nreject_invalid = true",
+        ),
+    );
+    let (status, headers, _) = get(strict.addr, "/", &[("authorization", forged.as_str())])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(
+        headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_token")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_burst_never_passes_more_than_the_limit() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 20",
+        "",
+    ));
+    let addr = gateway.addr;
+    let burst: Vec<_> = (0..120)
+        .map(|_| tokio::spawn(async move { get(addr, "/", &[]).await.unwrap().0 }))
+        .collect();
+    let mut ok = 0;
+    for request in burst {
+        match request.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(ok, 20);
+    assert_eq!(upstream.hits(), 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_log_rule_is_exact() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let rules = "[[ratelimit.endpoints]]\nname = \"login\"\nmethods = [\"GET\"]\n\
+                 path_pattern = \"/auth/*/login\"\nlimit = 2\nwindow = \"5m\"\nscope = \"ip\"\n\
+                 algorithm = \"sliding_log\"\n";
+    let gateway = Gatehouse::start(&config(&upstream.url(), Some(&redis.url()), "", rules));
+    assert_eq!(passes(&gateway, 4, "/auth/web/login", &[]).await, 2);
+    let (_, headers, _) = get(gateway.addr, "/auth/app/login", &[]).await.unwrap();
+    assert_eq!(headers["ratelimit-policy"], "\"login\";q=2;w=300");
+    // Other paths are not under the rule.
+    assert_eq!(
+        status(&gateway, "/auth/web/logout", &[]).await,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_falls_back_locally_then_shared_counting_resumes() {
+    let upstream = TestUpstream::start("a").await;
+    let mut redis = TestRedis::start();
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 100000\nglobal = 100000\nredis_timeout = \"50ms\"\nbreaker_cooldown = \"500ms\"",
+        "",
+    ));
+    assert_eq!(passes(&gateway, 5, "/", &[]).await, 5);
+    assert_eq!(
+        gateway.metric("gatehouse_ratelimit_shared").await,
+        Some(1.0)
+    );
+
+    redis.kill();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..40 {
+        let started = Instant::now();
+        let status = status(&gateway, "/", &[]).await;
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "no request fails because Redis is gone"
+        );
+    }
+    assert!(
+        slowest < Duration::from_millis(500),
+        "a request waited {slowest:?}"
+    );
+    let fallbacks = "gatehouse_ratelimit_fallbacks_total{policy=\"local\"}";
+    assert!(gateway.metric(fallbacks).await.unwrap_or(0.0) >= 40.0);
+    assert_eq!(
+        gateway.metric("gatehouse_ratelimit_shared").await,
+        Some(0.0)
+    );
+    assert!(gateway.log().contains("redis unavailable"));
+
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            status(&gateway, "/", &[]).await;
+            gateway.metric("gatehouse_ratelimit_shared").await == Some(1.0)
+        })
+        .await,
+        "shared counting resumes by itself"
+    );
+    let before = gateway.metric(fallbacks).await.unwrap();
+    assert_eq!(passes(&gateway, 5, "/", &[]).await, 5);
+    assert_eq!(gateway.metric(fallbacks).await.unwrap(), before);
+    assert!(!redis.cli(&["KEYS", "*:per_user"]).trim().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_a_limit_and_a_bad_reload_keeps_it() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let search = |limit: u32| {
+        format!(
+            "[[ratelimit.endpoints]]\nname = \"search\"\npath_prefix = \"/v1/search/\"\nlimit = {limit}\n"
+        )
+    };
+    let base = config(&upstream.url(), Some(&redis.url()), "", &search(20));
+    let gateway = Gatehouse::start(&base);
+    let (_, headers, _) = get(gateway.addr, "/v1/search/?q=a", &[]).await.unwrap();
+    assert_eq!(headers["ratelimit-policy"], "\"search\";q=20;w=60");
+
+    gateway.rewrite_config(&base.replace(&search(20), &search(5)));
+    gateway.signal("HUP");
+    let ok = "gatehouse_config_reloads_total{result=\"ok\"}";
+    assert!(
+        eventually(Duration::from_secs(5), async || gateway.metric(ok).await
+            == Some(1.0))
+        .await
+    );
+    // One request was already counted under the same rule: four remain.
+    assert_eq!(passes(&gateway, 6, "/v1/search/?q=a", &[]).await, 4);
+
+    gateway.rewrite_config(&base.replace(&search(20), &search(0)));
+    gateway.signal("HUP");
+    let errors = "gatehouse_config_reloads_total{result=\"error\"}";
+    assert!(
+        eventually(Duration::from_secs(5), async || gateway
+            .metric(errors)
+            .await
+            == Some(1.0))
+        .await
+    );
+    let (status, headers, _) = get(gateway.addr, "/v1/search/?q=a", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["ratelimit-policy"], "\"search\";q=5;w=60");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_shows_a_subjects_counts() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 10",
+        "",
+    ));
+    let erin = bearer("erin");
+    assert_eq!(
+        passes(&gateway, 3, "/", &[("authorization", erin.as_str())]).await,
+        3
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args([
+            "ratelimit",
+            "inspect",
+            "--subject",
+            "user:erin",
+            "--json",
+            "--admin",
+        ])
+        .arg(gateway.admin.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["source"], "redis");
+    let per_user = answer["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["rule"] == "per_user")
+        .unwrap();
+    assert_eq!(per_user["used"], 3);
+    assert_eq!(per_user["remaining"], 7);
+    // Inspecting counted nothing.
+    let again = harness::get(gateway.admin, "/ratelimit/user:erin", &[])
+        .await
+        .unwrap()
+        .2;
+    assert_eq!(json(&again)["rules"][1]["used"], 3);
+}
+
+/// The shipped `config/gateway.toml` (no Redis: local limits) in front of the
+/// example app under Gunicorn: the seed's `/v1/search/` limit of 20/min holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_limits_hold_against_django() {
+    let gunicorn = Gunicorn::start(2);
+    let shipped =
+        std::fs::read_to_string(harness::repo_root().join("config/gateway.toml")).unwrap();
+    let toml = shipped.replace(
+        "url = \"http://127.0.0.1:8000\"",
+        &format!("url = \"{}\"", gunicorn.upstream_url()),
+    );
+    assert_ne!(toml, shipped);
+    let gateway = Gatehouse::start(&toml);
+    assert_eq!(passes(&gateway, 25, "/v1/search/?q=lantern", &[]).await, 20);
+    let (status, headers, _) = get(gateway.addr, "/v1/search/?q=lantern", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(headers["ratelimit-policy"], "\"search\";q=20;w=60");
+    // Stories have their own budget of 50 for this caller.
+    let (status, headers, _) = get(gateway.addr, "/v1/stories/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["ratelimit-policy"], "\"stories\";q=50;w=60");
+}
