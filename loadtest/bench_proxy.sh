@@ -17,69 +17,21 @@ rounds=${2:-3}
 nginx_workers=${NGINX_WORKERS:-auto}
 gatehouse_workers=${GATEHOUSE_WORKERS:-0}
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-missing=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-command -v wrk >/dev/null || missing+=(wrk)
-if [ ${#missing[@]} -gt 0 ]; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --release --locked -q
-GATEHOUSE=$PWD/target/release/gatehouse
+. loadtest/lib.sh
 
-dir=$(mktemp -d)
-chmod 755 "$dir"  # nginx workers run as www-data
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  [ -f "$dir/up.pid" ] && kill "$(cat "$dir/up.pid")" 2>/dev/null || true
-  [ -f "$dir/px.pid" ] && kill "$(cat "$dir/px.pid")" 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(free_port); NG=$(free_port); GH=$(free_port); ADMIN=$(free_port)
-
-mkdir -p "$dir/www"
-head -c 2048 /dev/zero | tr '\0' 'a' > "$dir/www/small"
-head -c 65536 /dev/zero | tr '\0' 'b' > "$dir/www/large"
-
-common="daemon on; error_log $dir/error.log warn; events { worker_connections 4096; }"
-cat > "$dir/upstream.conf" <<CONF
-worker_processes 1; pid $dir/up.pid; $common
-http { access_log off; keepalive_requests 100000;
-  server { listen 127.0.0.1:$UP; root $dir/www; location / { default_type text/plain; } } }
-CONF
+UP=$(free_port); NG=$(free_port); GH=$(free_port)
+start_upstream "$UP"
 cat > "$dir/proxy.conf" <<CONF
-worker_processes $nginx_workers; pid $dir/px.pid; $common
+worker_processes $nginx_workers; pid $dir/px.pid; $NGINX_COMMON
 http { access_log off; keepalive_requests 100000;
   upstream app { server 127.0.0.1:$UP; keepalive 64; }
   server { listen 127.0.0.1:$NG;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
 CONF
-"$NGINX" -c "$dir/upstream.conf" -p "$dir"
 "$NGINX" -c "$dir/proxy.conf" -p "$dir"
-
-GATEHOUSE_SERVER__WORKERS=$gatehouse_workers GATEHOUSE_RATELIMIT__ENABLED=false GATEHOUSE_LOG__ACCESS_LOG=false GATEHOUSE_LOG__LEVEL=warn \
-GATEHOUSE_UPSTREAM__HEALTH_CHECK__PATH=/small \
-  "$GATEHOUSE" proxy --listen "127.0.0.1:$GH" --admin-listen "127.0.0.1:$ADMIN" \
-  --upstream "http://127.0.0.1:$UP" 2>"$dir/gatehouse.log" &
-pids+=($!)
-for _ in $(seq 50); do curl -sf "http://127.0.0.1:$GH/small" >/dev/null && break; sleep 0.1; done
-curl -sf "http://127.0.0.1:$GH/small" >/dev/null || { echo "gatehouse did not answer:" >&2; cat "$dir/gatehouse.log" >&2; curl -si "http://127.0.0.1:$GH/small" >&2; exit 1; }
+start_gatehouse gatehouse "$GH" "$UP" GATEHOUSE_SERVER__WORKERS="$gatehouse_workers" GATEHOUSE_RATELIMIT__ENABLED=false
 curl -sf "http://127.0.0.1:$NG/small" >/dev/null
-
-# wrk → "rps p50_ms p99_ms"
-measure() {
-  wrk -t2 -c64 -d"${duration}s" --latency "$1" | awk '
-    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-    /^Requests\/sec/ { rps=$2 } / 50%/ { p50=ms($2) } / 99%/ { p99=ms($2) }
-    END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
-}
 
 printf '%-8s %-10s %5s %10s %9s %9s\n' size target round req/s p50_ms p99_ms
 declare -A best_rps best_p99
@@ -88,7 +40,7 @@ for size in small large; do
   for round in $(seq "$rounds"); do
     for target in direct nginx gatehouse; do
       case $target in direct) port=$UP;; nginx) port=$NG;; gatehouse) port=$GH;; esac
-      read -r rps p50 p99 < <(measure "http://127.0.0.1:$port/$size")
+      read -r rps p50 p99 < <(measure "http://127.0.0.1:$port/$size" "$duration")
       printf '%-8s %-10s %5s %10s %9s %9s\n' "$size" "$target" "$round" "$rps" "$p50" "$p99"
       key="$size/$target"
       if [ -z "${best_rps[$key]:-}" ] || [ "$rps" -gt "${best_rps[$key]}" ]; then

@@ -3,11 +3,12 @@
 //! through), behind a short timeout and a circuit breaker (envoyproxy/ratelimit
 //! #462: a slow Redis must not slow every request).
 
+use std::cell::RefCell;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::Check;
 use super::window::Observed;
@@ -35,16 +36,17 @@ for i, key in ipairs(KEYS) do
   if algo == 0 then
     local idx = math.floor(now / window)
     local h = redis.call('HMGET', key, 'w', 'c', 'p')
-    local w = tonumber(h[1]) or idx
+    local w = tonumber(h[1])
     local c = tonumber(h[2]) or 0
     local p = tonumber(h[3]) or 0
-    if w ~= idx then
+    local fresh = w ~= idx
+    if fresh then
       if w == idx - 1 then p = c else p = 0 end
       c = 0
     end
     local elapsed = now - idx * window
     if p * (1 - elapsed / window) + c + cost > limit then fits = false end
-    seen[i] = {idx, c, p}
+    seen[i] = {idx, c, p, fresh}
     out[#out + 1] = p * 4294967296 + c
     out[#out + 1] = elapsed
   else
@@ -68,8 +70,13 @@ if commit and fits then
     local cost = tonumber(ARGV[b + 4])
     if tonumber(ARGV[b + 1]) == 0 then
       local s = seen[i]
-      redis.call('HSET', key, 'w', s[1], 'c', s[2] + cost, 'p', s[3])
-      redis.call('PEXPIRE', key, 2 * window)
+      if s[4] then
+        -- A new window (or a new key): roll the counts, renew the expiry.
+        redis.call('HSET', key, 'w', s[1], 'c', s[2] + cost, 'p', s[3])
+        redis.call('PEXPIRE', key, 2 * window)
+      else
+        redis.call('HINCRBY', key, 'c', cost)
+      end
     else
       for k = 1, cost do
         redis.call('ZADD', key, now, t[1] .. t[2] .. ':' .. (seen[i][1] + k))
@@ -89,7 +96,10 @@ enum Gate {
 }
 
 pub struct RedisStore {
-    connection: ConnectionManager,
+    /// Tells this store's connections apart from an older store's.
+    id: u64,
+    client: redis::Client,
+    connection_config: ConnectionManagerConfig,
     script: redis::Script,
     timeout: Duration,
     failures: AtomicU32,
@@ -123,22 +133,23 @@ impl StoreError {
 }
 
 impl RedisStore {
-    /// Must be called inside the runtime that will drive the connection.
     pub fn new(
         url: &str,
         timeout: Duration,
         breaker_failures: u32,
         cooldown: Duration,
     ) -> Result<Self, redis::RedisError> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
+        let connection_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(timeout.max(Duration::from_millis(250))))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
         Ok(RedisStore {
-            connection,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            client,
+            connection_config,
             script: redis::Script::new(SCRIPT),
             timeout,
             failures: AtomicU32::new(0),
@@ -201,9 +212,31 @@ impl RedisStore {
                 .arg(b.window_ms)
                 .arg(b.cost);
         }
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection()?;
         // EVALSHA, and EVAL again on NOSCRIPT (after a restart or SCRIPT FLUSH).
         invocation.invoke_async(&mut connection).await
+    }
+
+    /// This thread's connection. Each worker runtime drives its own, so a
+    /// decision never hops to another thread and back.
+    fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+        thread_local! {
+            static CONNECTIONS: RefCell<Vec<(u64, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
+        }
+        CONNECTIONS.with(|connections| {
+            let mut connections = connections.borrow_mut();
+            if let Some((_, connection)) = connections.iter().find(|(id, _)| *id == self.id) {
+                return Ok(connection.clone());
+            }
+            let connection = ConnectionManager::new_lazy_with_config(
+                self.client.clone(),
+                self.connection_config.clone(),
+            )?;
+            // A store replaced by a reload gives its connections up here.
+            connections.retain(|(id, _)| *id > self.id);
+            connections.push((self.id, connection.clone()));
+            Ok(connection)
+        })
     }
 
     fn succeeded(&self) {
