@@ -116,6 +116,8 @@ pub struct ServerConfig {
     pub http2: bool,
     pub trusted_proxies: Vec<IpNet>,
     pub drain_timeout: Duration,
+    /// `None`: reload on SIGHUP only.
+    pub config_watch_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -800,6 +802,8 @@ impl TryFrom<&RawGateway> for Config {
                 http2: s.http2,
                 trusted_proxies,
                 drain_timeout: s.drain_timeout,
+                config_watch_interval: (!s.config_watch_interval.is_zero())
+                    .then_some(s.config_watch_interval),
             },
             admin_listen,
             upstream: UpstreamConfig {

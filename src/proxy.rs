@@ -230,9 +230,30 @@ async fn signals(
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Runtime)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
+    let mut seen = fingerprint(source);
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let mut last_check = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(shared, source),
+            _ = hangup.recv() => {
+                seen = fingerprint(source);
+                reload(shared, source);
+            }
+            _ = watch.tick() => {
+                let Some(every) = shared.live.load().config.server.config_watch_interval else {
+                    continue;
+                };
+                if last_check.elapsed() < every {
+                    continue;
+                }
+                last_check = tokio::time::Instant::now();
+                let now = fingerprint(source);
+                if now != seen {
+                    seen = now;
+                    tracing::info!("configuration file changed");
+                    reload(shared, source);
+                }
+            }
             _ = terminate.recv() => {
                 let drain = shared.live.load().config.server.drain_timeout;
                 tracing::info!(?drain, "SIGTERM: no new connections; finishing in-flight requests");
@@ -245,6 +266,12 @@ async fn signals(
             }
         }
     }
+}
+
+/// What tells a changed config file: modification time and length.
+fn fingerprint(source: &ConfigSource) -> Option<(std::time::SystemTime, u64)> {
+    let meta = std::fs::metadata(source.path.as_ref()?).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 /// Load the configuration again; swap it in only when it is valid.

@@ -34,7 +34,7 @@ fn config(servers: &[String], server: &str, upstream: &str, health: &str) -> Str
         .map(|url| format!("[[upstream.servers]]\nurl = \"{url}\"\n"))
         .collect();
     format!(
-        "[server]\nworkers = 2\n{server}\n\n[upstream]\n{upstream}\n\n\
+        "[server]\nworkers = 2\nconfig_watch_interval = \"0s\"\n{server}\n\n[upstream]\n{upstream}\n\n\
          [upstream.health_check]\n{health}\n\n{servers}\n[log]\naccess_log = true\n"
     )
 }

@@ -68,6 +68,9 @@ pub struct RawServer {
     pub trusted_proxies: Vec<String>,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How often to look for a changed config file; 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub config_watch_interval: Duration,
 }
 
 impl Default for RawServer {
@@ -85,6 +88,7 @@ impl Default for RawServer {
             http2: true,
             trusted_proxies: Vec::new(),
             drain_timeout: Duration::from_secs(30),
+            config_watch_interval: Duration::from_secs(2),
         }
     }
 }
