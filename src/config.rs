@@ -219,8 +219,10 @@ pub struct Route {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port/db`
+    /// `redis://[:password@]host:port/db`; the first seed node for a cluster.
     pub url: String,
+    /// Seed nodes of a Redis Cluster; empty for a single server.
+    pub cluster_nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -847,6 +849,26 @@ fn parse_net(text: &str) -> Option<IpNet> {
 }
 
 fn redis(raw: &raw::RawRedis, problems: &mut Problems) -> Option<RedisConfig> {
+    if !raw.cluster_nodes.is_empty() {
+        if raw.url.is_some() || raw.host.is_some() {
+            problems.push((
+                "redis.cluster_nodes".into(),
+                "set cluster_nodes or url/host, not both".into(),
+            ));
+        }
+        for (i, node) in raw.cluster_nodes.iter().enumerate() {
+            if let Err(e) = ::redis::Client::open(node.as_str()) {
+                problems.push((
+                    format!("redis.cluster_nodes[{i}]"),
+                    format!("`{node}`: {e}"),
+                ));
+            }
+        }
+        return Some(RedisConfig {
+            url: raw.cluster_nodes[0].clone(),
+            cluster_nodes: raw.cluster_nodes.clone(),
+        });
+    }
     let config = redis_url(raw, problems)?;
     if let Err(e) = ::redis::Client::open(config.url.as_str()) {
         problems.push(("redis".into(), format!("not a usable Redis address: {e}")));
@@ -866,7 +888,10 @@ fn redis_url(raw: &raw::RawRedis, problems: &mut Problems) -> Option<RedisConfig
                 format!("`{url}`: expected redis://host:port/db"),
             ));
         }
-        return Some(RedisConfig { url: url.clone() });
+        return Some(RedisConfig {
+            url: url.clone(),
+            cluster_nodes: Vec::new(),
+        });
     }
     let host = raw.host.as_ref()?;
     let auth = raw
@@ -876,6 +901,7 @@ fn redis_url(raw: &raw::RawRedis, problems: &mut Problems) -> Option<RedisConfig
         .unwrap_or_default();
     Some(RedisConfig {
         url: format!("redis://{auth}{host}:{}/{}", raw.port, raw.db),
+        cluster_nodes: Vec::new(),
     })
 }
 

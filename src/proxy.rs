@@ -61,10 +61,14 @@ impl LimitStores {
     /// drives the connection.
     fn redis_for(&self, config: &Config) -> Option<Arc<RedisStore>> {
         let rl = &config.ratelimit;
-        let url = &config.redis.as_ref().filter(|_| rl.enabled)?.url;
+        let redis = config.redis.as_ref().filter(|_| rl.enabled)?;
         let settings = format!(
-            "{url} {:?} {} {:?}",
-            rl.redis_timeout, rl.breaker_failures, rl.breaker_cooldown
+            "{} {:?} {:?} {} {:?}",
+            redis.url,
+            redis.cluster_nodes,
+            rl.redis_timeout,
+            rl.breaker_failures,
+            rl.breaker_cooldown
         );
         let mut slot = self.redis.lock().ok()?;
         if let Some((current, store)) = slot.as_ref() {
@@ -73,7 +77,8 @@ impl LimitStores {
             }
         }
         match RedisStore::new(
-            url,
+            &redis.url,
+            &redis.cluster_nodes,
             rl.redis_timeout,
             rl.breaker_failures,
             rl.breaker_cooldown,

@@ -218,6 +218,8 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields, default)]
 pub struct RawRedis {
     pub url: Option<String>,
+    /// Redis Cluster seed nodes (`redis://host:port`); set instead of `url`.
+    pub cluster_nodes: Vec<String>,
     pub host: Option<String>,
     pub port: u16,
     pub password: Option<String>,
@@ -228,6 +230,7 @@ impl Default for RawRedis {
     fn default() -> Self {
         Self {
             url: None,
+            cluster_nodes: Vec::new(),
             host: None,
             port: 6379,
             password: None,

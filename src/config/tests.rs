@@ -156,7 +156,8 @@ fn seed_environment_names_apply() {
     assert_eq!(
         config.redis,
         Some(RedisConfig {
-            url: "redis://:s3cret@cache.internal:6380/2".into()
+            url: "redis://:s3cret@cache.internal:6380/2".into(),
+            cluster_nodes: Vec::new(),
         })
     );
     assert_eq!(config.admin_listen, Some("127.0.0.1:9999".parse().unwrap()));

@@ -1,7 +1,10 @@
 //! The shared store: one Lua script checks and counts every rule of a request
 //! atomically on Redis's clock (Kong #5311: read-then-increment lets bursts
 //! through), behind a short timeout and a circuit breaker (envoyproxy/ratelimit
-//! #462: a slow Redis must not slow every request).
+//! #462: a slow Redis must not slow every request). On Redis Cluster a script
+//! may only touch one slot, so the rules go in one call per hash tag: the
+//! caller's own slots first, `{global}` last, stopping at the first refusal,
+//! so a refused caller never spends the shared budget.
 
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -9,6 +12,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 
 use super::Check;
 use super::window::Observed;
@@ -95,11 +100,26 @@ enum Gate {
     Open(Instant),
 }
 
+/// How to reach Redis: one server, or a cluster.
+enum Backend {
+    Single {
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+    },
+    Cluster(ClusterClient),
+}
+
+/// One thread's connection to the backend.
+#[derive(Clone)]
+enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
 pub struct RedisStore {
     /// Tells this store's connections apart from an older store's.
     id: u64,
-    client: redis::Client,
-    connection_config: ConnectionManagerConfig,
+    backend: Backend,
     script: redis::Script,
     timeout: Duration,
     failures: AtomicU32,
@@ -133,23 +153,37 @@ impl StoreError {
 }
 
 impl RedisStore {
+    /// `cluster_nodes` empty: the single server at `url`.
     pub fn new(
         url: &str,
+        cluster_nodes: &[String],
         timeout: Duration,
         breaker_failures: u32,
         cooldown: Duration,
     ) -> Result<Self, redis::RedisError> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-        let client = redis::Client::open(url)?;
-        let connection_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(timeout.max(Duration::from_millis(250))))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
+        let response_timeout = timeout.max(Duration::from_millis(250));
+        let backend = if cluster_nodes.is_empty() {
+            Backend::Single {
+                client: redis::Client::open(url)?,
+                config: ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(Some(response_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1)),
+            }
+        } else {
+            Backend::Cluster(
+                redis::cluster::ClusterClientBuilder::new(cluster_nodes.to_vec())
+                    .connection_timeout(Duration::from_secs(1))
+                    .response_timeout(response_timeout)
+                    .retries(1)
+                    .build()?,
+            )
+        };
         Ok(RedisStore {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            client,
-            connection_config,
+            backend,
             script: redis::Script::new(SCRIPT),
             timeout,
             failures: AtomicU32::new(0),
@@ -181,15 +215,11 @@ impl RedisStore {
             }
         }
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.call(checks, commit)).await;
+        let result = tokio::time::timeout(self.timeout, self.run(checks, commit)).await;
         metrics
             .ratelimit_redis_duration
             .observe(started.elapsed().as_secs_f64());
-        let result = match result {
-            Ok(Ok(values)) => decode(checks, &values),
-            Ok(Err(e)) => Err(StoreError::Redis(e)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        };
+        let result = result.unwrap_or(Err(StoreError::Timeout(self.timeout)));
         match &result {
             Ok(_) => self.succeeded(),
             Err(e) => self.failed(e),
@@ -197,7 +227,43 @@ impl RedisStore {
         result
     }
 
-    async fn call(&self, checks: &[Check], commit: bool) -> Result<Vec<i64>, redis::RedisError> {
+    /// One script call for a single server; one per hash tag on a cluster.
+    async fn run(&self, checks: &[Check], commit: bool) -> Result<Vec<Observed>, StoreError> {
+        let mut connection = self.connection().await?;
+        if matches!(self.backend, Backend::Single { .. }) {
+            let values = self.call(&mut connection, checks, commit).await?;
+            return decode(checks, &values);
+        }
+        let mut observed: Vec<Option<Observed>> = vec![None; checks.len()];
+        for group in slot_groups(checks) {
+            let subset: Vec<Check> = group.iter().map(|i| checks[*i].clone()).collect();
+            let values = self.call(&mut connection, &subset, commit).await?;
+            let seen = decode(&subset, &values)?;
+            let refused = subset
+                .iter()
+                .zip(&seen)
+                .any(|(c, o)| !c.budget.judge(*o).allowed);
+            for (index, o) in group.iter().zip(seen) {
+                observed[*index] = Some(o);
+            }
+            if refused && commit {
+                break;
+            }
+        }
+        // Rules after a refusal were not looked at; they did not refuse.
+        Ok(checks
+            .iter()
+            .zip(observed)
+            .map(|(c, o)| o.unwrap_or_else(|| unseen(c)))
+            .collect())
+    }
+
+    async fn call(
+        &self,
+        connection: &mut Connection,
+        checks: &[Check],
+        commit: bool,
+    ) -> Result<Vec<i64>, redis::RedisError> {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(if commit { "1" } else { "0" });
         for check in checks {
@@ -212,31 +278,43 @@ impl RedisStore {
                 .arg(b.window_ms)
                 .arg(b.cost);
         }
-        let mut connection = self.connection()?;
         // EVALSHA, and EVAL again on NOSCRIPT (after a restart or SCRIPT FLUSH).
-        invocation.invoke_async(&mut connection).await
+        match connection {
+            Connection::Single(c) => invocation.invoke_async(c).await,
+            Connection::Cluster(c) => invocation.invoke_async(c).await,
+        }
     }
 
     /// This thread's connection. Each worker runtime drives its own, so a
     /// decision never hops to another thread and back.
-    fn connection(&self) -> Result<ConnectionManager, redis::RedisError> {
+    async fn connection(&self) -> Result<Connection, redis::RedisError> {
         thread_local! {
-            static CONNECTIONS: RefCell<Vec<(u64, ConnectionManager)>> = const { RefCell::new(Vec::new()) };
+            static CONNECTIONS: RefCell<Vec<(u64, Connection)>> = const { RefCell::new(Vec::new()) };
         }
-        CONNECTIONS.with(|connections| {
-            let mut connections = connections.borrow_mut();
-            if let Some((_, connection)) = connections.iter().find(|(id, _)| *id == self.id) {
-                return Ok(connection.clone());
-            }
-            let connection = ConnectionManager::new_lazy_with_config(
-                self.client.clone(),
-                self.connection_config.clone(),
-            )?;
+        let cached = CONNECTIONS.with(|c| {
+            c.borrow()
+                .iter()
+                .find(|(id, _)| *id == self.id)
+                .map(|(_, connection)| connection.clone())
+        });
+        if let Some(connection) = cached {
+            return Ok(connection);
+        }
+        let connection = match &self.backend {
+            Backend::Single { client, config } => Connection::Single(
+                ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
+            ),
+            Backend::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
+        };
+        CONNECTIONS.with(|c| {
+            let mut connections = c.borrow_mut();
             // A store replaced by a reload gives its connections up here.
             connections.retain(|(id, _)| *id > self.id);
-            connections.push((self.id, connection.clone()));
-            Ok(connection)
-        })
+            if !connections.iter().any(|(id, _)| *id == self.id) {
+                connections.push((self.id, connection.clone()));
+            }
+        });
+        Ok(connection)
     }
 
     fn succeeded(&self) {
@@ -263,6 +341,46 @@ impl RedisStore {
             }
             *gate = Gate::Open(Instant::now() + self.cooldown);
         }
+    }
+}
+
+/// The hash tag of a key: `{user:42}` in `p:rl:{user:42}:per_user`.
+fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|start| {
+            let end = key[start..].find('}')?;
+            Some(&key[start..=start + end])
+        })
+        .unwrap_or(key)
+}
+
+/// Check indexes grouped by hash tag, the caller's own slots first and
+/// `{global}` last.
+fn slot_groups(checks: &[Check]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (index, check) in checks.iter().enumerate() {
+        let tag = hash_tag(&check.key);
+        match groups.iter_mut().find(|(t, _)| *t == tag) {
+            Some((_, members)) => members.push(index),
+            None => groups.push((tag, vec![index])),
+        }
+    }
+    groups.sort_by_key(|(tag, _)| *tag == "{global}");
+    groups.into_iter().map(|(_, members)| members).collect()
+}
+
+/// The observation of a rule nobody looked at: nothing counted.
+fn unseen(check: &Check) -> Observed {
+    match check.budget.algorithm {
+        Algorithm::SlidingWindow => Observed::Counter {
+            prev: 0,
+            curr: 0,
+            elapsed_ms: 0,
+        },
+        Algorithm::SlidingLog => Observed::Log {
+            count: 0,
+            wait_ms: check.budget.window_ms,
+        },
     }
 }
 
