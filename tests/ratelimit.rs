@@ -122,7 +122,10 @@ async fn per_user_limit_allows_exactly_n_then_429_with_fields() {
     );
     // The count lives in Redis under a key an operator can read.
     let keys = redis.cli(&["KEYS", "*:rl:{ip:127.0.0.1}:per_user"]);
-    assert!(!keys.trim().is_empty(), "no per-user key in Redis");
+    let key = keys.lines().next().expect("a per-user key in Redis");
+    let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().unwrap();
+    assert!((1..=120_000).contains(&ttl), "every key expires: {ttl}");
+    assert_eq!(redis.cli(&["HGET", key, "c"]).trim(), "5");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,4 +535,100 @@ async fn limits_hold_on_a_redis_cluster() {
         .sum();
     // frank, grace and the global key, each on a master and its replica.
     assert!(keys >= 3, "keys on the cluster: {keys}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rule_follows_its_redis_error_policy() {
+    let upstream = TestUpstream::start("a").await;
+    let mut redis = TestRedis::start();
+    let rules = "[[ratelimit.endpoints]]\nname = \"strict\"\npath_prefix = \"/strict/\"\nlimit = 100\n\
+                 on_redis_error = \"deny\"\n\n\
+                 [[ratelimit.endpoints]]\nname = \"open\"\npath_prefix = \"/open/\"\nlimit = 1\n";
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "on_redis_error = \"allow\"",
+        rules,
+    ));
+    assert_eq!(status(&gateway, "/open/", &[]).await, StatusCode::OK);
+    assert_eq!(
+        status(&gateway, "/open/", &[]).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    redis.kill();
+    // "allow": Redis is gone, so the exhausted rule lets requests through...
+    assert_eq!(passes(&gateway, 5, "/open/", &[]).await, 5);
+    // ..."deny": refuses while it cannot count.
+    let (status, headers, _) = get(gateway.addr, "/strict/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers.contains_key("retry-after"));
+    for policy in ["allow", "deny"] {
+        let sample = format!("gatehouse_ratelimit_fallbacks_total{{policy=\"{policy}\"}}");
+        assert!(
+            gateway.metric(&sample).await.unwrap_or(0.0) >= 1.0,
+            "{policy}"
+        );
+    }
+    let (_, _, body) = get(gateway.admin, "/metrics/json", &[]).await.unwrap();
+    let ratelimit = &json(&body)["ratelimit"];
+    assert!(
+        ratelimit["ratelimit_fallbacks_total"].is_array(),
+        "{ratelimit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_script_is_loaded_again() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::start();
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 10",
+        "",
+    ));
+    assert_eq!(passes(&gateway, 2, "/", &[]).await, 2);
+    assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+    assert_eq!(passes(&gateway, 2, "/", &[]).await, 2);
+    assert_eq!(
+        gateway
+            .metric("gatehouse_ratelimit_fallbacks_total{policy=\"local\"}")
+            .await,
+        None
+    );
+    let key = redis.cli(&["KEYS", "*:per_user"]);
+    assert_eq!(redis.cli(&["HGET", key.trim(), "c"]).trim(), "4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_with_a_password() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::start();
+    assert_eq!(
+        redis
+            .cli(&["CONFIG", "SET", "requirepass", "s3cret"])
+            .trim(),
+        "OK"
+    );
+    let with = |pass: &str| {
+        config(
+            &upstream.url(),
+            Some(&format!("{}?pass={pass}", redis.url())),
+            "per_user = 10",
+            "",
+        )
+    };
+    let right = Gatehouse::start(&with("s3cret"));
+    assert_eq!(passes(&right, 3, "/", &[]).await, 3);
+    assert_eq!(right.metric("gatehouse_ratelimit_shared").await, Some(1.0));
+    let keys = redis.cli(&["-a", "s3cret", "--no-auth-warning", "DBSIZE"]);
+    assert_eq!(keys.trim(), "2", "global and per-user keys");
+
+    let wrong = Gatehouse::start(&with("guess"));
+    assert_eq!(
+        passes(&wrong, 3, "/", &[]).await,
+        3,
+        "counted locally instead"
+    );
+    assert_eq!(wrong.metric("gatehouse_ratelimit_shared").await, Some(0.0));
 }

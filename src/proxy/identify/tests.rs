@@ -185,3 +185,47 @@ fn api_key_and_session_cookie_identify() {
     );
     assert_ne!(a.subject, b.subject);
 }
+
+#[test]
+fn rs256_and_es256_tokens_verify_with_public_keys() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (algorithm, name) in [("RS256", "jwt-test-rsa"), ("ES256", "jwt-test-ec")] {
+        let mut raw = RawIdentity::default();
+        raw.jwt.enabled = true;
+        raw.jwt.algorithm = algorithm.into();
+        raw.jwt.public_key_file = Some(fixtures.join(format!("{name}.pub")));
+        let mut problems = Vec::new();
+        let id = Identifier::new(&validate(&raw, &mut problems));
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let private = std::fs::read(fixtures.join(format!("{name}.key"))).unwrap();
+        let (header, key) = if algorithm == "RS256" {
+            (
+                Header::new(jsonwebtoken::Algorithm::RS256),
+                EncodingKey::from_rsa_pem(&private).unwrap(),
+            )
+        } else {
+            (
+                Header::new(jsonwebtoken::Algorithm::ES256),
+                EncodingKey::from_ec_pem(&private).unwrap(),
+            )
+        };
+        let signed = encode(&header, &json!({"sub": 7, "exp": now() + 60}), &key).unwrap();
+        assert_eq!(
+            who(&id, &[("authorization", &format!("Bearer {signed}"))]).subject,
+            "user:7"
+        );
+        // An HS256 token signed with the public key as a secret (the classic
+        // algorithm confusion) is refused.
+        let public = std::fs::read(fixtures.join(format!("{name}.pub"))).unwrap();
+        let confused = encode(
+            &Header::default(),
+            &json!({"sub": 7, "admin": true, "exp": now() + 60}),
+            &EncodingKey::from_secret(&public),
+        )
+        .unwrap();
+        let caller = who(&id, &[("authorization", &format!("Bearer {confused}"))]);
+        assert_eq!(caller.subject, "ip:203.0.113.9");
+        assert!(!caller.admin);
+    }
+}
