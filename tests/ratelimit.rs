@@ -51,6 +51,13 @@ fn config(upstream: &str, redis: Option<&str>, limits: &str, rest: &str) -> Stri
     )
 }
 
+fn key_prefix(toml: &str) -> &str {
+    toml.lines()
+        .find_map(|l| l.strip_prefix("key_prefix = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap()
+}
+
 fn token(sub: &str, admin: bool) -> String {
     let exp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -88,12 +95,8 @@ async fn passes(gateway: &Gatehouse, n: usize, path: &str, headers: &[(&str, &st
 async fn per_user_limit_allows_exactly_n_then_429_with_fields() {
     let upstream = TestUpstream::start("a").await;
     let redis = TestRedis::shared();
-    let gateway = Gatehouse::start(&config(
-        &upstream.url(),
-        Some(&redis.url()),
-        "per_user = 5",
-        "",
-    ));
+    let toml = config(&upstream.url(), Some(&redis.url()), "per_user = 5", "");
+    let gateway = Gatehouse::start(&toml);
     for left in (0..5).rev() {
         let (status, headers, _) = get(gateway.addr, "/", &[]).await.unwrap();
         assert_eq!(status, StatusCode::OK);
@@ -121,8 +124,9 @@ async fn per_user_limit_allows_exactly_n_then_429_with_fields() {
         "the refused request never reached the upstream"
     );
     // The count lives in Redis under a key an operator can read.
-    let keys = redis.cli(&["KEYS", "*:rl:{ip:127.0.0.1}:per_user"]);
-    let key = keys.lines().next().expect("a per-user key in Redis");
+    // Other tests share this Redis under their own prefixes.
+    let key = format!("{}:rl:{{ip:127.0.0.1}}:per_user", key_prefix(&toml));
+    let key = key.as_str();
     let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().unwrap();
     assert!((1..=120_000).contains(&ttl), "every key expires: {ttl}");
     assert_eq!(redis.cli(&["HGET", key, "c"]).trim(), "5");

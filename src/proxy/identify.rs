@@ -59,12 +59,14 @@ impl Identifier {
         }
     }
 
+    /// The caller, always; with an error when a bad token must be refused
+    /// (the caller then stays anonymous, so the refusal still has a request id).
     pub fn identify(
         &self,
         headers: &HeaderMap,
         peer: IpAddr,
         trusted: &[IpNet],
-    ) -> Result<Caller, InvalidToken> {
+    ) -> (Caller, Option<InvalidToken>) {
         let peer = canonical(peer);
         let trusted_peer = is_trusted(trusted, peer);
         // Like nginx's real_ip_recursive: walk right to left past trusted
@@ -96,7 +98,10 @@ impl Identifier {
         };
         for method in &self.config.order {
             let found = match method {
-                IdentityMethod::Jwt => self.by_jwt(headers)?,
+                IdentityMethod::Jwt => match self.by_jwt(headers) {
+                    Ok(found) => found,
+                    Err(invalid) => return (caller, Some(invalid)),
+                },
                 IdentityMethod::ApiKey => self.by_api_key(headers),
                 IdentityMethod::Session => self.by_session(headers),
             };
@@ -107,7 +112,7 @@ impl Identifier {
                 break;
             }
         }
-        Ok(caller)
+        (caller, None)
     }
 
     fn by_jwt(&self, headers: &HeaderMap) -> Result<Option<Identity>, InvalidToken> {

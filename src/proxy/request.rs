@@ -133,17 +133,15 @@ impl Exchange {
     /// identify: who is calling, the client address and the request id. A
     /// bad token is a 401 only when `identity.jwt.reject_invalid` says so.
     fn identify(&mut self, req: &Request<Incoming>) -> Result<Caller, ProxyError> {
-        let identified = self.live.identifier.identify(
+        let (caller, invalid) = self.live.identifier.identify(
             req.headers(),
             self.peer.ip(),
             &self.live.config.server.trusted_proxies,
         );
-        match identified {
-            Ok(caller) => {
-                self.caller = Some(caller.clone());
-                Ok(caller)
-            }
-            Err(invalid) => Err(ProxyError::Unauthorized(invalid.to_string())),
+        self.caller = Some(caller.clone());
+        match invalid {
+            Some(invalid) => Err(ProxyError::Unauthorized(invalid.to_string())),
+            None => Ok(caller),
         }
     }
 

@@ -55,20 +55,19 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
 }
 
 fn who(id: &Identifier, pairs: &[(&'static str, &str)]) -> Caller {
-    id.identify(&headers(pairs), "203.0.113.9".parse().unwrap(), &[])
-        .unwrap()
+    let (caller, invalid) = id.identify(&headers(pairs), "203.0.113.9".parse().unwrap(), &[]);
+    assert!(invalid.is_none());
+    caller
 }
 
 #[test]
 fn untrusted_peer_cannot_choose_its_address_or_request_id() {
     let id = identifier(false);
-    let caller = id
-        .identify(
-            &headers(&[(X_FORWARDED_FOR, "1.2.3.4"), (X_REQUEST_ID, "mine")]),
-            "203.0.113.9".parse().unwrap(),
-            &nets(&["10.0.0.0/8"]),
-        )
-        .unwrap();
+    let (caller, _) = id.identify(
+        &headers(&[(X_FORWARDED_FOR, "1.2.3.4"), (X_REQUEST_ID, "mine")]),
+        "203.0.113.9".parse().unwrap(),
+        &nets(&["10.0.0.0/8"]),
+    );
     assert_eq!(caller.client, "203.0.113.9".parse::<IpAddr>().unwrap());
     assert_eq!(caller.subject, "ip:203.0.113.9");
     assert!(!caller.trusted_peer);
@@ -79,16 +78,14 @@ fn untrusted_peer_cannot_choose_its_address_or_request_id() {
 #[test]
 fn trusted_chain_is_walked_right_to_left() {
     let id = identifier(false);
-    let caller = id
-        .identify(
-            &headers(&[
-                (X_FORWARDED_FOR, "6.6.6.6, 1.2.3.4, 10.0.0.7"),
-                (X_REQUEST_ID, "abc-123"),
-            ]),
-            "10.0.0.1".parse().unwrap(),
-            &nets(&["10.0.0.0/8"]),
-        )
-        .unwrap();
+    let (caller, _) = id.identify(
+        &headers(&[
+            (X_FORWARDED_FOR, "6.6.6.6, 1.2.3.4, 10.0.0.7"),
+            (X_REQUEST_ID, "abc-123"),
+        ]),
+        "10.0.0.1".parse().unwrap(),
+        &nets(&["10.0.0.0/8"]),
+    );
     assert_eq!(caller.client, "1.2.3.4".parse::<IpAddr>().unwrap());
     assert_eq!(caller.subject, "ip:1.2.3.4");
     assert_eq!(caller.request_id, "abc-123");
@@ -146,14 +143,17 @@ fn forged_expired_and_unsigned_tokens_are_anonymous() {
     }
     let strict = identifier(true);
     let expired = token(json!({"sub": "42", "exp": now() - 3600}), SECRET);
-    assert!(
-        strict
-            .identify(
-                &headers(&[("authorization", &format!("Bearer {expired}"))]),
-                "203.0.113.9".parse().unwrap(),
-                &[]
-            )
-            .is_err()
+    let (caller, invalid) = strict.identify(
+        &headers(&[("authorization", &format!("Bearer {expired}"))]),
+        "203.0.113.9".parse().unwrap(),
+        &[],
+    );
+    assert!(invalid.is_some());
+    assert_eq!(caller.subject, "ip:203.0.113.9");
+    assert_eq!(
+        caller.request_id.len(),
+        32,
+        "a refusal still has a request id"
     );
 }
 
