@@ -25,12 +25,14 @@
 //! - [`ratelimit`]: global, per-user and endpoint sliding-window limits,
 //!   one atomic Lua call to Redis per request, a local fallback behind a
 //!   circuit breaker, and the `RateLimit` response fields.
+//! - [`db`]: `gatehouse db`, the PostgreSQL side: so far the protocol codec.
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/metrics/json`,
 //!   `/ratelimit/<subject>`.
 //! - [`telemetry`]: tracing setup and the Prometheus registry.
 
 pub mod admin;
 pub mod config;
+pub mod db;
 pub mod proxy;
 pub mod ratelimit;
 pub mod telemetry;

@@ -1,0 +1,365 @@
+//! PostgreSQL protocol 3.0 framing on `bytes`/`tokio-util`. The decoders cut
+//! the stream into whole frames, keep each frame's exact bytes for
+//! byte-for-byte forwarding, and decode only the fields pooling and routing
+//! read (query text, statement names, transaction status, keys, errors). Input
+//! from the network is never trusted: a bad length, an oversized message or
+//! an unknown startup code is an error with the SQLSTATE to report, never a
+//! panic and never a wait for bytes that will not come.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio_util::codec::{Decoder, Encoder};
+
+/// Protocol 3.0 in a StartupMessage.
+pub const PROTOCOL_3_0: i32 = 196_608;
+pub const SSL_REQUEST: i32 = 80_877_103;
+pub const GSSENC_REQUEST: i32 = 80_877_104;
+pub const CANCEL_REQUEST: i32 = 80_877_102;
+
+/// A startup packet is small; PostgreSQL itself allows 10,000 bytes.
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+/// Why a stream could not be decoded, with the SQLSTATE the client is told.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("invalid message length {0}")]
+    BadLength(i64),
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("unsupported startup code {0}")]
+    UnknownStartupCode(i32),
+    #[error("malformed {what} message")]
+    Malformed { what: &'static str },
+    #[error("i/o: {0}")]
+    Io(String),
+}
+
+impl CodecError {
+    /// 08P01 protocol_violation, or 54000 program_limit_exceeded for size.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            CodecError::TooLarge { .. } => "54000",
+            _ => "08P01",
+        }
+    }
+}
+
+impl From<std::io::Error> for CodecError {
+    fn from(e: std::io::Error) -> Self {
+        CodecError::Io(e.to_string())
+    }
+}
+
+/// What a client sends before it is a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Startup {
+    /// Protocol 3.x with its parameters (`user`, `database`, `options`, ...).
+    Startup {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
+    SslRequest,
+    GssEncRequest,
+    Cancel {
+        process_id: i32,
+        secret_key: i32,
+    },
+}
+
+impl Startup {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        match self {
+            Startup::Startup { params, .. } => params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str()),
+            _ => None,
+        }
+    }
+}
+
+/// A typed message: its tag and its whole frame (tag, length, body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    /// The body after the tag and length.
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+}
+
+/// Decodes the untyped startup packets: length, code, payload.
+#[derive(Debug, Default)]
+pub struct StartupCodec;
+
+impl Decoder for StartupCodec {
+    type Item = Startup;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Startup>, CodecError> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes([src[0], src[1], src[2], src[3]]);
+        if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
+            return Err(if len > MAX_STARTUP_PACKET as i32 {
+                CodecError::TooLarge {
+                    len: len as usize,
+                    max: MAX_STARTUP_PACKET,
+                }
+            } else {
+                CodecError::BadLength(i64::from(len))
+            });
+        }
+        let len = len as usize;
+        if src.len() < len {
+            src.reserve(len - src.len());
+            return Ok(None);
+        }
+        let mut packet = src.split_to(len).freeze();
+        packet.advance(4);
+        let code = packet.get_i32();
+        let startup = match code {
+            SSL_REQUEST if packet.is_empty() => Startup::SslRequest,
+            GSSENC_REQUEST if packet.is_empty() => Startup::GssEncRequest,
+            CANCEL_REQUEST if packet.len() == 8 => Startup::Cancel {
+                process_id: packet.get_i32(),
+                secret_key: packet.get_i32(),
+            },
+            SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => {
+                return Err(CodecError::Malformed { what: "startup" });
+            }
+            code if code >> 16 == 3 => Startup::Startup {
+                minor: (code & 0xffff) as u16,
+                params: startup_params(&packet)?,
+            },
+            other => return Err(CodecError::UnknownStartupCode(other)),
+        };
+        Ok(Some(startup))
+    }
+}
+
+/// `name\0value\0 ... \0`
+fn startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, CodecError> {
+    let malformed = CodecError::Malformed { what: "startup" };
+    let mut params = Vec::new();
+    loop {
+        let (name, rest) = cstr(body).ok_or_else(|| malformed.clone())?;
+        if name.is_empty() {
+            return if rest.is_empty() {
+                Ok(params)
+            } else {
+                Err(malformed)
+            };
+        }
+        let (value, rest) = cstr(rest).ok_or_else(|| malformed.clone())?;
+        params.push((name.to_string(), value.to_string()));
+        body = rest;
+    }
+}
+
+/// A NUL-terminated UTF-8 string and what follows it.
+pub fn cstr(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let (raw, rest) = cbytes(bytes)?;
+    Some((std::str::from_utf8(raw).ok()?, rest))
+}
+
+/// A NUL-terminated byte string and what follows it. Query text and names
+/// stay bytes: a client may use an encoding other than UTF-8.
+pub fn cbytes(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = bytes.iter().position(|b| *b == 0)?;
+    Some((&bytes[..end], &bytes[end + 1..]))
+}
+
+/// Cuts typed messages (tag, length, body) out of a stream, either direction.
+#[derive(Debug)]
+pub struct FrameCodec {
+    max_message_size: usize,
+}
+
+impl FrameCodec {
+    pub fn new(max_message_size: usize) -> Self {
+        FrameCodec { max_message_size }
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        if src.len() < 5 {
+            return Ok(None);
+        }
+        let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]);
+        if len < 4 {
+            return Err(CodecError::BadLength(i64::from(len)));
+        }
+        let total = len as usize + 1;
+        if total > self.max_message_size {
+            return Err(CodecError::TooLarge {
+                len: total,
+                max: self.max_message_size,
+            });
+        }
+        if src.len() < total {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        let bytes = src.split_to(total).freeze();
+        Ok(Some(Frame {
+            tag: bytes[0],
+            bytes,
+        }))
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), CodecError> {
+        dst.extend_from_slice(&frame.bytes);
+        Ok(())
+    }
+}
+
+/// Build a frame from a tag and a body.
+pub fn frame(tag: u8, body: &[u8]) -> Frame {
+    let mut bytes = BytesMut::with_capacity(body.len() + 5);
+    bytes.put_u8(tag);
+    bytes.put_i32((body.len() + 4) as i32);
+    bytes.put_slice(body);
+    Frame {
+        tag,
+        bytes: bytes.freeze(),
+    }
+}
+
+/// What routing and pooling read from a client's messages. Text stays bytes
+/// (`std::str::from_utf8` when UTF-8 is needed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frontend<'a> {
+    /// Simple query.
+    Query {
+        sql: &'a [u8],
+    },
+    Parse {
+        statement: &'a [u8],
+        sql: &'a [u8],
+    },
+    Bind {
+        portal: &'a [u8],
+        statement: &'a [u8],
+    },
+    Describe {
+        kind: u8,
+        name: &'a [u8],
+    },
+    Close {
+        kind: u8,
+        name: &'a [u8],
+    },
+    Execute {
+        portal: &'a [u8],
+    },
+    Sync,
+    Flush,
+    Terminate,
+    CopyData,
+    CopyDone,
+    CopyFail,
+    /// Anything else (auth responses, function calls): forwarded as it is.
+    Other(u8),
+}
+
+impl Frame {
+    pub fn frontend(&self) -> Result<Frontend<'_>, CodecError> {
+        let body = self.body();
+        let bad = |what| CodecError::Malformed { what };
+        Ok(match self.tag {
+            b'Q' => Frontend::Query {
+                sql: cbytes(body).ok_or(bad("Query"))?.0,
+            },
+            b'P' => {
+                let (statement, rest) = cbytes(body).ok_or(bad("Parse"))?;
+                let (sql, _) = cbytes(rest).ok_or(bad("Parse"))?;
+                Frontend::Parse { statement, sql }
+            }
+            b'B' => {
+                let (portal, rest) = cbytes(body).ok_or(bad("Bind"))?;
+                let (statement, _) = cbytes(rest).ok_or(bad("Bind"))?;
+                Frontend::Bind { portal, statement }
+            }
+            b'D' | b'C' => {
+                let (&kind, rest) = body.split_first().ok_or(bad("Describe/Close"))?;
+                if kind != b'S' && kind != b'P' {
+                    return Err(bad("Describe/Close"));
+                }
+                let name = cbytes(rest).ok_or(bad("Describe/Close"))?.0;
+                if self.tag == b'D' {
+                    Frontend::Describe { kind, name }
+                } else {
+                    Frontend::Close { kind, name }
+                }
+            }
+            b'E' => Frontend::Execute {
+                portal: cbytes(body).ok_or(bad("Execute"))?.0,
+            },
+            b'S' => Frontend::Sync,
+            b'H' => Frontend::Flush,
+            b'X' => Frontend::Terminate,
+            b'd' => Frontend::CopyData,
+            b'c' => Frontend::CopyDone,
+            b'f' => Frontend::CopyFail,
+            other => Frontend::Other(other),
+        })
+    }
+
+    /// The transaction status of a ReadyForQuery (`I`, `T` or `E`).
+    pub fn ready_status(&self) -> Option<u8> {
+        (self.tag == b'Z' && self.body().len() == 1).then(|| self.body()[0])
+    }
+
+    /// The fields of an ErrorResponse or NoticeResponse, by code.
+    pub fn error_fields(&self) -> Vec<(u8, &str)> {
+        let mut fields = Vec::new();
+        if self.tag != b'E' && self.tag != b'N' {
+            return fields;
+        }
+        let mut rest = self.body();
+        while let Some((&code, after)) = rest.split_first() {
+            if code == 0 {
+                break;
+            }
+            let Some((value, next)) = cstr(after) else {
+                break;
+            };
+            fields.push((code, value));
+            rest = next;
+        }
+        fields
+    }
+}
+
+/// An ErrorResponse as PostgreSQL sends it: severity, SQLSTATE, message.
+pub fn error_response(severity: &str, sqlstate: &str, message: &str) -> Frame {
+    let mut body = Vec::with_capacity(message.len() + 32);
+    for (code, value) in [
+        (b'S', severity),
+        (b'V', severity),
+        (b'C', sqlstate),
+        (b'M', message),
+    ] {
+        body.push(code);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    frame(b'E', &body)
+}
+
+#[cfg(test)]
+mod tests;
