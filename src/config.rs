@@ -259,12 +259,31 @@ impl Config {
         overrides: &Overrides,
         env: &dyn EnvSource,
     ) -> Result<Config, ConfigError> {
-        let source = match path {
-            Some(path) => Some(SourceFile::read(path)?),
-            None => None,
+        let source = path.map(SourceFile::read).transpose()?;
+        Self::build(source.as_ref(), overrides, env)
+    }
+
+    /// A configuration from text, as if read from a file called `name`.
+    pub fn from_text(
+        name: &str,
+        text: &str,
+        overrides: &Overrides,
+        env: &dyn EnvSource,
+    ) -> Result<Config, ConfigError> {
+        let source = SourceFile {
+            name: name.to_string(),
+            text: text.to_string(),
         };
+        Self::build(Some(&source), overrides, env)
+    }
+
+    fn build(
+        source: Option<&SourceFile>,
+        overrides: &Overrides,
+        env: &dyn EnvSource,
+    ) -> Result<Config, ConfigError> {
         let mut figment = Figment::new();
-        if let Some(file) = &source {
+        if let Some(file) = source {
             figment = figment.merge(Toml::string(&file.text));
         }
         // Only SECTION__KEY names: every top-level key is a table, and other
@@ -275,15 +294,13 @@ impl Config {
                 .split("__"),
         );
         figment = merge_seed_scalars(figment, env)?;
-        let mut raw: RawGateway = figment
-            .extract()
-            .map_err(|e| from_figment(e, source.as_ref()))?;
+        let mut raw: RawGateway = figment.extract().map_err(|e| from_figment(e, source))?;
         apply_seed_structured(&mut raw, env)?;
         apply_overrides(&mut raw, overrides);
         Config::try_from(&raw).map_err(|problems| ConfigError {
             problems: problems
                 .into_iter()
-                .map(|(key, message)| locate(source.as_ref(), key, message))
+                .map(|(key, message)| locate(source, key, message))
                 .collect(),
         })
     }
