@@ -312,12 +312,17 @@ impl Exchange {
                 status = status.as_u16(),
                 bytes,
                 route = self.route.as_str(),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                duration_ms = millis(elapsed),
                 upstream = self.upstream.as_deref().unwrap_or("-"),
-                upstream_ms = self.upstream_time.map(|t| t.as_secs_f64() * 1000.0),
+                upstream_ms = self.upstream_time.map(millis),
             );
         }
     }
+}
+
+/// Milliseconds with microsecond precision, as the access log shows them.
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 /// Methods whose requests carry a body even when it is empty.
