@@ -8,7 +8,6 @@ pub mod local;
 pub mod redis;
 pub mod window;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -26,7 +25,9 @@ use window::{Budget, Observed, Outcome};
 /// One rule applied to one request: where it counts and how much it allows.
 #[derive(Debug, Clone)]
 pub struct Check {
-    pub rule: String,
+    pub rule: Arc<str>,
+    /// Index of the rule in the limiter's table (its metric counters).
+    pub index: usize,
     /// `<prefix>:rl:{<subject>}:<rule>`; the braces keep one subject's keys
     /// in one Redis Cluster slot.
     pub key: String,
@@ -61,7 +62,7 @@ pub enum Source {
 /// The rule reported to the client: the one that refused, or the tightest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RuleReport {
-    pub rule: String,
+    pub rule: Arc<str>,
     pub limit: u64,
     pub window_secs: u64,
     pub remaining: u64,
@@ -96,8 +97,12 @@ pub struct Limiter {
     redis: Option<Arc<RedisStore>>,
     /// Kept across reloads so unchanged rules keep their counts.
     local: Arc<LocalStore>,
-    counters: HashMap<String, RuleCounters>,
+    /// `global`, `per_user`, then the endpoint rules in config order.
+    rules: Vec<(Arc<str>, RuleCounters)>,
 }
+
+const GLOBAL: usize = 0;
+const PER_USER: usize = 1;
 
 impl Limiter {
     pub fn new(
@@ -110,7 +115,7 @@ impl Limiter {
             .into_iter()
             .map(str::to_string)
             .chain(config.endpoints.iter().map(|e| e.name.clone()));
-        let counters = names
+        let rules = names
             .map(|rule| {
                 let counters = RuleCounters {
                     allowed: metrics
@@ -120,14 +125,14 @@ impl Limiter {
                         .ratelimit_decisions
                         .with_label_values(&[rule.as_str(), "limited"]),
                 };
-                (rule, counters)
+                (Arc::from(rule), counters)
             })
             .collect();
         Limiter {
             config: config.clone(),
             redis,
             local,
-            counters,
+            rules,
         }
     }
 
@@ -173,27 +178,36 @@ impl Limiter {
         let per_user = tier.and_then(|t| t.per_user).unwrap_or(c.per_user);
         let mut checks = vec![
             Check {
-                rule: "global".into(),
+                rule: Arc::clone(&self.rules[GLOBAL].0),
+                index: GLOBAL,
                 key: self.key("global", "global"),
                 budget: self.budget(Algorithm::SlidingWindow, c.global, c.window, 1),
                 on_redis_error: c.on_redis_error,
             },
             Check {
-                rule: "per_user".into(),
+                rule: Arc::clone(&self.rules[PER_USER].0),
+                index: PER_USER,
                 key: self.key(subject.id, "per_user"),
                 budget: self.budget(Algorithm::SlidingWindow, per_user, c.window, 1),
                 on_redis_error: c.on_redis_error,
             },
         ];
-        let ip_scope = format!("ip:{}", subject.client);
-        for rule in c.endpoints.iter().filter(|r| r.applies(method, path)) {
+        for (i, rule) in c.endpoints.iter().enumerate() {
+            if !rule.applies(method, path) {
+                continue;
+            }
+            let ip_scope;
             let scope = match rule.scope {
                 Scope::User => subject.id,
-                Scope::Ip => ip_scope.as_str(),
+                Scope::Ip => {
+                    ip_scope = format!("ip:{}", subject.client);
+                    ip_scope.as_str()
+                }
                 Scope::Global => "global",
             };
             checks.push(Check {
-                rule: rule.name.clone(),
+                rule: Arc::clone(&self.rules[PER_USER + 1 + i].0),
+                index: PER_USER + 1 + i,
                 key: self.key(scope, &rule.name),
                 budget: self.budget(
                     rule.algorithm,
@@ -230,16 +244,15 @@ impl Limiter {
             .ratelimit_shared
             .set(i64::from(decision.source == Source::Redis));
         for check in checks {
-            if let Some(counters) = self.counters.get(&check.rule) {
-                let refused = !decision.allowed
-                    && decision
-                        .report
-                        .as_ref()
-                        .is_some_and(|r| r.rule == check.rule);
-                if refused {
-                    counters.limited.inc();
-                } else if decision.allowed {
+            if let Some((_, counters)) = self.rules.get(check.index) {
+                if decision.allowed {
                     counters.allowed.inc();
+                } else if decision
+                    .report
+                    .as_ref()
+                    .is_some_and(|r| r.rule == check.rule)
+                {
+                    counters.limited.inc();
                 }
             }
         }
@@ -249,6 +262,10 @@ impl Limiter {
     /// Count in this process, each instance allowing its share of the limit.
     fn locally(&self, checks: &[Check], source: Source) -> Decision {
         let instances = u64::from(self.config.instances);
+        if instances == 1 {
+            let observed = self.local.check(checks, true);
+            return judge(checks, &observed, source);
+        }
         let scaled: Vec<Check> = checks
             .iter()
             .map(|c| {
@@ -276,7 +293,7 @@ impl Limiter {
                 allowed: false,
                 source: Source::Fallback,
                 report: Some(RuleReport {
-                    rule: denying.rule.clone(),
+                    rule: Arc::clone(&denying.rule),
                     limit: denying.budget.limit,
                     window_secs,
                     remaining: 0,
@@ -310,8 +327,8 @@ impl Limiter {
         let mut checks = self.checks(subject, &Method::GET, "/");
         let exempt = checks.is_empty();
         if !exempt {
-            for rule in &self.config.endpoints {
-                if checks.iter().any(|c| c.rule == rule.name) {
+            for (i, rule) in self.config.endpoints.iter().enumerate() {
+                if checks.iter().any(|c| *c.rule == *rule.name) {
                     continue;
                 }
                 let scope = match rule.scope {
@@ -320,7 +337,8 @@ impl Limiter {
                     Scope::Global => "global".into(),
                 };
                 checks.push(Check {
-                    rule: rule.name.clone(),
+                    rule: Arc::clone(&self.rules[PER_USER + 1 + i].0),
+                    index: PER_USER + 1 + i,
                     key: self.key(&scope, &rule.name),
                     budget: self.budget(
                         rule.algorithm,
@@ -360,7 +378,7 @@ impl Limiter {
                 }
                 .judge(observed);
                 RuleState {
-                    rule: check.rule.clone(),
+                    rule: check.rule.to_string(),
                     key: check.key.clone(),
                     limit: check.budget.limit,
                     window_secs: check.budget.window_ms / 1000,
@@ -421,7 +439,7 @@ fn judge(checks: &[Check], observed: &[Observed], source: Source) -> Decision {
         allowed,
         source,
         report: reported.map(|(c, o)| RuleReport {
-            rule: c.rule.clone(),
+            rule: Arc::clone(&c.rule),
             limit: c.budget.limit,
             window_secs: c.budget.window_ms / 1000,
             remaining: o.remaining,

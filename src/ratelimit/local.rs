@@ -166,6 +166,7 @@ mod tests {
     fn check(key: &str, algorithm: Algorithm, limit: u64) -> Check {
         Check {
             rule: "r".into(),
+            index: 0,
             key: key.into(),
             budget: Budget {
                 algorithm,
