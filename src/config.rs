@@ -588,20 +588,21 @@ fn positive(key: &str, value: Duration, problems: &mut Problems) {
     }
 }
 
+/// Rule and route names become metric labels and Redis key parts.
+fn check_name(key: &str, name: &str, problems: &mut Problems) {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !ok {
+        problems.push((key.into(), "use letters, digits, `_` and `-`".into()));
+    }
+}
+
 fn route(index: usize, raw: &RawRoute, problems: &mut Problems) -> Option<Route> {
     let key = format!("routes[{index}]");
     let before = problems.len();
-    if raw.name.is_empty()
-        || !raw
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        problems.push((
-            format!("{key}.name"),
-            "use letters, digits, `_` and `-`".into(),
-        ));
-    }
+    check_name(&format!("{key}.name"), &raw.name, problems);
     if !raw.path_prefix.starts_with('/') {
         problems.push((format!("{key}.path_prefix"), "must start with `/`".into()));
     }

@@ -193,32 +193,37 @@ impl Limiter {
             },
         ];
         for (i, rule) in c.endpoints.iter().enumerate() {
-            if !rule.applies(method, path) {
-                continue;
+            if rule.applies(method, path) {
+                checks.push(self.endpoint_check(i, subject));
             }
-            let ip_scope;
-            let scope = match rule.scope {
-                Scope::User => subject.id,
-                Scope::Ip => {
-                    ip_scope = format!("ip:{}", subject.client);
-                    ip_scope.as_str()
-                }
-                Scope::Global => "global",
-            };
-            checks.push(Check {
-                rule: Arc::clone(&self.rules[PER_USER + 1 + i].0),
-                index: PER_USER + 1 + i,
-                key: self.key(scope, &rule.name),
-                budget: self.budget(
-                    rule.algorithm,
-                    rule.limit,
-                    rule.window,
-                    u64::from(rule.cost),
-                ),
-                on_redis_error: rule.on_redis_error,
-            });
         }
         checks
+    }
+
+    /// The check of endpoint rule `i` for `subject`, keyed by the rule's scope.
+    fn endpoint_check(&self, i: usize, subject: &Subject<'_>) -> Check {
+        let rule = &self.config.endpoints[i];
+        let ip_scope;
+        let scope = match rule.scope {
+            Scope::User => subject.id,
+            Scope::Ip => {
+                ip_scope = format!("ip:{}", subject.client);
+                ip_scope.as_str()
+            }
+            Scope::Global => "global",
+        };
+        Check {
+            rule: Arc::clone(&self.rules[PER_USER + 1 + i].0),
+            index: PER_USER + 1 + i,
+            key: self.key(scope, &rule.name),
+            budget: self.budget(
+                rule.algorithm,
+                rule.limit,
+                rule.window,
+                u64::from(rule.cost),
+            ),
+            on_redis_error: rule.on_redis_error,
+        }
     }
 
     /// Check and count `checks`: in Redis when configured and answering,
@@ -328,26 +333,9 @@ impl Limiter {
         let exempt = checks.is_empty();
         if !exempt {
             for (i, rule) in self.config.endpoints.iter().enumerate() {
-                if checks.iter().any(|c| *c.rule == *rule.name) {
-                    continue;
+                if !checks.iter().any(|c| *c.rule == *rule.name) {
+                    checks.push(self.endpoint_check(i, subject));
                 }
-                let scope = match rule.scope {
-                    Scope::User => subject.id.to_string(),
-                    Scope::Ip => format!("ip:{}", subject.client),
-                    Scope::Global => "global".into(),
-                };
-                checks.push(Check {
-                    rule: Arc::clone(&self.rules[PER_USER + 1 + i].0),
-                    index: PER_USER + 1 + i,
-                    key: self.key(&scope, &rule.name),
-                    budget: self.budget(
-                        rule.algorithm,
-                        rule.limit,
-                        rule.window,
-                        u64::from(rule.cost),
-                    ),
-                    on_redis_error: rule.on_redis_error,
-                });
             }
         }
         let (observed, source) = match &self.redis {

@@ -133,17 +133,7 @@ fn endpoint(
     problems: &mut Problems,
 ) -> EndpointRule {
     let key = format!("ratelimit.endpoints[{index}]");
-    if raw.name.is_empty()
-        || !raw
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        problems.push((
-            format!("{key}.name"),
-            "use letters, digits, `_` and `-`".into(),
-        ));
-    }
+    super::check_name(&format!("{key}.name"), &raw.name, problems);
     let path = match (&raw.path_prefix, &raw.path_pattern) {
         (Some(prefix), None) if prefix.starts_with('/') => PathMatch::Prefix(prefix.clone()),
         (None, Some(pattern)) if pattern.starts_with('/') => PathMatch::Pattern(
