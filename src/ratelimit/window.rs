@@ -123,6 +123,14 @@ impl Budget {
 mod tests {
     use super::*;
 
+    fn at(prev: u64, curr: u64, elapsed_ms: u64) -> Observed {
+        Observed::Counter {
+            prev,
+            curr,
+            elapsed_ms,
+        }
+    }
+
     fn counter(limit: u64) -> Budget {
         Budget {
             algorithm: Algorithm::SlidingWindow,
@@ -155,67 +163,30 @@ mod tests {
     fn previous_window_weighs_less_as_the_window_slides() {
         // A full previous window blocks at the start of the next...
         let b = counter(10);
-        assert!(
-            !b.judge(Observed::Counter {
-                prev: 10,
-                curr: 0,
-                elapsed_ms: 0
-            })
-            .allowed
-        );
+        assert!(!b.judge(at(10, 0, 0)).allowed);
         // ...allows one once a tenth of it has decayed...
-        let o = b.judge(Observed::Counter {
-            prev: 10,
-            curr: 0,
-            elapsed_ms: 6_000,
-        });
+        let o = b.judge(at(10, 0, 6_000));
         assert!(o.allowed);
         assert_eq!(o.remaining, 0);
         // ...and half of it by the middle.
-        let o = b.judge(Observed::Counter {
-            prev: 10,
-            curr: 0,
-            elapsed_ms: 30_000,
-        });
+        let o = b.judge(at(10, 0, 30_000));
         assert_eq!((o.allowed, o.remaining), (true, 4));
         // No boundary burst: 10 at the end of one window and 10 at the start
         // of the next (fixed windows would allow 20 in a few seconds).
-        assert!(
-            !b.judge(Observed::Counter {
-                prev: 10,
-                curr: 1,
-                elapsed_ms: 1_000
-            })
-            .allowed
-        );
+        assert!(!b.judge(at(10, 1, 1_000)).allowed);
     }
 
     #[test]
     fn retry_after_is_when_the_request_would_fit() {
         let b = counter(10);
         // Previous window's share must decay from 10 to 9 → 6 s in.
-        let o = b.judge(Observed::Counter {
-            prev: 10,
-            curr: 0,
-            elapsed_ms: 0,
-        });
+        let o = b.judge(at(10, 0, 0));
         assert_eq!(o.reset_secs, 6);
         // This window is full at 15 s: 45 s to its end, then 10 × (1 − t/60) + 1 ≤ 10 → 6 s.
-        let o = b.judge(Observed::Counter {
-            prev: 0,
-            curr: 10,
-            elapsed_ms: 15_000,
-        });
+        let o = b.judge(at(0, 10, 15_000));
         assert_eq!(o.reset_secs, 51);
         // Checking at that moment (the count is now the previous window's) allows it.
-        assert!(
-            b.judge(Observed::Counter {
-                prev: 10,
-                curr: 0,
-                elapsed_ms: 6_000
-            })
-            .allowed
-        );
+        assert!(b.judge(at(10, 0, 6_000)).allowed);
     }
 
     #[test]
@@ -224,22 +195,8 @@ mod tests {
             cost: 4,
             ..counter(10)
         };
-        assert!(
-            b.judge(Observed::Counter {
-                prev: 0,
-                curr: 6,
-                elapsed_ms: 0
-            })
-            .allowed
-        );
-        assert!(
-            !b.judge(Observed::Counter {
-                prev: 0,
-                curr: 7,
-                elapsed_ms: 0
-            })
-            .allowed
-        );
+        assert!(b.judge(at(0, 6, 0)).allowed);
+        assert!(!b.judge(at(0, 7, 0)).allowed);
     }
 
     #[test]
