@@ -1,7 +1,7 @@
-//! The PostgreSQL codec against a real server: what `initdb`'s PostgreSQL
-//! sends during SSL negotiation, SCRAM authentication, queries and errors is
-//! framed and read correctly, and the codec's own errors look like the
-//! server's.
+//! The `db` side's pieces against a real PostgreSQL: what the server sends
+//! during SSL negotiation, SCRAM authentication, queries and errors is framed
+//! and read correctly, the codec's own errors look like the server's, and our
+//! SCRAM server accepts the verifiers PostgreSQL itself stores.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -13,6 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use gatehouse::db::auth::{ScramExchange, ScramVerifier};
 use gatehouse::db::codec::{Frame, FrameCodec, error_response};
 use postgres::{APP_DB, APP_PASSWORD, APP_USER, TestPostgres};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
@@ -179,4 +180,25 @@ fn a_reply_in_the_old_protocol_is_refused_not_waited_on() {
     let error = FrameCodec::new(1 << 20).decode(&mut buf).unwrap_err();
     assert_eq!(error.sqlstate(), "54000");
     assert!(String::from_utf8_lossy(&reply).contains("unsupported frontend protocol"));
+}
+
+/// A verifier copied from `pg_authid` works as the secret of our SCRAM server,
+/// as a PgBouncer `auth_file` entry does.
+#[test]
+fn scram_verifiers_stored_by_postgres_authenticate_clients() {
+    let pg = TestPostgres::shared();
+    let stored = pg.superuser_sql(&format!(
+        "SELECT rolpassword FROM pg_authid WHERE rolname = '{APP_USER}'"
+    ));
+    let verifier = ScramVerifier::parse(&stored).expect("a SCRAM-SHA-256 verifier");
+    for (password, accepted) in [(APP_PASSWORD, true), ("not-the-password", false)] {
+        let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+        let (server, server_first) = ScramExchange::start(&verifier, client.message()).unwrap();
+        client.update(server_first.as_bytes()).unwrap();
+        let outcome = server.finish(client.message());
+        assert_eq!(outcome.is_ok(), accepted, "{password}");
+        if let Ok(server_final) = outcome {
+            client.finish(server_final.as_bytes()).unwrap();
+        }
+    }
 }
