@@ -57,8 +57,7 @@ impl LimitStores {
     }
 
     /// The Redis store for `config`, reusing the current one when its
-    /// settings did not change. Must run inside the control runtime, which
-    /// drives the connection.
+    /// settings did not change. Connections open lazily, one per thread.
     fn redis_for(&self, config: &Config) -> Option<Arc<RedisStore>> {
         let rl = &config.ratelimit;
         let redis = config.redis.as_ref().filter(|_| rl.enabled)?;
@@ -167,17 +166,9 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
         Some(addr) => Some(crate::admin::bind(addr).map_err(|e| listen_error(addr, e))?),
         None => None,
     };
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(StartError::Runtime)?;
     let upstreams = Arc::new(UpstreamSet::new(&config.upstream, workers, &metrics));
     let limit_stores = LimitStores::new();
-    let live = {
-        // The Redis connection is driven by the control runtime.
-        let _inside = control.enter();
-        Live::new(config, upstreams, &limit_stores, &metrics)
-    };
+    let live = Live::new(config, upstreams, &limit_stores, &metrics);
     let shared = Arc::new(Shared {
         live: ArcSwap::from_pointee(live),
         metrics,
@@ -211,6 +202,10 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
         threads.push(thread);
     }
 
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(StartError::Runtime)?;
     control.block_on(async {
         if let Some(listener) = admin {
             let shared = Arc::clone(&shared);
