@@ -207,11 +207,15 @@ impl RedisStore {
         commit: bool,
         metrics: &Metrics,
     ) -> Result<Vec<Observed>, StoreError> {
-        if let Ok(gate) = self.gate.lock() {
+        if let Ok(mut gate) = self.gate.lock() {
             if let Gate::Open(until) = *gate {
-                if Instant::now() < until {
+                let now = Instant::now();
+                if now < until {
                     return Err(StoreError::BreakerOpen);
                 }
+                // This call is the one trial; the others keep falling back
+                // until it has answered.
+                *gate = Gate::Open(now + self.cooldown);
             }
         }
         let started = Instant::now();
