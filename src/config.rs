@@ -7,6 +7,7 @@
 //! `REDIS_*`, `METRICS_PORT`, `ENABLE_METRICS`) < command-line flags.
 //! Every problem names its origin: file and line, or the environment variable.
 
+pub mod db;
 pub mod identity;
 pub mod ratelimit;
 pub mod raw;
@@ -288,9 +289,13 @@ impl Config {
         }
         // Only SECTION__KEY names: every top-level key is a table, and other
         // GATEHOUSE_* variables (tooling, tests) are not configuration.
+        // `GATEHOUSE_DB_*` belongs to `gatehouse db`.
         figment = figment.merge(
             Env::prefixed("GATEHOUSE_")
-                .filter(|key| key.as_str().contains("__"))
+                .filter(|key| {
+                    key.as_str().contains("__")
+                        && !key.as_str().to_ascii_lowercase().starts_with("db_")
+                })
                 .split("__"),
         );
         figment = merge_seed_scalars(figment, env)?;
@@ -303,6 +308,32 @@ impl Config {
                 .map(|(key, message)| locate(source, key, message))
                 .collect(),
         })
+    }
+}
+
+/// A checked configuration file: the gateway's or `gatehouse db`'s.
+#[derive(Debug)]
+pub enum Checked {
+    Gateway(Box<Config>),
+    Db(Box<db::DbConfig>),
+}
+
+/// Validate a file for `check-config`. A file with `[primary]`,
+/// `[[users]]`, `[[databases]]` or `[pool]` is a `gatehouse db` file.
+pub fn check_file(path: &Path) -> Result<Checked, ConfigError> {
+    let source = SourceFile::read(path)?;
+    let is_db = toml_edit::Document::parse(source.text.as_str())
+        .map(|doc| {
+            ["primary", "users", "databases", "pool"]
+                .iter()
+                .any(|k| doc.as_table().contains_key(k))
+        })
+        .unwrap_or(false);
+    if is_db {
+        db::DbConfig::load(Some(path), &db::DbOverrides::default(), &ProcessEnv)
+            .map(|c| Checked::Db(Box::new(c)))
+    } else {
+        Config::load(Some(path), &Overrides::default()).map(|c| Checked::Gateway(Box::new(c)))
     }
 }
 

@@ -7,7 +7,8 @@
 //! # Modules
 //!
 //! - [`config`]: raw TOML structs, units, environment and flag overrides, and
-//!   the validated [`config::Config`]; every problem names file, line and key.
+//!   the validated [`config::Config`] (gateway) and [`config::db::DbConfig`]
+//!   (`gatehouse db`); every problem names file, line and key.
 //! - [`proxy`]: `gatehouse proxy`, the HTTP gateway: start-up, signals and
 //!   reload, and the request path in named phases:
 //!   - [`proxy::accept`]: listeners, connection limits, header deadline, size
@@ -25,7 +26,8 @@
 //! - [`ratelimit`]: global, per-user and endpoint sliding-window limits,
 //!   one atomic Lua call to Redis per request, a local fallback behind a
 //!   circuit breaker, and the `RateLimit` response fields.
-//! - [`db`]: `gatehouse db`, the PostgreSQL side: so far the protocol codec.
+//! - [`db`]: `gatehouse db`, the PostgreSQL side: so far the protocol codec
+//!   and client authentication (SCRAM-SHA-256, md5).
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/metrics/json`,
 //!   `/ratelimit/<subject>`.
 //! - [`telemetry`]: tracing setup and the Prometheus registry.

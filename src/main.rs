@@ -112,8 +112,11 @@ fn main() -> ExitCode {
 fn check_config(files: &[PathBuf]) -> ExitCode {
     let mut ok = true;
     for file in files {
-        match Config::load(Some(file), &Overrides::default()) {
-            Ok(_) => println!("{}: ok", file.display()),
+        match gatehouse::config::check_file(file) {
+            Ok(gatehouse::config::Checked::Gateway(_)) => {
+                println!("{}: ok (gateway)", file.display())
+            }
+            Ok(gatehouse::config::Checked::Db(_)) => println!("{}: ok (db)", file.display()),
             Err(e) => {
                 ok = false;
                 for problem in &e.problems {

@@ -632,6 +632,32 @@ fn check_config_accepts_shipped_files_and_names_bad_keys() {
         text.contains(&format!("{}:5: `upstream.retrys`", bad.display())),
         "{text}"
     );
+
+    // A `gatehouse db` file is recognised and checked by its own rules.
+    let db = harness::repo_root().join("config/db.toml");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("check-config")
+        .arg(&db)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (db)"));
+    let bad_db = dir.path().join("db.toml");
+    std::fs::write(
+        &bad_db,
+        "[primary]\nhost = \"db1\"\n\n[pool]\nmax_conections = 5\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .arg("check-config")
+        .arg(&bad_db)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{}:5: `pool.max_conections`", bad_db.display())),
+        "{text}"
+    );
 }
 
 /// The Django app under real Gunicorn, reached with curl through the gateway.
