@@ -13,8 +13,10 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use gatehouse::config::db::Node;
 use gatehouse::db::auth::{ScramExchange, ScramVerifier};
 use gatehouse::db::codec::{Frame, FrameCodec, error_response};
+use gatehouse::db::server::{Login, ServerConn, ServerError};
 use postgres::{APP_DB, APP_PASSWORD, APP_USER, TestPostgres};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
@@ -201,4 +203,74 @@ fn scram_verifiers_stored_by_postgres_authenticate_clients() {
             client.finish(server_final.as_bytes()).unwrap();
         }
     }
+}
+
+fn primary(pg: &TestPostgres) -> Node {
+    Node::Socket {
+        dir: pg.socket_dir.clone(),
+        port: pg.port,
+    }
+}
+
+#[tokio::test]
+async fn server_login_with_scram_and_a_query() {
+    let pg = TestPostgres::shared();
+    let params = [("application_name".to_string(), "gatehouse-test".to_string())];
+    let login = Login {
+        user: APP_USER,
+        database: APP_DB,
+        password: Some(APP_PASSWORD),
+        params: &params,
+    };
+    let mut conn = ServerConn::open(&primary(pg), &login, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(conn.params.iter().any(|(k, _)| k == "server_version"));
+    assert_ne!(conn.backend_key, (0, 0));
+    let mut buf = BytesMut::new();
+    frontend::query("SELECT current_setting('application_name')", &mut buf).unwrap();
+    conn.send(&buf).await.unwrap();
+    let mut value = None;
+    loop {
+        let frame = conn.read_frame().await.unwrap();
+        if frame.tag == b'D' {
+            value = Some(String::from_utf8_lossy(&frame.body()[6..]).to_string());
+        }
+        if frame.ready_status().is_some() {
+            break;
+        }
+    }
+    assert_eq!(value.as_deref(), Some("gatehouse-test"));
+}
+
+#[tokio::test]
+async fn server_login_failures_carry_the_servers_sqlstate() {
+    let pg = TestPostgres::shared();
+    let wrong = Login {
+        user: APP_USER,
+        database: APP_DB,
+        password: Some("wrong"),
+        params: &[],
+    };
+    match ServerConn::open(&primary(pg), &wrong, Duration::from_secs(5)).await {
+        Err(ServerError::Refused { sqlstate, .. }) => assert_eq!(sqlstate, "28P01"),
+        Err(other) => panic!("unexpected {other}"),
+        Ok(_) => panic!("logged in with a wrong password"),
+    }
+    let none = Login {
+        password: None,
+        ..wrong
+    };
+    assert!(matches!(
+        ServerConn::open(&primary(pg), &none, Duration::from_secs(5)).await,
+        Err(ServerError::NoPassword(_))
+    ));
+    let nowhere = Node::Tcp {
+        host: "127.0.0.1".into(),
+        port: 1,
+    };
+    assert!(matches!(
+        ServerConn::open(&nowhere, &none, Duration::from_secs(5)).await,
+        Err(ServerError::Connect { .. })
+    ));
 }

@@ -191,6 +191,15 @@ pub enum Node {
     },
 }
 
+impl std::fmt::Display for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Node::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Node::Socket { dir, port } => write!(f, "{}/.s.PGSQL.{port}", dir.display()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolConfig {
     pub min_connections: u32,
