@@ -1,10 +1,196 @@
-//! `gatehouse db`: the PostgreSQL side. So far the wire-protocol codec
-//! (`codec`), which frames and decodes what pooling and routing need and keeps
-//! every frame's bytes so the rest can be forwarded untouched, and client
-//! authentication (`auth`: SCRAM-SHA-256 and md5, server side). Its
-//! configuration is `crate::config::db`. The pooler and router are built on
-//! them in later steps (see the issue tracker).
+//! `gatehouse db`: the PostgreSQL side. Django reaches it on a Unix socket
+//! exactly as it reaches PostgreSQL. This module owns start-up (the socket,
+//! optional TCP, signals) and the state sessions share: the configuration,
+//! the pools and the cancel keys handed to clients.
+//!
+//! - `codec`: protocol 3.0 framing; decodes only what pooling and routing read.
+//! - `auth`: client authentication, server side (SCRAM-SHA-256, md5).
+//! - `server`: connections to PostgreSQL and logging in.
+//! - `pool`: server connections per (database, user), reset between clients.
+//! - `session`: one client from startup to goodbye.
+//!
+//! Sessions hold their server connection from login to disconnect (session
+//! pooling). Transaction pooling, replicas and routing are the next steps.
 
 pub mod auth;
 pub mod codec;
+pub mod pool;
 pub mod server;
+pub mod session;
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use bytes::BufMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::db::{DbConfig, Node};
+use server::ServerStream;
+
+/// Where a client's cancel key leads: the server it holds.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub node: Node,
+    pub backend_key: (i32, i32),
+}
+
+/// State every session shares.
+pub struct DbShared {
+    pub config: ArcSwap<DbConfig>,
+    pub pools: pool::Pools,
+    /// Router-issued (process id, secret) → the server that client holds.
+    cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
+}
+
+impl DbShared {
+    pub fn new(config: DbConfig) -> Self {
+        DbShared {
+            config: ArcSwap::from_pointee(config),
+            pools: pool::Pools::default(),
+            cancels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A fresh key for a client; a cancel with it reaches `target`.
+    fn register_cancel(&self, target: CancelTarget) -> (i32, i32) {
+        let mut cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let key = (rand::random::<i32>() & i32::MAX, rand::random::<i32>());
+            if let std::collections::hash_map::Entry::Vacant(slot) = cancels.entry(key) {
+                slot.insert(target);
+                return key;
+            }
+        }
+    }
+
+    /// Once the client lets its server go, its key cancels nothing
+    /// (pgbouncer #245, #684: stale keys cancelled other clients' queries).
+    fn unregister_cancel(&self, process_id: i32, secret_key: i32) {
+        self.cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(process_id, secret_key));
+    }
+
+    async fn cancel(&self, process_id: i32, secret_key: i32) {
+        let target = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(process_id, secret_key))
+            .cloned();
+        let Some(target) = target else {
+            tracing::debug!("cancel request with an unknown key ignored");
+            return;
+        };
+        let stream = match &target.node {
+            Node::Tcp { host, port } => tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .map(ServerStream::Tcp),
+            Node::Socket { dir, port } => {
+                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
+                    .await
+                    .map(ServerStream::Unix)
+            }
+        };
+        let Ok(mut stream) = stream else { return };
+        let mut packet = Vec::with_capacity(16);
+        packet.put_i32(16);
+        packet.put_i32(codec::CANCEL_REQUEST);
+        packet.put_i32(target.backend_key.0);
+        packet.put_i32(target.backend_key.1);
+        let _ = stream.write_all(&packet).await;
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbStartError {
+    #[error("socket directory {dir}: {source}")]
+    SocketDir { dir: String, source: io::Error },
+    #[error("cannot listen on {at}: {source}")]
+    Listen { at: String, source: io::Error },
+    #[error("starting a runtime: {0}")]
+    Runtime(io::Error),
+}
+
+/// Bind the socket (and TCP, when configured), then serve until SIGTERM or SIGINT.
+pub fn run(config: DbConfig) -> Result<(), DbStartError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(DbStartError::Runtime)?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: DbConfig) -> Result<(), DbStartError> {
+    let dir = config.socket_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| DbStartError::SocketDir {
+        dir: dir.display().to_string(),
+        source,
+    })?;
+    let path = config.socket_path();
+    // A socket file left by a previous run that is not listening any more.
+    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let unix = UnixListener::bind(&path).map_err(|source| DbStartError::Listen {
+        at: path.display().to_string(),
+        source,
+    })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket_mode)).map_err(
+        |source| DbStartError::Listen {
+            at: path.display().to_string(),
+            source,
+        },
+    )?;
+    tracing::info!(service = "db", socket = %path.display(), "listening");
+    let tcp = match config.listen {
+        Some(addr) => {
+            let listener =
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DbStartError::Listen {
+                        at: addr.to_string(),
+                        source,
+                    })?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(service = "db", %addr, "listening");
+            }
+            Some(listener)
+        }
+        None => None,
+    };
+    let shared = Arc::new(DbShared::new(config));
+    if let Some(tcp) = tcp {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            loop {
+                if let Ok((stream, _)) = tcp.accept().await {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(session::serve(stream, None, Arc::clone(&shared)));
+                }
+            }
+        });
+    }
+    let mut terminate = signal(SignalKind::terminate()).map_err(DbStartError::Runtime)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DbStartError::Runtime)?;
+    loop {
+        tokio::select! {
+            accepted = unix.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let uid = stream.peer_cred().ok().map(|c| c.uid());
+                tokio::spawn(session::serve(stream, uid, Arc::clone(&shared)));
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    tracing::info!("stopped");
+    Ok(())
+}

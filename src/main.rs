@@ -31,6 +31,25 @@ enum Command {
         #[arg(long = "upstream")]
         upstreams: Vec<String>,
     },
+    /// Run the PostgreSQL pool on a Unix socket (session pooling for now).
+    Db {
+        /// TOML file; without it the embedded defaults apply (config/db.toml).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Directory of the socket `.s.PGSQL.<port>`.
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+        #[arg(long)]
+        port: Option<u16>,
+        /// Also accept TCP clients here.
+        #[arg(long)]
+        listen: Option<String>,
+        #[arg(long)]
+        admin_listen: Option<String>,
+        /// The primary: host:port, or a socket directory.
+        #[arg(long)]
+        primary: Option<String>,
+    },
     /// Validate configuration files; prints one line per problem.
     CheckConfig {
         #[arg(required = true)]
@@ -66,6 +85,41 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { files } => check_config(&files),
+        Command::Db {
+            config,
+            socket_dir,
+            port,
+            listen,
+            admin_listen,
+            primary,
+        } => {
+            let overrides = gatehouse::config::db::DbOverrides {
+                socket_dir,
+                port,
+                listen,
+                admin_listen,
+                primary,
+            };
+            let loaded = match gatehouse::config::db::DbConfig::load(
+                config.as_deref(),
+                &overrides,
+                &gatehouse::config::ProcessEnv,
+            ) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            gatehouse::telemetry::init_tracing(&loaded.log);
+            match gatehouse::db::run(loaded) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gatehouse: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Ratelimit {
             command:
                 RatelimitCommand::Inspect {

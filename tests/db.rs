@@ -27,6 +27,8 @@ struct Wire {
     stream: UnixStream,
     buf: BytesMut,
     codec: FrameCodec,
+    /// BackendKeyData from login.
+    backend_key: (i32, i32),
 }
 
 impl Wire {
@@ -40,6 +42,7 @@ impl Wire {
             stream,
             buf: BytesMut::new(),
             codec: FrameCodec::new(1 << 20),
+            backend_key: (0, 0),
         }
     }
 
@@ -80,7 +83,10 @@ impl Wire {
 
     /// Startup and SCRAM-SHA-256 as `app`, up to the first ReadyForQuery.
     fn login(pg: &TestPostgres) -> Wire {
-        let mut wire = Wire::connect(pg);
+        Wire::scram_login(Wire::connect(pg))
+    }
+
+    fn scram_login(mut wire: Wire) -> Wire {
         wire.startup(APP_USER);
         let sasl = wire.frame();
         assert_eq!(sasl.tag, b'R');
@@ -97,7 +103,21 @@ impl Wire {
         scram.finish(&final_.body()[4..]).unwrap();
         let frames = wire.until_ready();
         assert_eq!(frames.last().unwrap().ready_status(), Some(b'I'));
+        if let Some(key) = frames.iter().find(|f| f.tag == b'K') {
+            let body = key.body();
+            wire.backend_key = (
+                i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+                i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
+            );
+        }
         wire
+    }
+
+    /// The first column of the first row of `sql`.
+    fn value(&mut self, sql: &str) -> String {
+        let frames = self.query(sql);
+        let row = frames.iter().find(|f| f.tag == b'D').expect("a row");
+        String::from_utf8_lossy(&row.body()[6..]).to_string()
     }
 
     fn query(&mut self, sql: &str) -> Vec<Frame> {
@@ -273,4 +293,373 @@ async fn server_login_failures_carry_the_servers_sqlstate() {
         ServerConn::open(&nowhere, &none, Duration::from_secs(5)).await,
         Err(ServerError::Connect { .. })
     ));
+}
+
+/// A running `gatehouse db` in front of the test cluster.
+struct GatehouseDb {
+    child: std::process::Child,
+    socket_dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl GatehouseDb {
+    fn start(pg: &TestPostgres, pool: &str) -> GatehouseDb {
+        let socket_dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = format!(
+            "[server]\nsocket_dir = \"{}\"\nport = {port}\n\n[admin]\nenabled = false\n\n\
+             [primary]\nhost = \"{}\"\nport = {}\n\n[pool]\nmin_connections = 0\n{pool}\n\n\
+             [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
+             [[users]]\nname = \"{MD5_USER}\"\nauth = \"md5\"\npassword = \"{MD5_PASSWORD}\"\n\n\
+             [[databases]]\nname = \"{APP_DB}\"\n",
+            socket_dir.path().display(),
+            pg.socket_dir.display(),
+            pg.port,
+        );
+        let config_path = socket_dir.path().join("db.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+            .arg("db")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let db = GatehouseDb {
+            child,
+            socket_dir,
+            port,
+        };
+        let socket = db.socket_dir.path().join(format!(".s.PGSQL.{port}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "gatehouse db did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        db
+    }
+
+    fn psql(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
+        let out = std::process::Command::new("psql")
+            .arg("-h")
+            .arg(self.socket_dir.path())
+            .args(["-p", &self.port.to_string(), "-U", user, "-d", APP_DB])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).to_string())
+        }
+    }
+
+    /// A raw client logged in through gatehouse with SCRAM.
+    fn wire(&self) -> Wire {
+        let socket = self
+            .socket_dir
+            .path()
+            .join(format!(".s.PGSQL.{}", self.port));
+        let stream = UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Wire::scram_login(Wire {
+            stream,
+            buf: BytesMut::new(),
+            codec: FrameCodec::new(1 << 20),
+            backend_key: (0, 0),
+        })
+    }
+}
+
+impl Drop for GatehouseDb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const MD5_USER: &str = "app_md5";
+const MD5_PASSWORD: &str = "md5-test-password";
+
+/// A second role, for md5 clients.
+fn md5_role(pg: &TestPostgres) {
+    pg.superuser_sql(&format!(
+        "DO $$ BEGIN CREATE ROLE {MD5_USER} LOGIN PASSWORD '{MD5_PASSWORD}'; \
+         EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    ));
+    pg.superuser_sql(&format!("GRANT ALL ON DATABASE {APP_DB} TO {MD5_USER}"));
+}
+
+#[test]
+fn psql_through_the_socket_with_scram_and_md5() {
+    let pg = TestPostgres::shared();
+    md5_role(pg);
+    let db = GatehouseDb::start(pg, "max_connections = 4");
+    assert_eq!(
+        db.psql(APP_USER, APP_PASSWORD, "SELECT 1 + 1, current_user")
+            .unwrap(),
+        "2|app"
+    );
+    assert_eq!(
+        db.psql(MD5_USER, MD5_PASSWORD, "SELECT current_user")
+            .unwrap(),
+        MD5_USER
+    );
+
+    let wrong = db.psql(APP_USER, "guess", "SELECT 1").unwrap_err();
+    assert!(
+        wrong.contains("password authentication failed for user \"app\""),
+        "{wrong}"
+    );
+    let unknown = db.psql("nobody", "guess", "SELECT 1").unwrap_err();
+    assert!(
+        unknown.contains("password authentication failed for user \"nobody\""),
+        "{unknown}"
+    );
+
+    // The statement timeout from the config, and one from the client's options.
+    assert_eq!(
+        db.psql(APP_USER, APP_PASSWORD, "SHOW statement_timeout")
+            .unwrap(),
+        "30s"
+    );
+    let out = std::process::Command::new("psql")
+        .arg("-h")
+        .arg(db.socket_dir.path())
+        .args([
+            "-p",
+            &db.port.to_string(),
+            "-U",
+            APP_USER,
+            "-d",
+            APP_DB,
+            "-X",
+            "-A",
+            "-t",
+        ])
+        .args([
+            "-c",
+            "SELECT current_setting('statement_timeout'), current_setting('application_name')",
+        ])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGOPTIONS", "-c statement_timeout=5000")
+        .env("PGAPPNAME", "reports")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "5s|reports");
+}
+
+#[test]
+fn copy_in_and_out_and_a_large_result() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 2");
+    db.psql(
+        APP_USER,
+        APP_PASSWORD,
+        "DROP TABLE IF EXISTS copied; CREATE TABLE copied (n int, s text)",
+    )
+    .unwrap();
+    let data = tempfile::NamedTempFile::new().unwrap();
+    let rows: String = (0..1000).map(|i| format!("{i}\trow {i}\n")).collect();
+    std::fs::write(data.path(), rows).unwrap();
+    db.psql(
+        APP_USER,
+        APP_PASSWORD,
+        &format!("\\copy copied FROM '{}'", data.path().display()),
+    )
+    .unwrap();
+    assert_eq!(
+        db.psql(
+            APP_USER,
+            APP_PASSWORD,
+            "SELECT count(*), sum(n) FROM copied"
+        )
+        .unwrap(),
+        "1000|499500"
+    );
+    let out = tempfile::NamedTempFile::new().unwrap();
+    db.psql(
+        APP_USER,
+        APP_PASSWORD,
+        &format!(
+            "\\copy (SELECT * FROM copied ORDER BY n) TO '{}'",
+            out.path().display()
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(out.path()).unwrap().lines().count(),
+        1000
+    );
+    // About 20 MB streamed through.
+    let total = db
+        .psql(
+            APP_USER,
+            APP_PASSWORD,
+            "SELECT sum(length(s)) FROM (SELECT repeat('x', 1000) AS s FROM generate_series(1, 20000)) t",
+        )
+        .unwrap();
+    assert_eq!(total, "20000000");
+}
+
+#[test]
+fn nothing_a_client_set_reaches_the_next_client() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 1");
+    let first = db
+        .psql(
+            APP_USER,
+            APP_PASSWORD,
+            "SET search_path TO leaked; LISTEN leaked; SELECT pg_advisory_lock(42); \
+             CREATE TEMP TABLE leaked_temp (x int); SELECT pg_backend_pid()",
+        )
+        .unwrap();
+    let first_pid = first.lines().last().unwrap().to_string();
+    let second = db
+        .psql(
+            APP_USER,
+            APP_PASSWORD,
+            "SELECT pg_backend_pid(), current_setting('search_path'), \
+             (SELECT count(*) FROM pg_listening_channels()), \
+             (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'), \
+             to_regclass('pg_temp.leaked_temp') IS NULL",
+        )
+        .unwrap();
+    assert_eq!(
+        second,
+        format!("{first_pid}|\"$user\", public|0|0|t"),
+        "same server, clean session"
+    );
+}
+
+#[test]
+fn a_client_vanishing_mid_transaction_is_rolled_back() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 1");
+    let mut wire = db.wire();
+    let pid = wire.value("SELECT pg_backend_pid()");
+    assert_eq!(
+        wire.query("BEGIN").last().unwrap().ready_status(),
+        Some(b'T')
+    );
+    wire.query("CREATE TABLE vanished (x int)");
+    drop(wire); // no Terminate, no COMMIT
+    let after = db
+        .psql(
+            APP_USER,
+            APP_PASSWORD,
+            "SELECT pg_backend_pid(), to_regclass('public.vanished') IS NULL",
+        )
+        .unwrap();
+    assert_eq!(
+        after,
+        format!("{pid}|t"),
+        "the same server, rolled back and reused"
+    );
+}
+
+#[test]
+fn a_full_pool_makes_clients_wait_then_fail_with_53300() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 1\ncheckout_timeout = \"1s\"");
+    let holder = db.wire();
+    let started = std::time::Instant::now();
+    let refused = db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap_err();
+    assert!(
+        refused.contains("no server connection free in pool app/app"),
+        "{refused}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    drop(holder);
+    assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap(), "1");
+}
+
+#[test]
+fn a_cancel_reaches_only_its_own_query() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 2");
+    let mut sleeper = db.wire();
+    let (pid, key) = sleeper.backend_key;
+    let mut bystander = db.wire();
+    let mut buf = BytesMut::new();
+    frontend::query("SELECT pg_sleep(20)", &mut buf).unwrap();
+    sleeper.send(&buf);
+    bystander.send(&buf);
+    std::thread::sleep(Duration::from_millis(300));
+    let socket = db.socket_dir.path().join(format!(".s.PGSQL.{}", db.port));
+    let mut cancel = UnixStream::connect(socket).unwrap();
+    let mut packet = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(&key.to_be_bytes());
+    cancel.write_all(&packet).unwrap();
+    let started = std::time::Instant::now();
+    let frames = sleeper.until_ready();
+    let error = frames
+        .iter()
+        .find(|f| f.tag == b'E')
+        .expect("the query was cancelled");
+    assert!(error.error_fields().contains(&(b'C', "57014")));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The other client's query was not touched: cancel it ourselves to end the test.
+    bystander
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut probe = [0u8; 1];
+    assert!(
+        bystander.stream.read(&mut probe).is_err(),
+        "the bystander got an answer early"
+    );
+    let (pid, key) = bystander.backend_key;
+    let mut cancel =
+        UnixStream::connect(db.socket_dir.path().join(format!(".s.PGSQL.{}", db.port))).unwrap();
+    let mut packet = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(&key.to_be_bytes());
+    cancel.write_all(&packet).unwrap();
+}
+
+#[test]
+fn pgbench_prepared_through_the_pool() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 8");
+    let pgbench = |args: &[&str]| {
+        let out = std::process::Command::new("pgbench")
+            .arg("-h")
+            .arg(db.socket_dir.path())
+            .args(["-p", &db.port.to_string(), "-U", APP_USER])
+            .args(args)
+            .arg(APP_DB)
+            .env("PGPASSWORD", APP_PASSWORD)
+            .output()
+            .expect("pgbench is installed (apt-get install postgresql-contrib)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    pgbench(&["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        let text = pgbench(&["-c", "4", "-j", "2", "-t", "50", "-M", mode]);
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "{mode}: {text}"
+        );
+    }
 }

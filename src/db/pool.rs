@@ -1,0 +1,298 @@
+//! Server connections per (database, user): at most `max_connections`, a
+//! waiting client gives up after `checkout_timeout` with SQLSTATE 53300, and
+//! a connection goes back only after `DISCARD ALL` (after `ROLLBACK` when its
+//! client left inside a transaction), so nothing one client set is seen by
+//! the next.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::codec::Decoder;
+
+use super::codec::{FrameCodec, cstr};
+use super::server::{Login, ServerConn, ServerError, refused};
+use crate::config::db::{DbConfig, DbUser};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection free in pool {pool} within {waited:?}")]
+    Exhausted { pool: String, waited: Duration },
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+struct Pool {
+    /// `database/user`, as errors and metrics name it.
+    name: String,
+    idle: Mutex<Vec<ServerConn>>,
+    permits: Arc<Semaphore>,
+}
+
+/// Every pool, created on first use.
+#[derive(Default)]
+pub struct Pools {
+    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+}
+
+impl Pools {
+    fn pool(&self, database: &str, user: &str, max: u32) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            pools
+                .entry((database.to_string(), user.to_string()))
+                .or_insert_with(|| {
+                    Arc::new(Pool {
+                        name: format!("{database}/{user}"),
+                        idle: Mutex::new(Vec::new()),
+                        permits: Arc::new(Semaphore::new(max as usize)),
+                    })
+                }),
+        )
+    }
+
+    /// A server connection for `user` on `database`: an idle one, or a new
+    /// one while the pool is below its size; else wait for one.
+    pub async fn checkout(
+        &self,
+        config: &DbConfig,
+        database: &str,
+        user: &DbUser,
+    ) -> Result<Checkout, PoolError> {
+        let pool = self.pool(database, &user.name, config.pool.max_connections);
+        let waited = config.pool.checkout_timeout;
+        let permit = tokio::time::timeout(waited, Arc::clone(&pool.permits).acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| PoolError::Exhausted {
+                pool: pool.name.clone(),
+                waited,
+            })?;
+        let idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match idle {
+            Some(conn) => conn,
+            None => {
+                let login = Login {
+                    user: &user.name,
+                    database,
+                    password: user.server_password.as_deref(),
+                    params: &[],
+                };
+                ServerConn::open(&config.primary, &login, config.pool.connect_timeout).await?
+            }
+        };
+        Ok(Checkout {
+            conn: Some(conn),
+            pool,
+            _permit: permit,
+            codec: FrameCodec::new(1 << 30),
+            outstanding: 0,
+            status: b'I',
+            statement_timeout: config.pool.statement_timeout,
+        })
+    }
+}
+
+/// A server connection lent to one client.
+pub struct Checkout {
+    /// `None` once discarded.
+    conn: Option<ServerConn>,
+    pool: Arc<Pool>,
+    _permit: OwnedSemaphorePermit,
+    codec: FrameCodec,
+    /// Query and Sync messages sent whose ReadyForQuery has not come back.
+    outstanding: usize,
+    /// The last ReadyForQuery status: `I`, `T` or `E`.
+    status: u8,
+    statement_timeout: Duration,
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `-c name=value` and `--name=value` settings from a startup `options`.
+fn settings_of(options: &str) -> Vec<(String, String)> {
+    let mut settings = Vec::new();
+    let mut words = options.split_whitespace();
+    while let Some(word) = words.next() {
+        let setting = match word {
+            "-c" => words.next(),
+            w => w.strip_prefix("--").or_else(|| w.strip_prefix("-c")),
+        };
+        if let Some((name, value)) = setting.and_then(|s| s.split_once('=')) {
+            settings.push((name.replace('-', "_"), value.to_string()));
+        }
+    }
+    settings
+}
+
+impl Checkout {
+    pub fn conn(&self) -> &ServerConn {
+        // Present until `discard` or `release`, which consume the session.
+        self.conn.as_ref().unwrap_or_else(|| unreachable!())
+    }
+
+    fn conn_mut(&mut self) -> Result<&mut ServerConn, ServerError> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))
+    }
+
+    /// Run one simple query, keeping ParameterStatus updates; an error
+    /// from the server is returned.
+    async fn run(&mut self, sql: &str) -> Result<(), ServerError> {
+        let conn = self.conn_mut()?;
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        conn.send(&out).await?;
+        let mut failure = None;
+        loop {
+            let frame = conn.read_frame().await?;
+            match frame.tag {
+                b'E' => failure = Some(refused(&frame)),
+                b'S' => {
+                    if let Some((name, rest)) = cstr(frame.body()) {
+                        if let Some((value, _)) = cstr(rest) {
+                            match conn.params.iter_mut().find(|(k, _)| k == name) {
+                                Some(param) => param.1 = value.to_string(),
+                                None => conn.params.push((name.to_string(), value.to_string())),
+                            }
+                        }
+                    }
+                }
+                b'Z' => {
+                    self.status = frame.body().first().copied().unwrap_or(b'I');
+                    return failure.map_or(Ok(()), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Give the session the client's startup parameters and `options`
+    /// settings, and the configured statement timeout unless it sets one.
+    pub async fn apply(
+        &mut self,
+        params: &[(&str, &str)],
+        options: Option<&str>,
+    ) -> Result<(), ServerError> {
+        let mut settings: Vec<(String, String)> = Vec::new();
+        for (name, value) in params {
+            let current = self
+                .conn()
+                .params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str());
+            if current != Some(*value) {
+                settings.push((name.to_string(), value.to_string()));
+            }
+        }
+        let from_options = options.map(settings_of).unwrap_or_default();
+        if !self.statement_timeout.is_zero()
+            && !from_options.iter().any(|(k, _)| k == "statement_timeout")
+        {
+            settings.push((
+                "statement_timeout".into(),
+                self.statement_timeout.as_millis().to_string(),
+            ));
+        }
+        settings.extend(from_options);
+        if settings.is_empty() {
+            return Ok(());
+        }
+        let sql: Vec<String> = settings
+            .iter()
+            .map(|(name, value)| format!("SET {} TO {}", quote_ident(name), quote_literal(value)))
+            .collect();
+        self.run(&sql.join("; ")).await
+    }
+
+    /// Forward client bytes holding `sync_points` Query or Sync messages.
+    pub async fn send(&mut self, bytes: &[u8], sync_points: usize) -> Result<(), ServerError> {
+        self.outstanding += sync_points;
+        self.conn_mut()?.send(bytes).await
+    }
+
+    /// The next whole frames the server sent, as bytes for the client.
+    pub async fn read_some(&mut self) -> Result<Bytes, ServerError> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))?;
+        loop {
+            let mut out = BytesMut::new();
+            while let Some(frame) = self.codec.decode(&mut conn.buf)? {
+                if let Some(status) = frame.ready_status() {
+                    self.status = status;
+                    self.outstanding = self.outstanding.saturating_sub(1);
+                }
+                out.extend_from_slice(&frame.bytes);
+            }
+            if !out.is_empty() {
+                return Ok(out.freeze());
+            }
+            if conn.stream.read_buf(&mut conn.buf).await? == 0 {
+                return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Close the connection instead of returning it.
+    pub fn discard(&mut self) {
+        self.conn = None;
+    }
+
+    /// Reset the session and return the connection to its pool; a
+    /// connection that cannot be reset cleanly is closed instead.
+    pub async fn release(mut self) {
+        if self.conn.is_none() {
+            return;
+        }
+        // A reply still on its way, or COPY in progress: the state is unknown.
+        if self.outstanding > 0 || !self.conn().buf.is_empty() {
+            return;
+        }
+        if self.status != b'I' && self.run("ROLLBACK").await.is_err() {
+            return;
+        }
+        let reset = tokio::time::timeout(Duration::from_secs(5), self.run("DISCARD ALL")).await;
+        if !matches!(reset, Ok(Ok(()))) || self.status != b'I' {
+            return;
+        }
+        if let Some(conn) = self.conn.take() {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::settings_of;
+
+    #[test]
+    fn options_settings() {
+        assert_eq!(
+            settings_of("-c statement_timeout=5000 --search-path=app -cwork_mem=64MB"),
+            [
+                ("statement_timeout".to_string(), "5000".to_string()),
+                ("search_path".to_string(), "app".to_string()),
+                ("work_mem".to_string(), "64MB".to_string()),
+            ]
+        );
+    }
+}

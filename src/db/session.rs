@@ -1,0 +1,354 @@
+//! One client, start to end: startup (SSLRequest and GSSENCRequest answered
+//! `N`, CancelRequest forwarded only to the server that client holds),
+//! authentication (SCRAM-SHA-256, md5, or trust limited to peer uids), a
+//! server connection from the pool with the client's startup parameters
+//! applied, then messages relayed frame by frame until the client leaves.
+//! The server goes back to the pool only after a clean reset.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::Decoder;
+
+use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_secret};
+use super::codec::{CodecError, Frame, FrameCodec, Startup, StartupCodec, error_response, frame};
+use super::pool::{Checkout, PoolError};
+use super::{CancelTarget, DbShared};
+use crate::config::db::{AuthMethod, DbUser, Secret};
+
+/// Parameters a client's startup packet may set on its server session.
+const SESSION_PARAMS: [&str; 5] = [
+    "application_name",
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("client protocol: {0}")]
+    Codec(#[from] CodecError),
+    #[error("client left")]
+    Gone,
+}
+
+/// The client side of a session: its stream and what it sent but we have not
+/// read yet.
+struct Client<S> {
+    stream: S,
+    buf: BytesMut,
+    codec: FrameCodec,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    async fn fill(&mut self) -> Result<(), SessionError> {
+        if self.stream.read_buf(&mut self.buf).await? == 0 {
+            return Err(SessionError::Gone);
+        }
+        Ok(())
+    }
+
+    async fn startup(&mut self) -> Result<Startup, SessionError> {
+        loop {
+            if let Some(startup) = StartupCodec.decode(&mut self.buf)? {
+                return Ok(startup);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn frame(&mut self) -> Result<Frame, SessionError> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Report an error and end the session.
+    async fn fatal(&mut self, sqlstate: &str, message: &str) -> Result<(), SessionError> {
+        let error = error_response("FATAL", sqlstate, message);
+        self.send(&error.bytes).await
+    }
+}
+
+fn auth_request(code: i32, extra: &[u8]) -> Frame {
+    let mut body = code.to_be_bytes().to_vec();
+    body.extend_from_slice(extra);
+    frame(b'R', &body)
+}
+
+/// Serve one client connection. `peer_uid` is the client's uid on the Unix
+/// socket (SO_PEERCRED), `None` over TCP.
+pub async fn serve<S>(stream: S, peer_uid: Option<u32>, shared: Arc<DbShared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = shared.config.load_full();
+    let mut client = Client {
+        stream,
+        buf: BytesMut::with_capacity(8192),
+        codec: FrameCodec::new(config.max_message_size),
+    };
+    match run(&mut client, peer_uid, &shared).await {
+        Ok(()) | Err(SessionError::Gone) => {}
+        Err(SessionError::Codec(e)) => {
+            tracing::debug!(error = %e, "client protocol error");
+            let _ = client.fatal(e.sqlstate(), &e.to_string()).await;
+        }
+        Err(SessionError::Io(e)) => tracing::debug!(error = %e, "client connection error"),
+    }
+}
+
+async fn run<S>(
+    client: &mut Client<S>,
+    peer_uid: Option<u32>,
+    shared: &DbShared,
+) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let startup = loop {
+        match client.startup().await? {
+            // No TLS and no GSSAPI encryption: the client goes on in clear.
+            Startup::SslRequest | Startup::GssEncRequest => client.send(b"N").await?,
+            Startup::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                shared.cancel(process_id, secret_key).await;
+                return Ok(());
+            }
+            startup => break startup,
+        }
+    };
+    let Startup::Startup { params, .. } = &startup else {
+        return Ok(());
+    };
+    let config = shared.config.load_full();
+    let Some(user_name) = startup.param("user") else {
+        return client
+            .fatal("28000", "no user name in the startup packet")
+            .await;
+    };
+    let database = startup.param("database").unwrap_or(user_name);
+    // An unknown user fails like a wrong password: no user enumeration.
+    let failed = format!("password authentication failed for user \"{user_name}\"");
+    let Some(user) = config.users.iter().find(|u| u.name == user_name) else {
+        return client.fatal("28P01", &failed).await;
+    };
+    if !config.databases.iter().any(|d| d.name == database) {
+        return client
+            .fatal("3D000", &format!("database \"{database}\" does not exist"))
+            .await;
+    }
+    match authenticate(client, user, peer_uid).await? {
+        Ok(()) => {}
+        Err(AuthError::Failed) => return client.fatal("28P01", &failed).await,
+        Err(e) => return client.fatal(e.sqlstate(), &e.to_string()).await,
+    }
+
+    let mut server = match shared.pools.checkout(&config, database, user).await {
+        Ok(server) => server,
+        Err(PoolError::Exhausted { pool, waited }) => {
+            let message = format!("no server connection free in pool {pool} within {waited:?}");
+            return client.fatal("53300", &message).await;
+        }
+        Err(PoolError::Server(e)) => {
+            tracing::warn!(error = %e, "cannot reach the primary");
+            return client
+                .fatal("08006", "the database server could not be reached")
+                .await;
+        }
+    };
+    let session_params: Vec<(&str, &str)> = params
+        .iter()
+        .filter(|(k, _)| SESSION_PARAMS.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    if let Err(e) = server
+        .apply(&session_params, startup.param("options"))
+        .await
+    {
+        server.discard();
+        return client
+            .fatal("08P01", &format!("startup parameters: {e}"))
+            .await;
+    }
+
+    // AuthenticationOk, the server's parameters, our cancel key, ready.
+    let mut hello = BytesMut::new();
+    hello.extend_from_slice(&auth_request(0, &[]).bytes);
+    for (name, value) in server.conn().params.iter() {
+        let mut body = Vec::with_capacity(name.len() + value.len() + 2);
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+        hello.extend_from_slice(&frame(b'S', &body).bytes);
+    }
+    let (process_id, secret_key) = shared.register_cancel(CancelTarget {
+        node: config.primary.clone(),
+        backend_key: server.conn().backend_key,
+    });
+    let mut key = BytesMut::new();
+    key.put_i32(process_id);
+    key.put_i32(secret_key);
+    hello.extend_from_slice(&frame(b'K', &key).bytes);
+    hello.extend_from_slice(&frame(b'Z', b"I").bytes);
+    client.send(&hello).await?;
+
+    let outcome = relay(client, &mut server).await;
+    shared.unregister_cancel(process_id, secret_key);
+    match outcome {
+        // A client that left, even inside a transaction, gives a server
+        // that can be rolled back and reset.
+        Ok(()) | Err(SessionError::Gone) => {
+            server.release().await;
+            Ok(())
+        }
+        Err(e) => {
+            server.discard();
+            Err(e)
+        }
+    }
+}
+
+/// Check the client's credentials for `user`.
+async fn authenticate<S>(
+    client: &mut Client<S>,
+    user: &DbUser,
+    peer_uid: Option<u32>,
+) -> Result<Result<(), AuthError>, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match user.auth {
+        AuthMethod::Trust => {
+            let allowed = user.trusted_uids.is_empty()
+                || peer_uid.is_some_and(|uid| user.trusted_uids.contains(&uid));
+            Ok(if allowed {
+                Ok(())
+            } else {
+                Err(AuthError::Failed)
+            })
+        }
+        AuthMethod::Md5 => {
+            let stored = match &user.secret {
+                Some(Secret::Md5(stored)) => stored.clone(),
+                Some(Secret::Clear(password)) => md5_secret(password, &user.name),
+                _ => return Ok(Err(AuthError::Failed)),
+            };
+            let salt: [u8; 4] = rand::random();
+            client.send(&auth_request(5, &salt).bytes).await?;
+            let answer = client.frame().await?;
+            if answer.tag != b'p' {
+                return Ok(Err(AuthError::Malformed("expected a password message")));
+            }
+            Ok(if md5_response_ok(&stored, salt, answer.body()) {
+                Ok(())
+            } else {
+                Err(AuthError::Failed)
+            })
+        }
+        AuthMethod::ScramSha256 => {
+            let verifier = match &user.secret {
+                Some(Secret::Scram(verifier)) => verifier.clone(),
+                Some(Secret::Clear(password)) => {
+                    let salt: [u8; 16] = rand::random();
+                    ScramVerifier::from_password(password, &salt, super::auth::SCRAM_ITERATIONS)
+                }
+                _ => return Ok(Err(AuthError::Failed)),
+            };
+            client
+                .send(&auth_request(10, b"SCRAM-SHA-256\0\0").bytes)
+                .await?;
+            let initial = client.frame().await?;
+            let mut body = initial.body();
+            // SASLInitialResponse: mechanism, length, data.
+            let Some((mechanism, rest)) = super::codec::cstr(body) else {
+                return Ok(Err(AuthError::Malformed("SASLInitialResponse")));
+            };
+            body = rest;
+            if initial.tag != b'p' || mechanism != "SCRAM-SHA-256" || body.len() < 4 {
+                return Ok(Err(AuthError::Malformed("SASLInitialResponse")));
+            }
+            let len = body.get_i32();
+            if usize::try_from(len).ok() != Some(body.len()) {
+                return Ok(Err(AuthError::Malformed("SASLInitialResponse length")));
+            }
+            let (exchange, server_first) = match ScramExchange::start(&verifier, body) {
+                Ok(started) => started,
+                Err(e) => return Ok(Err(e)),
+            };
+            client
+                .send(&auth_request(11, server_first.as_bytes()).bytes)
+                .await?;
+            let response = client.frame().await?;
+            if response.tag != b'p' {
+                return Ok(Err(AuthError::Malformed("expected SASLResponse")));
+            }
+            match exchange.finish(response.body()) {
+                Ok(server_final) => {
+                    client
+                        .send(&auth_request(12, server_final.as_bytes()).bytes)
+                        .await?;
+                    Ok(Ok(()))
+                }
+                Err(e) => Ok(Err(e)),
+            }
+        }
+    }
+}
+
+/// Relay messages until the client terminates (`Ok`) or fails (`Err`).
+async fn relay<S>(client: &mut Client<S>, server: &mut Checkout) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        tokio::select! {
+            read = client.stream.read_buf(&mut client.buf) => {
+                if read? == 0 {
+                    return Err(SessionError::Gone);
+                }
+                let mut out = BytesMut::new();
+                let mut sync_points = 0;
+                while let Some(frame) = client.codec.decode(&mut client.buf)? {
+                    if frame.tag == b'X' {
+                        if !out.is_empty() {
+                            server.send(&out, sync_points).await.map_err(server_gone)?;
+                        }
+                        return Ok(());
+                    }
+                    // A Query or a Sync gets exactly one ReadyForQuery back.
+                    if frame.tag == b'Q' || frame.tag == b'S' {
+                        sync_points += 1;
+                    }
+                    out.extend_from_slice(&frame.bytes);
+                }
+                if !out.is_empty() {
+                    server.send(&out, sync_points).await.map_err(server_gone)?;
+                }
+            }
+            read = server.read_some() => {
+                let bytes = read.map_err(server_gone)?;
+                client.send(&bytes).await?;
+            }
+        }
+    }
+}
+
+fn server_gone(e: super::server::ServerError) -> SessionError {
+    SessionError::Io(std::io::Error::other(e.to_string()))
+}
