@@ -5,6 +5,9 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+#[allow(dead_code)]
+#[path = "support/harness.rs"]
+mod harness;
 #[path = "support/postgres.rs"]
 mod postgres;
 
@@ -662,4 +665,65 @@ fn pgbench_prepared_through_the_pool() {
             "{mode}: {text}"
         );
     }
+}
+
+/// The example Django app on PostgreSQL through `gatehouse db`, with only the
+/// socket directory as HOST: `migrate`, the seed command, and the CRUD
+/// endpoints under Gunicorn behind the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_through_the_socket() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 4");
+    let host = db.socket_dir.path().display().to_string();
+    let port = db.port.to_string();
+    let gunicorn = harness::Gunicorn::start_with_env(
+        2,
+        &[
+            ("DB_NAME", APP_DB),
+            ("DB_USER", APP_USER),
+            ("DB_PASSWORD", APP_PASSWORD),
+            ("DB_HOST", &host),
+            ("DB_PORT", &port),
+        ],
+    );
+    let gateway = harness::Gatehouse::start(&format!(
+        "[upstream.health_check]\nenabled = false\n\n[[upstream.servers]]\nurl = \"{}\"\n",
+        gunicorn.upstream_url()
+    ));
+    let url = |p: &str| gateway.url(p);
+    let (status, _, body) = harness::curl(&[&url("/v1/stories/")]);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(harness::json(body.as_bytes())["count"], 30);
+    let (status, _, body) = harness::curl(&[
+        "-X",
+        "POST",
+        "--data",
+        "{\"title\": \"Pooled\", \"author_id\": 2}",
+        &url("/v1/stories/"),
+    ]);
+    assert_eq!(status, 201, "{body}");
+    let id = harness::json(body.as_bytes())["id"].as_i64().unwrap();
+    let detail = url(&format!("/v1/stories/{id}/"));
+    let (status, _, _) = harness::curl(&[
+        "-X",
+        "PATCH",
+        "--data",
+        "{\"body\": \"via the pool\"}",
+        &detail,
+    ]);
+    assert_eq!(status, 200);
+    // The row is really in PostgreSQL.
+    let stored = postgres::psql(
+        &pg.socket_dir,
+        pg.port,
+        "postgres",
+        postgres::SUPERUSER_PASSWORD,
+        APP_DB,
+        &format!("SELECT title || ' ' || body FROM stories_story WHERE id = {id}"),
+    );
+    assert_eq!(stored, "Pooled via the pool");
+    let (status, _, _) = harness::curl(&["-X", "DELETE", &detail]);
+    assert_eq!(status, 204);
+    let (status, _, body) = harness::curl(&[&url("/v1/users/2/")]);
+    assert_eq!(status, 200, "{body}");
 }

@@ -401,18 +401,33 @@ fn venv() -> PathBuf {
 }
 
 impl Gunicorn {
+    /// On a fresh SQLite database.
     pub fn start(workers: usize) -> Gunicorn {
+        Self::start_with_env(workers, &[])
+    }
+
+    /// With `env` for Django (e.g. `DB_NAME`, `DB_HOST` for PostgreSQL),
+    /// after `migrate` and the seed-data command.
+    pub fn start_with_env(workers: usize, env: &[(&str, &str)]) -> Gunicorn {
         let venv = venv();
         let dir = tempfile::tempdir().expect("temp dir");
         let db = dir.path().join("db.sqlite3");
         let app = repo_root().join("examples/django");
-        let manage = |args: &[&str]| {
-            let out = Command::new(venv.join("bin/python"))
-                .arg("manage.py")
-                .args(args)
+        let command = |program: PathBuf| {
+            let mut command = Command::new(program);
+            command
                 .current_dir(&app)
                 .env("DJANGO_SQLITE_PATH", &db)
-                .env_remove("DB_NAME")
+                .env_remove("DB_NAME");
+            for (name, value) in env {
+                command.env(name, value);
+            }
+            command
+        };
+        let manage = |args: &[&str]| {
+            let out = command(venv.join("bin/python"))
+                .arg("manage.py")
+                .args(args)
                 .output()
                 .expect("run manage.py");
             assert!(
@@ -424,14 +439,11 @@ impl Gunicorn {
         manage(&["migrate", "-v0"]);
         manage(&["seed_data", "--users", "5", "--stories", "30"]);
         let socket = dir.path().join("gunicorn.sock");
-        let child = Command::new(venv.join("bin/gunicorn"))
+        let child = command(venv.join("bin/gunicorn"))
             .args(["--workers", &workers.to_string(), "--worker-class", "sync"])
             .arg("--bind")
             .arg(format!("unix:{}", socket.display()))
             .args(["--timeout", "30", "muejam_library.wsgi"])
-            .current_dir(&app)
-            .env("DJANGO_SQLITE_PATH", &db)
-            .env_remove("DB_NAME")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
