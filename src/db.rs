@@ -5,6 +5,7 @@
 //!
 //! - `codec`: protocol 3.0 framing; decodes only what pooling and routing read.
 //! - `auth`: client authentication, server side (SCRAM-SHA-256, md5).
+//! - `classify`: what a statement means for pooling (session state that pins).
 //! - `server`: connections to PostgreSQL and logging in.
 //! - `pool`: server connections per (database, user), reset between clients.
 //! - `session`: one client from startup to goodbye.
@@ -13,6 +14,7 @@
 //! pooling). Transaction pooling, replicas and routing are the next steps.
 
 pub mod auth;
+pub mod classify;
 pub mod codec;
 pub mod pool;
 pub mod server;
@@ -43,8 +45,9 @@ pub struct CancelTarget {
 pub struct DbShared {
     pub config: ArcSwap<DbConfig>,
     pub pools: pool::Pools,
-    /// Router-issued (process id, secret) → the server that client holds.
-    cancels: Mutex<HashMap<(i32, i32), CancelTarget>>,
+    /// Router-issued (process id, secret) → the server that client holds
+    /// now, if any.
+    cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
 }
 
 impl DbShared {
@@ -56,25 +59,37 @@ impl DbShared {
         }
     }
 
-    /// A fresh key for a client; a cancel with it reaches `target`.
-    fn register_cancel(&self, target: CancelTarget) -> (i32, i32) {
+    /// A fresh cancel key for a client.
+    fn register_cancel(&self) -> (i32, i32) {
         let mut cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let key = (rand::random::<i32>() & i32::MAX, rand::random::<i32>());
             if let std::collections::hash_map::Entry::Vacant(slot) = cancels.entry(key) {
-                slot.insert(target);
+                slot.insert(None);
                 return key;
             }
         }
     }
 
-    /// Once the client lets its server go, its key cancels nothing
-    /// (pgbouncer #245, #684: stale keys cancelled other clients' queries).
-    fn unregister_cancel(&self, process_id: i32, secret_key: i32) {
+    /// Point a client's key at the server it now holds, or at nothing while
+    /// it holds none: a cancel reaches a server only while that client holds
+    /// it (pgbouncer #245, #684: stale keys cancelled other clients' queries).
+    fn set_cancel_target(&self, key: (i32, i32), target: Option<CancelTarget>) {
+        if let Some(slot) = self
+            .cancels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&key)
+        {
+            *slot = target;
+        }
+    }
+
+    fn unregister_cancel(&self, key: (i32, i32)) {
         self.cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(process_id, secret_key));
+            .remove(&key);
     }
 
     async fn cancel(&self, process_id: i32, secret_key: i32) {
@@ -83,7 +98,8 @@ impl DbShared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&(process_id, secret_key))
-            .cloned();
+            .cloned()
+            .flatten();
         let Some(target) = target else {
             tracing::debug!("cancel request with an unknown key ignored");
             return;

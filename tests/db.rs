@@ -306,7 +306,8 @@ struct GatehouseDb {
 }
 
 impl GatehouseDb {
-    fn start(pg: &TestPostgres, pool: &str) -> GatehouseDb {
+    /// With `pool` lines under `[pool]` and the database in `mode`.
+    fn start(pg: &TestPostgres, pool: &str, mode: &str) -> GatehouseDb {
         let socket_dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -318,7 +319,7 @@ impl GatehouseDb {
              [primary]\nhost = \"{}\"\nport = {}\n\n[pool]\nmin_connections = 0\n{pool}\n\n\
              [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
              [[users]]\nname = \"{MD5_USER}\"\nauth = \"md5\"\npassword = \"{MD5_PASSWORD}\"\n\n\
-             [[databases]]\nname = \"{APP_DB}\"\n",
+             [[databases]]\nname = \"{APP_DB}\"\npool_mode = \"{mode}\"\n",
             socket_dir.path().display(),
             pg.socket_dir.display(),
             pg.port,
@@ -410,7 +411,7 @@ fn md5_role(pg: &TestPostgres) {
 fn psql_through_the_socket_with_scram_and_md5() {
     let pg = TestPostgres::shared();
     md5_role(pg);
-    let db = GatehouseDb::start(pg, "max_connections = 4");
+    let db = GatehouseDb::start(pg, "max_connections = 4", "transaction");
     assert_eq!(
         db.psql(APP_USER, APP_PASSWORD, "SELECT 1 + 1, current_user")
             .unwrap(),
@@ -468,7 +469,7 @@ fn psql_through_the_socket_with_scram_and_md5() {
 #[test]
 fn copy_in_and_out_and_a_large_result() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 2");
+    let db = GatehouseDb::start(pg, "max_connections = 2", "transaction");
     db.psql(
         APP_USER,
         APP_PASSWORD,
@@ -521,7 +522,7 @@ fn copy_in_and_out_and_a_large_result() {
 #[test]
 fn nothing_a_client_set_reaches_the_next_client() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 1");
+    let db = GatehouseDb::start(pg, "max_connections = 1", "transaction");
     let first = db
         .psql(
             APP_USER,
@@ -551,7 +552,7 @@ fn nothing_a_client_set_reaches_the_next_client() {
 #[test]
 fn a_client_vanishing_mid_transaction_is_rolled_back() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 1");
+    let db = GatehouseDb::start(pg, "max_connections = 1", "transaction");
     let mut wire = db.wire();
     let pid = wire.value("SELECT pg_backend_pid()");
     assert_eq!(
@@ -577,7 +578,11 @@ fn a_client_vanishing_mid_transaction_is_rolled_back() {
 #[test]
 fn a_full_pool_makes_clients_wait_then_fail_with_53300() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 1\ncheckout_timeout = \"1s\"");
+    let db = GatehouseDb::start(
+        pg,
+        "max_connections = 1\ncheckout_timeout = \"1s\"",
+        "session",
+    );
     let holder = db.wire();
     let started = std::time::Instant::now();
     let refused = db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap_err();
@@ -593,7 +598,7 @@ fn a_full_pool_makes_clients_wait_then_fail_with_53300() {
 #[test]
 fn a_cancel_reaches_only_its_own_query() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 2");
+    let db = GatehouseDb::start(pg, "max_connections = 2", "transaction");
     let mut sleeper = db.wire();
     let (pid, key) = sleeper.backend_key;
     let mut bystander = db.wire();
@@ -638,7 +643,7 @@ fn a_cancel_reaches_only_its_own_query() {
 #[test]
 fn pgbench_prepared_through_the_pool() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 8");
+    let db = GatehouseDb::start(pg, "max_connections = 8", "transaction");
     let pgbench = |args: &[&str]| {
         let out = std::process::Command::new("pgbench")
             .arg("-h")
@@ -673,7 +678,7 @@ fn pgbench_prepared_through_the_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn django_through_the_socket() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 4");
+    let db = GatehouseDb::start(pg, "max_connections = 4", "transaction");
     let host = db.socket_dir.path().display().to_string();
     let port = db.port.to_string();
     let gunicorn = harness::Gunicorn::start_with_env(
@@ -726,4 +731,121 @@ async fn django_through_the_socket() {
     assert_eq!(status, 204);
     let (status, _, body) = harness::curl(&[&url("/v1/users/2/")]);
     assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn transaction_pooling_shares_a_server_between_transactions() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(
+        pg,
+        "max_connections = 1\ncheckout_timeout = \"5s\"",
+        "transaction",
+    );
+    let mut a = db.wire();
+    let mut b = db.wire();
+    // Both logged in on a pool of one: an idle client holds nothing.
+    let a_pid = a.value("SELECT pg_backend_pid()");
+    let b_pid = b.value("SELECT pg_backend_pid()");
+    assert_eq!(a_pid, b_pid, "one server serves both");
+    // Inside a transaction the server is a's until it ends...
+    assert_eq!(a.query("BEGIN").last().unwrap().ready_status(), Some(b'T'));
+    let mut buf = BytesMut::new();
+    frontend::query("SELECT 'b ran'", &mut buf).unwrap();
+    b.send(&buf);
+    b.stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut probe = [0u8; 1];
+    assert!(
+        b.stream.read(&mut probe).is_err(),
+        "b waits while a is in a transaction"
+    );
+    b.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(a.query("COMMIT").last().unwrap().ready_status(), Some(b'I'));
+    // ...then b's query runs.
+    let frames = b.until_ready();
+    assert!(frames.iter().any(|f| f.tag == b'D'));
+}
+
+#[test]
+fn session_state_pins_the_client_and_leaks_to_nobody() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 2", "transaction");
+    let mut a = db.wire();
+    a.query("SET search_path TO pinned_path");
+    let mut b = db.wire();
+    for _ in 0..3 {
+        assert_eq!(b.value("SHOW search_path"), "\"$user\", public");
+        assert_eq!(a.value("SHOW search_path"), "pinned_path");
+    }
+    // set_config with is_local = false is session state too (pgbouncer #396).
+    let mut c = db.wire();
+    drop(a);
+    c.query("SELECT set_config('search_path', 'via_set_config', false)");
+    for _ in 0..3 {
+        assert_eq!(b.value("SHOW search_path"), "\"$user\", public");
+    }
+    assert_eq!(c.value("SHOW search_path"), "via_set_config");
+}
+
+/// More clients than server connections: they take turns per transaction.
+#[test]
+fn more_clients_than_connections_in_transaction_mode() {
+    let pg = TestPostgres::shared();
+    md5_role(pg);
+    let superuser = |sql: &str| {
+        postgres::psql(
+            &pg.socket_dir,
+            pg.port,
+            "postgres",
+            postgres::SUPERUSER_PASSWORD,
+            APP_DB,
+            sql,
+        )
+    };
+    superuser(&format!(
+        "CREATE SCHEMA IF NOT EXISTS md5bench AUTHORIZATION {MD5_USER}"
+    ));
+    let db = GatehouseDb::start(
+        pg,
+        "max_connections = 2\ncheckout_timeout = \"20s\"",
+        "transaction",
+    );
+    let pgbench = |args: &[&str]| {
+        let out = std::process::Command::new("pgbench")
+            .arg("-h")
+            .arg(db.socket_dir.path())
+            .args(["-p", &db.port.to_string(), "-U", MD5_USER])
+            .args(args)
+            .arg(APP_DB)
+            .env("PGPASSWORD", MD5_PASSWORD)
+            .env("PGOPTIONS", "-c search_path=md5bench")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    };
+    pgbench(&["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended"] {
+        let text = pgbench(&["-c", "8", "-j", "2", "-t", "40", "-M", mode]);
+        assert!(
+            text.contains("number of failed transactions: 0"),
+            "{mode}: {text}"
+        );
+    }
+    let connections = superuser(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{MD5_USER}'"
+    ));
+    let connections: u32 = connections.parse().unwrap();
+    assert!(
+        (1..=2).contains(&connections),
+        "{connections} server connections for 8 clients"
+    );
 }

@@ -147,12 +147,12 @@ fn scram() -> String {
 #[serde(deny_unknown_fields)]
 pub struct RawDatabase {
     pub name: String,
-    #[serde(default = "session")]
+    #[serde(default = "transaction")]
     pub pool_mode: String,
 }
 
-fn session() -> String {
-    "session".into()
+fn transaction() -> String {
+    "transaction".into()
 }
 
 /// The validated `gatehouse db` configuration.
@@ -308,7 +308,7 @@ fn apply_seed(raw: &mut RawDb, env: &dyn EnvSource) -> Result<(), ConfigError> {
         if !raw.databases.iter().any(|d| d.name == name) {
             raw.databases.push(RawDatabase {
                 name,
-                pool_mode: session(),
+                pool_mode: transaction(),
             });
         }
     }
@@ -515,15 +515,7 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
     let mut databases: Vec<Database> = Vec::new();
     for (i, d) in raw.databases.iter().enumerate() {
         let pool_mode = match d.pool_mode.as_str() {
-            // Accepting it now would promise isolation the pool does not give yet.
-            "transaction" => {
-                problems.push((
-                    format!("databases[{i}].pool_mode"),
-                    "transaction pooling is not available in this build yet; use \"session\""
-                        .into(),
-                ));
-                PoolMode::Transaction
-            }
+            "transaction" => PoolMode::Transaction,
             "session" => PoolMode::Session,
             other => {
                 problems.push((

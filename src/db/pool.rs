@@ -120,8 +120,17 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// What a client asked its server session to be.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Startup parameters among `SESSION_PARAMS`.
+    pub params: Vec<(String, String)>,
+    /// `-c name=value` settings from the startup `options`.
+    pub options: Vec<(String, String)>,
+}
+
 /// `-c name=value` and `--name=value` settings from a startup `options`.
-fn settings_of(options: &str) -> Vec<(String, String)> {
+pub fn settings_of(options: &str) -> Vec<(String, String)> {
     let mut settings = Vec::new();
     let mut words = options.split_whitespace();
     while let Some(word) = words.next() {
@@ -179,43 +188,79 @@ impl Checkout {
         }
     }
 
-    /// Give the session the client's startup parameters and `options`
-    /// settings, and the configured statement timeout unless it sets one.
-    pub async fn apply(
-        &mut self,
-        params: &[(&str, &str)],
-        options: Option<&str>,
-    ) -> Result<(), ServerError> {
-        let mut settings: Vec<(String, String)> = Vec::new();
-        for (name, value) in params {
-            let current = self
-                .conn()
+    /// Give the session what this client asked for at startup: its session
+    /// parameters (or the server's defaults when it set none), its `options`
+    /// settings, and the configured statement timeout unless it set one.
+    /// Only what differs from the connection's current state is sent.
+    pub async fn apply(&mut self, wanted: &Settings) -> Result<(), ServerError> {
+        let conn = self.conn();
+        let mut changes: Vec<(String, String)> = Vec::new();
+        for name in super::session::SESSION_PARAMS {
+            let value = wanted
                 .params
                 .iter()
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str());
-            if current != Some(*value) {
-                settings.push((name.to_string(), value.to_string()));
+                .or_else(|| conn.defaults.iter().find(|(k, _)| k == name))
+                .map(|(_, v)| v.clone());
+            let current = conn.params.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            if let Some(value) = value {
+                if current != Some(&value) {
+                    changes.push((name.to_string(), value));
+                }
             }
         }
-        let from_options = options.map(settings_of).unwrap_or_default();
+        let mut options = wanted.options.clone();
         if !self.statement_timeout.is_zero()
-            && !from_options.iter().any(|(k, _)| k == "statement_timeout")
+            && !options.iter().any(|(k, _)| k == "statement_timeout")
         {
-            settings.push((
+            options.push((
                 "statement_timeout".into(),
                 self.statement_timeout.as_millis().to_string(),
             ));
         }
-        settings.extend(from_options);
-        if settings.is_empty() {
+        for (name, value) in &options {
+            if !conn.applied.iter().any(|(k, v)| k == name && v == value) {
+                changes.push((name.clone(), value.clone()));
+            }
+        }
+        if changes.is_empty() {
             return Ok(());
         }
-        let sql: Vec<String> = settings
+        let sql: Vec<String> = changes
             .iter()
             .map(|(name, value)| format!("SET {} TO {}", quote_ident(name), quote_literal(value)))
             .collect();
-        self.run(&sql.join("; ")).await
+        self.run(&sql.join("; ")).await?;
+        let conn = self.conn_mut()?;
+        for (name, value) in options {
+            match conn.applied.iter_mut().find(|(k, _)| *k == name) {
+                Some(slot) => slot.1 = value,
+                None => conn.applied.push((name, value)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Idle at a transaction boundary: every reply in, status `I`.
+    pub fn is_idle(&self) -> bool {
+        self.outstanding == 0
+            && self.status == b'I'
+            && self.conn.as_ref().is_some_and(|c| c.buf.is_empty())
+    }
+
+    /// Return an idle connection as it is, between transactions of clients
+    /// that changed no session state (transaction pooling).
+    pub fn give_back(mut self) {
+        if !self.is_idle() {
+            return;
+        }
+        if let Some(conn) = self.conn.take() {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+        }
     }
 
     /// Forward client bytes holding `sync_points` Query or Sync messages.
@@ -269,6 +314,9 @@ impl Checkout {
         let reset = tokio::time::timeout(Duration::from_secs(5), self.run("DISCARD ALL")).await;
         if !matches!(reset, Ok(Ok(()))) || self.status != b'I' {
             return;
+        }
+        if let Some(conn) = self.conn.as_mut() {
+            conn.applied.clear();
         }
         if let Some(conn) = self.conn.take() {
             self.pool

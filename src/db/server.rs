@@ -100,8 +100,12 @@ pub struct ServerConn {
     /// Bytes read from the server but not yet consumed.
     pub buf: BytesMut,
     codec: FrameCodec,
-    /// ParameterStatus values the server announced at login.
+    /// ParameterStatus values as the server last reported them.
     pub params: Vec<(String, String)>,
+    /// The values reported at login, to go back to for a client that sets none.
+    pub defaults: Vec<(String, String)>,
+    /// Settings applied with SET for the current client, cleared by a reset.
+    pub applied: Vec<(String, String)>,
     /// The server's BackendKeyData (process id, secret key), for cancels.
     pub backend_key: (i32, i32),
 }
@@ -136,6 +140,8 @@ impl ServerConn {
             buf: BytesMut::with_capacity(8192),
             codec: FrameCodec::new(1 << 30),
             params: Vec::new(),
+            defaults: Vec::new(),
+            applied: Vec::new(),
             backend_key: (0, 0),
         };
         tokio::time::timeout(timeout, conn.login(login))
@@ -186,7 +192,10 @@ impl ServerConn {
                         self.backend_key = (body.get_i32(), body.get_i32());
                     }
                 }
-                b'Z' => return Ok(()),
+                b'Z' => {
+                    self.defaults = self.params.clone();
+                    return Ok(());
+                }
                 b'E' => return Err(refused(&frame)),
                 // NoticeResponse and anything else announced at login.
                 _ => {}

@@ -13,12 +13,12 @@ use tokio_util::codec::Decoder;
 
 use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_secret};
 use super::codec::{CodecError, Frame, FrameCodec, Startup, StartupCodec, error_response, frame};
-use super::pool::{Checkout, PoolError};
+use super::pool::{Checkout, PoolError, Settings, settings_of};
 use super::{CancelTarget, DbShared};
-use crate::config::db::{AuthMethod, DbUser, Secret};
+use crate::config::db::{AuthMethod, DbConfig, DbUser, PoolMode, Secret};
 
 /// Parameters a client's startup packet may set on its server session.
-const SESSION_PARAMS: [&str; 5] = [
+pub const SESSION_PARAMS: [&str; 5] = [
     "application_name",
     "client_encoding",
     "DateStyle",
@@ -158,69 +158,225 @@ where
         Err(e) => return client.fatal(e.sqlstate(), &e.to_string()).await,
     }
 
-    let mut server = match shared.pools.checkout(&config, database, user).await {
-        Ok(server) => server,
-        Err(PoolError::Exhausted { pool, waited }) => {
-            let message = format!("no server connection free in pool {pool} within {waited:?}");
-            return client.fatal("53300", &message).await;
-        }
-        Err(PoolError::Server(e)) => {
-            tracing::warn!(error = %e, "cannot reach the primary");
-            return client
-                .fatal("08006", "the database server could not be reached")
-                .await;
-        }
-    };
-    let session_params: Vec<(&str, &str)> = params
+    let mode = config
+        .databases
         .iter()
-        .filter(|(k, _)| SESSION_PARAMS.contains(&k.as_str()))
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    if let Err(e) = server
-        .apply(&session_params, startup.param("options"))
-        .await
-    {
-        server.discard();
-        return client
-            .fatal("08P01", &format!("startup parameters: {e}"))
-            .await;
+        .find(|d| d.name == database)
+        .map_or(PoolMode::Session, |d| d.pool_mode);
+    let mut session = Session {
+        shared,
+        config: Arc::clone(&config),
+        database: database.to_string(),
+        user: user.clone(),
+        settings: Settings {
+            params: params
+                .iter()
+                .filter(|(k, _)| SESSION_PARAMS.contains(&k.as_str()))
+                .cloned()
+                .collect(),
+            options: startup
+                .param("options")
+                .map(settings_of)
+                .unwrap_or_default(),
+        },
+        pinned: mode == PoolMode::Session,
+        key: shared.register_cancel(),
+        server: None,
+    };
+    // The greeting needs a server's parameters: take one now.
+    if let Err(refusal) = session.acquire().await {
+        session.end(false).await;
+        return client.fatal(refusal.0, &refusal.1).await;
     }
-
-    // AuthenticationOk, the server's parameters, our cancel key, ready.
     let mut hello = BytesMut::new();
     hello.extend_from_slice(&auth_request(0, &[]).bytes);
-    for (name, value) in server.conn().params.iter() {
-        let mut body = Vec::with_capacity(name.len() + value.len() + 2);
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
-        hello.extend_from_slice(&frame(b'S', &body).bytes);
+    if let Some(server) = &session.server {
+        for (name, value) in server.conn().params.iter() {
+            let mut body = Vec::with_capacity(name.len() + value.len() + 2);
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+            hello.extend_from_slice(&frame(b'S', &body).bytes);
+        }
     }
-    let (process_id, secret_key) = shared.register_cancel(CancelTarget {
-        node: config.primary.clone(),
-        backend_key: server.conn().backend_key,
-    });
     let mut key = BytesMut::new();
-    key.put_i32(process_id);
-    key.put_i32(secret_key);
+    key.put_i32(session.key.0);
+    key.put_i32(session.key.1);
     hello.extend_from_slice(&frame(b'K', &key).bytes);
     hello.extend_from_slice(&frame(b'Z', b"I").bytes);
-    client.send(&hello).await?;
-
-    let outcome = relay(client, &mut server).await;
-    shared.unregister_cancel(process_id, secret_key);
+    session.between_transactions();
+    if let Err(e) = client.send(&hello).await {
+        session.end(false).await;
+        return Err(e);
+    }
+    let outcome = session.relay(client).await;
+    // A client that left, even inside a transaction, leaves a server that
+    // can be rolled back and reset.
+    let clean = matches!(outcome, Ok(()) | Err(SessionError::Gone));
+    session.end(clean).await;
     match outcome {
-        // A client that left, even inside a transaction, gives a server
-        // that can be rolled back and reset.
-        Ok(()) | Err(SessionError::Gone) => {
-            server.release().await;
-            Ok(())
+        Err(SessionError::Gone) => Ok(()),
+        other => other,
+    }
+}
+
+/// A refusal to tell the client: SQLSTATE and message.
+struct Refusal(&'static str, String);
+
+/// One logged-in client and the server connection it holds, if any.
+struct Session<'a> {
+    shared: &'a DbShared,
+    config: Arc<DbConfig>,
+    database: String,
+    user: DbUser,
+    settings: Settings,
+    /// Holds its server until it leaves: session pooling, or session state
+    /// set in transaction pooling.
+    pinned: bool,
+    key: (i32, i32),
+    server: Option<Checkout>,
+}
+
+impl Session<'_> {
+    /// A server connection for the next messages, with this client's settings.
+    async fn acquire(&mut self) -> Result<&mut Checkout, Refusal> {
+        if self.server.is_none() {
+            let checkout = self
+                .shared
+                .pools
+                .checkout(&self.config, &self.database, &self.user)
+                .await;
+            let mut server = match checkout {
+                Ok(server) => server,
+                Err(PoolError::Exhausted { pool, waited }) => {
+                    return Err(Refusal(
+                        "53300",
+                        format!("no server connection free in pool {pool} within {waited:?}"),
+                    ));
+                }
+                Err(PoolError::Server(e)) => {
+                    tracing::warn!(error = %e, "cannot reach the primary");
+                    return Err(Refusal(
+                        "08006",
+                        "the database server could not be reached".into(),
+                    ));
+                }
+            };
+            if let Err(e) = server.apply(&self.settings).await {
+                server.discard();
+                return Err(Refusal("08P01", format!("startup parameters: {e}")));
+            }
+            self.shared.set_cancel_target(
+                self.key,
+                Some(CancelTarget {
+                    node: self.config.primary.clone(),
+                    backend_key: server.conn().backend_key,
+                }),
+            );
+            self.server = Some(server);
         }
-        Err(e) => {
+        // Just set or already present.
+        self.server
+            .as_mut()
+            .ok_or_else(|| Refusal("08006", "no server".into()))
+    }
+
+    /// In transaction pooling, hand an idle, unpinned server back.
+    fn between_transactions(&mut self) {
+        if self.pinned || !self.server.as_ref().is_some_and(Checkout::is_idle) {
+            return;
+        }
+        if let Some(server) = self.server.take() {
+            self.shared.set_cancel_target(self.key, None);
+            server.give_back();
+        }
+    }
+
+    /// The client is gone: return (or close) the server it held.
+    async fn end(&mut self, clean: bool) {
+        self.shared.unregister_cancel(self.key);
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        if !clean {
             server.discard();
-            Err(e)
+        } else if self.pinned || !server.is_idle() {
+            server.release().await;
+        } else {
+            server.give_back();
         }
+    }
+
+    /// Relay messages until the client terminates (`Ok`) or fails (`Err`).
+    async fn relay<S>(&mut self, client: &mut Client<S>) -> Result<(), SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            let from_server = async {
+                match self.server.as_mut() {
+                    Some(server) => server.read_some().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                read = client.stream.read_buf(&mut client.buf) => {
+                    if read? == 0 {
+                        return Err(SessionError::Gone);
+                    }
+                    let mut out = BytesMut::new();
+                    let mut sync_points = 0;
+                    let mut terminate = false;
+                    while let Some(frame) = client.codec.decode(&mut client.buf)? {
+                        if frame.tag == b'X' {
+                            terminate = true;
+                            break;
+                        }
+                        // A Query or a Sync gets exactly one ReadyForQuery back.
+                        if frame.tag == b'Q' || frame.tag == b'S' {
+                            sync_points += 1;
+                        }
+                        if !self.pinned && pins(&frame) {
+                            tracing::debug!("session state set; client pinned to its server");
+                            self.pinned = true;
+                        }
+                        out.extend_from_slice(&frame.bytes);
+                    }
+                    if !out.is_empty() {
+                        let server = match self.acquire().await {
+                            Ok(server) => server,
+                            Err(refusal) => {
+                                client.fatal(refusal.0, &refusal.1).await?;
+                                return Err(SessionError::Gone);
+                            }
+                        };
+                        server.send(&out, sync_points).await.map_err(server_gone)?;
+                    }
+                    if terminate {
+                        return Ok(());
+                    }
+                }
+                read = from_server => {
+                    let bytes = read.map_err(server_gone)?;
+                    client.send(&bytes).await?;
+                    self.between_transactions();
+                }
+            }
+        }
+    }
+}
+
+/// Messages whose effect outlives the transaction: SQL that sets session
+/// state, and named prepared statements (until they can be re-prepared on
+/// whichever server a client gets).
+fn pins(frame: &Frame) -> bool {
+    match frame.frontend() {
+        Ok(super::codec::Frontend::Query { sql }) => super::classify::pins_session(sql),
+        Ok(super::codec::Frontend::Parse { statement, sql }) => {
+            !statement.is_empty() || super::classify::pins_session(sql)
+        }
+        _ => false,
     }
 }
 
@@ -306,44 +462,6 @@ where
                     Ok(Ok(()))
                 }
                 Err(e) => Ok(Err(e)),
-            }
-        }
-    }
-}
-
-/// Relay messages until the client terminates (`Ok`) or fails (`Err`).
-async fn relay<S>(client: &mut Client<S>, server: &mut Checkout) -> Result<(), SessionError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    loop {
-        tokio::select! {
-            read = client.stream.read_buf(&mut client.buf) => {
-                if read? == 0 {
-                    return Err(SessionError::Gone);
-                }
-                let mut out = BytesMut::new();
-                let mut sync_points = 0;
-                while let Some(frame) = client.codec.decode(&mut client.buf)? {
-                    if frame.tag == b'X' {
-                        if !out.is_empty() {
-                            server.send(&out, sync_points).await.map_err(server_gone)?;
-                        }
-                        return Ok(());
-                    }
-                    // A Query or a Sync gets exactly one ReadyForQuery back.
-                    if frame.tag == b'Q' || frame.tag == b'S' {
-                        sync_points += 1;
-                    }
-                    out.extend_from_slice(&frame.bytes);
-                }
-                if !out.is_empty() {
-                    server.send(&out, sync_points).await.map_err(server_gone)?;
-                }
-            }
-            read = server.read_some() => {
-                let bytes = read.map_err(server_gone)?;
-                client.send(&bytes).await?;
             }
         }
     }

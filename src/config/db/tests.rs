@@ -38,7 +38,7 @@ fn shipped_file_is_valid_and_has_the_seed_pool() {
     assert_eq!(config.pool.statement_timeout, Duration::from_secs(30));
     assert_eq!(config.users[0].auth, AuthMethod::Trust);
     assert_eq!(config.users[0].trusted_uids, [33]);
-    assert_eq!(config.databases[0].pool_mode, PoolMode::Session);
+    assert_eq!(config.databases[0].pool_mode, PoolMode::Transaction);
 }
 
 #[test]
