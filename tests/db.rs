@@ -324,6 +324,31 @@ impl GatehouseDb {
             pg.socket_dir.display(),
             pg.port,
         );
+        Self::launch(socket_dir, port, &config)
+    }
+
+    /// With a whole config file (its socket directory and port are kept).
+    fn start_with_text(config: &str) -> GatehouseDb {
+        let socket_dir = tempfile::tempdir().unwrap();
+        let dir_line = config
+            .lines()
+            .find(|l| l.starts_with("socket_dir = "))
+            .unwrap()
+            .to_string();
+        let port: u16 = config
+            .lines()
+            .find_map(|l| l.strip_prefix("port = "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let config = config.replace(
+            &dir_line,
+            &format!("socket_dir = \"{}\"", socket_dir.path().display()),
+        );
+        Self::launch(socket_dir, port, &config)
+    }
+
+    fn launch(socket_dir: tempfile::TempDir, port: u16, config: &str) -> GatehouseDb {
         let config_path = socket_dir.path().join("db.toml");
         std::fs::write(&config_path, config).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
@@ -848,4 +873,80 @@ fn more_clients_than_connections_in_transaction_mode() {
         (1..=2).contains(&connections),
         "{connections} server connections for 8 clients"
     );
+}
+
+/// Bytes that are not the protocol get an ErrorResponse with a SQLSTATE and
+/// a closed connection, never a hang or a crash; the service goes on.
+#[test]
+fn bad_input_gets_an_error_and_a_closed_connection() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 2", "transaction");
+    let socket = db.socket_dir.path().join(format!(".s.PGSQL.{}", db.port));
+    let exchange = |bytes: &[u8]| {
+        let mut stream = UnixStream::connect(&socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(bytes).unwrap();
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        stream
+            .read_to_end(&mut reply)
+            .expect("closed, not left hanging");
+        let mut buf = BytesMut::from(&reply[..]);
+        FrameCodec::new(1 << 20).decode(&mut buf).ok().flatten()
+    };
+    let sqlstate = |reply: Option<Frame>| {
+        let frame = reply.expect("an ErrorResponse");
+        assert_eq!(frame.tag, b'E');
+        frame
+            .error_fields()
+            .iter()
+            .find(|(c, _)| *c == b'C')
+            .map(|(_, v)| v.to_string())
+            .unwrap()
+    };
+    // An unknown startup code.
+    assert_eq!(
+        sqlstate(exchange(&[0, 0, 0, 8, 0x12, 0x34, 0x56, 0x78])),
+        "08P01"
+    );
+    // A startup packet claiming to be enormous.
+    assert_eq!(sqlstate(exchange(&[0x7f, 0, 0, 0, 0, 3, 0, 0])), "54000");
+    // A startup packet shorter than its own header.
+    assert_eq!(sqlstate(exchange(&[0, 0, 0, 2, 0, 0, 0, 0])), "08P01");
+    // A truncated startup packet: the client stops sending, we stop waiting.
+    assert!(exchange(&[0, 0, 0, 40, 0, 3, 0, 0, b'u']).is_none());
+
+    // After login: a message with an impossible length.
+    let mut wire = db.wire();
+    wire.send(b"Q\x00\x00\x00\x02");
+    let error = wire.frame();
+    assert_eq!(error.tag, b'E');
+    assert!(error.error_fields().contains(&(b'C', "08P01")));
+    // The service is unharmed.
+    assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap(), "1");
+}
+
+/// `trust` limited to peer uids: the socket's SO_PEERCRED decides.
+#[test]
+fn trust_by_peer_uid() {
+    let pg = TestPostgres::shared();
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
+    for (uids, allowed) in [(uid.clone(), true), ("4242424".to_string(), false)] {
+        let db = GatehouseDb::start(pg, "max_connections = 2", "transaction");
+        let config = db.socket_dir.path().join("db.toml");
+        let text = std::fs::read_to_string(&config).unwrap().replace(
+            &format!("name = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\""),
+            &format!(
+                "name = \"{APP_USER}\"\nauth = \"trust\"\ntrusted_uids = [{uids}]\n\
+                 server_password = \"{APP_PASSWORD}\""
+            ),
+        );
+        drop(db);
+        let db = GatehouseDb::start_with_text(&text);
+        let result = db.psql(APP_USER, "not-asked-for", "SELECT current_user");
+        assert_eq!(result.is_ok(), allowed, "uids [{uids}]: {result:?}");
+    }
 }
