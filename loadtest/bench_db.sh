@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# gatehouse db against PgBouncer and direct PostgreSQL, in one run.
+#
+# Starts its own PostgreSQL (initdb in a scratch directory), PgBouncer in
+# transaction mode and gatehouse db in transaction mode, both with the same
+# pool size, then runs pgbench -S (select-only) through each and directly:
+# 50 clients, 2 threads. Prints tps and average latency, and the ratios.
+# Both poolers listen on a Unix socket and trust local clients, as Django on
+# the same host would use them.
+#
+# Usage: loadtest/bench_db.sh [seconds-per-run=10] [rounds=2] [pool-size=20]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+duration=${1:-10}
+rounds=${2:-2}
+pool=${3:-20}
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v pgbouncer >/dev/null || missing+=(pgbouncer)
+command -v pgbench >/dev/null || missing+=(postgresql-contrib)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+cargo build --release --locked -q
+GATEHOUSE=$PWD/target/release/gatehouse
+BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+
+dir=$(mktemp -d)
+chmod 755 "$dir"
+owner=()
+if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; owner=(runuser -u postgres --); fi
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  "${owner[@]}" "$BIN/pg_ctl" stop -D "$dir/data" -m immediate >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PG=$(free_port); PGB=$(free_port); GH=$(free_port)
+
+"${owner[@]}" "$BIN/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync >/dev/null
+"${owner[@]}" "$BIN/pg_ctl" start -w -D "$dir/data" -l "$dir/pg.log" \
+  -o "-p $PG -k $dir -c listen_addresses='' -c max_connections=200 -c fsync=off -c synchronous_commit=off" >/dev/null
+"$BIN/psql" -h "$dir" -p "$PG" -U postgres -qc "CREATE DATABASE bench" 
+"$BIN/pgbench" -h "$dir" -p "$PG" -U postgres -i -s 10 -q bench 2>/dev/null
+
+mkdir -p "$dir/pgb" "$dir/gh"
+if [ "$(id -u)" = 0 ]; then chown postgres "$dir/pgb"; fi
+cat > "$dir/pgb/pgbouncer.ini" <<CONF
+[databases]
+bench = host=$dir port=$PG dbname=bench user=postgres
+[pgbouncer]
+listen_addr =
+listen_port = $PGB
+unix_socket_dir = $dir/pgb
+auth_type = trust
+auth_file = $dir/pgb/users.txt
+pool_mode = transaction
+default_pool_size = $pool
+max_client_conn = 1000
+logfile = $dir/pgb/pgbouncer.log
+pidfile = $dir/pgb/pgbouncer.pid
+CONF
+echo '"postgres" ""' > "$dir/pgb/users.txt"
+if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir/pgb"; fi
+"${owner[@]}" pgbouncer -d "$dir/pgb/pgbouncer.ini"
+
+cat > "$dir/gh/db.toml" <<CONF
+[server]
+socket_dir = "$dir/gh"
+port = $GH
+[admin]
+enabled = false
+[primary]
+host = "$dir"
+port = $PG
+[pool]
+min_connections = 0
+max_connections = $pool
+statement_timeout = "0s"
+[[users]]
+name = "postgres"
+auth = "trust"
+[[databases]]
+name = "bench"
+pool_mode = "transaction"
+[log]
+level = "warn"
+CONF
+"$GATEHOUSE" db --config "$dir/gh/db.toml" 2>"$dir/gh/log" &
+pids+=($!)
+for _ in $(seq 50); do [ -S "$dir/gh/.s.PGSQL.$GH" ] && break; sleep 0.1; done
+
+# pgbench → "tps latency_ms"
+measure() {
+  "$BIN/pgbench" -h "$1" -p "$2" -U postgres -n -S -c 50 -j 2 -T "$duration" -M "$3" bench 2>&1 | awk '
+    /^latency average/ { lat=$4 } /^tps = / { tps=$3 } /failed transactions: [1-9]/ { failed=1 }
+    END { if (failed) print "failed", "-"; else printf "%.0f %s\n", tps, lat }'
+}
+
+printf '%-9s %-10s %5s %10s %12s\n' mode target round tps latency_ms
+declare -A best
+for mode in simple extended; do
+  for round in $(seq "$rounds"); do
+    for target in direct pgbouncer gatehouse; do
+      case $target in
+        direct) host=$dir; port=$PG;;
+        pgbouncer) host=$dir/pgb; port=$PGB;;
+        gatehouse) host=$dir/gh; port=$GH;;
+      esac
+      read -r tps lat < <(measure "$host" "$port" "$mode")
+      printf '%-9s %-10s %5s %10s %12s\n' "$mode" "$target" "$round" "$tps" "$lat"
+      key="$mode/$target"
+      if [ "$tps" != failed ] && { [ -z "${best[$key]:-}" ] || [ "$tps" -gt "${best[$key]}" ]; }; then
+        best[$key]=$tps
+      fi
+    done
+  done
+done
+echo
+echo "best of $rounds rounds, ${duration}s each, pgbench -S -c 50 -j 2, pool size $pool, $(nproc) cores"
+printf '%-9s %10s %10s %10s %18s %16s\n' mode direct pgbouncer gatehouse "gatehouse/pgbouncer" "gatehouse/direct"
+for mode in simple extended; do
+  d=${best[$mode/direct]:-0}; p=${best[$mode/pgbouncer]:-0}; g=${best[$mode/gatehouse]:-0}
+  printf '%-9s %10s %10s %10s %18s %16s\n' "$mode" "$d" "$p" "$g" \
+    "$(awk -v a="$g" -v b="$p" 'BEGIN { if (b) printf "%.2fx", a/b; else print "-" }')" \
+    "$(awk -v a="$g" -v b="$d" 'BEGIN { if (b) printf "%.2fx", a/b; else print "-" }')"
+done
