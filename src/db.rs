@@ -10,8 +10,10 @@
 //! - `pool`: server connections per (database, user), reset between clients.
 //! - `session`: one client from startup to goodbye.
 //!
-//! Sessions hold their server connection from login to disconnect (session
-//! pooling). Transaction pooling, replicas and routing are the next steps.
+//! In transaction pooling (the default) a session holds a server connection
+//! for one transaction; in session pooling, from login to disconnect. One
+//! primary for now: "pick a node" is `pool::Pools::checkout`, where replicas
+//! and routing will go.
 
 pub mod auth;
 pub mod classify;

@@ -26,8 +26,10 @@
 //! - [`ratelimit`]: global, per-user and endpoint sliding-window limits,
 //!   one atomic Lua call to Redis per request, a local fallback behind a
 //!   circuit breaker, and the `RateLimit` response fields.
-//! - [`db`]: `gatehouse db`, the PostgreSQL side: so far the protocol codec
-//!   and client authentication (SCRAM-SHA-256, md5).
+//! - [`db`]: `gatehouse db`, the PostgreSQL pool on a Unix socket: protocol
+//!   codec, client and server authentication, pools, and the session path
+//!   (startup → authenticate → per transaction: pick a server connection →
+//!   forward → release at an idle `ReadyForQuery`).
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/metrics/json`,
 //!   `/ratelimit/<subject>`.
 //! - [`telemetry`]: tracing setup and the Prometheus registry.
