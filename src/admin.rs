@@ -27,7 +27,22 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// The gateway's admin endpoints.
 pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
+    serve_with(listener, move |req| {
+        let shared = Arc::clone(&shared);
+        async move { answer(&shared, &req).await }
+    })
+    .await;
+}
+
+/// Serve HTTP/1.1 on an admin listener, each request answered by `answer`.
+/// Shared by the gateway's and `gatehouse db`'s admin endpoints.
+pub async fn serve_with<F, Fut>(listener: std::net::TcpListener, answer: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+{
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -40,11 +55,11 @@ pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             continue;
         };
-        let shared = Arc::clone(&shared);
+        let answer = answer.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(answer(&shared, &req).await) }
+                let answered = answer(req);
+                async move { Ok::<_, Infallible>(answered.await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -55,12 +70,22 @@ pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
-fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
+pub fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
     let mut response = Response::new(ProxyBody::full(value.to_string()));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A Prometheus text response.
+pub fn text_metrics(body: String) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::full(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
 }
@@ -75,14 +100,7 @@ async fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<ProxyBody>
     match req.uri().path() {
         "/health" => json_response(StatusCode::OK, &json!({"status": "ok"})),
         "/ready" => ready(shared),
-        "/metrics" => {
-            let mut response = Response::new(ProxyBody::full(shared.metrics.render_text()));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            response
-        }
+        "/metrics" => text_metrics(shared.metrics.render_text()),
         "/metrics/json" => json_response(StatusCode::OK, &metrics_json(shared)),
         _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
     }

@@ -9,12 +9,14 @@
 //! - `server`: connections to PostgreSQL and logging in.
 //! - `pool`: server connections per (database, user), reset between clients.
 //! - `session`: one client from startup to goodbye.
+//! - `admin`: `/health`, `/ready`, `/metrics`, `/metrics/json`.
 //!
 //! In transaction pooling (the default) a session holds a server connection
 //! for one transaction; in session pooling, from login to disconnect. One
 //! primary for now: "pick a node" is `pool::Pools::checkout`, where replicas
 //! and routing will go.
 
+pub mod admin;
 pub mod auth;
 pub mod classify;
 pub mod codec;
@@ -47,18 +49,20 @@ pub struct CancelTarget {
 pub struct DbShared {
     pub config: ArcSwap<DbConfig>,
     pub pools: pool::Pools,
+    pub metrics: admin::DbMetrics,
     /// Router-issued (process id, secret) → the server that client holds
     /// now, if any.
     cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
 }
 
 impl DbShared {
-    pub fn new(config: DbConfig) -> Self {
-        DbShared {
+    pub fn new(config: DbConfig) -> Result<Self, prometheus::Error> {
+        Ok(DbShared {
             config: ArcSwap::from_pointee(config),
             pools: pool::Pools::default(),
+            metrics: admin::DbMetrics::new()?,
             cancels: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// A fresh cancel key for a client.
@@ -134,6 +138,8 @@ pub enum DbStartError {
     Listen { at: String, source: io::Error },
     #[error("starting a runtime: {0}")]
     Runtime(io::Error),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Bind the socket (and TCP, when configured), then serve until SIGTERM or SIGINT.
@@ -183,7 +189,20 @@ async fn serve(config: DbConfig) -> Result<(), DbStartError> {
         }
         None => None,
     };
-    let shared = Arc::new(DbShared::new(config));
+    let admin = match config.admin_listen {
+        Some(addr) => Some(
+            crate::admin::bind(addr).map_err(|source| DbStartError::Listen {
+                at: addr.to_string(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let shared = Arc::new(DbShared::new(config)?);
+    if let Some(listener) = admin {
+        tokio::spawn(admin::serve(listener, Arc::clone(&shared)));
+    }
+    tokio::spawn(admin::probe_primary(Arc::clone(&shared)));
     if let Some(tcp) = tcp {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {

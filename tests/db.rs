@@ -950,3 +950,114 @@ fn trust_by_peer_uid() {
         assert_eq!(result.is_ok(), allowed, "uids [{uids}]: {result:?}");
     }
 }
+
+/// One GET over HTTP/1.0; (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+#[test]
+fn admin_reports_pools_and_the_primary() {
+    let pg = TestPostgres::shared();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let plain = GatehouseDb::start(pg, "max_connections = 3", "transaction");
+    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
+        .unwrap()
+        .replace(
+            "[admin]\nenabled = false",
+            &format!("[admin]\nenabled = true\nlisten = \"127.0.0.1:{admin_port}\""),
+        );
+    drop(plain);
+    let db = GatehouseDb::start_with_text(&text);
+    let admin = format!("127.0.0.1:{admin_port}");
+    for _ in 0..3 {
+        assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap(), "1");
+    }
+    assert_eq!(http_get(&admin, "/health").0, 200);
+    assert_eq!(http_get(&admin, "/ready").0, 200);
+    let (status, body) = http_get(&admin, "/metrics/json");
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pool = &json["database"]["connection_pool"][0];
+    assert_eq!(pool["pool"], "app/app");
+    assert_eq!(pool["max"], 3);
+    assert_eq!(pool["active"], 0);
+    assert!(pool["idle"].as_u64().unwrap() >= 1, "{pool}");
+    assert_eq!(json["database"]["nodes"][0]["role"], "primary");
+    assert_eq!(json["database"]["nodes"][0]["healthy"], true);
+    let (_, metrics) = http_get(&admin, "/metrics");
+    let queries = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("gatehouse_db_queries_total{pool=\"app/app\"} "))
+        .unwrap();
+    assert!(queries.parse::<f64>().unwrap() >= 3.0, "{metrics}");
+}
+
+/// The primary crashes: `/ready` says so, clients get 08006 instead of a
+/// hang, and both recover by themselves when it is back.
+#[test]
+fn primary_down_and_back() {
+    let pg = TestPostgres::start();
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let plain = GatehouseDb::start(
+        &pg,
+        "max_connections = 2\nconnect_timeout = \"2s\"",
+        "transaction",
+    );
+    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
+        .unwrap()
+        .replace(
+            "[admin]\nenabled = false",
+            &format!("[admin]\nenabled = true\nlisten = \"127.0.0.1:{admin_port}\""),
+        );
+    drop(plain);
+    let db = GatehouseDb::start_with_text(&text);
+    let admin = format!("127.0.0.1:{admin_port}");
+    assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap(), "1");
+
+    pg.stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(&admin, "/ready").0 != 503 {
+        assert!(std::time::Instant::now() < deadline, "/ready never noticed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let started = std::time::Instant::now();
+    let refused = db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the client waited {:?}",
+        started.elapsed()
+    );
+    assert!(!refused.is_empty());
+
+    pg.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while http_get(&admin, "/ready").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/ready did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The pooled connections died with the server; new ones are opened.
+    for _ in 0..3 {
+        assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 2").unwrap(), "2");
+    }
+}

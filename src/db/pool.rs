@@ -5,6 +5,7 @@
 //! the next.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::Decoder;
 
+use super::admin::DbMetrics;
 use super::codec::{FrameCodec, cstr};
 use super::server::{Login, ServerConn, ServerError, refused};
 use crate::config::db::{DbConfig, DbUser};
@@ -31,6 +33,19 @@ struct Pool {
     name: String,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
+    max: usize,
+    waiting: AtomicUsize,
+}
+
+/// One pool's numbers, for `/metrics` and `.database.connection_pool`.
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    pub name: String,
+    /// Lent to clients now.
+    pub active: usize,
+    pub idle: usize,
+    pub waiting: usize,
+    pub max: usize,
 }
 
 /// Every pool, created on first use.
@@ -50,9 +65,27 @@ impl Pools {
                         name: format!("{database}/{user}"),
                         idle: Mutex::new(Vec::new()),
                         permits: Arc::new(Semaphore::new(max as usize)),
+                        max: max as usize,
+                        waiting: AtomicUsize::new(0),
                     })
                 }),
         )
+    }
+
+    pub fn stats(&self) -> Vec<PoolStats> {
+        let pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stats: Vec<PoolStats> = pools
+            .values()
+            .map(|pool| PoolStats {
+                name: pool.name.clone(),
+                active: pool.max - pool.permits.available_permits(),
+                idle: pool.idle.lock().map_or(0, |idle| idle.len()),
+                waiting: pool.waiting.load(Ordering::Relaxed),
+                max: pool.max,
+            })
+            .collect();
+        stats.sort_by(|a, b| a.name.cmp(&b.name));
+        stats
     }
 
     /// A server connection for `user` on `database`: an idle one, or a new
@@ -62,18 +95,33 @@ impl Pools {
         config: &DbConfig,
         database: &str,
         user: &DbUser,
+        metrics: &DbMetrics,
     ) -> Result<Checkout, PoolError> {
         let pool = self.pool(database, &user.name, config.pool.max_connections);
         let waited = config.pool.checkout_timeout;
-        let permit = tokio::time::timeout(waited, Arc::clone(&pool.permits).acquire_owned())
-            .await
+        let started = std::time::Instant::now();
+        pool.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = tokio::time::timeout(waited, Arc::clone(&pool.permits).acquire_owned()).await;
+        pool.waiting.fetch_sub(1, Ordering::Relaxed);
+        metrics
+            .checkout_wait
+            .with_label_values(&[pool.name.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        let permit = permit
             .ok()
             .and_then(Result::ok)
             .ok_or_else(|| PoolError::Exhausted {
                 pool: pool.name.clone(),
                 waited,
             })?;
-        let idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        // Connections that died while idle (a restarted primary) are dropped.
+        let idle = loop {
+            let next = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            match next {
+                Some(conn) if !conn.is_usable() => continue,
+                other => break other,
+            }
+        };
         let conn = match idle {
             Some(conn) => conn,
             None => {
@@ -83,7 +131,22 @@ impl Pools {
                     password: user.server_password.as_deref(),
                     params: &[],
                 };
-                ServerConn::open(&config.primary, &login, config.pool.connect_timeout).await?
+                {
+                    let opened =
+                        ServerConn::open(&config.primary, &login, config.pool.connect_timeout)
+                            .await;
+                    let label = [pool.name.as_str()];
+                    match opened {
+                        Ok(conn) => {
+                            metrics.server_connects.with_label_values(&label).inc();
+                            conn
+                        }
+                        Err(e) => {
+                            metrics.server_errors.with_label_values(&label).inc();
+                            return Err(e.into());
+                        }
+                    }
+                }
             }
         };
         Ok(Checkout {
@@ -146,6 +209,11 @@ pub fn settings_of(options: &str) -> Vec<(String, String)> {
 }
 
 impl Checkout {
+    /// `database/user`, as metrics name the pool.
+    pub fn pool_name(&self) -> &str {
+        &self.pool.name
+    }
+
     pub fn conn(&self) -> &ServerConn {
         // Present until `discard` or `release`, which consume the session.
         self.conn.as_ref().unwrap_or_else(|| unreachable!())

@@ -85,6 +85,20 @@ impl AsyncWrite for ServerStream {
     }
 }
 
+/// Open a stream to a node (no login).
+pub async fn reach(node: &Node) -> io::Result<ServerStream> {
+    Ok(match node {
+        Node::Tcp { host, port } => {
+            let stream = TcpStream::connect((host.as_str(), *port)).await?;
+            let _ = stream.set_nodelay(true);
+            ServerStream::Tcp(stream)
+        }
+        Node::Socket { dir, port } => {
+            ServerStream::Unix(UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?)
+        }
+    })
+}
+
 /// Who to log in as, and to which database.
 pub struct Login<'a> {
     pub user: &'a str,
@@ -116,19 +130,7 @@ impl ServerConn {
         login: &Login<'_>,
         timeout: Duration,
     ) -> Result<ServerConn, ServerError> {
-        let connect = async {
-            Ok::<_, io::Error>(match node {
-                Node::Tcp { host, port } => {
-                    let stream = TcpStream::connect((host.as_str(), *port)).await?;
-                    let _ = stream.set_nodelay(true);
-                    ServerStream::Tcp(stream)
-                }
-                Node::Socket { dir, port } => ServerStream::Unix(
-                    UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?,
-                ),
-            })
-        };
-        let stream = tokio::time::timeout(timeout, connect)
+        let stream = tokio::time::timeout(timeout, reach(node))
             .await
             .map_err(|_| ServerError::Timeout(node.to_string()))?
             .map_err(|source| ServerError::Connect {
@@ -148,6 +150,18 @@ impl ServerConn {
             .await
             .map_err(|_| ServerError::Timeout(node.to_string()))??;
         Ok(conn)
+    }
+
+    /// Whether an idle connection is still usable: nothing to read (an idle
+    /// server sends nothing) and not closed. A server that shut down sends a
+    /// FATAL and closes; either shows up here.
+    pub fn is_usable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let read = match &self.stream {
+            ServerStream::Tcp(s) => s.try_read(&mut probe),
+            ServerStream::Unix(s) => s.try_read(&mut probe),
+        };
+        matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock) && self.buf.is_empty()
     }
 
     /// The next whole frame from the server.

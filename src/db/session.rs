@@ -245,7 +245,12 @@ impl Session<'_> {
             let checkout = self
                 .shared
                 .pools
-                .checkout(&self.config, &self.database, &self.user)
+                .checkout(
+                    &self.config,
+                    &self.database,
+                    &self.user,
+                    &self.shared.metrics,
+                )
                 .await;
             let mut server = match checkout {
                 Ok(server) => server,
@@ -289,6 +294,11 @@ impl Session<'_> {
         }
         if let Some(server) = self.server.take() {
             self.shared.set_cancel_target(self.key, None);
+            self.shared
+                .metrics
+                .transactions
+                .with_label_values(&[server.pool_name()])
+                .inc();
             server.give_back();
         }
     }
@@ -340,10 +350,13 @@ impl Session<'_> {
                         if !self.pinned && pins(&frame) {
                             tracing::debug!("session state set; client pinned to its server");
                             self.pinned = true;
+                            let pool = format!("{}/{}", self.database, self.user.name);
+                            self.shared.metrics.pinned.with_label_values(&[pool.as_str()]).inc();
                         }
                         out.extend_from_slice(&frame.bytes);
                     }
                     if !out.is_empty() {
+                        let metrics = &self.shared.metrics;
                         let server = match self.acquire().await {
                             Ok(server) => server,
                             Err(refusal) => {
@@ -351,6 +364,12 @@ impl Session<'_> {
                                 return Err(SessionError::Gone);
                             }
                         };
+                        if sync_points > 0 {
+                            metrics
+                                .queries
+                                .with_label_values(&[server.pool_name()])
+                                .inc_by(sync_points as u64);
+                        }
                         server.send(&out, sync_points).await.map_err(server_gone)?;
                     }
                     if terminate {

@@ -18,6 +18,8 @@ pub struct TestPostgres {
     pub socket_dir: PathBuf,
     bin: PathBuf,
     dir: tempfile::TempDir,
+    /// `postgres` options, to start it again the same way.
+    options: String,
     /// Outlives the test process on purpose; never waited for.
     _watcher: Child,
 }
@@ -69,7 +71,8 @@ impl TestPostgres {
         SHARED.get_or_init(TestPostgres::start)
     }
 
-    fn start() -> TestPostgres {
+    /// A cluster of the test's own, to stop and start again.
+    pub fn start() -> TestPostgres {
         let bin = bin_dir();
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
@@ -144,6 +147,7 @@ impl TestPostgres {
             socket_dir: dir.path().to_path_buf(),
             bin,
             dir,
+            options: options.clone(),
             _watcher: watcher,
         };
         postgres.wait_ready();
@@ -169,6 +173,39 @@ impl TestPostgres {
             assert!(Instant::now() < deadline, "postgres did not become ready");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Stop at once, as a crash would.
+    pub fn stop(&self) {
+        let out = as_owner(&self.bin.join("pg_ctl"))
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .output()
+            .expect("pg_ctl stop");
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Start again on the same port and socket.
+    pub fn restart(&self) {
+        let out = as_owner(&self.bin.join("pg_ctl"))
+            .args(["start", "-w", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("postgres.log"))
+            .args(["-o", &self.options])
+            .stdin(Stdio::null())
+            .output()
+            .expect("pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.wait_ready();
     }
 
     /// Run SQL as the superuser over the server's own socket.
