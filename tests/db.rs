@@ -1004,6 +1004,23 @@ fn admin_reports_pools_and_the_primary() {
         .find_map(|l| l.strip_prefix("gatehouse_db_queries_total{pool=\"app/app\"} "))
         .unwrap();
     assert!(queries.parse::<f64>().unwrap() >= 3.0, "{metrics}");
+    assert!(db.psql(APP_USER, "wrong", "SELECT 1").is_err());
+    let (_, metrics) = http_get(&admin, "/metrics");
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(
+        sample("gatehouse_db_logins_total{result=\"ok\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        sample("gatehouse_db_logins_total{result=\"failed\"}"),
+        Some(1.0)
+    );
+    assert_eq!(sample("gatehouse_db_clients"), Some(0.0));
 }
 
 /// The primary crashes: `/ready` says so, clients get 08006 instead of a

@@ -100,7 +100,10 @@ where
         buf: BytesMut::with_capacity(8192),
         codec: FrameCodec::new(config.max_message_size),
     };
-    match run(&mut client, peer_uid, &shared).await {
+    shared.metrics.clients.inc();
+    let outcome = run(&mut client, peer_uid, &shared).await;
+    shared.metrics.clients.dec();
+    match outcome {
         Ok(()) | Err(SessionError::Gone) => {}
         Err(SessionError::Codec(e)) => {
             tracing::debug!(error = %e, "client protocol error");
@@ -152,7 +155,14 @@ where
             .fatal("3D000", &format!("database \"{database}\" does not exist"))
             .await;
     }
-    match authenticate(client, user, peer_uid).await? {
+    let authenticated = authenticate(client, user, peer_uid).await?;
+    let result = if authenticated.is_ok() {
+        "ok"
+    } else {
+        "failed"
+    };
+    shared.metrics.logins.with_label_values(&[result]).inc();
+    match authenticated {
         Ok(()) => {}
         Err(AuthError::Failed) => return client.fatal("28P01", &failed).await,
         Err(e) => return client.fatal(e.sqlstate(), &e.to_string()).await,
