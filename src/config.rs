@@ -765,23 +765,7 @@ impl TryFrom<&RawGateway> for Config {
             None
         };
 
-        let format = match raw.log.format.as_str() {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                problems.push((
-                    "log.format".into(),
-                    format!("`{other}`: use \"text\" or \"json\""),
-                ));
-                LogFormat::Text
-            }
-        };
-        if tracing_subscriber::EnvFilter::try_new(&raw.log.level).is_err() {
-            problems.push((
-                "log.level".into(),
-                format!("`{}` is not a log filter", raw.log.level),
-            ));
-        }
+        let log = log_config(&raw.log, &mut problems);
 
         let mut routes = Vec::new();
         for (i, r) in raw.routes.iter().enumerate() {
@@ -871,11 +855,7 @@ impl TryFrom<&RawGateway> for Config {
                 preserve_host: u.preserve_host,
                 health_check,
             },
-            log: LogConfig {
-                level: raw.log.level.clone(),
-                format,
-                access_log: raw.log.access_log,
-            },
+            log,
             identity,
             routes,
             redis,
@@ -887,6 +867,32 @@ impl TryFrom<&RawGateway> for Config {
                 l1_ttl: c.l1_ttl,
             },
         })
+    }
+}
+
+/// The `[log]` section, shared by both services.
+fn log_config(raw: &raw::RawLog, problems: &mut Problems) -> LogConfig {
+    let format = match raw.format.as_str() {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            problems.push((
+                "log.format".into(),
+                format!("`{other}`: use \"text\" or \"json\""),
+            ));
+            LogFormat::Text
+        }
+    };
+    if tracing_subscriber::EnvFilter::try_new(&raw.level).is_err() {
+        problems.push((
+            "log.level".into(),
+            format!("`{}` is not a log filter", raw.level),
+        ));
+    }
+    LogConfig {
+        level: raw.level.clone(),
+        format,
+        access_log: raw.access_log,
     }
 }
 

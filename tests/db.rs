@@ -394,6 +394,28 @@ impl GatehouseDb {
         }
     }
 
+    /// `pgbench` (a real client) through gatehouse; its output, which must
+    /// report success.
+    fn pgbench(&self, user: &str, password: &str, env: &[(&str, &str)], args: &[&str]) -> String {
+        let out = std::process::Command::new("pgbench")
+            .arg("-h")
+            .arg(self.socket_dir.path())
+            .args(["-p", &self.port.to_string(), "-U", user])
+            .args(args)
+            .arg(APP_DB)
+            .env("PGPASSWORD", password)
+            .envs(env.iter().copied())
+            .output()
+            .expect("pgbench is installed (apt-get install postgresql)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "pgbench {args:?}: {text}");
+        text
+    }
+
     /// A raw client logged in through gatehouse with SCRAM.
     fn wire(&self) -> Wire {
         let socket = self
@@ -669,24 +691,7 @@ fn a_cancel_reaches_only_its_own_query() {
 fn pgbench_prepared_through_the_pool() {
     let pg = TestPostgres::shared();
     let db = GatehouseDb::start(pg, "max_connections = 8", "transaction");
-    let pgbench = |args: &[&str]| {
-        let out = std::process::Command::new("pgbench")
-            .arg("-h")
-            .arg(db.socket_dir.path())
-            .args(["-p", &db.port.to_string(), "-U", APP_USER])
-            .args(args)
-            .arg(APP_DB)
-            .env("PGPASSWORD", APP_PASSWORD)
-            .output()
-            .expect("pgbench is installed (apt-get install postgresql-contrib)");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "pgbench {args:?}: {text}");
-        text
-    };
+    let pgbench = |args: &[&str]| db.pgbench(APP_USER, APP_PASSWORD, &[], args);
     pgbench(&["-i", "-s", "1", "-q"]);
     for mode in ["simple", "extended", "prepared"] {
         let text = pgbench(&["-c", "4", "-j", "2", "-t", "50", "-M", mode]);
@@ -838,25 +843,8 @@ fn more_clients_than_connections_in_transaction_mode() {
         "max_connections = 2\ncheckout_timeout = \"20s\"",
         "transaction",
     );
-    let pgbench = |args: &[&str]| {
-        let out = std::process::Command::new("pgbench")
-            .arg("-h")
-            .arg(db.socket_dir.path())
-            .args(["-p", &db.port.to_string(), "-U", MD5_USER])
-            .args(args)
-            .arg(APP_DB)
-            .env("PGPASSWORD", MD5_PASSWORD)
-            .env("PGOPTIONS", "-c search_path=md5bench")
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "pgbench {args:?}: {text}");
-        text
-    };
+    let options = [("PGOPTIONS", "-c search_path=md5bench")];
+    let pgbench = |args: &[&str]| db.pgbench(MD5_USER, MD5_PASSWORD, &options, args);
     pgbench(&["-i", "-s", "1", "-q"]);
     for mode in ["simple", "extended"] {
         let text = pgbench(&["-c", "8", "-j", "2", "-t", "40", "-M", mode]);

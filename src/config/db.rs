@@ -14,8 +14,7 @@ use serde::Deserialize;
 
 use super::units::ByteSize;
 use super::{
-    ConfigError, EnvSource, LogConfig, LogFormat, Problems, SourceFile, from_figment, locate,
-    socket_addr,
+    ConfigError, EnvSource, LogConfig, Problems, SourceFile, from_figment, locate, socket_addr,
 };
 use crate::db::auth::ScramVerifier;
 
@@ -536,17 +535,7 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
             pool_mode,
         });
     }
-    let format = match raw.log.format.as_str() {
-        "text" => LogFormat::Text,
-        "json" => LogFormat::Json,
-        other => {
-            problems.push((
-                "log.format".into(),
-                format!("`{other}`: use \"text\" or \"json\""),
-            ));
-            LogFormat::Text
-        }
-    };
+    let log = super::log_config(&raw.log, &mut problems);
     if !problems.is_empty() {
         return Err(problems);
     }
@@ -569,11 +558,7 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
         },
         users,
         databases,
-        log: LogConfig {
-            level: raw.log.level.clone(),
-            format,
-            access_log: raw.log.access_log,
-        },
+        log,
     })
 }
 

@@ -319,9 +319,12 @@ impl Checkout {
     /// Return an idle connection as it is, between transactions of clients
     /// that changed no session state (transaction pooling).
     pub fn give_back(mut self) {
-        if !self.is_idle() {
-            return;
+        if self.is_idle() {
+            self.return_to_pool();
         }
+    }
+
+    fn return_to_pool(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool
                 .idle
@@ -386,13 +389,7 @@ impl Checkout {
         if let Some(conn) = self.conn.as_mut() {
             conn.applied.clear();
         }
-        if let Some(conn) = self.conn.take() {
-            self.pool
-                .idle
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(conn);
-        }
+        self.return_to_pool();
     }
 }
 
