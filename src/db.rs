@@ -203,6 +203,16 @@ async fn serve(config: DbConfig) -> Result<(), DbStartError> {
         tokio::spawn(admin::serve(listener, Arc::clone(&shared)));
     }
     tokio::spawn(admin::probe_primary(Arc::clone(&shared)));
+    {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                let config = shared.config.load_full();
+                shared.pools.maintain(&config, &shared.metrics).await;
+            }
+        });
+    }
     if let Some(tcp) = tcp {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {

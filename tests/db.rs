@@ -308,6 +308,12 @@ struct GatehouseDb {
 impl GatehouseDb {
     /// With `pool` lines under `[pool]` and the database in `mode`.
     fn start(pg: &TestPostgres, pool: &str, mode: &str) -> GatehouseDb {
+        // No warm connections unless a test asks for them.
+        let pool = if pool.contains("min_connections") {
+            pool.to_string()
+        } else {
+            format!("min_connections = 0\n{pool}")
+        };
         let socket_dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -316,7 +322,7 @@ impl GatehouseDb {
             .port();
         let config = format!(
             "[server]\nsocket_dir = \"{}\"\nport = {port}\n\n[admin]\nenabled = false\n\n\
-             [primary]\nhost = \"{}\"\nport = {}\n\n[pool]\nmin_connections = 0\n{pool}\n\n\
+             [primary]\nhost = \"{}\"\nport = {}\n\n[pool]\n{pool}\n\n\
              [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
              [[users]]\nname = \"{MD5_USER}\"\nauth = \"md5\"\npassword = \"{MD5_PASSWORD}\"\n\n\
              [[databases]]\nname = \"{APP_DB}\"\npool_mode = \"{mode}\"\n",
@@ -325,6 +331,28 @@ impl GatehouseDb {
             pg.port,
         );
         Self::launch(socket_dir, port, &config)
+    }
+
+    /// With the admin listener on; returns its address too.
+    fn start_with_admin(pg: &TestPostgres, pool: &str, server: &str) -> (GatehouseDb, String) {
+        let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let plain = GatehouseDb::start(pg, pool, "transaction");
+        let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
+            .unwrap()
+            .replace(
+                "[admin]\nenabled = false",
+                &format!("[admin]\nenabled = true\nlisten = \"127.0.0.1:{admin_port}\""),
+            )
+            .replace("[server]\n", &format!("[server]\n{server}\n"));
+        drop(plain);
+        (
+            GatehouseDb::start_with_text(&text),
+            format!("127.0.0.1:{admin_port}"),
+        )
     }
 
     /// With a whole config file (its socket directory and port are kept).
@@ -956,21 +984,7 @@ fn http_get(addr: &str, path: &str) -> (u16, String) {
 #[test]
 fn admin_reports_pools_and_the_primary() {
     let pg = TestPostgres::shared();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let plain = GatehouseDb::start(pg, "max_connections = 3", "transaction");
-    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
-        .unwrap()
-        .replace(
-            "[admin]\nenabled = false",
-            &format!("[admin]\nenabled = true\nlisten = \"127.0.0.1:{admin_port}\""),
-        );
-    drop(plain);
-    let db = GatehouseDb::start_with_text(&text);
-    let admin = format!("127.0.0.1:{admin_port}");
+    let (db, admin) = GatehouseDb::start_with_admin(pg, "max_connections = 3", "");
     for _ in 0..3 {
         assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap(), "1");
     }
@@ -1016,25 +1030,8 @@ fn admin_reports_pools_and_the_primary() {
 #[test]
 fn primary_down_and_back() {
     let pg = TestPostgres::start();
-    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let plain = GatehouseDb::start(
-        &pg,
-        "max_connections = 2\nconnect_timeout = \"2s\"",
-        "transaction",
-    );
-    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
-        .unwrap()
-        .replace(
-            "[admin]\nenabled = false",
-            &format!("[admin]\nenabled = true\nlisten = \"127.0.0.1:{admin_port}\""),
-        );
-    drop(plain);
-    let db = GatehouseDb::start_with_text(&text);
-    let admin = format!("127.0.0.1:{admin_port}");
+    let (db, admin) =
+        GatehouseDb::start_with_admin(&pg, "max_connections = 2\nconnect_timeout = \"2s\"", "");
     assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap(), "1");
 
     pg.stop();
@@ -1065,4 +1062,92 @@ fn primary_down_and_back() {
     for _ in 0..3 {
         assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 2").unwrap(), "2");
     }
+}
+
+/// The pool size from `/metrics/json`: (active, idle) of the only pool.
+fn pool_counts(admin: &str) -> (u64, u64) {
+    let (_, body) = http_get(admin, "/metrics/json");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let pool = &json["database"]["connection_pool"][0];
+    (
+        pool["active"].as_u64().unwrap_or(0),
+        pool["idle"].as_u64().unwrap_or(0),
+    )
+}
+
+fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check()
+}
+
+#[test]
+fn pools_keep_min_connections_and_close_idle_ones() {
+    let pg = TestPostgres::shared();
+    let (warm, admin) = GatehouseDb::start_with_admin(
+        pg,
+        "max_connections = 4\nmin_connections = 2\nidle_timeout = \"1s\"",
+        "",
+    );
+    warm.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(6), || pool_counts(&admin) == (0, 2)),
+        "warmed to 2"
+    );
+    drop(warm);
+
+    let (cold, admin) = GatehouseDb::start_with_admin(
+        pg,
+        "max_connections = 4\nmin_connections = 0\nidle_timeout = \"1s\"",
+        "",
+    );
+    cold.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap();
+    assert_eq!(pool_counts(&admin), (0, 1));
+    assert!(
+        wait_for(Duration::from_secs(6), || pool_counts(&admin) == (0, 0)),
+        "idle closed"
+    );
+}
+
+#[test]
+fn connections_are_replaced_after_max_lifetime() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(
+        pg,
+        "max_connections = 1\nmax_lifetime = \"1s\"",
+        "transaction",
+    );
+    let first = db
+        .psql(APP_USER, APP_PASSWORD, "SELECT pg_backend_pid()")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = db
+        .psql(APP_USER, APP_PASSWORD, "SELECT pg_backend_pid()")
+        .unwrap();
+    assert_ne!(first, second, "an expired connection is not lent again");
+}
+
+#[test]
+fn a_client_that_never_logs_in_is_cut_at_the_login_timeout() {
+    let pg = TestPostgres::shared();
+    let (db, _) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 1", "login_timeout = \"1s\"");
+    let socket = db.socket_dir.path().join(format!(".s.PGSQL.{}", db.port));
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut buf = BytesMut::from(&reply[..]);
+    let error = FrameCodec::new(1 << 20).decode(&mut buf).unwrap().unwrap();
+    assert!(error.error_fields().contains(&(b'C', "08P01")));
 }

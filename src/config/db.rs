@@ -57,6 +57,9 @@ pub struct RawDbServer {
     /// Also listen on TCP at this address; empty = socket only.
     pub listen: String,
     pub max_message_size: ByteSize,
+    /// A client must finish startup and authentication within this time.
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
 }
 
 impl Default for RawDbServer {
@@ -67,6 +70,7 @@ impl Default for RawDbServer {
             socket_mode: "0660".into(),
             listen: String::new(),
             max_message_size: ByteSize(64 * 1024 * 1024),
+            login_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -162,6 +166,7 @@ pub struct DbConfig {
     pub socket_mode: u32,
     pub listen: Option<SocketAddr>,
     pub max_message_size: usize,
+    pub login_timeout: Duration,
     pub admin_listen: Option<SocketAddr>,
     pub primary: Node,
     pub pool: PoolConfig,
@@ -442,6 +447,12 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
             ));
             0o660
         });
+    if s.login_timeout.is_zero() {
+        problems.push((
+            "server.login_timeout".into(),
+            "must be greater than zero".into(),
+        ));
+    }
     let listen = (!s.listen.is_empty())
         .then(|| socket_addr("server.listen", &s.listen, &mut problems))
         .flatten();
@@ -545,6 +556,7 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
         socket_mode,
         listen,
         max_message_size: usize::try_from(s.max_message_size.0).unwrap_or(usize::MAX),
+        login_timeout: s.login_timeout,
         admin_listen,
         primary,
         pool: PoolConfig {

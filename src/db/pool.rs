@@ -31,6 +31,8 @@ pub enum PoolError {
 struct Pool {
     /// `database/user`, as errors and metrics name it.
     name: String,
+    database: String,
+    user: DbUser,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
     max: usize,
@@ -55,14 +57,16 @@ pub struct Pools {
 }
 
 impl Pools {
-    fn pool(&self, database: &str, user: &str, max: u32) -> Arc<Pool> {
+    fn pool(&self, database: &str, user: &DbUser, max: u32) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(
             pools
-                .entry((database.to_string(), user.to_string()))
+                .entry((database.to_string(), user.name.clone()))
                 .or_insert_with(|| {
                     Arc::new(Pool {
-                        name: format!("{database}/{user}"),
+                        name: format!("{database}/{}", user.name),
+                        database: database.to_string(),
+                        user: user.clone(),
                         idle: Mutex::new(Vec::new()),
                         permits: Arc::new(Semaphore::new(max as usize)),
                         max: max as usize,
@@ -97,7 +101,7 @@ impl Pools {
         user: &DbUser,
         metrics: &DbMetrics,
     ) -> Result<Checkout, PoolError> {
-        let pool = self.pool(database, &user.name, config.pool.max_connections);
+        let pool = self.pool(database, user, config.pool.max_connections);
         let waited = config.pool.checkout_timeout;
         let started = std::time::Instant::now();
         pool.waiting.fetch_add(1, Ordering::Relaxed);
@@ -114,11 +118,16 @@ impl Pools {
                 pool: pool.name.clone(),
                 waited,
             })?;
-        // Connections that died while idle (a restarted primary) are dropped.
+        // Connections that died while idle (a restarted primary) or lived
+        // too long are dropped.
         let idle = loop {
             let next = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match next {
-                Some(conn) if !conn.is_usable() => continue,
+                Some(conn)
+                    if !conn.is_usable() || conn.opened.elapsed() >= config.pool.max_lifetime =>
+                {
+                    continue;
+                }
                 other => break other,
             }
         };
@@ -157,7 +166,70 @@ impl Pools {
             outstanding: 0,
             status: b'I',
             statement_timeout: config.pool.statement_timeout,
+            max_lifetime: config.pool.max_lifetime,
         })
+    }
+
+    /// Once a second: close idle connections past `idle_timeout` (down to
+    /// `min_connections`) or past `max_lifetime`, and open connections up to
+    /// `min_connections` in pools that have been used.
+    pub async fn maintain(&self, config: &DbConfig, metrics: &DbMetrics) {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let min = config.pool.min_connections as usize;
+        for pool in pools {
+            let lent = pool.max - pool.permits.available_permits();
+            {
+                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                // Oldest first, so the newest stay when trimming to the minimum.
+                idle.sort_by_key(|c| std::cmp::Reverse(c.idle_since));
+                let mut kept = 0;
+                idle.retain(|conn| {
+                    let too_old = conn.opened.elapsed() >= config.pool.max_lifetime;
+                    let too_idle =
+                        conn.idle_since.elapsed() >= config.pool.idle_timeout && lent + kept >= min;
+                    let keep = !too_old && !too_idle && conn.is_usable();
+                    if keep {
+                        kept += 1;
+                    }
+                    keep
+                });
+            }
+            let have = lent + pool.idle.lock().map_or(0, |idle| idle.len());
+            for _ in have..min.min(pool.max) {
+                let login = Login {
+                    user: &pool.user.name,
+                    database: &pool.database,
+                    password: pool.user.server_password.as_deref(),
+                    params: &[],
+                };
+                match ServerConn::open(&config.primary, &login, config.pool.connect_timeout).await {
+                    Ok(conn) => {
+                        metrics
+                            .server_connects
+                            .with_label_values(&[pool.name.as_str()])
+                            .inc();
+                        pool.idle
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(conn);
+                    }
+                    Err(e) => {
+                        metrics
+                            .server_errors
+                            .with_label_values(&[pool.name.as_str()])
+                            .inc();
+                        tracing::debug!(pool = %pool.name, error = %e, "warming the pool");
+                        break;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -173,6 +245,7 @@ pub struct Checkout {
     /// The last ReadyForQuery status: `I`, `T` or `E`.
     status: u8,
     statement_timeout: Duration,
+    max_lifetime: Duration,
 }
 
 fn quote_literal(value: &str) -> String {
@@ -325,7 +398,11 @@ impl Checkout {
     }
 
     fn return_to_pool(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(mut conn) = self.conn.take() {
+            if conn.opened.elapsed() >= self.max_lifetime {
+                return;
+            }
+            conn.idle_since = std::time::Instant::now();
             self.pool
                 .idle
                 .lock()

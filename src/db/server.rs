@@ -122,6 +122,10 @@ pub struct ServerConn {
     pub applied: Vec<(String, String)>,
     /// The server's BackendKeyData (process id, secret key), for cancels.
     pub backend_key: (i32, i32),
+    /// For `pool.max_lifetime`.
+    pub opened: std::time::Instant,
+    /// For `pool.idle_timeout`: when it last went back to its pool.
+    pub idle_since: std::time::Instant,
 }
 
 impl ServerConn {
@@ -145,6 +149,8 @@ impl ServerConn {
             defaults: Vec::new(),
             applied: Vec::new(),
             backend_key: (0, 0),
+            opened: std::time::Instant::now(),
+            idle_since: std::time::Instant::now(),
         };
         tokio::time::timeout(timeout, conn.login(login))
             .await

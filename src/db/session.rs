@@ -34,6 +34,8 @@ pub enum SessionError {
     Codec(#[from] CodecError),
     #[error("client left")]
     Gone,
+    #[error("login not finished within the login timeout")]
+    LoginTimeout,
 }
 
 /// The client side of a session: its stream and what it sent but we have not
@@ -42,11 +44,21 @@ struct Client<S> {
     stream: S,
     buf: BytesMut,
     codec: FrameCodec,
+    /// Until login completes, reads give up at this instant.
+    login_deadline: Option<tokio::time::Instant>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn fill(&mut self) -> Result<(), SessionError> {
-        if self.stream.read_buf(&mut self.buf).await? == 0 {
+        let read = match self.login_deadline {
+            Some(deadline) => {
+                tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf))
+                    .await
+                    .map_err(|_| SessionError::LoginTimeout)?
+            }
+            None => self.stream.read_buf(&mut self.buf).await,
+        };
+        if read? == 0 {
             return Err(SessionError::Gone);
         }
         Ok(())
@@ -99,6 +111,7 @@ where
         stream,
         buf: BytesMut::with_capacity(8192),
         codec: FrameCodec::new(config.max_message_size),
+        login_deadline: Some(tokio::time::Instant::now() + config.login_timeout),
     };
     shared.metrics.clients.inc();
     let outcome = run(&mut client, peer_uid, &shared).await;
@@ -110,6 +123,9 @@ where
             let _ = client.fatal(e.sqlstate(), &e.to_string()).await;
         }
         Err(SessionError::Io(e)) => tracing::debug!(error = %e, "client connection error"),
+        Err(SessionError::LoginTimeout) => {
+            let _ = client.fatal("08P01", "login timeout").await;
+        }
     }
 }
 
@@ -198,6 +214,7 @@ where
         session.end(false).await;
         return client.fatal(refusal.0, &refusal.1).await;
     }
+    client.login_deadline = None;
     let mut hello = BytesMut::new();
     hello.extend_from_slice(&auth_request(0, &[]).bytes);
     if let Some(server) = &session.server {
