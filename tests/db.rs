@@ -1151,3 +1151,35 @@ fn a_client_that_never_logs_in_is_cut_at_the_login_timeout() {
     let error = FrameCodec::new(1 << 20).decode(&mut buf).unwrap().unwrap();
     assert!(error.error_fields().contains(&(b'C', "08P01")));
 }
+
+/// psycopg 3 (client- and server-side binding, executemany, COPY, a cancel
+/// that stops only its own query) and psycopg2, from
+/// `tests/clients/psycopg_clients.py`.
+#[test]
+fn psycopg_clients() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 4", "transaction");
+    let venv = std::env::var_os("GATEHOUSE_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| harness::repo_root().join(".venv"));
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .arg(harness::repo_root().join("tests/clients/psycopg_clients.py"))
+        .env("PGHOST", db.socket_dir.path())
+        .env("PGPORT", db.port.to_string())
+        .env("PGUSER", APP_USER)
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGDATABASE", APP_DB)
+        .output()
+        .expect("the test virtualenv's python (scripts/test.sh creates it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.matches("\nok ").count() + usize::from(text.starts_with("ok ")),
+        5,
+        "{text}"
+    );
+}
