@@ -619,6 +619,21 @@ fn positive(key: &str, value: Duration, problems: &mut Problems) {
     }
 }
 
+/// `methods = [...]` of a route or rule at `key`.
+fn parse_methods(key: &str, raw: &[String], problems: &mut Problems) -> Vec<Method> {
+    let mut methods = Vec::new();
+    for (i, m) in raw.iter().enumerate() {
+        match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+            Ok(method) => methods.push(method),
+            Err(_) => problems.push((
+                format!("{key}.methods[{i}]"),
+                format!("`{m}` is not a method"),
+            )),
+        }
+    }
+    methods
+}
+
 /// Rule and route names become metric labels and Redis key parts.
 fn check_name(key: &str, name: &str, problems: &mut Problems) {
     let ok = !name.is_empty()
@@ -637,16 +652,7 @@ fn route(index: usize, raw: &RawRoute, problems: &mut Problems) -> Option<Route>
     if !raw.path_prefix.starts_with('/') {
         problems.push((format!("{key}.path_prefix"), "must start with `/`".into()));
     }
-    let mut methods = Vec::new();
-    for (i, m) in raw.methods.iter().enumerate() {
-        match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-            Ok(method) => methods.push(method),
-            Err(_) => problems.push((
-                format!("{key}.methods[{i}]"),
-                format!("`{m}` is not a method"),
-            )),
-        }
-    }
+    let methods = parse_methods(&key, &raw.methods, problems);
     (problems.len() == before).then(|| Route {
         name: raw.name.clone(),
         path_prefix: raw.path_prefix.clone(),

@@ -544,13 +544,7 @@ async fn reload_swaps_a_valid_config_and_keeps_the_old_one_on_error() {
     ));
     gateway.signal("HUP");
     let errors = "gatehouse_config_reloads_total{result=\"error\"}";
-    assert!(
-        eventually(Duration::from_secs(5), async || gateway
-            .metric(errors)
-            .await
-            == Some(1.0))
-        .await
-    );
+    assert!(gateway.metric_reaches(errors, 1.0).await);
     let log = gateway.log();
     assert!(
         log.contains("upstream.conect_timeout")
@@ -565,11 +559,7 @@ async fn reload_swaps_a_valid_config_and_keeps_the_old_one_on_error() {
     gateway.rewrite_config(&simple(&[b.url()]));
     gateway.signal("HUP");
     let ok = "gatehouse_config_reloads_total{result=\"ok\"}";
-    assert!(
-        eventually(Duration::from_secs(5), async || gateway.metric(ok).await
-            == Some(1.0))
-        .await
-    );
+    assert!(gateway.metric_reaches(ok, 1.0).await);
     assert_eq!(
         json(&get(gateway.addr, "/", &[]).await.unwrap().2)["upstream"],
         "b"

@@ -401,23 +401,13 @@ async fn an_edited_limit_applies_and_a_bad_edit_keeps_it() {
 
     gateway.rewrite_config(&base.replace(&search(20), &search(5)));
     let ok = "gatehouse_config_reloads_total{result=\"ok\"}";
-    assert!(
-        eventually(Duration::from_secs(5), async || gateway.metric(ok).await
-            == Some(1.0))
-        .await
-    );
+    assert!(gateway.metric_reaches(ok, 1.0).await);
     // One request was already counted under the same rule: four remain.
     assert_eq!(passes(&gateway, 6, "/v1/search/?q=a", &[]).await, 4);
 
     gateway.rewrite_config(&base.replace(&search(20), &search(0)));
     let errors = "gatehouse_config_reloads_total{result=\"error\"}";
-    assert!(
-        eventually(Duration::from_secs(5), async || gateway
-            .metric(errors)
-            .await
-            == Some(1.0))
-        .await
-    );
+    assert!(gateway.metric_reaches(errors, 1.0).await);
     let (status, headers, _) = get(gateway.addr, "/v1/search/?q=a", &[]).await.unwrap();
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(headers["ratelimit-policy"], "\"search\";q=5;w=60");

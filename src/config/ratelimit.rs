@@ -167,16 +167,7 @@ fn endpoint(
             PathMatch::Prefix("/".into())
         }
     };
-    let mut methods = Vec::new();
-    for (i, m) in raw.methods.iter().enumerate() {
-        match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-            Ok(method) => methods.push(method),
-            Err(_) => problems.push((
-                format!("{key}.methods[{i}]"),
-                format!("`{m}` is not a method"),
-            )),
-        }
-    }
+    let methods = super::parse_methods(&key, &raw.methods, problems);
     if raw.limit == 0 {
         problems.push((format!("{key}.limit"), "must be greater than zero".into()));
     }

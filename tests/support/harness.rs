@@ -137,6 +137,14 @@ impl Gatehouse {
         }
     }
 
+    /// Whether `sample` reaches `value` within five seconds.
+    pub async fn metric_reaches(&self, sample: &str, value: f64) -> bool {
+        eventually(Duration::from_secs(5), async || {
+            self.metric(sample).await == Some(value)
+        })
+        .await
+    }
+
     /// The value of one Prometheus sample, e.g.
     /// `gatehouse_upstream_healthy{upstream="http://127.0.0.1:1"}`; labels in
     /// the order the text format prints them (alphabetical).
