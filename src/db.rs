@@ -23,6 +23,7 @@ pub mod codec;
 pub mod pool;
 pub mod server;
 pub mod session;
+pub mod statements;
 
 use std::collections::HashMap;
 use std::io;

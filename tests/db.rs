@@ -715,19 +715,16 @@ fn a_cancel_reaches_only_its_own_query() {
     cancel.write_all(&packet).unwrap();
 }
 
+/// Session pooling passes named statements through under the client's
+/// own names.
 #[test]
-fn pgbench_prepared_through_the_pool() {
+fn pgbench_prepared_in_session_mode() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 8", "transaction");
+    let db = GatehouseDb::start(pg, "max_connections = 4", "session");
     let pgbench = |args: &[&str]| db.pgbench(APP_USER, APP_PASSWORD, &[], args);
     pgbench(&["-i", "-s", "1", "-q"]);
-    for mode in ["simple", "extended", "prepared"] {
-        let text = pgbench(&["-c", "4", "-j", "2", "-t", "50", "-M", mode]);
-        assert!(
-            text.contains("number of failed transactions: 0"),
-            "{mode}: {text}"
-        );
-    }
+    let text = pgbench(&["-c", "4", "-j", "2", "-t", "50", "-M", "prepared"]);
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
 }
 
 /// The example Django app on PostgreSQL through `gatehouse db`, with only the
@@ -848,6 +845,51 @@ fn session_state_pins_the_client_and_leaks_to_nobody() {
     assert_eq!(c.value("SHOW search_path"), "via_set_config");
 }
 
+/// `session_state = "refuse"`: a statement that would set session state
+/// fails with 0A000 as a server error would, inside a transaction too, and
+/// the client keeps pooling.
+#[test]
+fn session_state_can_be_refused() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(
+        pg,
+        "max_connections = 1\ncheckout_timeout = \"3s\"\nsession_state = \"refuse\"",
+        "transaction",
+    );
+    let sqlstate = |frames: &[Frame]| {
+        frames.iter().find(|f| f.tag == b'E').map(|e| {
+            e.error_fields()
+                .iter()
+                .find(|(code, _)| *code == b'C')
+                .map(|(_, v)| v.to_string())
+                .unwrap_or_default()
+        })
+    };
+    let mut a = db.wire();
+    let frames = a.query("SET search_path TO refused_path");
+    assert_eq!(sqlstate(&frames).as_deref(), Some("0A000"));
+    assert_eq!(frames.last().unwrap().ready_status(), Some(b'I'));
+    assert_eq!(a.value("SHOW search_path"), "\"$user\", public");
+    // Not pinned: another client shares the only server connection.
+    let mut b = db.wire();
+    assert_eq!(b.value("SELECT 'b'"), "b");
+    // Inside a transaction the transaction fails, as for any error.
+    a.query("BEGIN");
+    let frames = a.query("SELECT pg_advisory_lock(7)");
+    assert_eq!(sqlstate(&frames).as_deref(), Some("0A000"));
+    assert_eq!(frames.last().unwrap().ready_status(), Some(b'E'));
+    assert_eq!(
+        a.query("ROLLBACK").last().unwrap().ready_status(),
+        Some(b'I')
+    );
+    assert_eq!(b.value("SELECT 'b again'"), "b again");
+    // SET LOCAL ends with its transaction, so it is allowed.
+    a.query("BEGIN");
+    a.query("SET LOCAL statement_timeout = 1234");
+    assert_eq!(a.value("SHOW statement_timeout"), "1234ms");
+    a.query("COMMIT");
+}
+
 /// More clients than server connections: they take turns per transaction.
 #[test]
 fn more_clients_than_connections_in_transaction_mode() {
@@ -866,15 +908,14 @@ fn more_clients_than_connections_in_transaction_mode() {
     superuser(&format!(
         "CREATE SCHEMA IF NOT EXISTS md5bench AUTHORIZATION {MD5_USER}"
     ));
-    let db = GatehouseDb::start(
-        pg,
-        "max_connections = 2\ncheckout_timeout = \"20s\"",
-        "transaction",
-    );
+    let (db, admin) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 2\ncheckout_timeout = \"20s\"", "");
     let options = [("PGOPTIONS", "-c search_path=md5bench")];
     let pgbench = |args: &[&str]| db.pgbench(MD5_USER, MD5_PASSWORD, &options, args);
     pgbench(&["-i", "-s", "1", "-q"]);
-    for mode in ["simple", "extended"] {
+    // -M prepared names its statements: each client's are prepared again on
+    // whichever server connection it gets, instead of pinning it.
+    for mode in ["simple", "extended", "prepared"] {
         let text = pgbench(&["-c", "8", "-j", "2", "-t", "40", "-M", mode]);
         assert!(
             text.contains("number of failed transactions: 0"),
@@ -889,6 +930,34 @@ fn more_clients_than_connections_in_transaction_mode() {
         (1..=2).contains(&connections),
         "{connections} server connections for 8 clients"
     );
+    let pool = format!("pool=\"{APP_DB}/{MD5_USER}\"");
+    assert_eq!(
+        metric(
+            &admin,
+            &format!("gatehouse_db_pinned_clients_total{{{pool}}}")
+        ),
+        None,
+        "no client was pinned"
+    );
+    // pgbench -M prepared names 7 statements per client: 8 clients on 2
+    // connections prepare each statement once per connection, not per client.
+    let prepared = metric(
+        &admin,
+        &format!("gatehouse_db_prepared_statements_total{{event=\"prepared\",{pool}}}"),
+    );
+    assert!(
+        prepared.is_some_and(|n| (7.0..=14.0).contains(&n)),
+        "{prepared:?}"
+    );
+}
+
+/// One sample from the admin listener's `/metrics`, by its name and labels.
+fn metric(admin: &str, sample: &str) -> Option<f64> {
+    let (_, metrics) = http_get(admin, "/metrics");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(sample))
+        .and_then(|v| v.trim().parse::<f64>().ok())
 }
 
 /// Bytes that are not the protocol get an ErrorResponse with a SQLSTATE and
@@ -1007,13 +1076,7 @@ fn admin_reports_pools_and_the_primary() {
         .unwrap();
     assert!(queries.parse::<f64>().unwrap() >= 3.0, "{metrics}");
     assert!(db.psql(APP_USER, "wrong", "SELECT 1").is_err());
-    let (_, metrics) = http_get(&admin, "/metrics");
-    let sample = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
+    let sample = |name: &str| metric(&admin, name);
     assert_eq!(
         sample("gatehouse_db_logins_total{result=\"ok\"}"),
         Some(3.0)
@@ -1158,7 +1221,7 @@ fn a_client_that_never_logs_in_is_cut_at_the_login_timeout() {
 #[test]
 fn psycopg_clients() {
     let pg = TestPostgres::shared();
-    let db = GatehouseDb::start(pg, "max_connections = 4", "transaction");
+    let (db, admin) = GatehouseDb::start_with_admin(pg, "max_connections = 4", "");
     let venv = std::env::var_os("GATEHOUSE_VENV")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| harness::repo_root().join(".venv"));
@@ -1182,4 +1245,19 @@ fn psycopg_clients() {
         5,
         "{text}"
     );
+    // Server-side binding pooled: nobody pinned, statements prepared.
+    let pool = format!("pool=\"{APP_DB}/{APP_USER}\"");
+    assert_eq!(
+        metric(
+            &admin,
+            &format!("gatehouse_db_pinned_clients_total{{{pool}}}")
+        ),
+        None
+    );
+    let prepared = metric(
+        &admin,
+        &format!("gatehouse_db_prepared_statements_total{{event=\"prepared\",{pool}}}"),
+    );
+    // Six statements, each prepared on at least one server connection.
+    assert!(prepared.is_some_and(|n| n >= 6.0), "{prepared:?}");
 }

@@ -107,6 +107,11 @@ pub struct RawPool {
     pub checkout_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub statement_timeout: Duration,
+    /// Named protocol-level statements each server connection keeps for
+    /// transaction-pooled clients; 0 = pin a client that names one.
+    pub max_prepared_statements: u32,
+    /// "pin" or "refuse" a transaction-pooled client's session state.
+    pub session_state: String,
 }
 
 /// The seed's pool: min 10, max 50, idle 300 s, lifetime 3600 s, connect
@@ -121,6 +126,8 @@ impl Default for RawPool {
             connect_timeout: Duration::from_secs(10),
             checkout_timeout: Duration::from_secs(10),
             statement_timeout: Duration::from_secs(30),
+            max_prepared_statements: 200,
+            session_state: "pin".into(),
         }
     }
 }
@@ -213,6 +220,17 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     pub checkout_timeout: Duration,
     pub statement_timeout: Duration,
+    pub max_prepared_statements: usize,
+    pub session_state: SessionState,
+}
+
+/// What transaction pooling does with a client that sets session state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionState {
+    /// Keep its server connection until it leaves.
+    Pin,
+    /// Fail the statement with SQLSTATE 0A000.
+    Refuse,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -499,6 +517,17 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
             problems.push((key.into(), "must be greater than zero".into()));
         }
     }
+    let session_state = match p.session_state.as_str() {
+        "pin" => SessionState::Pin,
+        "refuse" => SessionState::Refuse,
+        other => {
+            problems.push((
+                "pool.session_state".into(),
+                format!("`{other}`: use \"pin\" or \"refuse\""),
+            ));
+            SessionState::Pin
+        }
+    };
     if raw.users.is_empty() {
         problems.push((
             "users".into(),
@@ -567,6 +596,8 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
             connect_timeout: p.connect_timeout,
             checkout_timeout: p.checkout_timeout,
             statement_timeout: p.statement_timeout,
+            max_prepared_statements: p.max_prepared_statements as usize,
+            session_state,
         },
         users,
         databases,

@@ -29,6 +29,8 @@ pub struct DbMetrics {
     pub pinned: IntCounterVec,
     pub transactions: IntCounterVec,
     pub queries: IntCounterVec,
+    pub statements: IntCounterVec,
+    pub refused: IntCounterVec,
     pool_connections: IntGaugeVec,
     pool_waiting: IntGaugeVec,
     pool_max: IntGaugeVec,
@@ -87,6 +89,21 @@ impl DbMetrics {
                 opts("queries_total", "Query and Sync messages forwarded."),
                 &["pool"],
             )?,
+            statements: IntCounterVec::new(
+                opts(
+                    "prepared_statements_total",
+                    "Named statements of transaction-pooled clients: prepared on a \
+                     server connection, reused from one, or evicted from one.",
+                ),
+                &["pool", "event"],
+            )?,
+            refused: IntCounterVec::new(
+                opts(
+                    "refused_statements_total",
+                    "Statements refused for setting session state (session_state = refuse).",
+                ),
+                &["pool"],
+            )?,
             pool_connections: IntGaugeVec::new(
                 opts(
                     "pool_connections",
@@ -113,11 +130,28 @@ impl DbMetrics {
         m.registry.register(Box::new(m.pinned.clone()))?;
         m.registry.register(Box::new(m.transactions.clone()))?;
         m.registry.register(Box::new(m.queries.clone()))?;
+        m.registry.register(Box::new(m.statements.clone()))?;
+        m.registry.register(Box::new(m.refused.clone()))?;
         m.registry.register(Box::new(m.pool_connections.clone()))?;
         m.registry.register(Box::new(m.pool_waiting.clone()))?;
         m.registry.register(Box::new(m.pool_max.clone()))?;
         m.registry.register(Box::new(m.primary_up.clone()))?;
         Ok(m)
+    }
+}
+
+impl DbMetrics {
+    /// Count what happened to named statements in one exchange.
+    pub fn count_statements(&self, pool: &str, events: super::statements::StatementEvents) {
+        for (event, n) in [
+            ("prepared", events.prepared),
+            ("reused", events.reused),
+            ("evicted", events.evicted),
+        ] {
+            if n > 0 {
+                self.statements.with_label_values(&[pool, event]).inc_by(n);
+            }
+        }
     }
 }
 

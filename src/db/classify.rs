@@ -53,8 +53,29 @@ fn normalise(sql: &[u8]) -> String {
     out
 }
 
+/// Whether `needle` (lowercase) occurs in `hay`, ignoring ASCII case.
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|window| window.eq_ignore_ascii_case(needle))
+}
+
 /// Whether `sql` (one or more statements) changes session state.
 pub fn pins_session(sql: &[u8]) -> bool {
+    // Every statement below holds one of these words: most queries are
+    // cleared without the full scan.
+    const WORDS: [&[u8]; 8] = [
+        b"discard",
+        b"set",
+        b"listen",
+        b"prepare",
+        b"load",
+        b"temp",
+        b"hold",
+        b"advisory",
+    ];
+    if !WORDS.iter().any(|word| contains_ignore_case(sql, word)) {
+        return false;
+    }
     let text = normalise(sql);
     const ANYWHERE: [&str; 6] = [
         "pg_advisory_lock(",
@@ -73,6 +94,8 @@ pub fn pins_session(sql: &[u8]) -> bool {
             // SET LOCAL and SET TRANSACTION end with the transaction.
             ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => false,
             ["set", ..] | ["reset", ..] | ["listen", ..] | ["prepare", ..] | ["load", ..] => true,
+            // Also resets the settings gatehouse applied for the client.
+            ["discard", ..] => true,
             ["create", "temp" | "temporary", ..]
             | ["create", "local" | "global", "temp" | "temporary", ..] => true,
             ["create", "unlogged" | "table", ..] => {
@@ -84,9 +107,78 @@ pub fn pins_session(sql: &[u8]) -> bool {
     })
 }
 
+/// The words of a single short statement, without a trailing `;`.
+fn words(sql: &[u8]) -> Vec<&[u8]> {
+    let sql = sql.trim_ascii();
+    let sql = sql.strip_suffix(b";").unwrap_or(sql);
+    sql.split(u8::is_ascii_whitespace)
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// `DEALLOCATE [PREPARE] name`: the statement's name as the server reads
+/// it (folded to lower case unless quoted). `ALL` is not a name.
+pub fn deallocates(sql: &[u8]) -> Option<Vec<u8>> {
+    let words = words(sql);
+    let name = match words.as_slice() {
+        [first, name] if first.eq_ignore_ascii_case(b"deallocate") => *name,
+        [first, second, name]
+            if first.eq_ignore_ascii_case(b"deallocate")
+                && second.eq_ignore_ascii_case(b"prepare") =>
+        {
+            *name
+        }
+        _ => return None,
+    };
+    if name.eq_ignore_ascii_case(b"all") {
+        return None;
+    }
+    match name.strip_prefix(b"\"").and_then(|n| n.strip_suffix(b"\"")) {
+        Some(quoted) => {
+            let text = String::from_utf8_lossy(quoted).replace("\"\"", "\"");
+            Some(text.into_bytes())
+        }
+        None => Some(name.to_ascii_lowercase()),
+    }
+}
+
+/// `DEALLOCATE [PREPARE] ALL`: every prepared statement of the session goes.
+pub fn deallocates_all(sql: &[u8]) -> bool {
+    let words = words(sql);
+    let is = |word: &[u8], expected: &[u8]| word.eq_ignore_ascii_case(expected);
+    match words.as_slice() {
+        [a, b] => is(a, b"deallocate") && is(b, b"all"),
+        [a, b, c] => is(a, b"deallocate") && is(b, b"prepare") && is(c, b"all"),
+        _ => false,
+    }
+}
+
+/// `DISCARD ALL`: the whole session state goes, prepared statements too.
+pub fn discards_all(sql: &[u8]) -> bool {
+    let words = words(sql);
+    matches!(words.as_slice(), [a, b] if a.eq_ignore_ascii_case(b"discard") && b.eq_ignore_ascii_case(b"all"))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::pins_session;
+    use super::{deallocates, deallocates_all, discards_all, pins_session};
+
+    #[test]
+    fn deallocation() {
+        assert_eq!(deallocates(b"DEALLOCATE _pg3_0"), Some(b"_pg3_0".to_vec()));
+        assert_eq!(deallocates(b"deallocate prepare Q1;"), Some(b"q1".to_vec()));
+        assert_eq!(
+            deallocates(b"DEALLOCATE \"My\"\"Q\""),
+            Some(b"My\"Q".to_vec())
+        );
+        assert_eq!(deallocates(b"DEALLOCATE ALL"), None);
+        assert_eq!(deallocates(b"SELECT 1"), None);
+        assert!(deallocates_all(b"DEALLOCATE ALL"));
+        assert!(deallocates_all(b" deallocate prepare all ; "));
+        assert!(discards_all(b"discard all;"));
+        assert!(!discards_all(b"DISCARD PLANS"));
+        assert!(!deallocates_all(b"DEALLOCATE q1"));
+    }
 
     #[test]
     fn session_state_pins() {
@@ -103,6 +195,7 @@ mod tests {
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "PREPARE q AS SELECT 1",
             "/* hi */ SET x.y = 1",
+            "DISCARD ALL",
         ] {
             assert!(pins_session(sql.as_bytes()), "{sql}");
         }

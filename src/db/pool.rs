@@ -16,8 +16,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::Decoder;
 
 use super::admin::DbMetrics;
-use super::codec::{FrameCodec, cstr};
+use super::codec::{Frame, FrameCodec, cstr};
 use super::server::{Login, ServerConn, ServerError, refused};
+use super::statements::{ClientStatements, Exchange, Naming, Sides, StatementEvents};
 use crate::config::db::{DbConfig, DbUser};
 
 #[derive(Debug, thiserror::Error)]
@@ -163,8 +164,7 @@ impl Pools {
             pool,
             _permit: permit,
             codec: FrameCodec::new(1 << 30),
-            outstanding: 0,
-            status: b'I',
+            exchange: Exchange::default(),
             statement_timeout: config.pool.statement_timeout,
             max_lifetime: config.pool.max_lifetime,
         })
@@ -240,10 +240,8 @@ pub struct Checkout {
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
     codec: FrameCodec,
-    /// Query and Sync messages sent whose ReadyForQuery has not come back.
-    outstanding: usize,
-    /// The last ReadyForQuery status: `I`, `T` or `E`.
-    status: u8,
+    /// What the messages sent still wait for, and the transaction status.
+    exchange: Exchange,
     statement_timeout: Duration,
     max_lifetime: Duration,
 }
@@ -321,7 +319,7 @@ impl Checkout {
                     }
                 }
                 b'Z' => {
-                    self.status = frame.body().first().copied().unwrap_or(b'I');
+                    self.exchange.status = frame.body().first().copied().unwrap_or(b'I');
                     return failure.map_or(Ok(()), Err);
                 }
                 _ => {}
@@ -384,9 +382,7 @@ impl Checkout {
 
     /// Idle at a transaction boundary: every reply in, status `I`.
     pub fn is_idle(&self) -> bool {
-        self.outstanding == 0
-            && self.status == b'I'
-            && self.conn.as_ref().is_some_and(|c| c.buf.is_empty())
+        self.exchange.is_idle() && self.conn.as_ref().is_some_and(|c| c.buf.is_empty())
     }
 
     /// Return an idle connection as it is, between transactions of clients
@@ -411,26 +407,67 @@ impl Checkout {
         }
     }
 
-    /// Forward client bytes holding `sync_points` Query or Sync messages.
-    pub async fn send(&mut self, bytes: &[u8], sync_points: usize) -> Result<(), ServerError> {
-        self.outstanding += sync_points;
-        self.conn_mut()?.send(bytes).await
+    /// Forward a client's messages, with its named statements as `naming`
+    /// says. Returns answers given here that are due now, for the client.
+    pub async fn forward(
+        &mut self,
+        frames: &[Frame],
+        client: &mut ClientStatements,
+        naming: Naming,
+        pinned: bool,
+    ) -> Result<BytesMut, ServerError> {
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))?;
+        let mut to_server = BytesMut::new();
+        let mut to_client = BytesMut::new();
+        let mut sides = Sides {
+            client,
+            server: &mut conn.statements,
+            naming,
+            pinned,
+        };
+        for frame in frames {
+            self.exchange
+                .client_message(frame, &mut sides, &mut to_server, &mut to_client);
+        }
+        if !to_server.is_empty() {
+            conn.send(&to_server).await?;
+        }
+        Ok(to_client)
+    }
+
+    /// Refuse the next client message with an error, as the server would.
+    pub fn refuse(&mut self, sqlstate: &str, message: &str) {
+        self.exchange.fail(sqlstate, message);
+    }
+
+    /// What happened to statements since the last call, for metrics.
+    pub fn take_events(&mut self) -> StatementEvents {
+        std::mem::take(&mut self.exchange.events)
     }
 
     /// The next whole frames the server sent, as bytes for the client.
-    pub async fn read_some(&mut self) -> Result<Bytes, ServerError> {
+    pub async fn read_some(
+        &mut self,
+        client: &mut ClientStatements,
+        naming: Naming,
+    ) -> Result<Bytes, ServerError> {
         let conn = self
             .conn
             .as_mut()
             .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))?;
         loop {
             let mut out = BytesMut::new();
+            let mut sides = Sides {
+                client: &mut *client,
+                server: &mut conn.statements,
+                naming,
+                pinned: false,
+            };
             while let Some(frame) = self.codec.decode(&mut conn.buf)? {
-                if let Some(status) = frame.ready_status() {
-                    self.status = status;
-                    self.outstanding = self.outstanding.saturating_sub(1);
-                }
-                out.extend_from_slice(&frame.bytes);
+                self.exchange.server_message(&frame, &mut sides, &mut out);
             }
             if !out.is_empty() {
                 return Ok(out.freeze());
@@ -452,19 +489,21 @@ impl Checkout {
         if self.conn.is_none() {
             return;
         }
-        // A reply still on its way, or COPY in progress: the state is unknown.
-        if self.outstanding > 0 || !self.conn().buf.is_empty() {
+        // A reply still on its way, COPY in progress, or extended-protocol
+        // messages without their Sync: the state is unknown.
+        if self.exchange.awaiting() || self.exchange.unsynced() || !self.conn().buf.is_empty() {
             return;
         }
-        if self.status != b'I' && self.run("ROLLBACK").await.is_err() {
+        if self.exchange.status != b'I' && self.run("ROLLBACK").await.is_err() {
             return;
         }
         let reset = tokio::time::timeout(Duration::from_secs(5), self.run("DISCARD ALL")).await;
-        if !matches!(reset, Ok(Ok(()))) || self.status != b'I' {
+        if !matches!(reset, Ok(Ok(()))) || self.exchange.status != b'I' {
             return;
         }
         if let Some(conn) = self.conn.as_mut() {
             conn.applied.clear();
+            conn.statements.clear();
         }
         self.return_to_pool();
     }

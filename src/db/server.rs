@@ -126,6 +126,8 @@ pub struct ServerConn {
     pub opened: std::time::Instant,
     /// For `pool.idle_timeout`: when it last went back to its pool.
     pub idle_since: std::time::Instant,
+    /// Statements prepared for transaction-pooled clients.
+    pub statements: super::statements::ServerStatements,
 }
 
 impl ServerConn {
@@ -151,6 +153,7 @@ impl ServerConn {
             backend_key: (0, 0),
             opened: std::time::Instant::now(),
             idle_since: std::time::Instant::now(),
+            statements: Default::default(),
         };
         tokio::time::timeout(timeout, conn.login(login))
             .await

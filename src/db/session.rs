@@ -12,10 +12,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
 use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_secret};
-use super::codec::{CodecError, Frame, FrameCodec, Startup, StartupCodec, error_response, frame};
+use super::codec::{
+    CodecError, Frame, FrameCodec, Frontend, Startup, StartupCodec, error_response, frame,
+};
 use super::pool::{Checkout, PoolError, Settings, settings_of};
+use super::statements::{ClientStatements, Naming};
 use super::{CancelTarget, DbShared};
-use crate::config::db::{AuthMethod, DbConfig, DbUser, PoolMode, Secret};
+use crate::config::db::{AuthMethod, DbConfig, DbUser, PoolMode, Secret, SessionState};
 
 /// Parameters a client's startup packet may set on its server session.
 pub const SESSION_PARAMS: [&str; 5] = [
@@ -206,6 +209,12 @@ where
                 .unwrap_or_default(),
         },
         pinned: mode == PoolMode::Session,
+        mode,
+        naming: match config.pool.max_prepared_statements {
+            max if mode == PoolMode::Transaction && max > 0 => Naming::Client(max),
+            _ => Naming::Server,
+        },
+        statements: ClientStatements::default(),
         key: shared.register_cancel(),
         server: None,
     };
@@ -261,13 +270,18 @@ struct Session<'a> {
     /// Holds its server until it leaves: session pooling, or session state
     /// set in transaction pooling.
     pinned: bool,
+    mode: PoolMode,
+    /// Whose names a client's named statements go by on the server.
+    naming: Naming,
+    /// This client's named statements, when they are kept here.
+    statements: ClientStatements,
     key: (i32, i32),
     server: Option<Checkout>,
 }
 
 impl Session<'_> {
     /// A server connection for the next messages, with this client's settings.
-    async fn acquire(&mut self) -> Result<&mut Checkout, Refusal> {
+    async fn acquire(&mut self) -> Result<(), Refusal> {
         if self.server.is_none() {
             let checkout = self
                 .shared
@@ -308,10 +322,7 @@ impl Session<'_> {
             );
             self.server = Some(server);
         }
-        // Just set or already present.
-        self.server
-            .as_mut()
-            .ok_or_else(|| Refusal("08006", "no server".into()))
+        Ok(())
     }
 
     /// In transaction pooling, hand an idle, unpinned server back.
@@ -350,10 +361,11 @@ impl Session<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        let mut frames = Vec::new();
         loop {
             let from_server = async {
                 match self.server.as_mut() {
-                    Some(server) => server.read_some().await,
+                    Some(server) => server.read_some(&mut self.statements, self.naming).await,
                     None => std::future::pending().await,
                 }
             };
@@ -362,7 +374,7 @@ impl Session<'_> {
                     if read? == 0 {
                         return Err(SessionError::Gone);
                     }
-                    let mut out = BytesMut::new();
+                    frames.clear();
                     let mut sync_points = 0;
                     let mut terminate = false;
                     while let Some(frame) = client.codec.decode(&mut client.buf)? {
@@ -374,22 +386,24 @@ impl Session<'_> {
                         if frame.tag == b'Q' || frame.tag == b'S' {
                             sync_points += 1;
                         }
-                        if !self.pinned && pins(&frame) {
-                            tracing::debug!("session state set; client pinned to its server");
-                            self.pinned = true;
-                            let pool = format!("{}/{}", self.database, self.user.name);
-                            self.shared.metrics.pinned.with_label_values(&[pool.as_str()]).inc();
-                        }
-                        out.extend_from_slice(&frame.bytes);
+                        frames.push(self.screen(frame));
                     }
-                    if !out.is_empty() {
+                    let keeps_names = self.naming != Naming::Server;
+                    let alone = (keeps_names && self.server.is_none() && !self.pinned)
+                        .then(|| self.statements.answer_alone(&frames))
+                        .flatten();
+                    if let Some(answers) = alone {
+                        client.send(&answers).await?;
+                    } else if !frames.is_empty() {
                         let metrics = &self.shared.metrics;
-                        let server = match self.acquire().await {
-                            Ok(server) => server,
-                            Err(refusal) => {
-                                client.fatal(refusal.0, &refusal.1).await?;
-                                return Err(SessionError::Gone);
-                            }
+                        let naming = self.naming;
+                        let pinned = self.pinned;
+                        if let Err(refusal) = self.acquire().await {
+                            client.fatal(refusal.0, &refusal.1).await?;
+                            return Err(SessionError::Gone);
+                        }
+                        let Some(server) = self.server.as_mut() else {
+                            return Err(SessionError::Gone);
                         };
                         if sync_points > 0 {
                             metrics
@@ -397,7 +411,16 @@ impl Session<'_> {
                                 .with_label_values(&[server.pool_name()])
                                 .inc_by(sync_points as u64);
                         }
-                        server.send(&out, sync_points).await.map_err(server_gone)?;
+                        let answers = server
+                            .forward(&frames, &mut self.statements, naming, pinned)
+                            .await
+                            .map_err(server_gone)?;
+                        let events = server.take_events();
+                        metrics.count_statements(server.pool_name(), events);
+                        if !answers.is_empty() {
+                            client.send(&answers).await?;
+                            self.between_transactions();
+                        }
                     }
                     if terminate {
                         return Ok(());
@@ -411,19 +434,73 @@ impl Session<'_> {
             }
         }
     }
+
+    /// A client message as it goes on: one that would set session state in
+    /// transaction pooling pins the client, or is replaced by a statement
+    /// that fails with SQLSTATE 0A000 (`pool.session_state = "refuse"`).
+    fn screen(&mut self, frame: Frame) -> Frame {
+        if self.mode != PoolMode::Transaction || !pins(&frame, self.naming) {
+            return frame;
+        }
+        let pool = format!("{}/{}", self.database, self.user.name);
+        if self.config.pool.session_state == SessionState::Refuse {
+            self.shared
+                .metrics
+                .refused
+                .with_label_values(&[pool.as_str()])
+                .inc();
+            return refusal(&frame);
+        }
+        if !self.pinned {
+            tracing::debug!("session state set; client pinned to its server");
+            self.pinned = true;
+            self.shared
+                .metrics
+                .pinned
+                .with_label_values(&[pool.as_str()])
+                .inc();
+        }
+        frame
+    }
 }
 
 /// Messages whose effect outlives the transaction: SQL that sets session
-/// state, and named prepared statements (until they can be re-prepared on
-/// whichever server a client gets).
-fn pins(frame: &Frame) -> bool {
+/// state, and named prepared statements when they are not kept per client.
+fn pins(frame: &Frame, naming: Naming) -> bool {
     match frame.frontend() {
-        Ok(super::codec::Frontend::Query { sql }) => super::classify::pins_session(sql),
-        Ok(super::codec::Frontend::Parse { statement, sql }) => {
-            !statement.is_empty() || super::classify::pins_session(sql)
+        Ok(Frontend::Query { sql }) => super::classify::pins_session(sql),
+        Ok(Frontend::Parse { statement, sql }) => {
+            (naming == Naming::Server && !statement.is_empty())
+                || super::classify::pins_session(sql)
         }
         _ => false,
     }
+}
+
+/// What transaction pooling answers a statement that sets session state
+/// when `pool.session_state = "refuse"`. The server raises it, so the
+/// transaction fails exactly as for any other error.
+const REFUSAL: &str = "DO $gatehouse$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', \
+    MESSAGE = 'gatehouse: this statement sets session state, which transaction pooling does not keep', \
+    HINT = 'Use SET LOCAL inside a transaction, or pool_mode = \"session\" for this database.'; \
+    END $gatehouse$";
+
+/// `frame` (a Query or Parse) with its SQL replaced by [`REFUSAL`].
+fn refusal(frame: &Frame) -> Frame {
+    let mut body = Vec::new();
+    if let Ok(Frontend::Parse { statement, sql }) = frame.frontend() {
+        // Name, query, then the parameter types as the client sent them.
+        let types = &frame.body()[statement.len() + 1 + sql.len() + 1..];
+        body.extend_from_slice(statement);
+        body.push(0);
+        body.extend_from_slice(REFUSAL.as_bytes());
+        body.push(0);
+        body.extend_from_slice(types);
+    } else {
+        body.extend_from_slice(REFUSAL.as_bytes());
+        body.push(0);
+    }
+    super::codec::frame(frame.tag, &body)
 }
 
 /// Check the client's credentials for `user`.

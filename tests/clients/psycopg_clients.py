@@ -34,15 +34,34 @@ def psycopg3_client_side_binding():
 
 
 def psycopg3_server_side_binding():
-    # Prepared after prepare_threshold executions: named protocol-level
-    # statements, which gatehouse keeps on the client's server connection.
-    with psycopg.connect(DSN, autocommit=True, prepare_threshold=2) as conn:
-        for i in range(8):
-            row = conn.execute("SELECT %s::int * 2", (i,), prepare=None).fetchone()
-            check(row == (i * 2,), f"prepared execution {i}")
-        # The statements live on the server connection this client keeps.
-        prepared = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()[0]
-        check(prepared >= 1, f"a statement was prepared on the server ({prepared})")
+    # At prepare_threshold psycopg 3 names its statements (Parse once, then
+    # Bind by name). Eight clients share the pool's four server connections,
+    # so each finds its statements prepared again on whichever connection it
+    # gets. prepared_max = 3 with five statements makes psycopg deallocate
+    # some as it goes.
+    failures = []
+
+    def client(k):
+        try:
+            with psycopg.connect(DSN, autocommit=True, prepare_threshold=0) as conn:
+                conn.prepared_max = 3
+                for i in range(60):
+                    factor = i % 5 + 1
+                    row = conn.execute(f"SELECT %s::int * {factor}", (k * 1000 + i,)).fetchone()
+                    check(row == ((k * 1000 + i) * factor,), f"client {k}, execution {i}: {row}")
+                with conn.transaction():
+                    for i in range(5):
+                        row = conn.execute("SELECT %s::int + 1", (i,)).fetchone()
+                        check(row == (i + 1,), f"client {k}, in a transaction: {row}")
+        except BaseException as e:  # SystemExit from check() too
+            failures.append(f"client {k}: {e!r}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    check(not failures, "; ".join(failures))
 
 
 def psycopg3_copy():

@@ -1,0 +1,646 @@
+//! The messages between a client and the server connection it holds, with
+//! named protocol-level prepared statements kept across transaction pooling.
+//!
+//! A transaction-pooled client may get a different server connection for
+//! each transaction, yet psycopg 3 (past `prepare_threshold`) and
+//! `pgbench -M prepared` prepare a statement once and bind it by name for the
+//! rest of the session. So a client's named statements are the client's, not
+//! the server's: each `Parse` is remembered under the client's name and sent
+//! under a name derived from its text and parameter types
+//! (`gatehouse_<hash>`), which every client with the same statement shares.
+//! Before a `Bind` or `Describe` reaches a server connection that has not
+//! seen the statement, a `Parse` for it goes first. A `Parse` of a statement
+//! the connection already has, a `Close` of one, and `DEALLOCATE name` are
+//! answered here. Each connection keeps at most `max_prepared_statements`,
+//! closing the least recently used one.
+//!
+//! The answers have to reach the client in the order it sent the messages,
+//! with the replies to added messages taken out, and the error rule kept: an
+//! error makes the server skip everything up to the next Sync. [`Exchange`]
+//! therefore queues what each message sent is waiting for and matches the
+//! server's messages against that queue.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+
+use super::codec::{Frame, Frontend, error_response};
+
+/// A statement's identity on server connections: a hash of what follows the
+/// name in its `Parse` (query text, parameter types).
+pub type StatementId = [u8; 16];
+
+/// A client's named statement.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Statement {
+    pub id: StatementId,
+    /// The `Parse` body after the name: query, parameter count and types.
+    content: Bytes,
+}
+
+impl Statement {
+    fn new(content: &[u8]) -> Statement {
+        let digest = Sha256::digest(content);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        Statement {
+            id,
+            content: Bytes::copy_from_slice(content),
+        }
+    }
+
+    fn parse(&self, out: &mut BytesMut) {
+        let name = server_name(&self.id);
+        put_frame(out, b'P', &[&name, &[0], &self.content]);
+    }
+}
+
+/// The name a statement has on server connections.
+pub fn server_name(id: &StatementId) -> Vec<u8> {
+    let mut name = b"gatehouse_".to_vec();
+    for byte in id {
+        name.extend_from_slice(format!("{byte:02x}").as_bytes());
+    }
+    name
+}
+
+fn put_frame(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.put_u8(tag);
+    out.put_i32((len + 4) as i32);
+    for part in parts {
+        out.put_slice(part);
+    }
+}
+
+const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+
+/// A client's named statements, by the names it gave them.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    by_name: HashMap<Bytes, Arc<Statement>>,
+}
+
+impl ClientStatements {
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Answer a client that holds no server connection and only names
+    /// statements (`Parse` with a name, then Sync or Flush), as `PQprepare`
+    /// does: the statements are kept here and prepared on the server
+    /// connection the client gets when it first uses them. Waiting for a
+    /// connection here could deadlock a client program that prepares
+    /// synchronously while its other connections hold the pool (pgbench
+    /// `-M prepared` with more clients than connections). A mistake in a
+    /// statement's text is therefore reported when it is first used.
+    /// `None` when the messages need a server.
+    pub fn answer_alone(&mut self, frames: &[Frame]) -> Option<BytesMut> {
+        let mut names = Vec::new();
+        for frame in frames {
+            match frame.frontend() {
+                Ok(Frontend::Parse { statement, .. })
+                    if !statement.is_empty()
+                        && !self.by_name.contains_key(statement)
+                        && !names.contains(&statement) =>
+                {
+                    names.push(statement);
+                }
+                Ok(Frontend::Sync | Frontend::Flush) => {}
+                _ => return None,
+            }
+        }
+        if names.is_empty() {
+            return None;
+        }
+        let mut to_client = BytesMut::new();
+        for frame in frames {
+            if let Ok(Frontend::Parse { statement, .. }) = frame.frontend() {
+                let content = &frame.body()[statement.len() + 1..];
+                self.by_name.insert(
+                    Bytes::copy_from_slice(statement),
+                    Arc::new(Statement::new(content)),
+                );
+                to_client.extend_from_slice(PARSE_COMPLETE);
+            } else if frame.tag == b'S' {
+                to_client.extend_from_slice(b"Z\0\0\0\x05I");
+            }
+        }
+        Some(to_client)
+    }
+
+    fn undo(&mut self, undo: Undo) {
+        match undo {
+            Undo::Nothing => {}
+            Undo::Forget(name) => {
+                self.by_name.remove(&name);
+            }
+            Undo::Restore(name, statement) => {
+                self.by_name.insert(name, statement);
+            }
+        }
+    }
+}
+
+/// The statements a server connection has prepared, shared by every client
+/// that gets it, with when each was last used.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    last_used: HashMap<StatementId, u64>,
+    clock: u64,
+    /// Used since the connection was last idle: not evicted, since closing
+    /// a statement also closes the portals bound from it.
+    in_use: Vec<StatementId>,
+}
+
+impl ServerStatements {
+    pub fn len(&self) -> usize {
+        self.last_used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_used.is_empty()
+    }
+
+    /// Everything deallocated (DISCARD ALL, DEALLOCATE ALL).
+    pub fn clear(&mut self) {
+        self.last_used.clear();
+        self.in_use.clear();
+    }
+
+    fn has(&self, id: &StatementId) -> bool {
+        self.last_used.contains_key(id)
+    }
+
+    fn touch(&mut self, id: StatementId) {
+        self.clock += 1;
+        self.last_used.insert(id, self.clock);
+        if !self.in_use.contains(&id) {
+            self.in_use.push(id);
+        }
+    }
+
+    /// The least recently used statement not in use, once `max` are kept.
+    fn victim(&self, max: usize) -> Option<StatementId> {
+        if self.last_used.len() < max {
+            return None;
+        }
+        self.last_used
+            .iter()
+            .filter(|(id, _)| !self.in_use.contains(id))
+            .min_by_key(|(_, used)| **used)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// What undoing a skipped or failed message means for the client's names.
+#[derive(Debug)]
+enum Undo {
+    Nothing,
+    Forget(Bytes),
+    Restore(Bytes, Arc<Statement>),
+}
+
+/// What one message sent to the server (or answered here) waits for.
+#[derive(Debug)]
+enum Expect {
+    /// A client message passed on; its reply ends at a tag `ends_reply` knows.
+    Reply(u8),
+    /// A client's `Parse` of a statement new to this server connection.
+    Parse { id: StatementId, name: Bytes },
+    /// A `Parse` added before a `Bind` or `Describe`: its ParseComplete is
+    /// dropped, an error goes to the client.
+    Prepare { id: StatementId },
+    /// A `Close` added to make room: its CloseComplete is dropped.
+    Evict { id: StatementId },
+    /// An answer given here, sent once everything before it is answered.
+    /// `ready` makes it a ReadyForQuery with the current status.
+    Answer {
+        frame: Bytes,
+        ready: bool,
+        undo: Undo,
+    },
+}
+
+/// Whether a server message of type `tag` ends the reply to client message
+/// `sent`. Errors are handled apart.
+fn ends_reply(sent: u8, tag: u8) -> bool {
+    match sent {
+        b'P' => tag == b'1',
+        b'B' => tag == b'2',
+        b'C' => tag == b'3',
+        b'D' => tag == b'T' || tag == b'n',
+        b'E' => matches!(tag, b'C' | b'I' | b's'),
+        b'Q' | b'S' | b'F' => tag == b'Z',
+        _ => false,
+    }
+}
+
+/// Extended-protocol messages: after an error the server skips them until Sync.
+fn extended(sent: u8) -> bool {
+    matches!(sent, b'P' | b'B' | b'C' | b'D' | b'E')
+}
+
+/// What `Exchange::translate` did with a client message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handled {
+    /// Nothing: it goes to the server as it is.
+    No,
+    /// Rewritten and sent.
+    Sent,
+    /// Answered here; the server sees nothing of it.
+    Answered,
+}
+
+/// How the statements a client names are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// Passed through as they are (session pooling, or tracking off).
+    Server,
+    /// Kept per client and prepared on each server connection as needed,
+    /// each keeping at most this many.
+    Client(usize),
+}
+
+/// What happened to statements in one exchange, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatementEvents {
+    /// Parse sent to a server (the client's or one added).
+    pub prepared: u64,
+    /// A client's Parse answered from the server connection's statements.
+    pub reused: u64,
+    /// Closed to make room.
+    pub evicted: u64,
+}
+
+/// The exchange between a client and the server connection it holds.
+#[derive(Debug)]
+pub struct Exchange {
+    expect: VecDeque<Expect>,
+    /// Extended-protocol messages sent since the last Sync: the server may
+    /// be inside an implicit transaction.
+    unsynced: bool,
+    /// After an error given here: client messages are dropped until Sync.
+    skipping: bool,
+    /// The last ReadyForQuery status: `I`, `T` or `E`.
+    pub status: u8,
+    pub events: StatementEvents,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange {
+            expect: VecDeque::new(),
+            unsynced: false,
+            skipping: false,
+            status: b'I',
+            events: StatementEvents::default(),
+        }
+    }
+}
+
+/// The statements on both sides, borrowed for one step.
+pub struct Sides<'a> {
+    pub client: &'a mut ClientStatements,
+    pub server: &'a mut ServerStatements,
+    pub naming: Naming,
+    /// The client keeps this server connection (it may hold SQL-level
+    /// prepared statements there too).
+    pub pinned: bool,
+}
+
+impl Exchange {
+    /// Every reply in, no implicit transaction open, status `I`.
+    pub fn is_idle(&self) -> bool {
+        self.expect.is_empty() && !self.unsynced && !self.skipping && self.status == b'I'
+    }
+
+    /// Extended-protocol messages sent without their Sync.
+    pub fn unsynced(&self) -> bool {
+        self.unsynced || self.skipping
+    }
+
+    /// Replies still to come from the server.
+    pub fn awaiting(&self) -> bool {
+        self.expect
+            .iter()
+            .any(|e| !matches!(e, Expect::Answer { .. }))
+    }
+
+    /// One client message: what goes to the server into `to_server`, answers
+    /// that are due now into `to_client`.
+    pub fn client_message(
+        &mut self,
+        frame: &Frame,
+        sides: &mut Sides<'_>,
+        to_server: &mut BytesMut,
+        to_client: &mut BytesMut,
+    ) {
+        let tag = frame.tag;
+        if self.skipping {
+            if tag != b'S' {
+                return;
+            }
+            self.skipping = false;
+        }
+        let handled = match sides.naming {
+            Naming::Client(max) => self.translate(frame, sides, max, to_server),
+            Naming::Server => Handled::No,
+        };
+        if handled == Handled::No {
+            to_server.extend_from_slice(&frame.bytes);
+            if matches!(tag, b'P' | b'B' | b'C' | b'D' | b'E' | b'S' | b'Q' | b'F') {
+                self.expect.push_back(Expect::Reply(tag));
+            }
+            if tag == b'Q' {
+                if let Ok(Frontend::Query { sql }) = frame.frontend() {
+                    if super::classify::deallocates_all(sql) || super::classify::discards_all(sql) {
+                        sides.client.by_name.clear();
+                        sides.server.clear();
+                    }
+                }
+            }
+        }
+        if handled != Handled::Answered {
+            if extended(tag) {
+                self.unsynced = true;
+            } else if matches!(tag, b'S' | b'Q') {
+                self.unsynced = false;
+            }
+        }
+        self.answer_due(to_client);
+    }
+
+    /// Named statements in a client message.
+    fn translate(
+        &mut self,
+        frame: &Frame,
+        sides: &mut Sides<'_>,
+        max: usize,
+        to_server: &mut BytesMut,
+    ) -> Handled {
+        let Ok(message) = frame.frontend() else {
+            return Handled::No;
+        };
+        match message {
+            Frontend::Parse { statement, .. } if !statement.is_empty() => {
+                let name = Bytes::copy_from_slice(statement);
+                // What follows the name: query, then parameter types.
+                let content = &frame.body()[statement.len() + 1..];
+                if sides.client.by_name.contains_key(&name) {
+                    let message = format!(
+                        "prepared statement \"{}\" already exists",
+                        String::from_utf8_lossy(statement)
+                    );
+                    self.fail("42P05", &message);
+                    return Handled::Answered;
+                }
+                let statement = Arc::new(Statement::new(content));
+                let id = statement.id;
+                sides
+                    .client
+                    .by_name
+                    .insert(name.clone(), Arc::clone(&statement));
+                if sides.server.has(&id) {
+                    sides.server.touch(id);
+                    self.events.reused += 1;
+                    self.expect.push_back(Expect::Answer {
+                        frame: Bytes::from_static(PARSE_COMPLETE),
+                        ready: false,
+                        undo: Undo::Forget(name),
+                    });
+                    return Handled::Answered;
+                } else {
+                    self.make_room(sides.server, max, to_server);
+                    statement.parse(to_server);
+                    sides.server.touch(id);
+                    self.events.prepared += 1;
+                    self.expect.push_back(Expect::Parse { id, name });
+                }
+                Handled::Sent
+            }
+            Frontend::Bind { portal, statement } if !statement.is_empty() => {
+                let Some(known) = sides.client.by_name.get(statement).cloned() else {
+                    return Handled::No;
+                };
+                self.ensure(&known, sides.server, max, to_server);
+                let rest = &frame.body()[portal.len() + 1 + statement.len() + 1..];
+                let name = server_name(&known.id);
+                put_frame(to_server, b'B', &[portal, &[0], &name, &[0], rest]);
+                self.expect.push_back(Expect::Reply(b'B'));
+                Handled::Sent
+            }
+            Frontend::Describe { kind: b'S', name } if !name.is_empty() => {
+                let Some(known) = sides.client.by_name.get(name).cloned() else {
+                    return Handled::No;
+                };
+                self.ensure(&known, sides.server, max, to_server);
+                put_frame(to_server, b'D', &[b"S", &server_name(&known.id), &[0]]);
+                self.expect.push_back(Expect::Reply(b'D'));
+                Handled::Sent
+            }
+            Frontend::Close { kind: b'S', name } if !name.is_empty() => {
+                let name = Bytes::copy_from_slice(name);
+                let Some(known) = sides.client.by_name.remove(&name) else {
+                    return Handled::No;
+                };
+                self.expect.push_back(Expect::Answer {
+                    frame: Bytes::from_static(CLOSE_COMPLETE),
+                    ready: false,
+                    undo: Undo::Restore(name, known),
+                });
+                Handled::Answered
+            }
+            Frontend::Query { sql } if !sides.pinned && super::classify::deallocates_all(sql) => {
+                // The server's statements serve other clients too.
+                sides.client.by_name.clear();
+                self.answer_command(b"DEALLOCATE ALL\0", Undo::Nothing);
+                Handled::Answered
+            }
+            Frontend::Query { sql } => {
+                let Some(name) = super::classify::deallocates(sql) else {
+                    return Handled::No;
+                };
+                let Some(known) = sides.client.by_name.remove(name.as_slice()) else {
+                    return Handled::No;
+                };
+                self.answer_command(b"DEALLOCATE\0", Undo::Restore(Bytes::from(name), known));
+                Handled::Answered
+            }
+            _ => Handled::No,
+        }
+    }
+
+    /// Answer a simple query here: CommandComplete with `tag`, then
+    /// ReadyForQuery.
+    fn answer_command(&mut self, tag: &[u8], undo: Undo) {
+        let mut complete = BytesMut::new();
+        put_frame(&mut complete, b'C', &[tag]);
+        self.expect.push_back(Expect::Answer {
+            frame: complete.freeze(),
+            ready: false,
+            undo,
+        });
+        self.expect.push_back(Expect::Answer {
+            frame: Bytes::new(),
+            ready: true,
+            undo: Undo::Nothing,
+        });
+    }
+
+    /// Make sure the server connection has `statement` before a message
+    /// that names it.
+    fn ensure(
+        &mut self,
+        statement: &Statement,
+        server: &mut ServerStatements,
+        max: usize,
+        to_server: &mut BytesMut,
+    ) {
+        if !server.has(&statement.id) {
+            self.make_room(server, max, to_server);
+            statement.parse(to_server);
+            self.events.prepared += 1;
+            self.expect.push_back(Expect::Prepare { id: statement.id });
+        }
+        server.touch(statement.id);
+    }
+
+    fn make_room(&mut self, server: &mut ServerStatements, max: usize, to_server: &mut BytesMut) {
+        while let Some(id) = server.victim(max) {
+            server.last_used.remove(&id);
+            put_frame(to_server, b'C', &[b"S", &server_name(&id), &[0]]);
+            self.events.evicted += 1;
+            self.expect.push_back(Expect::Evict { id });
+        }
+    }
+
+    /// Refuse the current client message with an error, as the server would:
+    /// the client's messages up to its next Sync are skipped.
+    pub fn fail(&mut self, sqlstate: &str, message: &str) {
+        self.expect.push_back(Expect::Answer {
+            frame: error_response("ERROR", sqlstate, message).bytes,
+            ready: false,
+            undo: Undo::Nothing,
+        });
+        self.skipping = true;
+    }
+
+    /// Answers given here whose turn has come.
+    fn answer_due(&mut self, to_client: &mut BytesMut) {
+        while let Some(Expect::Answer { .. }) = self.expect.front() {
+            if let Some(Expect::Answer { frame, ready, .. }) = self.expect.pop_front() {
+                if ready {
+                    to_client.extend_from_slice(&[b'Z', 0, 0, 0, 5, self.status]);
+                } else {
+                    to_client.extend_from_slice(&frame);
+                }
+            }
+        }
+    }
+
+    /// One server message: what reaches the client goes into `to_client`.
+    /// Returns whether it was a ReadyForQuery.
+    pub fn server_message(
+        &mut self,
+        frame: &Frame,
+        sides: &mut Sides<'_>,
+        to_client: &mut BytesMut,
+    ) -> bool {
+        let tag = frame.tag;
+        match tag {
+            // NoticeResponse, ParameterStatus, NotificationResponse: any time.
+            b'N' | b'S' | b'A' => to_client.extend_from_slice(&frame.bytes),
+            b'E' => {
+                to_client.extend_from_slice(&frame.bytes);
+                let extended_head = match self.expect.front() {
+                    Some(Expect::Reply(sent)) => extended(*sent),
+                    Some(Expect::Parse { .. } | Expect::Prepare { .. } | Expect::Evict { .. }) => {
+                        true
+                    }
+                    _ => false,
+                };
+                if extended_head {
+                    let mut undone = Vec::new();
+                    if let Some(failed) = self.expect.pop_front() {
+                        undone.push(failed);
+                    }
+                    while self
+                        .expect
+                        .front()
+                        .is_some_and(|e| !matches!(e, Expect::Reply(b'S')))
+                    {
+                        if let Some(skipped) = self.expect.pop_front() {
+                            undone.push(skipped);
+                        }
+                    }
+                    // Latest first, so names come back as they were.
+                    for entry in undone.into_iter().rev() {
+                        undo(entry, sides);
+                    }
+                }
+            }
+            _ => {
+                let (ends, dropped) = match self.expect.front() {
+                    Some(Expect::Reply(sent)) => (ends_reply(*sent, tag), false),
+                    Some(Expect::Parse { .. }) => (tag == b'1', false),
+                    Some(Expect::Prepare { .. }) => (tag == b'1', tag == b'1'),
+                    Some(Expect::Evict { .. }) => (tag == b'3', tag == b'3'),
+                    _ => (false, false),
+                };
+                if !dropped {
+                    to_client.extend_from_slice(&frame.bytes);
+                }
+                if let Some(status) = frame.ready_status() {
+                    self.status = status;
+                    // Whatever is still queued before the sync point it
+                    // answers got no reply.
+                    let mut undone = Vec::new();
+                    while let Some(entry) = self.expect.pop_front() {
+                        if matches!(entry, Expect::Reply(b'S' | b'Q' | b'F')) {
+                            break;
+                        }
+                        undone.push(entry);
+                    }
+                    for entry in undone.into_iter().rev() {
+                        undo(entry, sides);
+                    }
+                    if status == b'I' && self.expect.is_empty() {
+                        sides.server.in_use.clear();
+                    }
+                } else if ends {
+                    self.expect.pop_front();
+                }
+            }
+        }
+        self.answer_due(to_client);
+        tag == b'Z'
+    }
+}
+
+/// Put things back as they were for a message the server skipped or failed.
+fn undo(entry: Expect, sides: &mut Sides<'_>) {
+    match entry {
+        Expect::Parse { id, name } => {
+            sides.server.last_used.remove(&id);
+            sides.client.undo(Undo::Forget(name));
+        }
+        Expect::Prepare { id } => {
+            sides.server.last_used.remove(&id);
+        }
+        // Not closed: the server still has it.
+        Expect::Evict { id } => sides.server.touch(id),
+        Expect::Answer { undo, .. } => sides.client.undo(undo),
+        Expect::Reply(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;
