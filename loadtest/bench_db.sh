@@ -4,7 +4,10 @@
 # Starts its own PostgreSQL (initdb in a scratch directory), PgBouncer in
 # transaction mode and gatehouse db in transaction mode, both with the same
 # pool size, then runs pgbench -S (select-only) through each and directly:
-# 50 clients, 2 threads. Prints tps and average latency, and the ratios.
+# 50 clients, 2 threads, in -M simple, extended and prepared. Prints tps and
+# average latency, and the ratios. A run with failed transactions prints
+# "failed" (PgBouncer before 1.21 cannot pool -M prepared in transaction
+# mode: its clients get "prepared statement does not exist").
 # Both poolers listen on a Unix socket and trust local clients, as Django on
 # the same host would use them.
 #
@@ -99,13 +102,14 @@ for _ in $(seq 50); do [ -S "$dir/gh/.s.PGSQL.$GH" ] && break; sleep 0.1; done
 # pgbench → "tps latency_ms"
 measure() {
   "$BIN/pgbench" -h "$1" -p "$2" -U postgres -n -S -c 50 -j 2 -T "$duration" -M "$3" bench 2>&1 | awk '
-    /^latency average/ { lat=$4 } /^tps = / { tps=$3 } /failed transactions: [1-9]/ { failed=1 }
-    END { if (failed) print "failed", "-"; else printf "%.0f %s\n", tps, lat }'
+    /^latency average/ { lat=$4 } /^tps = / { tps=$3 }
+    /failed transactions: [1-9]/ || /aborted/ { failed=1 }
+    END { if (failed || tps == "") print "failed", "-"; else printf "%.0f %s\n", tps, lat }'
 }
 
 printf '%-9s %-10s %5s %10s %12s\n' mode target round tps latency_ms
 declare -A best
-for mode in simple extended; do
+for mode in simple extended prepared; do
   for round in $(seq "$rounds"); do
     for target in direct pgbouncer gatehouse; do
       case $target in
@@ -125,9 +129,10 @@ done
 echo
 echo "best of $rounds rounds, ${duration}s each, pgbench -S -c 50 -j 2, pool size $pool, $(nproc) cores"
 printf '%-9s %10s %10s %10s %18s %16s\n' mode direct pgbouncer gatehouse "gatehouse/pgbouncer" "gatehouse/direct"
-for mode in simple extended; do
+for mode in simple extended prepared; do
   d=${best[$mode/direct]:-0}; p=${best[$mode/pgbouncer]:-0}; g=${best[$mode/gatehouse]:-0}
-  printf '%-9s %10s %10s %10s %18s %16s\n' "$mode" "$d" "$p" "$g" \
+  printf '%-9s %10s %10s %10s %18s %16s\n' "$mode" "${best[$mode/direct]:-failed}" \
+    "${best[$mode/pgbouncer]:-failed}" "${best[$mode/gatehouse]:-failed}" \
     "$(awk -v a="$g" -v b="$p" 'BEGIN { if (b) printf "%.2fx", a/b; else print "-" }')" \
     "$(awk -v a="$g" -v b="$d" 'BEGIN { if (b) printf "%.2fx", a/b; else print "-" }')"
 done

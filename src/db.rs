@@ -28,6 +28,7 @@ pub mod statements;
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -36,7 +37,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::db::{DbConfig, Node};
+use crate::config::db::{DbConfig, DbOverrides, Node};
 use server::ServerStream;
 
 /// Where a client's cancel key leads: the server it holds.
@@ -143,16 +144,72 @@ pub enum DbStartError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Bind the socket (and TCP, when configured), then serve until SIGTERM or SIGINT.
-pub fn run(config: DbConfig) -> Result<(), DbStartError> {
+/// Where the configuration came from, to load it again on SIGHUP.
+#[derive(Debug, Clone, Default)]
+pub struct DbSource {
+    pub path: Option<PathBuf>,
+    pub overrides: DbOverrides,
+}
+
+/// Bind the socket (and TCP, when configured), then serve until SIGTERM or
+/// SIGINT; SIGHUP reloads the configuration.
+pub fn run(config: DbConfig, source: DbSource) -> Result<(), DbStartError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(DbStartError::Runtime)?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, source))
 }
 
-async fn serve(config: DbConfig) -> Result<(), DbStartError> {
+/// Load the configuration again and apply it when it is valid: users,
+/// databases, pool sizes and settings, the primary. Clients stay connected
+/// and keep the server connections they hold. An invalid file changes
+/// nothing.
+pub fn reload(shared: &DbShared, source: &DbSource) {
+    let file = source.path.as_ref().map_or_else(
+        || "embedded defaults".to_string(),
+        |p| p.display().to_string(),
+    );
+    let config = match DbConfig::load(
+        source.path.as_deref(),
+        &source.overrides,
+        &crate::config::ProcessEnv,
+    ) {
+        Ok(config) => config,
+        Err(e) => {
+            shared
+                .metrics
+                .config_reloads
+                .with_label_values(&["error"])
+                .inc();
+            for problem in &e.problems {
+                tracing::error!(%file, %problem, "reload rejected; keeping the running configuration");
+            }
+            return;
+        }
+    };
+    let old = shared.config.load_full();
+    if config.socket_path() != old.socket_path()
+        || config.socket_mode != old.socket_mode
+        || config.listen != old.listen
+        || config.admin_listen != old.admin_listen
+    {
+        tracing::warn!("the socket, listen addresses and admin listener change only on restart");
+    }
+    if config.primary != old.primary {
+        tracing::info!(from = %old.primary, to = %config.primary, "new primary; idle connections to the old one are closed");
+    }
+    shared.pools.configure(&config);
+    shared.config.store(Arc::new(config));
+    shared
+        .metrics
+        .config_reloads
+        .with_label_values(&["ok"])
+        .inc();
+    tracing::info!(%file, "configuration reloaded");
+}
+
+async fn serve(config: DbConfig, source: DbSource) -> Result<(), DbStartError> {
     let dir = config.socket_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| DbStartError::SocketDir {
         dir: dir.display().to_string(),
@@ -200,6 +257,7 @@ async fn serve(config: DbConfig) -> Result<(), DbStartError> {
         None => None,
     };
     let shared = Arc::new(DbShared::new(config)?);
+    shared.pools.configure(&shared.config.load());
     if let Some(listener) = admin {
         tokio::spawn(admin::serve(listener, Arc::clone(&shared)));
     }
@@ -207,10 +265,11 @@ async fn serve(config: DbConfig) -> Result<(), DbStartError> {
     {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
+            // Warm the pools at once, then keep them every second.
             loop {
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 let config = shared.config.load_full();
                 shared.pools.maintain(&config, &shared.metrics).await;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });
     }
@@ -227,8 +286,10 @@ async fn serve(config: DbConfig) -> Result<(), DbStartError> {
     }
     let mut terminate = signal(SignalKind::terminate()).map_err(DbStartError::Runtime)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DbStartError::Runtime)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(DbStartError::Runtime)?;
     loop {
         tokio::select! {
+            _ = hangup.recv() => reload(&shared, &source),
             accepted = unix.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let uid = stream.peer_cred().ok().map(|c| c.uid());

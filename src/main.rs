@@ -100,9 +100,13 @@ fn main() -> ExitCode {
                 admin_listen,
                 primary,
             };
+            let source = gatehouse::db::DbSource {
+                path: config,
+                overrides,
+            };
             let loaded = match gatehouse::config::db::DbConfig::load(
-                config.as_deref(),
-                &overrides,
+                source.path.as_deref(),
+                &source.overrides,
                 &gatehouse::config::ProcessEnv,
             ) {
                 Ok(config) => config,
@@ -112,7 +116,7 @@ fn main() -> ExitCode {
                 }
             };
             gatehouse::telemetry::init_tracing(&loaded.log);
-            match gatehouse::db::run(loaded) {
+            match gatehouse::db::run(loaded, source) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("gatehouse: {e}");

@@ -583,15 +583,70 @@ fn copy_in_and_out_and_a_large_result() {
         std::fs::read_to_string(out.path()).unwrap().lines().count(),
         1000
     );
-    // About 20 MB streamed through.
-    let total = db
-        .psql(
-            APP_USER,
-            APP_PASSWORD,
-            "SELECT sum(length(s)) FROM (SELECT repeat('x', 1000) AS s FROM generate_series(1, 20000)) t",
-        )
+}
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap();
-    assert_eq!(total, "20000000");
+    kib * 1024
+}
+
+/// A 50 MB result read by a client slower than the server streams through
+/// with the router's memory bounded: it reads from the server only as fast
+/// as the client takes the rows.
+#[test]
+fn a_50_mb_result_streams_in_bounded_memory() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 2", "transaction");
+    let mut wire = db.wire();
+    assert_eq!(wire.value("SELECT 1"), "1");
+    let before = peak_rss_bytes(db.child.id());
+    let mut buf = BytesMut::new();
+    frontend::query(
+        "SELECT repeat('x', 1000) FROM generate_series(1, 50000)",
+        &mut buf,
+    )
+    .unwrap();
+    wire.send(&buf);
+    // The server is far ahead of this client for a while.
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    loop {
+        let frame = wire.frame();
+        if frame.tag == b'D' {
+            rows += 1;
+            bytes += frame.bytes.len() as u64;
+        }
+        if frame.ready_status().is_some() {
+            break;
+        }
+    }
+    assert_eq!(rows, 50_000);
+    assert!(bytes > 50_000_000, "{bytes} bytes");
+    let grown = peak_rss_bytes(db.child.id()).saturating_sub(before);
+    assert!(
+        grown < 16 << 20,
+        "the router's peak memory grew by {} MiB for a 50 MB result",
+        grown >> 20
+    );
+    // psql reads the same result through the socket.
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-A", "-t", "-c"])
+        .arg("SELECT repeat('x', 1000) FROM generate_series(1, 50000)")
+        .env("PGHOST", db.socket_dir.path())
+        .env("PGPORT", db.port.to_string())
+        .env("PGUSER", APP_USER)
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGDATABASE", APP_DB)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), 50_000 * 1001);
 }
 
 #[test]
@@ -1175,6 +1230,105 @@ fn pools_keep_min_connections_and_close_idle_ones() {
         wait_for(Duration::from_secs(6), || pool_counts(&admin) == (0, 0)),
         "idle closed"
     );
+}
+
+/// Pools are warm before the first client arrives.
+#[test]
+fn pools_are_warmed_before_the_first_client() {
+    let pg = TestPostgres::shared();
+    let (_db, admin) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 4\nmin_connections = 3", "");
+    assert!(
+        wait_for(Duration::from_secs(5), || pool_counts(&admin) == (0, 3)),
+        "{:?}",
+        pool_counts(&admin)
+    );
+}
+
+/// SIGHUP applies a new pool size and a new user without dropping a client
+/// in the middle of a transaction; an invalid file keeps the running
+/// configuration.
+#[test]
+fn sighup_reloads_pools_and_users_without_dropping_clients() {
+    let pg = TestPostgres::shared();
+    md5_role(pg);
+    let (db, admin) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 1\ncheckout_timeout = \"1s\"", "");
+    let path = db.socket_dir.path().join("db.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    let pool_max = || {
+        let (_, body) = http_get(&admin, "/metrics/json");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        json["database"]["connection_pool"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["pool"] == format!("{APP_DB}/{APP_USER}"))
+            .map(|p| p["max"].as_u64().unwrap())
+    };
+    assert_eq!(pool_max(), Some(1));
+    let hangup = || {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &db.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+
+    // A client inside a transaction holds the only connection.
+    let mut a = db.wire();
+    assert_eq!(a.query("BEGIN").last().unwrap().ready_status(), Some(b'T'));
+    a.query("CREATE TEMP TABLE during_reload (n int) ON COMMIT DROP");
+    assert!(
+        db.psql(APP_USER, APP_PASSWORD, "SELECT 1").is_err(),
+        "pool full"
+    );
+
+    // Bigger pool, and the md5 user removed.
+    let without_md5 = original.replace(
+        &format!(
+            "[[users]]\nname = \"{MD5_USER}\"\nauth = \"md5\"\npassword = \"{MD5_PASSWORD}\"\n"
+        ),
+        "",
+    );
+    assert_ne!(without_md5, original);
+    std::fs::write(
+        &path,
+        without_md5.replace("max_connections = 1", "max_connections = 3"),
+    )
+    .unwrap();
+    hangup();
+    assert!(wait_for(Duration::from_secs(5), || pool_max() == Some(3)));
+    assert_eq!(
+        metric(&admin, "gatehouse_db_config_reloads_total{result=\"ok\"}"),
+        Some(1.0)
+    );
+    // Room for another client now, while a's transaction goes on.
+    assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 2").unwrap(), "2");
+    assert!(
+        db.psql(MD5_USER, MD5_PASSWORD, "SELECT 1").is_err(),
+        "a removed user cannot log in"
+    );
+    a.query("INSERT INTO during_reload VALUES (1)");
+    assert_eq!(a.value("SELECT count(*) FROM during_reload"), "1");
+    assert_eq!(a.query("COMMIT").last().unwrap().ready_status(), Some(b'I'));
+
+    // A broken file changes nothing.
+    std::fs::write(
+        &path,
+        original.replace("max_connections = 1", "max_connections = -4"),
+    )
+    .unwrap();
+    hangup();
+    assert!(wait_for(Duration::from_secs(5), || {
+        metric(
+            &admin,
+            "gatehouse_db_config_reloads_total{result=\"error\"}",
+        ) == Some(1.0)
+    }));
+    assert_eq!(pool_max(), Some(3));
+    assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 3").unwrap(), "3");
 }
 
 #[test]

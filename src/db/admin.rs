@@ -31,6 +31,7 @@ pub struct DbMetrics {
     pub queries: IntCounterVec,
     pub statements: IntCounterVec,
     pub refused: IntCounterVec,
+    pub config_reloads: IntCounterVec,
     pool_connections: IntGaugeVec,
     pool_waiting: IntGaugeVec,
     pool_max: IntGaugeVec,
@@ -104,6 +105,13 @@ impl DbMetrics {
                 ),
                 &["pool"],
             )?,
+            config_reloads: IntCounterVec::new(
+                opts(
+                    "config_reloads_total",
+                    "Configuration reloads (SIGHUP), by result.",
+                ),
+                &["result"],
+            )?,
             pool_connections: IntGaugeVec::new(
                 opts(
                     "pool_connections",
@@ -132,6 +140,7 @@ impl DbMetrics {
         m.registry.register(Box::new(m.queries.clone()))?;
         m.registry.register(Box::new(m.statements.clone()))?;
         m.registry.register(Box::new(m.refused.clone()))?;
+        m.registry.register(Box::new(m.config_reloads.clone()))?;
         m.registry.register(Box::new(m.pool_connections.clone()))?;
         m.registry.register(Box::new(m.pool_waiting.clone()))?;
         m.registry.register(Box::new(m.pool_max.clone()))?;

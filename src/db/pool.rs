@@ -33,11 +33,50 @@ struct Pool {
     /// `database/user`, as errors and metrics name it.
     name: String,
     database: String,
-    user: DbUser,
+    /// As last configured: its server credentials open new connections.
+    user: Mutex<DbUser>,
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
-    max: usize,
+    size: Mutex<Size>,
     waiting: AtomicUsize,
+    /// After a failed attempt to warm the pool, when to try again.
+    warm_retry: Mutex<Option<std::time::Instant>>,
+}
+
+/// A pool's size. A reload that shrinks it cannot take permits back from
+/// clients that hold them: the excess is forgotten as they come back.
+#[derive(Debug, Clone, Copy)]
+struct Size {
+    max: usize,
+    /// Permits still to forget.
+    excess: usize,
+}
+
+impl Pool {
+    fn size(&self) -> Size {
+        *self.size.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connections lent to clients now.
+    fn lent(&self) -> usize {
+        let size = self.size();
+        (size.max + size.excess).saturating_sub(self.permits.available_permits())
+    }
+
+    fn resize(&self, max: usize) {
+        let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
+        if max > size.max {
+            let grow = max - size.max;
+            let repaid = grow.min(size.excess);
+            size.excess -= repaid;
+            self.permits.add_permits(grow - repaid);
+        } else {
+            size.excess += size.max - max;
+        }
+        size.max = max;
+        let forgotten = self.permits.forget_permits(size.excess);
+        size.excess -= forgotten;
+    }
 }
 
 /// One pool's numbers, for `/metrics` and `.database.connection_pool`.
@@ -67,14 +106,32 @@ impl Pools {
                     Arc::new(Pool {
                         name: format!("{database}/{}", user.name),
                         database: database.to_string(),
-                        user: user.clone(),
+                        user: Mutex::new(user.clone()),
                         idle: Mutex::new(Vec::new()),
                         permits: Arc::new(Semaphore::new(max as usize)),
-                        max: max as usize,
+                        size: Mutex::new(Size {
+                            max: max as usize,
+                            excess: 0,
+                        }),
                         waiting: AtomicUsize::new(0),
+                        warm_retry: Mutex::new(None),
                     })
                 }),
         )
+    }
+
+    /// Bring the pools in line with `config` (at start and after a reload):
+    /// a pool for every configured database and user, so that
+    /// `min_connections` are warm before the first client; sizes and
+    /// server credentials as configured. Clients keep what they hold.
+    pub fn configure(&self, config: &DbConfig) {
+        for database in &config.databases {
+            for user in &config.users {
+                let pool = self.pool(&database.name, user, config.pool.max_connections);
+                *pool.user.lock().unwrap_or_else(|e| e.into_inner()) = user.clone();
+                pool.resize(config.pool.max_connections as usize);
+            }
+        }
     }
 
     pub fn stats(&self) -> Vec<PoolStats> {
@@ -83,10 +140,10 @@ impl Pools {
             .values()
             .map(|pool| PoolStats {
                 name: pool.name.clone(),
-                active: pool.max - pool.permits.available_permits(),
+                active: pool.lent(),
                 idle: pool.idle.lock().map_or(0, |idle| idle.len()),
                 waiting: pool.waiting.load(Ordering::Relaxed),
-                max: pool.max,
+                max: pool.size().max,
             })
             .collect();
         stats.sort_by(|a, b| a.name.cmp(&b.name));
@@ -119,16 +176,12 @@ impl Pools {
                 pool: pool.name.clone(),
                 waited,
             })?;
-        // Connections that died while idle (a restarted primary) or lived
-        // too long are dropped.
+        // Connections that died while idle (a restarted primary), lived
+        // too long, or lead to a primary no longer configured are dropped.
         let idle = loop {
             let next = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match next {
-                Some(conn)
-                    if !conn.is_usable() || conn.opened.elapsed() >= config.pool.max_lifetime =>
-                {
-                    continue;
-                }
+                Some(conn) if !keep(&conn, config) => continue,
                 other => break other,
             }
         };
@@ -183,33 +236,41 @@ impl Pools {
             .collect();
         let min = config.pool.min_connections as usize;
         for pool in pools {
-            let lent = pool.max - pool.permits.available_permits();
+            // Permits a smaller size left with clients, as they come back.
+            pool.resize(pool.size().max);
+            let lent = pool.lent();
+            let max = pool.size().max;
             {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                // Oldest first, so the newest stay when trimming to the minimum.
+                // Newest first: the oldest go when trimming to the minimum.
                 idle.sort_by_key(|c| std::cmp::Reverse(c.idle_since));
                 let mut kept = 0;
                 idle.retain(|conn| {
-                    let too_old = conn.opened.elapsed() >= config.pool.max_lifetime;
                     let too_idle =
                         conn.idle_since.elapsed() >= config.pool.idle_timeout && lent + kept >= min;
-                    let keep = !too_old && !too_idle && conn.is_usable();
+                    let keep = keep(conn, config) && !too_idle && lent + kept < max;
                     if keep {
                         kept += 1;
                     }
                     keep
                 });
             }
+            let retry = *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner());
+            if retry.is_some_and(|at| std::time::Instant::now() < at) {
+                continue;
+            }
             let have = lent + pool.idle.lock().map_or(0, |idle| idle.len());
-            for _ in have..min.min(pool.max) {
+            let user = pool.user.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for _ in have..min.min(max) {
                 let login = Login {
-                    user: &pool.user.name,
+                    user: &user.name,
                     database: &pool.database,
-                    password: pool.user.server_password.as_deref(),
+                    password: user.server_password.as_deref(),
                     params: &[],
                 };
                 match ServerConn::open(&config.primary, &login, config.pool.connect_timeout).await {
                     Ok(conn) => {
+                        *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
                         metrics
                             .server_connects
                             .with_label_values(&[pool.name.as_str()])
@@ -224,13 +285,30 @@ impl Pools {
                             .server_errors
                             .with_label_values(&[pool.name.as_str()])
                             .inc();
-                        tracing::debug!(pool = %pool.name, error = %e, "warming the pool");
+                        // A refusal (no such role, no access) is not retried
+                        // every second.
+                        let wait = if matches!(e, ServerError::Refused { .. }) {
+                            Duration::from_secs(30)
+                        } else {
+                            Duration::from_secs(1)
+                        };
+                        tracing::warn!(pool = %pool.name, error = %e, retry_in = ?wait, "warming the pool");
+                        *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(std::time::Instant::now() + wait);
                         break;
                     }
                 }
             }
         }
     }
+}
+
+/// Whether an idle connection may be lent again under `config`: alive,
+/// younger than `max_lifetime`, and to the configured primary.
+fn keep(conn: &ServerConn, config: &DbConfig) -> bool {
+    conn.is_usable()
+        && conn.opened.elapsed() < config.pool.max_lifetime
+        && conn.node == config.primary
 }
 
 /// A server connection lent to one client.
@@ -511,7 +589,37 @@ impl Checkout {
 
 #[cfg(test)]
 mod tests {
-    use super::settings_of;
+    use super::{Pools, settings_of};
+    use crate::config::db::{AuthMethod, DbUser};
+
+    #[tokio::test]
+    async fn a_smaller_pool_takes_permits_back_as_clients_return_them() {
+        let user = DbUser {
+            name: "u".into(),
+            auth: AuthMethod::Trust,
+            secret: None,
+            trusted_uids: Vec::new(),
+            server_password: None,
+        };
+        let pool = Pools::default().pool("d", &user, 4);
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                std::sync::Arc::clone(&pool.permits)
+                    .try_acquire_owned()
+                    .unwrap()
+            })
+            .collect();
+        pool.resize(2);
+        assert_eq!(pool.size().max, 2);
+        assert_eq!(pool.lent(), 3, "clients keep what they hold");
+        assert_eq!(pool.permits.available_permits(), 0);
+        drop(held);
+        pool.resize(2);
+        assert_eq!(pool.lent(), 0);
+        assert_eq!(pool.permits.available_permits(), 2);
+        pool.resize(5);
+        assert_eq!(pool.permits.available_permits(), 5);
+    }
 
     #[test]
     fn options_settings() {

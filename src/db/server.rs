@@ -128,6 +128,8 @@ pub struct ServerConn {
     pub idle_since: std::time::Instant,
     /// Statements prepared for transaction-pooled clients.
     pub statements: super::statements::ServerStatements,
+    /// The node it is connected to.
+    pub node: Node,
 }
 
 impl ServerConn {
@@ -154,6 +156,7 @@ impl ServerConn {
             opened: std::time::Instant::now(),
             idle_since: std::time::Instant::now(),
             statements: Default::default(),
+            node: node.clone(),
         };
         tokio::time::timeout(timeout, conn.login(login))
             .await
