@@ -43,7 +43,7 @@ use server::ServerStream;
 /// Where a client's cancel key leads: the server it holds.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub node: Node,
+    pub node: Arc<Node>,
     pub backend_key: (i32, i32),
 }
 
@@ -112,7 +112,7 @@ impl DbShared {
             tracing::debug!("cancel request with an unknown key ignored");
             return;
         };
-        let stream = match &target.node {
+        let stream = match target.node.as_ref() {
             Node::Tcp { host, port } => tokio::net::TcpStream::connect((host.as_str(), *port))
                 .await
                 .map(ServerStream::Tcp),
@@ -199,7 +199,7 @@ pub fn reload(shared: &DbShared, source: &DbSource) {
     if config.primary != old.primary {
         tracing::info!(from = %old.primary, to = %config.primary, "new primary; idle connections to the old one are closed");
     }
-    shared.pools.configure(&config);
+    shared.pools.configure(&config, &shared.metrics);
     shared.config.store(Arc::new(config));
     shared
         .metrics
@@ -257,7 +257,9 @@ async fn serve(config: DbConfig, source: DbSource) -> Result<(), DbStartError> {
         None => None,
     };
     let shared = Arc::new(DbShared::new(config)?);
-    shared.pools.configure(&shared.config.load());
+    shared
+        .pools
+        .configure(&shared.config.load(), &shared.metrics);
     if let Some(listener) = admin {
         tokio::spawn(admin::serve(listener, Arc::clone(&shared)));
     }

@@ -149,7 +149,23 @@ impl DbMetrics {
     }
 }
 
+/// One pool's busiest metrics, looked up once.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub checkout_wait: prometheus::Histogram,
+    pub queries: prometheus::IntCounter,
+    pub transactions: prometheus::IntCounter,
+}
+
 impl DbMetrics {
+    pub fn for_pool(&self, pool: &str) -> PoolMetrics {
+        PoolMetrics {
+            checkout_wait: self.checkout_wait.with_label_values(&[pool]),
+            queries: self.queries.with_label_values(&[pool]),
+            transactions: self.transactions.with_label_values(&[pool]),
+        }
+    }
+
     /// Count what happened to named statements in one exchange.
     pub fn count_statements(&self, pool: &str, events: super::statements::StatementEvents) {
         for (event, n) in [

@@ -53,10 +53,23 @@ fn normalise(sql: &[u8]) -> String {
     out
 }
 
-/// Whether `needle` (lowercase) occurs in `hay`, ignoring ASCII case.
-fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|window| window.eq_ignore_ascii_case(needle))
+/// Whether any of `words` (lowercase ASCII) occurs in `text`, ignoring
+/// case: one pass, comparing only where a word's first letter is.
+fn mentions_any(text: &[u8], words: &[&[u8]]) -> bool {
+    let mut first = [false; 256];
+    for word in words {
+        first[usize::from(word[0])] = true;
+    }
+    (0..text.len()).any(|i| {
+        let c = text[i].to_ascii_lowercase();
+        first[usize::from(c)]
+            && words.iter().any(|word| {
+                word[0] == c
+                    && text
+                        .get(i..i + word.len())
+                        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+            })
+    })
 }
 
 /// Whether `sql` (one or more statements) changes session state.
@@ -73,7 +86,7 @@ pub fn pins_session(sql: &[u8]) -> bool {
         b"hold",
         b"advisory",
     ];
-    if !WORDS.iter().any(|word| contains_ignore_case(sql, word)) {
+    if !mentions_any(sql, &WORDS) {
         return false;
     }
     let text = normalise(sql);

@@ -9,16 +9,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::codec::Decoder;
 
-use super::admin::DbMetrics;
+use super::admin::{DbMetrics, PoolMetrics};
 use super::codec::{Frame, FrameCodec, cstr};
 use super::server::{Login, ServerConn, ServerError, refused};
-use super::statements::{ClientStatements, Exchange, Naming, Sides, StatementEvents};
+use super::statements::{ClientStatements, Naming, Sides, StatementEvents};
 use crate::config::db::{DbConfig, DbUser};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,7 @@ struct Pool {
     waiting: AtomicUsize,
     /// After a failed attempt to warm the pool, when to try again.
     warm_retry: Mutex<Option<std::time::Instant>>,
+    metrics: PoolMetrics,
 }
 
 /// A pool's size. A reload that shrinks it cannot take permits back from
@@ -97,14 +98,24 @@ pub struct Pools {
 }
 
 impl Pools {
-    fn pool(&self, database: &str, user: &DbUser, max: u32) -> Arc<Pool> {
+    fn pool(&self, database: &str, user: &DbUser, max: u32, metrics: &DbMetrics) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        // A few pools at most: found without building a key.
+        if let Some(pool) = pools
+            .iter()
+            .find(|((d, u), _)| d == database && *u == user.name)
+            .map(|(_, pool)| pool)
+        {
+            return Arc::clone(pool);
+        }
         Arc::clone(
             pools
                 .entry((database.to_string(), user.name.clone()))
                 .or_insert_with(|| {
+                    let name = format!("{database}/{}", user.name);
                     Arc::new(Pool {
-                        name: format!("{database}/{}", user.name),
+                        metrics: metrics.for_pool(&name),
+                        name,
                         database: database.to_string(),
                         user: Mutex::new(user.clone()),
                         idle: Mutex::new(Vec::new()),
@@ -124,10 +135,10 @@ impl Pools {
     /// a pool for every configured database and user, so that
     /// `min_connections` are warm before the first client; sizes and
     /// server credentials as configured. Clients keep what they hold.
-    pub fn configure(&self, config: &DbConfig) {
+    pub fn configure(&self, config: &DbConfig, metrics: &DbMetrics) {
         for database in &config.databases {
             for user in &config.users {
-                let pool = self.pool(&database.name, user, config.pool.max_connections);
+                let pool = self.pool(&database.name, user, config.pool.max_connections, metrics);
                 *pool.user.lock().unwrap_or_else(|e| e.into_inner()) = user.clone();
                 pool.resize(config.pool.max_connections as usize);
             }
@@ -159,23 +170,31 @@ impl Pools {
         user: &DbUser,
         metrics: &DbMetrics,
     ) -> Result<Checkout, PoolError> {
-        let pool = self.pool(database, user, config.pool.max_connections);
+        let pool = self.pool(database, user, config.pool.max_connections, metrics);
         let waited = config.pool.checkout_timeout;
-        let started = std::time::Instant::now();
-        pool.waiting.fetch_add(1, Ordering::Relaxed);
-        let permit = tokio::time::timeout(waited, Arc::clone(&pool.permits).acquire_owned()).await;
-        pool.waiting.fetch_sub(1, Ordering::Relaxed);
-        metrics
-            .checkout_wait
-            .with_label_values(&[pool.name.as_str()])
-            .observe(started.elapsed().as_secs_f64());
-        let permit = permit
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| PoolError::Exhausted {
-                pool: pool.name.clone(),
-                waited,
-            })?;
+        let permit = match Arc::clone(&pool.permits).try_acquire_owned() {
+            Ok(permit) => {
+                pool.metrics.checkout_wait.observe(0.0);
+                permit
+            }
+            Err(_) => {
+                let started = std::time::Instant::now();
+                pool.waiting.fetch_add(1, Ordering::Relaxed);
+                let permit =
+                    tokio::time::timeout(waited, Arc::clone(&pool.permits).acquire_owned()).await;
+                pool.waiting.fetch_sub(1, Ordering::Relaxed);
+                pool.metrics
+                    .checkout_wait
+                    .observe(started.elapsed().as_secs_f64());
+                permit
+                    .ok()
+                    .and_then(Result::ok)
+                    .ok_or_else(|| PoolError::Exhausted {
+                        pool: pool.name.clone(),
+                        waited,
+                    })?
+            }
+        };
         // Connections that died while idle (a restarted primary), lived
         // too long, or lead to a primary no longer configured are dropped.
         let idle = loop {
@@ -217,7 +236,6 @@ impl Pools {
             pool,
             _permit: permit,
             codec: FrameCodec::new(1 << 30),
-            exchange: Exchange::default(),
             statement_timeout: config.pool.statement_timeout,
             max_lifetime: config.pool.max_lifetime,
         })
@@ -308,7 +326,7 @@ impl Pools {
 fn keep(conn: &ServerConn, config: &DbConfig) -> bool {
     conn.is_usable()
         && conn.opened.elapsed() < config.pool.max_lifetime
-        && conn.node == config.primary
+        && *conn.node == config.primary
 }
 
 /// A server connection lent to one client.
@@ -318,8 +336,6 @@ pub struct Checkout {
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
     codec: FrameCodec,
-    /// What the messages sent still wait for, and the transaction status.
-    exchange: Exchange,
     statement_timeout: Duration,
     max_lifetime: Duration,
 }
@@ -333,7 +349,7 @@ fn quote_ident(name: &str) -> String {
 }
 
 /// What a client asked its server session to be.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
     /// Startup parameters among `SESSION_PARAMS`.
     pub params: Vec<(String, String)>,
@@ -361,6 +377,10 @@ impl Checkout {
     /// `database/user`, as metrics name the pool.
     pub fn pool_name(&self) -> &str {
         &self.pool.name
+    }
+
+    pub fn metrics(&self) -> &PoolMetrics {
+        &self.pool.metrics
     }
 
     pub fn conn(&self) -> &ServerConn {
@@ -397,7 +417,7 @@ impl Checkout {
                     }
                 }
                 b'Z' => {
-                    self.exchange.status = frame.body().first().copied().unwrap_or(b'I');
+                    conn.exchange.status = frame.body().first().copied().unwrap_or(b'I');
                     return failure.map_or(Ok(()), Err);
                 }
                 _ => {}
@@ -409,8 +429,14 @@ impl Checkout {
     /// parameters (or the server's defaults when it set none), its `options`
     /// settings, and the configured statement timeout unless it set one.
     /// Only what differs from the connection's current state is sent.
-    pub async fn apply(&mut self, wanted: &Settings) -> Result<(), ServerError> {
+    pub async fn apply(&mut self, wanted: &Arc<Settings>) -> Result<(), ServerError> {
         let conn = self.conn();
+        // Set up for this very client, or one that asked for the same.
+        if let Some((settled, timeout)) = &conn.settled {
+            if **settled == **wanted && *timeout == self.statement_timeout {
+                return Ok(());
+            }
+        }
         let mut changes: Vec<(String, String)> = Vec::new();
         for name in super::session::SESSION_PARAMS {
             let value = wanted
@@ -440,14 +466,10 @@ impl Checkout {
                 changes.push((name.clone(), value.clone()));
             }
         }
-        if changes.is_empty() {
-            return Ok(());
+        if !changes.is_empty() {
+            self.set(&changes).await?;
         }
-        let sql: Vec<String> = changes
-            .iter()
-            .map(|(name, value)| format!("SET {} TO {}", quote_ident(name), quote_literal(value)))
-            .collect();
-        self.run(&sql.join("; ")).await?;
+        let timeout = self.statement_timeout;
         let conn = self.conn_mut()?;
         for (name, value) in options {
             match conn.applied.iter_mut().find(|(k, _)| *k == name) {
@@ -455,12 +477,23 @@ impl Checkout {
                 None => conn.applied.push((name, value)),
             }
         }
+        conn.settled = Some((Arc::clone(wanted), timeout));
         Ok(())
+    }
+
+    async fn set(&mut self, changes: &[(String, String)]) -> Result<(), ServerError> {
+        let sql: Vec<String> = changes
+            .iter()
+            .map(|(name, value)| format!("SET {} TO {}", quote_ident(name), quote_literal(value)))
+            .collect();
+        self.run(&sql.join("; ")).await
     }
 
     /// Idle at a transaction boundary: every reply in, status `I`.
     pub fn is_idle(&self) -> bool {
-        self.exchange.is_idle() && self.conn.as_ref().is_some_and(|c| c.buf.is_empty())
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.exchange.is_idle() && c.buf.is_empty())
     }
 
     /// Return an idle connection as it is, between transactions of clients
@@ -486,20 +519,18 @@ impl Checkout {
     }
 
     /// Forward a client's messages, with its named statements as `naming`
-    /// says. Returns answers given here that are due now, for the client.
+    /// says. Answers given here that are due now go into `to_client`.
     pub async fn forward(
         &mut self,
         frames: &[Frame],
         client: &mut ClientStatements,
         naming: Naming,
         pinned: bool,
-    ) -> Result<BytesMut, ServerError> {
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))?;
-        let mut to_server = BytesMut::new();
-        let mut to_client = BytesMut::new();
+        to_client: &mut BytesMut,
+    ) -> Result<(), ServerError> {
+        let conn = self.conn_mut()?;
+        let mut to_server = std::mem::take(&mut conn.out);
+        to_server.clear();
         let mut sides = Sides {
             client,
             server: &mut conn.statements,
@@ -507,48 +538,46 @@ impl Checkout {
             pinned,
         };
         for frame in frames {
-            self.exchange
-                .client_message(frame, &mut sides, &mut to_server, &mut to_client);
+            conn.exchange
+                .client_message(frame, &mut sides, &mut to_server, to_client);
         }
-        if !to_server.is_empty() {
-            conn.send(&to_server).await?;
-        }
-        Ok(to_client)
-    }
-
-    /// Refuse the next client message with an error, as the server would.
-    pub fn refuse(&mut self, sqlstate: &str, message: &str) {
-        self.exchange.fail(sqlstate, message);
+        let sent = conn.send(&to_server).await;
+        conn.out = to_server;
+        sent
     }
 
     /// What happened to statements since the last call, for metrics.
     pub fn take_events(&mut self) -> StatementEvents {
-        std::mem::take(&mut self.exchange.events)
+        self.conn
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.exchange.events))
+            .unwrap_or_default()
     }
 
-    /// The next whole frames the server sent, as bytes for the client.
+    /// The next whole frames the server sent, appended to `to_client`.
     pub async fn read_some(
         &mut self,
         client: &mut ClientStatements,
         naming: Naming,
-    ) -> Result<Bytes, ServerError> {
+        to_client: &mut BytesMut,
+    ) -> Result<(), ServerError> {
         let conn = self
             .conn
             .as_mut()
             .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))?;
         loop {
-            let mut out = BytesMut::new();
             let mut sides = Sides {
                 client: &mut *client,
                 server: &mut conn.statements,
                 naming,
                 pinned: false,
             };
+            let before = to_client.len();
             while let Some(frame) = self.codec.decode(&mut conn.buf)? {
-                self.exchange.server_message(&frame, &mut sides, &mut out);
+                conn.exchange.server_message(&frame, &mut sides, to_client);
             }
-            if !out.is_empty() {
-                return Ok(out.freeze());
+            if to_client.len() > before {
+                return Ok(());
             }
             if conn.stream.read_buf(&mut conn.buf).await? == 0 {
                 return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
@@ -569,18 +598,20 @@ impl Checkout {
         }
         // A reply still on its way, COPY in progress, or extended-protocol
         // messages without their Sync: the state is unknown.
-        if self.exchange.awaiting() || self.exchange.unsynced() || !self.conn().buf.is_empty() {
+        let exchange = &self.conn().exchange;
+        if exchange.awaiting() || exchange.unsynced() || !self.conn().buf.is_empty() {
             return;
         }
-        if self.exchange.status != b'I' && self.run("ROLLBACK").await.is_err() {
+        if exchange.status != b'I' && self.run("ROLLBACK").await.is_err() {
             return;
         }
         let reset = tokio::time::timeout(Duration::from_secs(5), self.run("DISCARD ALL")).await;
-        if !matches!(reset, Ok(Ok(()))) || self.exchange.status != b'I' {
+        if !matches!(reset, Ok(Ok(()))) || self.conn().exchange.status != b'I' {
             return;
         }
         if let Some(conn) = self.conn.as_mut() {
             conn.applied.clear();
+            conn.settled = None;
             conn.statements.clear();
         }
         self.return_to_pool();
@@ -601,7 +632,8 @@ mod tests {
             trusted_uids: Vec::new(),
             server_password: None,
         };
-        let pool = Pools::default().pool("d", &user, 4);
+        let metrics = crate::db::admin::DbMetrics::new().unwrap();
+        let pool = Pools::default().pool("d", &user, 4, &metrics);
         let held: Vec<_> = (0..3)
             .map(|_| {
                 std::sync::Arc::clone(&pool.permits)

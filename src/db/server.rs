@@ -129,7 +129,14 @@ pub struct ServerConn {
     /// Statements prepared for transaction-pooled clients.
     pub statements: super::statements::ServerStatements,
     /// The node it is connected to.
-    pub node: Node,
+    pub node: std::sync::Arc<Node>,
+    /// What the messages sent still wait for, and the transaction status.
+    pub exchange: super::statements::Exchange,
+    /// The client settings this session was last set up for, with the
+    /// statement timeout then configured; cleared by a reset.
+    pub settled: Option<(std::sync::Arc<super::pool::Settings>, Duration)>,
+    /// Reused for the bytes sent to the server.
+    pub out: BytesMut,
 }
 
 impl ServerConn {
@@ -156,7 +163,10 @@ impl ServerConn {
             opened: std::time::Instant::now(),
             idle_since: std::time::Instant::now(),
             statements: Default::default(),
-            node: node.clone(),
+            node: std::sync::Arc::new(node.clone()),
+            exchange: Default::default(),
+            settled: None,
+            out: BytesMut::new(),
         };
         tokio::time::timeout(timeout, conn.login(login))
             .await

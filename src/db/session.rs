@@ -197,7 +197,7 @@ where
         config: Arc::clone(&config),
         database: database.to_string(),
         user: user.clone(),
-        settings: Settings {
+        settings: Arc::new(Settings {
             params: params
                 .iter()
                 .filter(|(k, _)| SESSION_PARAMS.contains(&k.as_str()))
@@ -207,7 +207,7 @@ where
                 .param("options")
                 .map(settings_of)
                 .unwrap_or_default(),
-        },
+        }),
         pinned: mode == PoolMode::Session,
         mode,
         naming: match config.pool.max_prepared_statements {
@@ -266,7 +266,7 @@ struct Session<'a> {
     config: Arc<DbConfig>,
     database: String,
     user: DbUser,
-    settings: Settings,
+    settings: Arc<Settings>,
     /// Holds its server until it leaves: session pooling, or session state
     /// set in transaction pooling.
     pinned: bool,
@@ -316,7 +316,7 @@ impl Session<'_> {
             self.shared.set_cancel_target(
                 self.key,
                 Some(CancelTarget {
-                    node: self.config.primary.clone(),
+                    node: Arc::clone(&server.conn().node),
                     backend_key: server.conn().backend_key,
                 }),
             );
@@ -332,11 +332,7 @@ impl Session<'_> {
         }
         if let Some(server) = self.server.take() {
             self.shared.set_cancel_target(self.key, None);
-            self.shared
-                .metrics
-                .transactions
-                .with_label_values(&[server.pool_name()])
-                .inc();
+            server.metrics().transactions.inc();
             server.give_back();
         }
     }
@@ -362,10 +358,16 @@ impl Session<'_> {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut frames = Vec::new();
+        let mut to_client = BytesMut::new();
         loop {
+            to_client.clear();
             let from_server = async {
                 match self.server.as_mut() {
-                    Some(server) => server.read_some(&mut self.statements, self.naming).await,
+                    Some(server) => {
+                        server
+                            .read_some(&mut self.statements, self.naming, &mut to_client)
+                            .await
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -406,19 +408,16 @@ impl Session<'_> {
                             return Err(SessionError::Gone);
                         };
                         if sync_points > 0 {
-                            metrics
-                                .queries
-                                .with_label_values(&[server.pool_name()])
-                                .inc_by(sync_points as u64);
+                            server.metrics().queries.inc_by(sync_points as u64);
                         }
-                        let answers = server
-                            .forward(&frames, &mut self.statements, naming, pinned)
+                        server
+                            .forward(&frames, &mut self.statements, naming, pinned, &mut to_client)
                             .await
                             .map_err(server_gone)?;
                         let events = server.take_events();
                         metrics.count_statements(server.pool_name(), events);
-                        if !answers.is_empty() {
-                            client.send(&answers).await?;
+                        if !to_client.is_empty() {
+                            client.send(&to_client).await?;
                             self.between_transactions();
                         }
                     }
@@ -427,8 +426,8 @@ impl Session<'_> {
                     }
                 }
                 read = from_server => {
-                    let bytes = read.map_err(server_gone)?;
-                    client.send(&bytes).await?;
+                    read.map_err(server_gone)?;
+                    client.send(&to_client).await?;
                     self.between_transactions();
                 }
             }
