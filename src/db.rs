@@ -53,9 +53,12 @@ pub struct DbShared {
     pub pools: pool::Pools,
     pub metrics: admin::DbMetrics,
     /// Router-issued (process id, secret) → the server that client holds
-    /// now, if any.
-    cancels: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
+    /// now, if any. Each session keeps its own slot to update.
+    cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
 }
+
+/// Where one client's cancel key leads now.
+pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
 
 impl DbShared {
     pub fn new(config: DbConfig) -> Result<Self, prometheus::Error> {
@@ -67,29 +70,19 @@ impl DbShared {
         })
     }
 
-    /// A fresh cancel key for a client.
-    fn register_cancel(&self) -> (i32, i32) {
+    /// A fresh cancel key for a client, and the slot where the session
+    /// points it at the server it holds, or at nothing while it holds none:
+    /// a cancel reaches a server only while that client holds it
+    /// (pgbouncer #245, #684: stale keys cancelled other clients' queries).
+    fn register_cancel(&self) -> ((i32, i32), CancelSlot) {
         let mut cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let key = (rand::random::<i32>() & i32::MAX, rand::random::<i32>());
-            if let std::collections::hash_map::Entry::Vacant(slot) = cancels.entry(key) {
-                slot.insert(None);
-                return key;
+            if let std::collections::hash_map::Entry::Vacant(entry) = cancels.entry(key) {
+                let slot = CancelSlot::default();
+                entry.insert(Arc::clone(&slot));
+                return (key, slot);
             }
-        }
-    }
-
-    /// Point a client's key at the server it now holds, or at nothing while
-    /// it holds none: a cancel reaches a server only while that client holds
-    /// it (pgbouncer #245, #684: stale keys cancelled other clients' queries).
-    fn set_cancel_target(&self, key: (i32, i32), target: Option<CancelTarget>) {
-        if let Some(slot) = self
-            .cancels
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&key)
-        {
-            *slot = target;
         }
     }
 
@@ -101,13 +94,13 @@ impl DbShared {
     }
 
     async fn cancel(&self, process_id: i32, secret_key: i32) {
-        let target = self
+        let slot = self
             .cancels
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&(process_id, secret_key))
-            .cloned()
-            .flatten();
+            .cloned();
+        let target = slot.and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).clone());
         let Some(target) = target else {
             tracing::debug!("cancel request with an unknown key ignored");
             return;

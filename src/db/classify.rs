@@ -56,13 +56,13 @@ fn normalise(sql: &[u8]) -> String {
 /// Whether any of `words` (lowercase ASCII) occurs in `text`, ignoring
 /// case: one pass, comparing only where a word's first letter is.
 fn mentions_any(text: &[u8], words: &[&[u8]]) -> bool {
-    let mut first = [false; 256];
+    let mut first = [false; 128];
     for word in words {
-        first[usize::from(word[0])] = true;
+        first[usize::from(word[0] & 0x7f)] = true;
     }
     (0..text.len()).any(|i| {
         let c = text[i].to_ascii_lowercase();
-        first[usize::from(c)]
+        first[usize::from(c & 0x7f)]
             && words.iter().any(|word| {
                 word[0] == c
                     && text
@@ -120,6 +120,14 @@ pub fn pins_session(sql: &[u8]) -> bool {
     })
 }
 
+/// Whether `sql` starts with `word` (lowercase ASCII), ignoring case and
+/// leading white space: a cheap test before [`words`].
+fn starts_with_word(sql: &[u8], word: &[u8]) -> bool {
+    sql.trim_ascii_start()
+        .get(..word.len())
+        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+}
+
 /// The words of a single short statement, without a trailing `;`.
 fn words(sql: &[u8]) -> Vec<&[u8]> {
     let sql = sql.trim_ascii();
@@ -132,6 +140,9 @@ fn words(sql: &[u8]) -> Vec<&[u8]> {
 /// `DEALLOCATE [PREPARE] name`: the statement's name as the server reads
 /// it (folded to lower case unless quoted). `ALL` is not a name.
 pub fn deallocates(sql: &[u8]) -> Option<Vec<u8>> {
+    if !starts_with_word(sql, b"deallocate") {
+        return None;
+    }
     let words = words(sql);
     let name = match words.as_slice() {
         [first, name] if first.eq_ignore_ascii_case(b"deallocate") => *name,
@@ -157,6 +168,9 @@ pub fn deallocates(sql: &[u8]) -> Option<Vec<u8>> {
 
 /// `DEALLOCATE [PREPARE] ALL`: every prepared statement of the session goes.
 pub fn deallocates_all(sql: &[u8]) -> bool {
+    if !starts_with_word(sql, b"deallocate") {
+        return false;
+    }
     let words = words(sql);
     let is = |word: &[u8], expected: &[u8]| word.eq_ignore_ascii_case(expected);
     match words.as_slice() {
@@ -168,6 +182,9 @@ pub fn deallocates_all(sql: &[u8]) -> bool {
 
 /// `DISCARD ALL`: the whole session state goes, prepared statements too.
 pub fn discards_all(sql: &[u8]) -> bool {
+    if !starts_with_word(sql, b"discard") {
+        return false;
+    }
     let words = words(sql);
     matches!(words.as_slice(), [a, b] if a.eq_ignore_ascii_case(b"discard") && b.eq_ignore_ascii_case(b"all"))
 }

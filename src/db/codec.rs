@@ -191,30 +191,39 @@ impl Decoder for FrameCodec {
     type Error = CodecError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        if src.len() < 5 {
+        let Some(total) = complete_frame(src, self.max_message_size)? else {
+            if src.len() >= 5 {
+                let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize + 1;
+                src.reserve(len - src.len());
+            }
             return Ok(None);
-        }
-        let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]);
-        if len < 4 {
-            return Err(CodecError::BadLength(i64::from(len)));
-        }
-        let total = len as usize + 1;
-        if total > self.max_message_size {
-            return Err(CodecError::TooLarge {
-                len: total,
-                max: self.max_message_size,
-            });
-        }
-        if src.len() < total {
-            src.reserve(total - src.len());
-            return Ok(None);
-        }
+        };
         let bytes = src.split_to(total).freeze();
         Ok(Some(Frame {
             tag: bytes[0],
             bytes,
         }))
     }
+}
+
+/// The length of the whole frame at the start of `src` (tag, length, body)
+/// once all of it has arrived; an error for a bad or oversized length.
+pub fn complete_frame(src: &[u8], max_message_size: usize) -> Result<Option<usize>, CodecError> {
+    if src.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]);
+    if len < 4 {
+        return Err(CodecError::BadLength(i64::from(len)));
+    }
+    let total = len as usize + 1;
+    if total > max_message_size {
+        return Err(CodecError::TooLarge {
+            len: total,
+            max: max_message_size,
+        });
+    }
+    Ok((src.len() >= total).then_some(total))
 }
 
 impl Encoder<Frame> for FrameCodec {

@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use postgres_protocol::message::frontend;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::codec::Decoder;
 
 use super::admin::{DbMetrics, PoolMetrics};
-use super::codec::{Frame, FrameCodec, cstr};
+use super::codec::{Frame, complete_frame, cstr};
 use super::server::{Login, ServerConn, ServerError, refused};
 use super::statements::{ClientStatements, Naming, Sides, StatementEvents};
 use crate::config::db::{DbConfig, DbUser};
@@ -235,7 +234,6 @@ impl Pools {
             conn: Some(conn),
             pool,
             _permit: permit,
-            codec: FrameCodec::new(1 << 30),
             statement_timeout: config.pool.statement_timeout,
             max_lifetime: config.pool.max_lifetime,
         })
@@ -329,13 +327,21 @@ fn keep(conn: &ServerConn, config: &DbConfig) -> bool {
         && *conn.node == config.primary
 }
 
+/// The largest message taken from a server.
+const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// The announced length of a partial frame at the start of `buf`.
+fn complete_frame_len(buf: &[u8]) -> Option<usize> {
+    (buf.len() >= 5)
+        .then(|| i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]).max(4) as usize + 1)
+}
+
 /// A server connection lent to one client.
 pub struct Checkout {
     /// `None` once discarded.
     conn: Option<ServerConn>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
-    codec: FrameCodec,
     statement_timeout: Duration,
     max_lifetime: Duration,
 }
@@ -573,12 +579,23 @@ impl Checkout {
                 pinned: false,
             };
             let before = to_client.len();
-            while let Some(frame) = self.codec.decode(&mut conn.buf)? {
-                conn.exchange.server_message(&frame, &mut sides, to_client);
+            // Frames are read in place: nothing is split off the buffer.
+            let mut consumed = 0;
+            while let Some(len) = complete_frame(&conn.buf[consumed..], MAX_SERVER_MESSAGE)? {
+                conn.exchange.server_message(
+                    &conn.buf[consumed..consumed + len],
+                    &mut sides,
+                    to_client,
+                );
+                consumed += len;
             }
+            conn.buf.advance(consumed);
             if to_client.len() > before {
                 return Ok(());
             }
+            // Room for the rest of a partial frame, or the whole buffer back.
+            let wanted = complete_frame_len(&conn.buf).unwrap_or(8192);
+            conn.buf.reserve(wanted.saturating_sub(conn.buf.len()));
             if conn.stream.read_buf(&mut conn.buf).await? == 0 {
                 return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }

@@ -17,7 +17,7 @@ use super::codec::{
 };
 use super::pool::{Checkout, PoolError, Settings, settings_of};
 use super::statements::{ClientStatements, Naming};
-use super::{CancelTarget, DbShared};
+use super::{CancelSlot, CancelTarget, DbShared};
 use crate::config::db::{AuthMethod, DbConfig, DbUser, PoolMode, Secret, SessionState};
 
 /// Parameters a client's startup packet may set on its server session.
@@ -215,7 +215,7 @@ where
             _ => Naming::Server,
         },
         statements: ClientStatements::default(),
-        key: shared.register_cancel(),
+        cancel: shared.register_cancel(),
         server: None,
     };
     // The greeting needs a server's parameters: take one now.
@@ -237,8 +237,8 @@ where
         }
     }
     let mut key = BytesMut::new();
-    key.put_i32(session.key.0);
-    key.put_i32(session.key.1);
+    key.put_i32(session.cancel.0.0);
+    key.put_i32(session.cancel.0.1);
     hello.extend_from_slice(&frame(b'K', &key).bytes);
     hello.extend_from_slice(&frame(b'Z', b"I").bytes);
     session.between_transactions();
@@ -275,7 +275,8 @@ struct Session<'a> {
     naming: Naming,
     /// This client's named statements, when they are kept here.
     statements: ClientStatements,
-    key: (i32, i32),
+    /// This client's cancel key, and where it leads now.
+    cancel: ((i32, i32), CancelSlot),
     server: Option<Checkout>,
 }
 
@@ -313,16 +314,17 @@ impl Session<'_> {
                 server.discard();
                 return Err(Refusal("08P01", format!("startup parameters: {e}")));
             }
-            self.shared.set_cancel_target(
-                self.key,
-                Some(CancelTarget {
-                    node: Arc::clone(&server.conn().node),
-                    backend_key: server.conn().backend_key,
-                }),
-            );
+            self.point_cancel(Some(CancelTarget {
+                node: Arc::clone(&server.conn().node),
+                backend_key: server.conn().backend_key,
+            }));
             self.server = Some(server);
         }
         Ok(())
+    }
+
+    fn point_cancel(&self, target: Option<CancelTarget>) {
+        *self.cancel.1.lock().unwrap_or_else(|e| e.into_inner()) = target;
     }
 
     /// In transaction pooling, hand an idle, unpinned server back.
@@ -331,7 +333,7 @@ impl Session<'_> {
             return;
         }
         if let Some(server) = self.server.take() {
-            self.shared.set_cancel_target(self.key, None);
+            self.point_cancel(None);
             server.metrics().transactions.inc();
             server.give_back();
         }
@@ -339,7 +341,7 @@ impl Session<'_> {
 
     /// The client is gone: return (or close) the server it held.
     async fn end(&mut self, clean: bool) {
-        self.shared.unregister_cancel(self.key);
+        self.shared.unregister_cancel(self.cancel.0);
         let Some(mut server) = self.server.take() else {
             return;
         };

@@ -546,20 +546,21 @@ impl Exchange {
         }
     }
 
-    /// One server message: what reaches the client goes into `to_client`.
+    /// One server message (its whole frame): what reaches the client goes
+    /// into `to_client`.
     /// Returns whether it was a ReadyForQuery.
     pub fn server_message(
         &mut self,
-        frame: &Frame,
+        frame: &[u8],
         sides: &mut Sides<'_>,
         to_client: &mut BytesMut,
     ) -> bool {
-        let tag = frame.tag;
+        let tag = frame[0];
         match tag {
             // NoticeResponse, ParameterStatus, NotificationResponse: any time.
-            b'N' | b'S' | b'A' => to_client.extend_from_slice(&frame.bytes),
+            b'N' | b'S' | b'A' => to_client.extend_from_slice(frame),
             b'E' => {
-                to_client.extend_from_slice(&frame.bytes);
+                to_client.extend_from_slice(frame);
                 let extended_head = match self.expect.front() {
                     Some(Expect::Reply(sent)) => extended(*sent),
                     Some(Expect::Parse { .. } | Expect::Prepare { .. } | Expect::Evict { .. }) => {
@@ -596,9 +597,9 @@ impl Exchange {
                     _ => (false, false),
                 };
                 if !dropped {
-                    to_client.extend_from_slice(&frame.bytes);
+                    to_client.extend_from_slice(frame);
                 }
-                if let Some(status) = frame.ready_status() {
+                if let (b'Z', &[.., status]) = (tag, frame) {
                     self.status = status;
                     // Whatever is still queued before the sync point it
                     // answers got no reply.

@@ -132,7 +132,7 @@ impl Setup {
         };
         for frame in frames {
             self.exchange
-                .server_message(frame, &mut sides, &mut to_client);
+                .server_message(&frame.bytes, &mut sides, &mut to_client);
         }
         to_client
     }
