@@ -38,6 +38,8 @@ if [ "$(id -u)" = 0 ]; then chown postgres "$dir"; owner=(runuser -u postgres --
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  # PgBouncer daemonizes: its pid is in its pidfile.
+  [ -f "$dir/pgb/pgbouncer.pid" ] && kill "$(cat "$dir/pgb/pgbouncer.pid")" 2>/dev/null || true
   "${owner[@]}" "$BIN/pg_ctl" stop -D "$dir/data" -m immediate >/dev/null 2>&1 || true
   rm -rf "$dir"
 }

@@ -129,6 +129,54 @@ impl Wire {
         self.send(&buf);
         self.until_ready()
     }
+
+    /// `PQprepare`: Parse with a name, then Sync.
+    fn prepare(&mut self, name: &str, sql: &str) -> Vec<Frame> {
+        let mut buf = BytesMut::new();
+        frontend::parse(name, sql, std::iter::empty(), &mut buf).unwrap();
+        frontend::sync(&mut buf);
+        self.send(&buf);
+        self.until_ready()
+    }
+
+    /// `PQexecPrepared` without parameters: Bind, Execute, Sync.
+    fn execute_prepared(&mut self, name: &str) -> Vec<Frame> {
+        let mut buf = BytesMut::new();
+        frontend::bind(
+            "",
+            name,
+            std::iter::empty::<i16>(),
+            std::iter::empty::<()>(),
+            |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                Ok(postgres_protocol::IsNull::No)
+            },
+            std::iter::empty::<i16>(),
+            &mut buf,
+        )
+        .map_err(|_| "bind")
+        .unwrap();
+        frontend::execute("", 0, &mut buf).unwrap();
+        frontend::sync(&mut buf);
+        self.send(&buf);
+        self.until_ready()
+    }
+}
+
+/// The SQLSTATE of the first ErrorResponse among `frames`.
+fn sqlstate_of(frames: &[Frame]) -> Option<String> {
+    frames.iter().find(|f| f.tag == b'E').map(|e| {
+        e.error_fields()
+            .iter()
+            .find(|(code, _)| *code == b'C')
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// The first column of the first DataRow among `frames`.
+fn first_value(frames: &[Frame]) -> Option<String> {
+    let row = frames.iter().find(|f| f.tag == b'D')?;
+    Some(String::from_utf8_lossy(&row.body()[6..]).to_string())
 }
 
 #[test]
@@ -911,15 +959,7 @@ fn session_state_can_be_refused() {
         "max_connections = 1\ncheckout_timeout = \"3s\"\nsession_state = \"refuse\"",
         "transaction",
     );
-    let sqlstate = |frames: &[Frame]| {
-        frames.iter().find(|f| f.tag == b'E').map(|e| {
-            e.error_fields()
-                .iter()
-                .find(|(code, _)| *code == b'C')
-                .map(|(_, v)| v.to_string())
-                .unwrap_or_default()
-        })
-    };
+    let sqlstate = sqlstate_of;
     let mut a = db.wire();
     let frames = a.query("SET search_path TO refused_path");
     assert_eq!(sqlstate(&frames).as_deref(), Some("0A000"));
@@ -943,6 +983,48 @@ fn session_state_can_be_refused() {
     a.query("SET LOCAL statement_timeout = 1234");
     assert_eq!(a.value("SHOW statement_timeout"), "1234ms");
     a.query("COMMIT");
+}
+
+/// Two clients give the same name to different statements on one server
+/// connection: each runs its own, and a third that prepared nothing finds
+/// neither.
+#[test]
+fn prepared_statement_names_belong_to_their_client() {
+    let pg = TestPostgres::shared();
+    let db = GatehouseDb::start(pg, "max_connections = 1", "transaction");
+    let mut a = db.wire();
+    let mut b = db.wire();
+    let mut c = db.wire();
+    assert_eq!(
+        a.value("SELECT pg_backend_pid()"),
+        b.value("SELECT pg_backend_pid()")
+    );
+    assert_eq!(a.prepare("q", "SELECT 'a'").last().unwrap().tag, b'Z');
+    assert_eq!(b.prepare("q", "SELECT 'b'").last().unwrap().tag, b'Z');
+    for _ in 0..3 {
+        assert_eq!(first_value(&a.execute_prepared("q")).as_deref(), Some("a"));
+        assert_eq!(first_value(&b.execute_prepared("q")).as_deref(), Some("b"));
+    }
+    // 26000: invalid_sql_statement_name, as PostgreSQL says it.
+    let frames = c.execute_prepared("q");
+    assert_eq!(sqlstate_of(&frames).as_deref(), Some("26000"));
+    assert_eq!(frames.last().unwrap().ready_status(), Some(b'I'));
+    // Closed for a, still there for b.
+    let mut buf = BytesMut::new();
+    frontend::close(b'S', "q", &mut buf).unwrap();
+    frontend::sync(&mut buf);
+    a.send(&buf);
+    let frames = a.until_ready();
+    assert!(frames.iter().any(|f| f.tag == b'3'), "CloseComplete");
+    assert_eq!(
+        sqlstate_of(&a.execute_prepared("q")).as_deref(),
+        Some("26000")
+    );
+    assert_eq!(first_value(&b.execute_prepared("q")).as_deref(), Some("b"));
+    // A name used twice is an error, as on PostgreSQL.
+    let frames = b.prepare("q", "SELECT 'again'");
+    assert_eq!(sqlstate_of(&frames).as_deref(), Some("42P05"));
+    assert_eq!(first_value(&b.execute_prepared("q")).as_deref(), Some("b"));
 }
 
 /// More clients than server connections: they take turns per transaction.

@@ -36,6 +36,8 @@ pub type StatementId = [u8; 16];
 #[derive(Debug, PartialEq, Eq)]
 pub struct Statement {
     pub id: StatementId,
+    /// Its name on server connections.
+    name: Vec<u8>,
     /// The `Parse` body after the name: query, parameter count and types.
     content: Bytes,
 }
@@ -47,21 +49,23 @@ impl Statement {
         id.copy_from_slice(&digest[..16]);
         Statement {
             id,
+            name: server_name(&id),
             content: Bytes::copy_from_slice(content),
         }
     }
 
     fn parse(&self, out: &mut BytesMut) {
-        let name = server_name(&self.id);
-        put_frame(out, b'P', &[&name, &[0], &self.content]);
+        put_frame(out, b'P', &[&self.name, &[0], &self.content]);
     }
 }
 
 /// The name a statement has on server connections.
 pub fn server_name(id: &StatementId) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut name = b"gatehouse_".to_vec();
     for byte in id {
-        name.extend_from_slice(format!("{byte:02x}").as_bytes());
+        name.push(HEX[usize::from(byte >> 4)]);
+        name.push(HEX[usize::from(byte & 0xf)]);
     }
     name
 }
@@ -432,8 +436,7 @@ impl Exchange {
                 };
                 self.ensure(&known, sides.server, max, to_server);
                 let rest = &frame.body()[portal.len() + 1 + statement.len() + 1..];
-                let name = server_name(&known.id);
-                put_frame(to_server, b'B', &[portal, &[0], &name, &[0], rest]);
+                put_frame(to_server, b'B', &[portal, &[0], &known.name, &[0], rest]);
                 self.expect.push_back(Expect::Reply(b'B'));
                 Handled::Sent
             }
@@ -442,7 +445,7 @@ impl Exchange {
                     return Handled::No;
                 };
                 self.ensure(&known, sides.server, max, to_server);
-                put_frame(to_server, b'D', &[b"S", &server_name(&known.id), &[0]]);
+                put_frame(to_server, b'D', &[b"S", &known.name, &[0]]);
                 self.expect.push_back(Expect::Reply(b'D'));
                 Handled::Sent
             }
