@@ -192,9 +192,9 @@ impl Decoder for FrameCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         let Some(total) = complete_frame(src, self.max_message_size)? else {
-            if src.len() >= 5 {
-                let len = i32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize + 1;
-                src.reserve(len - src.len());
+            // Room for the rest of the frame.
+            if let Some(len) = announced_len(src) {
+                src.reserve(len.saturating_sub(src.len()));
             }
             return Ok(None);
         };
@@ -204,6 +204,13 @@ impl Decoder for FrameCodec {
             bytes,
         }))
     }
+}
+
+/// The length a frame at the start of `src` announces (tag, length, body),
+/// once its header has arrived.
+pub fn announced_len(src: &[u8]) -> Option<usize> {
+    (src.len() >= 5)
+        .then(|| i32::from_be_bytes([src[1], src[2], src[3], src[4]]).max(4) as usize + 1)
 }
 
 /// The length of the whole frame at the start of `src` (tag, length, body)

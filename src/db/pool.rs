@@ -15,7 +15,7 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::admin::{DbMetrics, PoolMetrics};
-use super::codec::{Frame, complete_frame, cstr};
+use super::codec::{Frame, announced_len, complete_frame, cstr};
 use super::server::{Login, ServerConn, ServerError, refused};
 use super::statements::{ClientStatements, Naming, Sides, StatementEvents};
 use crate::config::db::{DbConfig, DbUser};
@@ -330,12 +330,6 @@ fn keep(conn: &ServerConn, config: &DbConfig) -> bool {
 /// The largest message taken from a server.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
-/// The announced length of a partial frame at the start of `buf`.
-fn complete_frame_len(buf: &[u8]) -> Option<usize> {
-    (buf.len() >= 5)
-        .then(|| i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]).max(4) as usize + 1)
-}
-
 /// A server connection lent to one client.
 pub struct Checkout {
     /// `None` once discarded.
@@ -594,7 +588,7 @@ impl Checkout {
                 return Ok(());
             }
             // Room for the rest of a partial frame, or the whole buffer back.
-            let wanted = complete_frame_len(&conn.buf).unwrap_or(8192);
+            let wanted = announced_len(&conn.buf).unwrap_or(8192);
             conn.buf.reserve(wanted.saturating_sub(conn.buf.len()));
             if conn.stream.read_buf(&mut conn.buf).await? == 0 {
                 return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));

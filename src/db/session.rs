@@ -440,7 +440,8 @@ impl Session<'_> {
     /// transaction pooling pins the client, or is replaced by a statement
     /// that fails with SQLSTATE 0A000 (`pool.session_state = "refuse"`).
     fn screen(&mut self, frame: Frame) -> Frame {
-        if self.mode != PoolMode::Transaction || !pins(&frame, self.naming) {
+        // A pinned client keeps its connection whatever it sets.
+        if self.mode != PoolMode::Transaction || self.pinned || !pins(&frame, self.naming) {
             return frame;
         }
         let pool = format!("{}/{}", self.database, self.user.name);
@@ -452,15 +453,13 @@ impl Session<'_> {
                 .inc();
             return refusal(&frame);
         }
-        if !self.pinned {
-            tracing::debug!("session state set; client pinned to its server");
-            self.pinned = true;
-            self.shared
-                .metrics
-                .pinned
-                .with_label_values(&[pool.as_str()])
-                .inc();
-        }
+        tracing::debug!("session state set; client pinned to its server");
+        self.pinned = true;
+        self.shared
+            .metrics
+            .pinned
+            .with_label_values(&[pool.as_str()])
+            .inc();
         frame
     }
 }
