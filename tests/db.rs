@@ -1212,6 +1212,13 @@ fn admin_reports_pools_and_the_primary() {
         .find_map(|l| l.strip_prefix("gatehouse_db_queries_total{pool=\"app/app\"} "))
         .unwrap();
     assert!(queries.parse::<f64>().unwrap() >= 3.0, "{metrics}");
+    for direction in ["to_server", "to_client"] {
+        let bytes = metric(
+            &admin,
+            &format!("gatehouse_db_bytes_total{{direction=\"{direction}\",pool=\"app/app\"}}"),
+        );
+        assert!(bytes.is_some_and(|b| b > 0.0), "{direction}: {bytes:?}");
+    }
     assert!(db.psql(APP_USER, "wrong", "SELECT 1").is_err());
     let sample = |name: &str| metric(&admin, name);
     assert_eq!(

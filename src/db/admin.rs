@@ -29,6 +29,7 @@ pub struct DbMetrics {
     pub pinned: IntCounterVec,
     pub transactions: IntCounterVec,
     pub queries: IntCounterVec,
+    pub bytes: IntCounterVec,
     pub statements: IntCounterVec,
     pub refused: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -90,6 +91,13 @@ impl DbMetrics {
                 opts("queries_total", "Query and Sync messages forwarded."),
                 &["pool"],
             )?,
+            bytes: IntCounterVec::new(
+                opts(
+                    "bytes_total",
+                    "Bytes relayed: to_server (from clients) and to_client (from servers).",
+                ),
+                &["pool", "direction"],
+            )?,
             statements: IntCounterVec::new(
                 opts(
                     "prepared_statements_total",
@@ -138,6 +146,7 @@ impl DbMetrics {
         m.registry.register(Box::new(m.pinned.clone()))?;
         m.registry.register(Box::new(m.transactions.clone()))?;
         m.registry.register(Box::new(m.queries.clone()))?;
+        m.registry.register(Box::new(m.bytes.clone()))?;
         m.registry.register(Box::new(m.statements.clone()))?;
         m.registry.register(Box::new(m.refused.clone()))?;
         m.registry.register(Box::new(m.config_reloads.clone()))?;
@@ -155,6 +164,8 @@ pub struct PoolMetrics {
     pub checkout_wait: prometheus::Histogram,
     pub queries: prometheus::IntCounter,
     pub transactions: prometheus::IntCounter,
+    pub bytes_to_server: prometheus::IntCounter,
+    pub bytes_to_client: prometheus::IntCounter,
 }
 
 impl DbMetrics {
@@ -163,6 +174,8 @@ impl DbMetrics {
             checkout_wait: self.checkout_wait.with_label_values(&[pool]),
             queries: self.queries.with_label_values(&[pool]),
             transactions: self.transactions.with_label_values(&[pool]),
+            bytes_to_server: self.bytes.with_label_values(&[pool, "to_server"]),
+            bytes_to_client: self.bytes.with_label_values(&[pool, "to_client"]),
         }
     }
 

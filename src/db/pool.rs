@@ -327,6 +327,12 @@ fn keep(conn: &ServerConn, config: &DbConfig) -> bool {
         && *conn.node == config.primary
 }
 
+/// The connection of a checkout, unless it was discarded.
+fn connected(conn: &mut Option<ServerConn>) -> Result<&mut ServerConn, ServerError> {
+    conn.as_mut()
+        .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))
+}
+
 /// The largest message taken from a server.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
@@ -389,9 +395,7 @@ impl Checkout {
     }
 
     fn conn_mut(&mut self) -> Result<&mut ServerConn, ServerError> {
-        self.conn
-            .as_mut()
-            .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))
+        connected(&mut self.conn)
     }
 
     /// Run one simple query, keeping ParameterStatus updates; an error
@@ -528,7 +532,7 @@ impl Checkout {
         pinned: bool,
         to_client: &mut BytesMut,
     ) -> Result<(), ServerError> {
-        let conn = self.conn_mut()?;
+        let conn = connected(&mut self.conn)?;
         let mut to_server = std::mem::take(&mut conn.out);
         to_server.clear();
         let mut sides = Sides {
@@ -541,6 +545,10 @@ impl Checkout {
             conn.exchange
                 .client_message(frame, &mut sides, &mut to_server, to_client);
         }
+        self.pool
+            .metrics
+            .bytes_to_server
+            .inc_by(to_server.len() as u64);
         let sent = conn.send(&to_server).await;
         conn.out = to_server;
         sent
@@ -561,10 +569,7 @@ impl Checkout {
         naming: Naming,
         to_client: &mut BytesMut,
     ) -> Result<(), ServerError> {
-        let conn = self
-            .conn
-            .as_mut()
-            .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))?;
+        let conn = connected(&mut self.conn)?;
         loop {
             let mut sides = Sides {
                 client: &mut *client,
@@ -585,6 +590,10 @@ impl Checkout {
             }
             conn.buf.advance(consumed);
             if to_client.len() > before {
+                self.pool
+                    .metrics
+                    .bytes_to_client
+                    .inc_by((to_client.len() - before) as u64);
                 return Ok(());
             }
             // Room for the rest of a partial frame, or the whole buffer back.
