@@ -55,6 +55,10 @@ pub struct DbShared {
     /// Router-issued (process id, secret) → the server that client holds
     /// now, if any. Each session keeps its own slot to update.
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
+    /// Client settings in use, one copy of each: a server connection set up
+    /// for one client is recognised as set up for the next with the same
+    /// settings by pointer.
+    settings: Mutex<Vec<std::sync::Weak<pool::Settings>>>,
 }
 
 /// Where one client's cancel key leads now.
@@ -67,7 +71,24 @@ impl DbShared {
             pools: pool::Pools::default(),
             metrics: admin::DbMetrics::new()?,
             cancels: Mutex::new(HashMap::new()),
+            settings: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The shared copy of a client's settings.
+    fn intern_settings(&self, settings: pool::Settings) -> Arc<pool::Settings> {
+        let mut known = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        known.retain(|weak| weak.strong_count() > 0);
+        if let Some(same) = known
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|s| **s == settings)
+        {
+            return same;
+        }
+        let settings = Arc::new(settings);
+        known.push(Arc::downgrade(&settings));
+        settings
     }
 
     /// A fresh cancel key for a client, and the slot where the session

@@ -435,9 +435,10 @@ impl Checkout {
     /// Only what differs from the connection's current state is sent.
     pub async fn apply(&mut self, wanted: &Arc<Settings>) -> Result<(), ServerError> {
         let conn = self.conn();
-        // Set up for this very client, or one that asked for the same.
+        // Set up for this client, or one that asked for the same (settings
+        // are interned: one copy of each).
         if let Some((settled, timeout)) = &conn.settled {
-            if **settled == **wanted && *timeout == self.statement_timeout {
+            if Arc::ptr_eq(settled, wanted) && *timeout == self.statement_timeout {
                 return Ok(());
             }
         }

@@ -197,7 +197,7 @@ where
         config: Arc::clone(&config),
         database: database.to_string(),
         user: user.clone(),
-        settings: Arc::new(Settings {
+        settings: shared.intern_settings(Settings {
             params: params
                 .iter()
                 .filter(|(k, _)| SESSION_PARAMS.contains(&k.as_str()))

@@ -107,6 +107,9 @@ impl ClientStatements {
     /// statement's text is therefore reported when it is first used.
     /// `None` when the messages need a server.
     pub fn answer_alone(&mut self, frames: &[Frame]) -> Option<BytesMut> {
+        if frames.first()?.tag != b'P' {
+            return None;
+        }
         let mut names = Vec::new();
         for frame in frames {
             match frame.frontend() {
@@ -390,6 +393,17 @@ impl Exchange {
         max: usize,
         to_server: &mut BytesMut,
     ) -> Handled {
+        // Only these can name a statement; most messages stop here.
+        let names = match frame.tag {
+            b'P' | b'B' | b'Q' => true,
+            b'D' | b'C' => frame.body().first() == Some(&b'S'),
+            _ => false,
+        };
+        // An unnamed Parse (the body starts with the empty name).
+        let unnamed_parse = frame.tag == b'P' && frame.body().first() == Some(&0);
+        if !names || unnamed_parse {
+            return Handled::No;
+        }
         let Ok(message) = frame.frontend() else {
             return Handled::No;
         };
