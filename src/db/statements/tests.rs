@@ -422,3 +422,63 @@ fn a_client_without_a_server_prepares_alone() {
     let (to_server, _) = s.send(&[bind("P0_4"), execute(), sync()]);
     assert_eq!(tags(&to_server), "PBES");
 }
+
+mod random {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A client message built from a kind and a statement name.
+    fn client_frame(kind: u8, name: u8) -> Frame {
+        let name = ["", "a", "b", "c"][usize::from(name % 4)];
+        match kind % 8 {
+            0 => parse(name, "SELECT 1"),
+            1 => parse(name, "SELECT 2"),
+            2 => bind(name),
+            3 => close(name),
+            4 => execute(),
+            5 => sync(),
+            6 => query(&format!("DEALLOCATE {name}")),
+            _ => frame(b'H', b""),
+        }
+    }
+
+    proptest! {
+        /// Any mix of client messages and server replies, sane or not,
+        /// never panics, and ReadyForQuery for every sync point brings the
+        /// exchange back to idle.
+        #[test]
+        fn never_panics_and_settles(
+            batches in proptest::collection::vec(
+                (
+                    proptest::collection::vec((any::<u8>(), any::<u8>()), 0..8),
+                    proptest::collection::vec(
+                        prop::sample::select(vec![b'1', b'2', b'3', b'C', b'n', b'T', b'E', b'N']),
+                        0..8,
+                    ),
+                ),
+                0..6,
+            ),
+            max in 1usize..4,
+        ) {
+            let mut s = Setup::new(max);
+            let mut sync_points = 0;
+            for (sent, replies) in batches {
+                let frames: Vec<Frame> = sent.iter().map(|(k, n)| client_frame(*k, *n)).collect();
+                sync_points += frames.iter().filter(|f| f.tag == b'S' || f.tag == b'Q').count();
+                s.send(&frames);
+                let replies: Vec<Frame> = replies
+                    .iter()
+                    .map(|tag| if *tag == b'E' { error() } else { reply(*tag) })
+                    .collect();
+                s.receive(&replies);
+            }
+            // Close any open batch, then answer every sync point.
+            s.send(&[sync()]);
+            sync_points += 1;
+            let readies: Vec<Frame> = (0..sync_points).map(|_| ready(b'I')).collect();
+            s.receive(&readies);
+            prop_assert!(s.exchange.is_idle(), "{:?}", s.exchange);
+        }
+    }
+}
