@@ -1334,9 +1334,9 @@ fn pools_are_warmed_before_the_first_client() {
     );
 }
 
-/// SIGHUP applies a new pool size and a new user without dropping a client
-/// in the middle of a transaction; an invalid file keeps the running
-/// configuration.
+/// SIGHUP applies a new pool size, a removed user and a new statement
+/// timeout without dropping a client in the middle of a transaction; an
+/// invalid file keeps the running configuration.
 #[test]
 fn sighup_reloads_pools_and_users_without_dropping_clients() {
     let pg = TestPostgres::shared();
@@ -1365,7 +1365,9 @@ fn sighup_reloads_pools_and_users_without_dropping_clients() {
         assert!(ok);
     };
 
-    // A client inside a transaction holds the only connection.
+    // A client connected before the reload, idle; another inside a
+    // transaction holds the only connection.
+    let mut idle = db.wire();
     let mut a = db.wire();
     assert_eq!(a.query("BEGIN").last().unwrap().ready_status(), Some(b'T'));
     a.query("CREATE TEMP TABLE during_reload (n int) ON COMMIT DROP");
@@ -1384,7 +1386,10 @@ fn sighup_reloads_pools_and_users_without_dropping_clients() {
     assert_ne!(without_md5, original);
     std::fs::write(
         &path,
-        without_md5.replace("max_connections = 1", "max_connections = 3"),
+        without_md5.replace(
+            "max_connections = 1",
+            "max_connections = 3\nstatement_timeout = \"7s\"",
+        ),
     )
     .unwrap();
     hangup();
@@ -1402,6 +1407,11 @@ fn sighup_reloads_pools_and_users_without_dropping_clients() {
     a.query("INSERT INTO during_reload VALUES (1)");
     assert_eq!(a.value("SELECT count(*) FROM during_reload"), "1");
     assert_eq!(a.query("COMMIT").last().unwrap().ready_status(), Some(b'I'));
+    // The next transaction of a client connected before the reload gets the
+    // new statement timeout (a, pinned by its temporary table, keeps its
+    // session as it was).
+    assert_eq!(idle.value("SHOW statement_timeout"), "7s");
+    assert_eq!(a.value("SHOW statement_timeout"), "30s");
 
     // A broken file changes nothing.
     std::fs::write(

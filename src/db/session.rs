@@ -18,7 +18,7 @@ use super::codec::{
 use super::pool::{Checkout, PoolError, Settings, settings_of};
 use super::statements::{ClientStatements, Naming};
 use super::{CancelSlot, CancelTarget, DbShared};
-use crate::config::db::{AuthMethod, DbConfig, DbUser, PoolMode, Secret, SessionState};
+use crate::config::db::{AuthMethod, DbUser, PoolMode, Secret, SessionState};
 
 /// Parameters a client's startup packet may set on its server session.
 pub const SESSION_PARAMS: [&str; 5] = [
@@ -194,7 +194,6 @@ where
         .map_or(PoolMode::Session, |d| d.pool_mode);
     let mut session = Session {
         shared,
-        config: Arc::clone(&config),
         database: database.to_string(),
         user: user.clone(),
         settings: shared.intern_settings(Settings {
@@ -263,7 +262,6 @@ struct Refusal(&'static str, String);
 /// One logged-in client and the server connection it holds, if any.
 struct Session<'a> {
     shared: &'a DbShared,
-    config: Arc<DbConfig>,
     database: String,
     user: DbUser,
     settings: Arc<Settings>,
@@ -284,15 +282,13 @@ impl Session<'_> {
     /// A server connection for the next messages, with this client's settings.
     async fn acquire(&mut self) -> Result<(), Refusal> {
         if self.server.is_none() {
+            // The configuration as it is now: a reload reaches clients that
+            // are already connected (timeouts, the primary).
+            let config = self.shared.config.load_full();
             let checkout = self
                 .shared
                 .pools
-                .checkout(
-                    &self.config,
-                    &self.database,
-                    &self.user,
-                    &self.shared.metrics,
-                )
+                .checkout(&config, &self.database, &self.user, &self.shared.metrics)
                 .await;
             let mut server = match checkout {
                 Ok(server) => server,
@@ -445,7 +441,7 @@ impl Session<'_> {
             return frame;
         }
         let pool = format!("{}/{}", self.database, self.user.name);
-        if self.config.pool.session_state == SessionState::Refuse {
+        if self.shared.config.load().pool.session_state == SessionState::Refuse {
             self.shared
                 .metrics
                 .refused
