@@ -320,6 +320,31 @@ pub enum Checked {
 
 /// Validate a file for `check-config`. A file with `[primary]`,
 /// `[[users]]`, `[[databases]]` or `[pool]` is a `gatehouse db` file.
+/// A reload, for either service: load the file again (`load`) and return the
+/// new configuration with the file's name, or, when it is invalid, log each
+/// problem, count an `error` in `reloads`, and return `None` so that the
+/// running configuration stays.
+pub fn reloaded<T>(
+    path: Option<&Path>,
+    reloads: &prometheus::IntCounterVec,
+    load: impl FnOnce() -> Result<T, ConfigError>,
+) -> Option<(T, String)> {
+    let file = path.map_or_else(
+        || "embedded defaults".to_string(),
+        |p| p.display().to_string(),
+    );
+    match load() {
+        Ok(config) => Some((config, file)),
+        Err(e) => {
+            reloads.with_label_values(&["error"]).inc();
+            for problem in &e.problems {
+                tracing::error!(%file, %problem, "reload rejected; keeping the running configuration");
+            }
+            None
+        }
+    }
+}
+
 pub fn check_file(path: &Path) -> Result<Checked, ConfigError> {
     let source = SourceFile::read(path)?;
     let is_db = toml_edit::Document::parse(source.text.as_str())

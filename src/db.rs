@@ -180,27 +180,18 @@ pub fn run(config: DbConfig, source: DbSource) -> Result<(), DbStartError> {
 /// and keep the server connections they hold. An invalid file changes
 /// nothing.
 pub fn reload(shared: &DbShared, source: &DbSource) {
-    let file = source.path.as_ref().map_or_else(
-        || "embedded defaults".to_string(),
-        |p| p.display().to_string(),
-    );
-    let config = match DbConfig::load(
+    let Some((config, file)) = crate::config::reloaded(
         source.path.as_deref(),
-        &source.overrides,
-        &crate::config::ProcessEnv,
-    ) {
-        Ok(config) => config,
-        Err(e) => {
-            shared
-                .metrics
-                .config_reloads
-                .with_label_values(&["error"])
-                .inc();
-            for problem in &e.problems {
-                tracing::error!(%file, %problem, "reload rejected; keeping the running configuration");
-            }
-            return;
-        }
+        &shared.metrics.config_reloads,
+        || {
+            DbConfig::load(
+                source.path.as_deref(),
+                &source.overrides,
+                &crate::config::ProcessEnv,
+            )
+        },
+    ) else {
+        return;
     };
     let old = shared.config.load_full();
     if config.socket_path() != old.socket_path()

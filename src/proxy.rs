@@ -276,23 +276,12 @@ fn fingerprint(source: &ConfigSource) -> Option<(std::time::SystemTime, u64)> {
 
 /// Load the configuration again; swap it in only when it is valid.
 pub fn reload(shared: &Shared, source: &ConfigSource) {
-    let file = source.path.as_ref().map_or_else(
-        || "embedded defaults".to_string(),
-        |p| p.display().to_string(),
-    );
-    let config = match Config::load(source.path.as_deref(), &source.overrides) {
-        Ok(config) => config,
-        Err(e) => {
-            shared
-                .metrics
-                .config_reloads
-                .with_label_values(&["error"])
-                .inc();
-            for problem in &e.problems {
-                tracing::error!(%file, %problem, "reload rejected; keeping the running configuration");
-            }
-            return;
-        }
+    let Some((config, file)) = crate::config::reloaded(
+        source.path.as_deref(),
+        &shared.metrics.config_reloads,
+        || Config::load(source.path.as_deref(), &source.overrides),
+    ) else {
+        return;
     };
     let old = shared.live.load_full();
     if config.server.listen != old.config.server.listen

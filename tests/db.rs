@@ -162,6 +162,15 @@ impl Wire {
     }
 }
 
+/// A command's standard output, then its standard error.
+fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The SQLSTATE of the first ErrorResponse among `frames`.
 fn sqlstate_of(frames: &[Frame]) -> Option<String> {
     frames.iter().find(|f| f.tag == b'E').map(|e| {
@@ -483,11 +492,7 @@ impl GatehouseDb {
             .envs(env.iter().copied())
             .output()
             .expect("pgbench is installed (apt-get install postgresql)");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = output_text(&out);
         assert!(out.status.success(), "pgbench {args:?}: {text}");
         text
     }
@@ -1487,11 +1492,7 @@ fn psycopg_clients() {
         .env("PGDATABASE", APP_DB)
         .output()
         .expect("the test virtualenv's python (scripts/test.sh creates it)");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert_eq!(
         text.matches("\nok ").count() + usize::from(text.starts_with("ok ")),
