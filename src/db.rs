@@ -1,7 +1,8 @@
 //! `gatehouse db`: the PostgreSQL side. Django reaches it on a Unix socket
 //! exactly as it reaches PostgreSQL. This module owns start-up (the socket,
-//! optional TCP, signals) and the state sessions share: the configuration,
-//! the pools and the cancel keys handed to clients.
+//! optional TCP, signals, reload on SIGHUP) and the state sessions share: the
+//! configuration, the pools, client settings and the cancel keys handed to
+//! clients.
 //!
 //! - `codec`: protocol 3.0 framing; decodes only what pooling and routing read.
 //! - `auth`: client authentication, server side (SCRAM-SHA-256, md5).
@@ -9,6 +10,9 @@
 //! - `server`: connections to PostgreSQL and logging in.
 //! - `pool`: server connections per (database, user), reset between clients.
 //! - `session`: one client from startup to goodbye.
+//! - `statements`: the messages between a client and the server it holds,
+//!   with named prepared statements kept per client across transaction
+//!   pooling.
 //! - `admin`: `/health`, `/ready`, `/metrics`, `/metrics/json`.
 //!
 //! In transaction pooling (the default) a session holds a server connection
