@@ -345,6 +345,12 @@ pub fn reloaded<T>(
     }
 }
 
+/// A reload applied: count it and say so.
+pub fn reload_applied(reloads: &prometheus::IntCounterVec, file: &str) {
+    reloads.with_label_values(&["ok"]).inc();
+    tracing::info!(%file, "configuration reloaded");
+}
+
 pub fn check_file(path: &Path) -> Result<Checked, ConfigError> {
     let source = SourceFile::read(path)?;
     let is_db = toml_edit::Document::parse(source.text.as_str())

@@ -210,12 +210,7 @@ pub fn reload(shared: &DbShared, source: &DbSource) {
     }
     shared.pools.configure(&config, &shared.metrics);
     shared.config.store(Arc::new(config));
-    shared
-        .metrics
-        .config_reloads
-        .with_label_values(&["ok"])
-        .inc();
-    tracing::info!(%file, "configuration reloaded");
+    crate::config::reload_applied(&shared.metrics.config_reloads, &file);
 }
 
 async fn serve(config: DbConfig, source: DbSource) -> Result<(), DbStartError> {

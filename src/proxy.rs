@@ -311,12 +311,7 @@ pub fn reload(shared: &Shared, source: &ConfigSource) {
         &shared.limit_stores,
         &shared.metrics,
     )));
-    shared
-        .metrics
-        .config_reloads
-        .with_label_values(&["ok"])
-        .inc();
-    tracing::info!(%file, "configuration reloaded");
+    crate::config::reload_applied(&shared.metrics.config_reloads, &file);
 }
 
 /// Probe the upstreams of whatever configuration is live, forever.
