@@ -171,6 +171,7 @@ async fn inspect(shared: &Shared, subject: &str, query: Option<&str>) -> Respons
                 client,
                 tier,
                 admin: false,
+                within: None,
             },
             &shared.metrics,
         )

@@ -11,6 +11,7 @@ pub mod db;
 pub mod identity;
 pub mod ratelimit;
 pub mod raw;
+pub mod route;
 pub mod units;
 
 use std::fmt;
@@ -25,7 +26,8 @@ use ipnet::IpNet;
 
 pub use identity::IdentityConfig;
 pub use ratelimit::RatelimitConfig;
-use raw::{RawGateway, RawRoute};
+use raw::RawGateway;
+pub use route::Route;
 
 /// One problem with a configuration, located as precisely as we can.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +118,7 @@ pub struct ServerConfig {
     pub max_body_size: u64,
     pub http2: bool,
     pub trusted_proxies: Vec<IpNet>,
+    pub real_ip_header: crate::net::RealIpHeader,
     pub drain_timeout: Duration,
     /// `None`: reload on SIGHUP only.
     pub config_watch_interval: Option<Duration>,
@@ -205,17 +208,6 @@ pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
-}
-
-/// An endpoint rule: which requests it matches and what applies to them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route {
-    /// Used as the metric label, so it stays low-cardinality.
-    pub name: String,
-    pub path_prefix: String,
-    /// Empty: every method.
-    pub methods: Vec<Method>,
-    pub cache_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -676,22 +668,6 @@ fn check_name(key: &str, name: &str, problems: &mut Problems) {
     }
 }
 
-fn route(index: usize, raw: &RawRoute, problems: &mut Problems) -> Option<Route> {
-    let key = format!("routes[{index}]");
-    let before = problems.len();
-    check_name(&format!("{key}.name"), &raw.name, problems);
-    if !raw.path_prefix.starts_with('/') {
-        problems.push((format!("{key}.path_prefix"), "must start with `/`".into()));
-    }
-    let methods = parse_methods(&key, &raw.methods, problems);
-    (problems.len() == before).then(|| Route {
-        name: raw.name.clone(),
-        path_prefix: raw.path_prefix.clone(),
-        methods,
-        cache_ttl: raw.cache_ttl,
-    })
-}
-
 impl TryFrom<&RawGateway> for Config {
     type Error = Problems;
 
@@ -747,6 +723,17 @@ impl TryFrom<&RawGateway> for Config {
                 )),
             }
         }
+        let real_ip_header = match s.real_ip_header.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => crate::net::RealIpHeader::XForwardedFor,
+            "forwarded" => crate::net::RealIpHeader::Forwarded,
+            other => {
+                problems.push((
+                    "server.real_ip_header".into(),
+                    format!("`{other}`: use \"x-forwarded-for\" or \"forwarded\""),
+                ));
+                crate::net::RealIpHeader::XForwardedFor
+            }
+        };
 
         let u = &raw.upstream;
         if u.servers.is_empty() {
@@ -804,30 +791,20 @@ impl TryFrom<&RawGateway> for Config {
 
         let log = log_config(&raw.log, &mut problems);
 
-        let mut routes = Vec::new();
-        for (i, r) in raw.routes.iter().enumerate() {
-            if let Some(route) = route(i, r, &mut problems) {
-                // A duplicate rule makes a config silently ambiguous (envoy #14232).
-                if routes.iter().any(|o: &Route| o.name == route.name) {
-                    problems.push((
-                        format!("routes[{i}].name"),
-                        format!("`{}` is used twice", route.name),
-                    ));
-                } else if routes.iter().any(|o: &Route| {
-                    o.path_prefix == route.path_prefix && o.methods == route.methods
-                }) {
-                    problems.push((
-                        format!("routes[{i}].path_prefix"),
-                        "another route has the same prefix and methods".into(),
-                    ));
-                }
-                routes.push(route);
-            }
-        }
-
         let redis = redis(&raw.redis, &mut problems);
-        let ratelimit = ratelimit::validate(&raw.ratelimit, &mut problems);
+        let mut ratelimit = ratelimit::validate(&raw.ratelimit, &mut problems);
+        let routes = route::validate(&raw.routes, &mut ratelimit, &mut problems);
         let identity = identity::validate(&raw.identity, &mut problems);
+        let session_redis = matches!(
+            identity.session.as_ref().map(|s| &s.verify),
+            Some(identity::SessionVerify::Redis { url: None, .. })
+        );
+        if session_redis && redis.is_none() {
+            problems.push((
+                "identity.session.verify".into(),
+                "\"redis\" needs [redis] or identity.session.redis_url".into(),
+            ));
+        }
         for (i, key) in raw.identity.api_keys.keys.iter().enumerate() {
             if let Some(tier) = &key.tier {
                 if !ratelimit.tiers.contains_key(tier) {
@@ -873,6 +850,7 @@ impl TryFrom<&RawGateway> for Config {
                 max_body_size: s.max_body_size.0,
                 http2: s.http2,
                 trusted_proxies,
+                real_ip_header,
                 drain_timeout: s.drain_timeout,
                 config_watch_interval: (!s.config_watch_interval.is_zero())
                     .then_some(s.config_watch_interval),

@@ -15,7 +15,8 @@
 //!     limits, request-smuggling shapes, HTTP/1.1 and h2c, graceful drain;
 //!   - [`proxy::identify`]: who is calling (JWT, API key, session cookie,
 //!     else the client address through trusted proxies; request id);
-//!   - [`proxy::route`]: the endpoint rule a request falls under;
+//!   - [`proxy::route`]: the one route table, matched once per request on
+//!     the path as Gunicorn decodes it; the route carries its limits;
 //!   - limit: [`ratelimit`] decides, in [`proxy::request`];
 //!   - cache: not built yet; its place is marked in [`proxy::request`];
 //!   - [`proxy::upstream`]: buffered forwarding to Gunicorn, keep-alive
@@ -32,11 +33,14 @@
 //!   forward → release at an idle `ReadyForQuery`).
 //! - [`admin`]: `/health`, `/ready`, `/metrics`, `/metrics/json`,
 //!   `/ratelimit/<subject>`.
+//! - [`net`]: trusted proxies and the client address they vouch for
+//!   (`X-Forwarded-For`, RFC 7239 `Forwarded`).
 //! - [`telemetry`]: tracing setup and the Prometheus registry.
 
 pub mod admin;
 pub mod config;
 pub mod db;
+pub mod net;
 pub mod proxy;
 pub mod ratelimit;
 pub mod telemetry;

@@ -110,7 +110,11 @@ impl Live {
         );
         Live {
             routes: RouteTable::new(&config.routes),
-            identifier: Identifier::new(&config.identity),
+            identifier: Identifier::new(
+                &config.identity,
+                config.redis.as_ref().map(|r| r.url.as_str()),
+                config.ratelimit.redis_timeout,
+            ),
             upstreams,
             limiter,
             config,

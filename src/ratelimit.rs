@@ -11,7 +11,6 @@ pub mod window;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::Method;
 use prometheus::IntCounter;
 use serde::Serialize;
 
@@ -43,6 +42,11 @@ pub struct Subject<'a> {
     pub client: IpAddr,
     pub tier: Option<&'a str>,
     pub admin: bool,
+    /// For an identity the gateway could not verify (a session cookie it
+    /// cannot check), the client address's subject: every per-caller rule
+    /// counts there too, so rotating cookies never buys more than the
+    /// address's own allowance.
+    pub within: Option<&'a str>,
 }
 
 /// Where a decision was made.
@@ -164,14 +168,16 @@ impl Limiter {
         }
     }
 
-    /// Every rule that applies to this request, or none for an exempt caller.
-    pub fn checks(&self, subject: &Subject<'_>, method: &Method, path: &str) -> Vec<Check> {
+    /// Every rule that applies to this request: `global`, `per_user` and the
+    /// matched route's `rules` (indexes into the endpoint rules), or none for
+    /// an exempt caller.
+    pub fn checks(&self, subject: &Subject<'_>, rules: &[usize]) -> Vec<Check> {
         let c = &self.config;
         let tier = subject.tier.and_then(|t| c.tiers.get(t));
         let exempt = !c.enabled
             || (c.admin_bypass && subject.admin)
             || tier.is_some_and(|t| t.unlimited)
-            || crate::proxy::identify::is_trusted(&c.allowlist, subject.client);
+            || crate::net::is_trusted(&c.allowlist, subject.client);
         if exempt {
             return Vec::new();
         }
@@ -192,20 +198,30 @@ impl Limiter {
                 on_redis_error: c.on_redis_error,
             },
         ];
-        for (i, rule) in c.endpoints.iter().enumerate() {
-            if rule.applies(method, path) {
-                checks.push(self.endpoint_check(i, subject));
+        if let Some(within) = subject.within {
+            checks.push(Check {
+                key: self.key(within, "per_user"),
+                budget: self.budget(Algorithm::SlidingWindow, c.per_user, c.window, 1),
+                ..checks[PER_USER].clone()
+            });
+        }
+        for &i in rules {
+            if i < c.endpoints.len() {
+                checks.push(self.endpoint_check(i, subject, subject.id));
+                if let (Some(within), Scope::User) = (subject.within, c.endpoints[i].scope) {
+                    checks.push(self.endpoint_check(i, subject, within));
+                }
             }
         }
         checks
     }
 
     /// The check of endpoint rule `i` for `subject`, keyed by the rule's scope.
-    fn endpoint_check(&self, i: usize, subject: &Subject<'_>) -> Check {
+    fn endpoint_check(&self, i: usize, subject: &Subject<'_>, id: &str) -> Check {
         let rule = &self.config.endpoints[i];
         let ip_scope;
         let scope = match rule.scope {
-            Scope::User => subject.id,
+            Scope::User => id,
             Scope::Ip => {
                 ip_scope = format!("ip:{}", subject.client);
                 ip_scope.as_str()
@@ -235,7 +251,7 @@ impl Limiter {
         let decision = match &self.redis {
             None => self.locally(checks, Source::Local),
             Some(store) => match store.check(checks, true, metrics).await {
-                Ok(observed) => judge(checks, &observed, Source::Redis),
+                Ok(observed) => self.counted_here(checks, judge(checks, &observed, Source::Redis)),
                 Err(error) => {
                     metrics
                         .ratelimit_redis_errors
@@ -262,6 +278,21 @@ impl Limiter {
             }
         }
         decision
+    }
+
+    /// Redis allowed a request: count it in this process as well, and refuse
+    /// it if this instance alone has already let the limit through in the
+    /// window. The fallback then starts from what this instance really passed,
+    /// not from zero: a Redis call that timed out after Redis had counted, or
+    /// an outage in the middle of a window, can never let a second allowance
+    /// through on top of the first.
+    fn counted_here(&self, checks: &[Check], shared: Decision) -> Decision {
+        if !shared.allowed {
+            return shared;
+        }
+        let observed = self.local.check(checks, true);
+        let here = judge(checks, &observed, Source::Redis);
+        if here.allowed { shared } else { here }
     }
 
     /// Count in this process, each instance allowing its share of the limit.
@@ -329,15 +360,9 @@ impl Limiter {
     /// Every rule that would apply to `subject` on any endpoint, with its
     /// current count, without counting anything.
     pub async fn inspect(&self, subject: &Subject<'_>, metrics: &Metrics) -> Inspection {
-        let mut checks = self.checks(subject, &Method::GET, "/");
+        let every: Vec<usize> = (0..self.config.endpoints.len()).collect();
+        let checks = self.checks(subject, &every);
         let exempt = checks.is_empty();
-        if !exempt {
-            for (i, rule) in self.config.endpoints.iter().enumerate() {
-                if !checks.iter().any(|c| *c.rule == *rule.name) {
-                    checks.push(self.endpoint_check(i, subject));
-                }
-            }
-        }
         let (observed, source) = match &self.redis {
             Some(store) => match store.check(&checks, false, metrics).await {
                 Ok(observed) => (observed, Source::Redis),

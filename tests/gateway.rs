@@ -843,3 +843,98 @@ async fn preserve_host_off_sends_the_upstream_address() {
     assert_eq!(h["host"][0], upstream.addr.to_string());
     assert_eq!(h["x-forwarded-host"][0], "shop.example");
 }
+
+/// Headers only a proxy should set are removed from an untrusted client's
+/// request: Gunicorn answered 400 "Contradictory scheme headers" to some,
+/// and others would let a client name its own address or URL prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_only_headers_from_clients_are_removed() {
+    let gunicorn = Gunicorn::start(1);
+    let gateway = Gatehouse::start(&simple(&[gunicorn.upstream_url()]));
+    for (name, value) in [
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-protocol", "ssl"),
+        ("x-forwarded-proto", "https"),
+    ] {
+        let (status, _, body) = get(gateway.addr, "/v1/auth/whoami/", &[(name, value)])
+            .await
+            .unwrap();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{name}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(json(&body)["scheme"], "http", "{name}");
+    }
+
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
+    let sent = [
+        ("x-real-ip", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6"),
+        ("true-client-ip", "6.6.6.6"),
+        ("x-forwarded-port", "443"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-ssl", "on"),
+        ("x-forwarded-protocol", "ssl"),
+    ];
+    let (_, _, body) = get(gateway.addr, "/", &sent).await.unwrap();
+    let seen = &json(&body)["headers"];
+    for (name, _) in sent {
+        assert!(seen.get(name).is_none(), "{name} reached the upstream");
+    }
+    assert_eq!(seen["x-forwarded-proto"][0], "http");
+}
+
+/// HTTP/2 clients send one `cookie` field per cookie (RFC 9113 §8.2.3);
+/// HTTP/1.1 clients may repeat the field. Django must see every cookie,
+/// in the order the gateway identified the caller by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_cookie_fields_reach_django_as_one() {
+    let gunicorn = Gunicorn::start(1);
+    let gateway = Gatehouse::start(&simple(&[gunicorn.upstream_url()]));
+    let login = Request::post("/v1/auth/login/")
+        .body(Full::new(Bytes::from_static(b"{\"member_id\": 4}")))
+        .unwrap();
+    let (status, headers, _) = send(gateway.addr, login).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let session = headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+
+    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{}/v1/auth/whoami/", gateway.addr))
+        .header("cookie", "theme=dark")
+        .header("cookie", session.as_str())
+        .header("cookie", "lang=en")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let seen = json(&body);
+    assert_eq!(seen["member_id"], 4, "Django read the session over HTTP/2");
+    assert_eq!(
+        seen["cookies"],
+        serde_json::json!(["lang", "sessionid", "theme"])
+    );
+
+    let (_, _, body) = get(
+        gateway.addr,
+        "/v1/auth/whoami/",
+        &[("cookie", "theme=dark"), ("cookie", session.as_str())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(json(&body)["member_id"], 4, "and over HTTP/1.1");
+}

@@ -36,17 +36,18 @@ fn config(upstream: &str, redis: Option<&str>, limits: &str, rest: &str) -> Stri
     let redis = redis
         .map(|url| format!("[redis]\nurl = \"{url}\"\n"))
         .unwrap_or_default();
-    // Without rules of its own, a test does without the seed's endpoint rules.
-    let endpoints = if rest.contains("[[ratelimit.endpoints]]") {
+    // Without routes of its own, a test does without the seed's routes and
+    // their limits.
+    let routes = if rest.contains("[[routes]]") {
         ""
     } else {
-        "endpoints = []"
+        "routes = []\n"
     };
     format!(
-        "[server]\nworkers = 2\nconfig_watch_interval = \"1s\"\n\n[upstream.health_check]\nenabled = false\n\n\
+        "{routes}[server]\nworkers = 2\nconfig_watch_interval = \"1s\"\n\n[upstream.health_check]\nenabled = false\n\n\
          [[upstream.servers]]\nurl = \"{upstream}\"\n\n{redis}\n\
          [identity.jwt]\nenabled = true\nsecret = \"{SECRET}\"\n\n\
-         [ratelimit]\nkey_prefix = \"{}\"\n{endpoints}\n{limits}\n\n{rest}\n",
+         [ratelimit]\nkey_prefix = \"{}\"\n{limits}\n\n{rest}\n",
         prefix()
     )
 }
@@ -136,9 +137,9 @@ async fn per_user_limit_allows_exactly_n_then_429_with_fields() {
 async fn endpoint_scopes_count_per_user_per_ip_and_globally() {
     let upstream = TestUpstream::start("a").await;
     let redis = TestRedis::shared();
-    let rules = "[[ratelimit.endpoints]]\nname = \"mine\"\npath_prefix = \"/user/\"\nlimit = 2\n\n\
-                 [[ratelimit.endpoints]]\nname = \"by-ip\"\npath_prefix = \"/ip/\"\nlimit = 2\nscope = \"ip\"\n\n\
-                 [[ratelimit.endpoints]]\nname = \"shared\"\npath_prefix = \"/all/\"\nlimit = 3\nscope = \"global\"\n";
+    let rules = "[[routes]]\nname = \"mine\"\npath_prefix = \"/user/\"\n[[routes.limits]]\nlimit = 2\n\n\
+                 [[routes]]\nname = \"by-ip\"\npath_prefix = \"/ip/\"\n[[routes.limits]]\nlimit = 2\nscope = \"ip\"\n\n\
+                 [[routes]]\nname = \"shared\"\npath_prefix = \"/all/\"\n[[routes.limits]]\nlimit = 3\nscope = \"global\"\n";
     let gateway = Gatehouse::start(&config(&upstream.url(), Some(&redis.url()), "", rules));
     let (alice, bob) = (bearer("alice"), bearer("bob"));
     let alice = [("authorization", alice.as_str())];
@@ -314,8 +315,8 @@ async fn a_concurrent_burst_never_passes_more_than_the_limit() {
 async fn sliding_log_rule_is_exact() {
     let upstream = TestUpstream::start("a").await;
     let redis = TestRedis::shared();
-    let rules = "[[ratelimit.endpoints]]\nname = \"login\"\nmethods = [\"GET\"]\n\
-                 path_pattern = \"/auth/*/login\"\nlimit = 2\nwindow = \"5m\"\nscope = \"ip\"\n\
+    let rules = "[[routes]]\nname = \"login\"\nmethods = [\"GET\"]\n\
+                 path_pattern = \"/auth/*/login\"\n[[routes.limits]]\nlimit = 2\nwindow = \"5m\"\nscope = \"ip\"\n\
                  algorithm = \"sliding_log\"\n";
     let gateway = Gatehouse::start(&config(&upstream.url(), Some(&redis.url()), "", rules));
     assert_eq!(passes(&gateway, 4, "/auth/web/login", &[]).await, 2);
@@ -391,7 +392,7 @@ async fn an_edited_limit_applies_and_a_bad_edit_keeps_it() {
     let redis = TestRedis::shared();
     let search = |limit: u32| {
         format!(
-            "[[ratelimit.endpoints]]\nname = \"search\"\npath_prefix = \"/v1/search/\"\nlimit = {limit}\n"
+            "[[routes]]\nname = \"search\"\npath_prefix = \"/v1/search/\"\n[[routes.limits]]\nlimit = {limit}\n"
         )
     };
     let base = config(&upstream.url(), Some(&redis.url()), "", &search(20));
@@ -535,9 +536,9 @@ async fn limits_hold_on_a_redis_cluster() {
 async fn each_rule_follows_its_redis_error_policy() {
     let upstream = TestUpstream::start("a").await;
     let mut redis = TestRedis::start();
-    let rules = "[[ratelimit.endpoints]]\nname = \"strict\"\npath_prefix = \"/strict/\"\nlimit = 100\n\
+    let rules = "[[routes]]\nname = \"strict\"\npath_prefix = \"/strict/\"\n[[routes.limits]]\nlimit = 100\n\
                  on_redis_error = \"deny\"\n\n\
-                 [[ratelimit.endpoints]]\nname = \"open\"\npath_prefix = \"/open/\"\nlimit = 1\n";
+                 [[routes]]\nname = \"open\"\npath_prefix = \"/open/\"\n[[routes.limits]]\nlimit = 1\n";
     let gateway = Gatehouse::start(&config(
         &upstream.url(),
         Some(&redis.url()),
@@ -625,4 +626,381 @@ async fn redis_with_a_password() {
         "counted locally instead"
     );
     assert_eq!(wrong.metric("gatehouse_ratelimit_shared").await, Some(0.0));
+}
+
+/// How many of the requests pass, each sent once in order.
+async fn each_status(gateway: &Gatehouse, requests: &[(http::Method, String)]) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for (method, path) in requests {
+        let request = http::Request::builder()
+            .method(method.clone())
+            .uri(path.as_str())
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+        statuses.push(
+            harness::send(gateway.addr, request)
+                .await
+                .unwrap()
+                .0
+                .as_u16(),
+        );
+    }
+    statuses
+}
+
+/// Gunicorn decodes `PATH_INFO`, so every spelling below reaches Django's
+/// search view; each must count against the search route as the canonical
+/// path does, and be refused once the budget is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_paths_and_methods_are_limited_as_the_canonical_ones() {
+    let gunicorn = Gunicorn::start(2);
+    let routes = "[[routes]]\nname = \"search\"\npath_prefix = \"/v1/search/\"\n\
+                  [[routes.limits]]\nlimit = 7\nscope = \"ip\"\n\n\
+                  [[routes]]\nname = \"login\"\nmethods = [\"POST\"]\npath_prefix = \"/v1/auth/login/\"\n\
+                  [[routes.limits]]\nlimit = 3\nscope = \"ip\"\nalgorithm = \"sliding_log\"\n";
+    let gateway = Gatehouse::start(&config(&gunicorn.upstream_url(), None, "", routes));
+    let spellings = [
+        "/v1/search/?q=lantern",
+        "/v1/%73earch/?q=lantern",
+        "/v1/search%2F?q=lantern",
+        "/v1%2Fsearch/?q=lantern",
+        "/%761/search/?q=lantern",
+        "/v1/%73%65%61%72%63%68/?q=lantern",
+        "/v1/search%2f?q=lantern",
+    ]
+    .map(str::to_string);
+    for path in &spellings {
+        let (status, headers, body) = get(gateway.addr, path, &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(
+            json(&body)["q"],
+            "lantern",
+            "{path} reached Django's search view"
+        );
+        assert_eq!(
+            headers["ratelimit-policy"], "\"search\";q=7;w=60",
+            "{path} counted under the search route"
+        );
+    }
+    for path in &spellings {
+        assert_eq!(
+            status(&gateway, path, &[]).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{path} is refused with the canonical path"
+        );
+    }
+
+    // `post` must not slip past a `POST` route, whatever Gunicorn then makes of it.
+    let post = http::Method::POST;
+    let lower = http::Method::from_bytes(b"post").unwrap();
+    let statuses = each_status(
+        &gateway,
+        &[
+            (post.clone(), "/v1/auth/login/".into()),
+            (lower.clone(), "/v1/auth/%6cogin/".into()),
+            (post.clone(), "/v1/auth%2Flogin/".into()),
+            (lower, "/v1/auth/login/".into()),
+            (post, "/v1/auth/%6Cogin/".into()),
+        ],
+    )
+    .await;
+    assert!(statuses[..3].iter().all(|s| *s != 429), "{statuses:?}");
+    assert_eq!(statuses[3..], [429, 429], "{statuses:?}");
+}
+
+/// A path that cannot be decoded one way only is refused before Django.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_paths_get_400_and_never_reach_django() {
+    let gunicorn = Gunicorn::start(1);
+    let gateway = Gatehouse::start(&config(&gunicorn.upstream_url(), None, "", ""));
+    for path in [
+        "/v1/search/%zz?q=a",
+        "/v1/search/%4",
+        "/v1/sea%rch/",
+        "/v1/search/%00/",
+        "/v1%00/search/",
+    ] {
+        let (status, headers, _) = get(gateway.addr, path, &[]).await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(
+            headers["content-type"], "application/problem+json",
+            "{path}"
+        );
+        assert!(
+            !headers.contains_key("x-app-request-id"),
+            "{path} reached Django"
+        );
+    }
+    let (status, headers, _) = get(gateway.addr, "/v1/search/?q=a", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.contains_key("x-app-request-id"));
+}
+
+/// A random `sessionid` per request used to get its own per-user bucket.
+/// Unverified, a cookie only narrows the client address's bucket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotating_session_cookies_never_buy_more_than_the_address() {
+    let upstream = TestUpstream::start("a").await;
+    let redis = TestRedis::shared();
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 5",
+        "",
+    ));
+    let mut ok = 0;
+    for i in 0..12 {
+        let cookie = format!("sessionid=forged{i:04}x{}", std::process::id());
+        if status(&gateway, "/", &[("cookie", &cookie)]).await == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5);
+    assert_eq!(upstream.hits(), 5);
+    // One cookie, reused, still has at most its own share inside the address.
+    assert_eq!(
+        status(&gateway, "/", &[("cookie", "sessionid=other")]).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+const DJANGO_SECRET: &str = "gatehouse-test-django-secret-key-0123456789";
+
+/// Log in through the gateway as member `id`; the `sessionid` Django set.
+async fn log_in(gateway: &Gatehouse, id: u32) -> String {
+    let request = http::Request::post("/v1/auth/login/")
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+            "{{\"member_id\": {id}}}"
+        ))))
+        .unwrap();
+    let (status, headers, body) = harness::send(gateway.addr, request).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    headers
+        .get_all("set-cookie")
+        .iter()
+        .find_map(|v| {
+            let v = v.to_str().ok()?;
+            let rest = v.strip_prefix("sessionid=")?;
+            Some(rest.split(';').next()?.to_string())
+        })
+        .expect("Django set a sessionid")
+}
+
+/// Which member Django sees for these cookie fields.
+async fn django_member(gateway: &Gatehouse, cookies: &[&str]) -> serde_json::Value {
+    let headers: Vec<(&str, &str)> = cookies.iter().map(|c| ("cookie", *c)).collect();
+    let (status, _, body) = get(gateway.addr, "/v1/auth/whoami/", &headers)
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    json(&body)["member_id"].clone()
+}
+
+fn session_config(gunicorn: &Gunicorn, redis: Option<&str>, session: &str) -> String {
+    config(
+        &gunicorn.upstream_url(),
+        redis,
+        "per_user = 3\nglobal = 100000",
+        &format!("[identity.session]\n{session}\n"),
+    )
+}
+
+/// Django's `signed_cookies` backend: the gateway checks the signature with
+/// the same SECRET_KEY. A real session gets its own bucket; a forged or
+/// re-signed one is no identity and counts as its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_session_cookies_are_verified_with_the_secret_key() {
+    let gunicorn = Gunicorn::start_with_env(
+        2,
+        &[
+            ("DJANGO_SESSION_ENGINE", "signed_cookies"),
+            ("DJANGO_SECRET_KEY", DJANGO_SECRET),
+        ],
+    );
+    let gateway = Gatehouse::start(&session_config(
+        &gunicorn,
+        None,
+        &format!("verify = \"signed_cookies\"\nsecret_key = \"{DJANGO_SECRET}\""),
+    ));
+    let real = log_in(&gateway, 1).await; // the address's first request
+    let cookie = format!("sessionid={real}");
+    // Django and the gateway agree the cookie is real: it has its own budget.
+    assert_eq!(django_member(&gateway, &[&cookie]).await, 1);
+    assert_eq!(
+        passes(&gateway, 4, "/v1/auth/whoami/", &[("cookie", &cookie)]).await,
+        2
+    );
+
+    // Tampered: one byte of the payload changed. Django refuses it too.
+    let mut tampered = real.clone().into_bytes();
+    tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
+    let tampered = format!("sessionid={}", String::from_utf8(tampered).unwrap());
+    assert!(django_member(&gateway, &[&tampered]).await.is_null());
+    // The address has spent 2 of 3 (the login and that look); one more passes.
+    assert_eq!(
+        passes(&gateway, 3, "/v1/stories/", &[("cookie", &tampered)]).await,
+        1
+    );
+    assert_eq!(
+        status(&gateway, "/v1/stories/", &[("cookie", &cookie)]).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the real session's own budget is spent too"
+    );
+}
+
+/// `Cookie: sessionid=<random>; sessionid=REAL`: Django reads the last value,
+/// and so must the gateway, or a logged-in user escapes their own limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_session_cookies_are_read_as_django_reads_them() {
+    let gunicorn = Gunicorn::start_with_env(
+        2,
+        &[
+            ("DJANGO_SESSION_ENGINE", "signed_cookies"),
+            ("DJANGO_SECRET_KEY", DJANGO_SECRET),
+        ],
+    );
+    let gateway = Gatehouse::start(&session_config(
+        &gunicorn,
+        None,
+        &format!("verify = \"signed_cookies\"\nsecret_key = \"{DJANGO_SECRET}\""),
+    ));
+    let real = log_in(&gateway, 2).await;
+    let alone = format!("sessionid={real}");
+    let doubled = format!("sessionid=random123; sessionid={real}");
+    let first = "sessionid=random456".to_string();
+    // What Django itself reads, one field and two.
+    assert_eq!(django_member(&gateway, &[&doubled]).await, 2);
+    assert_eq!(django_member(&gateway, &[&first, &alone]).await, 2);
+    assert_eq!(django_member(&gateway, &[&alone]).await, 2);
+    // Those three spent the session's budget of 3; every shape is refused.
+    for cookies in [vec![doubled.as_str()], vec![first.as_str(), alone.as_str()]] {
+        let headers: Vec<(&str, &str)> = cookies.iter().map(|c| ("cookie", *c)).collect();
+        assert_eq!(
+            status(&gateway, "/v1/auth/whoami/", &headers).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{cookies:?}"
+        );
+    }
+    // The address itself (the login) still has budget left.
+    assert_eq!(status(&gateway, "/v1/stories/", &[]).await, StatusCode::OK);
+}
+
+/// Sessions in Redis (SESSION_ENGINE cache over django-redis): a session is
+/// real when its key exists; a made-up one counts as its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sessions_are_verified_by_their_key() {
+    let redis = TestRedis::shared();
+    // Django's cache in database 3 of the same server, as a deployment keeps
+    // sessions apart from the gateway's counters.
+    let socket = redis.url().replace("redis+unix://", "");
+    let django_redis = format!("unix://{socket}?db=3");
+    let gunicorn = Gunicorn::start_with_env(
+        2,
+        &[
+            ("DJANGO_SESSION_ENGINE", "cache"),
+            ("DJANGO_REDIS_URL", &django_redis),
+        ],
+    );
+    let gateway = Gatehouse::start(&session_config(
+        &gunicorn,
+        Some(&redis.url()),
+        &format!(
+            "verify = \"redis\"\nredis_url = \"redis+unix://{socket}?db=3\"\nverify_cache_ttl = \"1s\""
+        ),
+    ));
+    let real = log_in(&gateway, 3).await;
+    let cookie = format!("sessionid={real}");
+    assert_eq!(django_member(&gateway, &[&cookie]).await, 3);
+    assert_eq!(
+        passes(&gateway, 4, "/v1/auth/whoami/", &[("cookie", &cookie)]).await,
+        2
+    );
+    // Made-up keys: the address has spent 1 of 3 (the login).
+    let mut ok = 0;
+    for i in 0..4 {
+        let made_up = format!("sessionid={:032x}", 0xfeed_0000_u64 + i);
+        if status(&gateway, "/v1/stories/", &[("cookie", &made_up)]).await == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 2);
+}
+
+/// A trusted proxy that appends an entry that is not a bare address: the
+/// walk parses `ip:port` and `[v6]:port`, and stops at `unknown` rather than
+/// walking into what the client wrote (here, an allowlisted address).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_chains_cannot_choose_the_client_address() {
+    let upstream = TestUpstream::start("a").await;
+    let toml = config(
+        &upstream.url(),
+        None,
+        "per_user = 2\nallowlist = [\"6.6.6.6\"]",
+        "",
+    )
+    .replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    );
+    let gateway = Gatehouse::start(&toml);
+    for chain in ["6.6.6.6, unknown", "6.6.6.6, _obfuscated", "6.6.6.6,"] {
+        assert_eq!(
+            passes(&gateway, 2, "/", &[("x-forwarded-for", chain)]).await,
+            if chain == "6.6.6.6, unknown" { 2 } else { 0 },
+            "{chain}: counted as the proxy itself, not the allowlisted address"
+        );
+    }
+    // `ip:port` and `[v6]:port` are parsed: each its own client.
+    assert_eq!(
+        passes(&gateway, 3, "/", &[("x-forwarded-for", "203.0.113.5:5555")]).await,
+        2
+    );
+    assert_eq!(
+        passes(
+            &gateway,
+            3,
+            "/",
+            &[("x-forwarded-for", "[2001:db8::5]:443")]
+        )
+        .await,
+        2
+    );
+    let inspect = |subject: &'static str| {
+        let admin = gateway.admin;
+        async move {
+            let (_, _, body) = get(admin, &format!("/ratelimit/{subject}"), &[])
+                .await
+                .unwrap();
+            json(&body)["rules"][1]["used"].clone()
+        }
+    };
+    assert_eq!(inspect("ip:203.0.113.5").await, 2);
+    assert_eq!(inspect("ip:2001:db8::5").await, 2);
+
+    // RFC 7239 Forwarded, when the operator says proxies write it.
+    let forwarded =
+        Gatehouse::start(&toml.replace("[server]\n", "[server]\nreal_ip_header = \"forwarded\"\n"));
+    assert_eq!(
+        passes(
+            &forwarded,
+            3,
+            "/",
+            &[("forwarded", "for=6.6.6.6, for=unknown")]
+        )
+        .await,
+        2,
+        "not the allowlisted address"
+    );
+    assert_eq!(
+        passes(
+            &forwarded,
+            3,
+            "/",
+            &[("forwarded", "for=\"[2001:db8::9]:80\";proto=https")]
+        )
+        .await,
+        2
+    );
 }

@@ -23,7 +23,34 @@ pub struct IdentityConfig {
     pub api_key_header: HeaderName,
     /// By SHA-256 of the key.
     pub api_keys: HashMap<[u8; 32], ApiKeyEntry>,
-    pub session_cookie: Option<String>,
+    pub session: Option<SessionConfig>,
+}
+
+/// Django's session cookie, and how the gateway may verify it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub cookie: String,
+    pub verify: SessionVerify,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionVerify {
+    /// Not verifiable: the cookie only narrows the client address's bucket.
+    None,
+    /// Django's `signed_cookies` backend: the signature is checked with
+    /// SECRET_KEY (raw bytes; the gateway derives the HMAC key).
+    SignedCookies {
+        secret_keys: Vec<Vec<u8>>,
+        max_age: Duration,
+    },
+    /// Django's `cache` / `cached_db` backends over Redis: the key must exist.
+    Redis {
+        /// `{session_key}` stands for the cookie's value.
+        key: String,
+        /// `None`: the gateway's own `[redis]`.
+        url: Option<String>,
+        cache_ttl: Duration,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,13 +222,100 @@ pub fn validate(raw: &RawIdentity, problems: &mut Problems) -> IdentityConfig {
             ));
         }
     }
-    let session_cookie =
-        (raw.session.enabled && !raw.session.cookie.is_empty()).then(|| raw.session.cookie.clone());
+    let session = session(&raw.session, problems);
     IdentityConfig {
         order,
         jwt,
         api_key_header,
         api_keys,
-        session_cookie,
+        session,
     }
+}
+
+fn session(raw: &super::raw::RawSession, problems: &mut Problems) -> Option<SessionConfig> {
+    if !raw.enabled || raw.cookie.is_empty() {
+        return None;
+    }
+    let verify = match raw.verify.as_str() {
+        "none" => SessionVerify::None,
+        "signed_cookies" => {
+            let key = match (&raw.secret_key, &raw.secret_key_file) {
+                (Some(key), None) => Some(key.as_bytes().to_vec()),
+                (None, Some(file)) => match std::fs::read_to_string(file) {
+                    // A file written with `echo` ends in a newline that is not
+                    // part of the key.
+                    Ok(text) => Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec()),
+                    Err(e) => {
+                        problems.push((
+                            "identity.session.secret_key_file".into(),
+                            format!("{}: {e}", file.display()),
+                        ));
+                        None
+                    }
+                },
+                (Some(_), Some(_)) => {
+                    problems.push((
+                        "identity.session.secret_key_file".into(),
+                        "give secret_key or secret_key_file, not both".into(),
+                    ));
+                    None
+                }
+                (None, None) => {
+                    problems.push((
+                        "identity.session.secret_key".into(),
+                        "verify = \"signed_cookies\" needs Django's SECRET_KEY (secret_key or secret_key_file)".into(),
+                    ));
+                    None
+                }
+            };
+            let mut secret_keys: Vec<Vec<u8>> = key.into_iter().collect();
+            secret_keys.extend(
+                raw.secret_key_fallbacks
+                    .iter()
+                    .map(|k| k.as_bytes().to_vec()),
+            );
+            if raw.max_age.is_zero() {
+                problems.push((
+                    "identity.session.max_age".into(),
+                    "must be greater than zero".into(),
+                ));
+            }
+            SessionVerify::SignedCookies {
+                secret_keys,
+                max_age: raw.max_age,
+            }
+        }
+        "redis" => {
+            if !raw.redis_key.contains("{session_key}") {
+                problems.push((
+                    "identity.session.redis_key".into(),
+                    "must contain `{session_key}`".into(),
+                ));
+            }
+            if let Some(url) = &raw.redis_url {
+                if let Err(e) = ::redis::Client::open(url.as_str()) {
+                    problems.push((
+                        "identity.session.redis_url".into(),
+                        format!("not a usable Redis address: {e}"),
+                    ));
+                }
+            }
+            SessionVerify::Redis {
+                key: raw.redis_key.clone(),
+                url: raw.redis_url.clone(),
+                cache_ttl: raw.verify_cache_ttl,
+            }
+        }
+        other => {
+            problems.push((
+                "identity.session.verify".into(),
+                format!("`{other}`: use \"none\", \"signed_cookies\" or \"redis\""),
+            ));
+            SessionVerify::None
+        }
+    };
+    Some(SessionConfig {
+        cookie: raw.cookie.clone(),
+        verify,
+    })
 }

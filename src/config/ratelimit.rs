@@ -3,11 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use http::Method;
 use ipnet::IpNet;
 
 use super::Problems;
-use super::raw::{RawEndpoint, RawRatelimit};
+use super::raw::{RawLimit, RawRatelimit};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RatelimitConfig {
@@ -64,51 +63,16 @@ pub struct Tier {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PathMatch {
-    Prefix(String),
-    /// Segments; `*` matches one segment, a final `**` any rest.
-    Pattern(Vec<String>),
-}
-
-impl PathMatch {
-    pub fn matches(&self, path: &str) -> bool {
-        match self {
-            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
-            PathMatch::Pattern(segments) => {
-                let mut parts = path.trim_start_matches('/').split('/');
-                for segment in segments {
-                    if segment == "**" {
-                        return true;
-                    }
-                    match parts.next() {
-                        Some(part) if segment == "*" || segment == part => {}
-                        _ => return false,
-                    }
-                }
-                parts.next().is_none()
-            }
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointRule {
     pub name: String,
-    /// Empty: every method.
-    pub methods: Vec<Method>,
-    pub path: PathMatch,
+    /// The route whose requests this rule counts.
+    pub route: String,
     pub limit: u64,
     pub window: Duration,
     pub scope: Scope,
     pub cost: u32,
     pub algorithm: Algorithm,
     pub on_redis_error: RedisErrorPolicy,
-}
-
-impl EndpointRule {
-    pub fn applies(&self, method: &Method, path: &str) -> bool {
-        (self.methods.is_empty() || self.methods.contains(method)) && self.path.matches(path)
-    }
 }
 
 fn policy(key: &str, text: &str, problems: &mut Problems) -> RedisErrorPolicy {
@@ -126,48 +90,18 @@ fn policy(key: &str, text: &str, problems: &mut Problems) -> RedisErrorPolicy {
     }
 }
 
-fn endpoint(
-    index: usize,
-    raw: &RawEndpoint,
-    defaults: (Duration, RedisErrorPolicy),
+/// One `[[routes.limits]]` entry at `key`, of the route named `route`.
+pub fn endpoint(
+    key: &str,
+    route: &str,
+    raw: &RawLimit,
+    defaults: &RatelimitConfig,
     problems: &mut Problems,
 ) -> EndpointRule {
-    let key = format!("ratelimit.endpoints[{index}]");
-    super::check_name(&format!("{key}.name"), &raw.name, problems);
-    let path = match (&raw.path_prefix, &raw.path_pattern) {
-        (Some(prefix), None) if prefix.starts_with('/') => PathMatch::Prefix(prefix.clone()),
-        (None, Some(pattern)) if pattern.starts_with('/') => PathMatch::Pattern(
-            pattern
-                .trim_start_matches('/')
-                .split('/')
-                .map(str::to_string)
-                .collect(),
-        ),
-        (Some(_), Some(_)) => {
-            problems.push((
-                format!("{key}.path_pattern"),
-                "give path_prefix or path_pattern, not both".into(),
-            ));
-            PathMatch::Prefix("/".into())
-        }
-        (None, None) => {
-            problems.push((
-                format!("{key}.path_prefix"),
-                "a rule needs path_prefix or path_pattern".into(),
-            ));
-            PathMatch::Prefix("/".into())
-        }
-        _ => {
-            let which = if raw.path_prefix.is_some() {
-                "path_prefix"
-            } else {
-                "path_pattern"
-            };
-            problems.push((format!("{key}.{which}"), "must start with `/`".into()));
-            PathMatch::Prefix("/".into())
-        }
-    };
-    let methods = super::parse_methods(&key, &raw.methods, problems);
+    let name = raw.name.clone().unwrap_or_else(|| route.to_string());
+    if raw.name.is_some() {
+        super::check_name(&format!("{key}.name"), &name, problems);
+    }
     if raw.limit == 0 {
         problems.push((format!("{key}.limit"), "must be greater than zero".into()));
     }
@@ -177,7 +111,7 @@ fn endpoint(
             "must be between 1 and the limit".into(),
         ));
     }
-    let window = raw.window.unwrap_or(defaults.0);
+    let window = raw.window.unwrap_or(defaults.window);
     if window < Duration::from_secs(1) {
         problems.push((format!("{key}.window"), "must be at least 1s".into()));
     }
@@ -206,12 +140,11 @@ fn endpoint(
     };
     let on_redis_error = match &raw.on_redis_error {
         Some(text) => policy(&format!("{key}.on_redis_error"), text, problems),
-        None => defaults.1,
+        None => defaults.on_redis_error,
     };
     EndpointRule {
-        name: raw.name.clone(),
-        methods,
-        path,
+        name,
+        route: route.to_string(),
         limit: raw.limit,
         window,
         scope,
@@ -291,27 +224,16 @@ pub fn validate(raw: &RawRatelimit, problems: &mut Problems) -> RatelimitConfig 
             )
         })
         .collect();
-    let mut endpoints: Vec<EndpointRule> = Vec::new();
-    for (i, raw_rule) in raw.endpoints.iter().enumerate() {
-        let rule = endpoint(i, raw_rule, (raw.window, on_redis_error), problems);
-        // A duplicate rule makes a config silently ambiguous (envoy #14232).
-        if RESERVED_RULES.contains(&rule.name.as_str())
-            || endpoints.iter().any(|r| r.name == rule.name)
-        {
-            problems.push((
-                format!("ratelimit.endpoints[{i}].name"),
-                format!("`{}` is already a rule name", rule.name),
-            ));
-        } else if endpoints
-            .iter()
-            .any(|r| r.path == rule.path && r.methods == rule.methods && r.scope == rule.scope)
-        {
-            problems.push((
-                format!("ratelimit.endpoints[{i}]"),
-                "another rule has the same path, methods and scope".into(),
-            ));
-        }
-        endpoints.push(rule);
+    if raw.endpoints.is_some() {
+        problems.push((
+            "ratelimit.endpoints".into(),
+            "endpoint limits now live with their route. Write, for example:\n  \
+             [[routes]]\n  name = \"search\"\n  path_prefix = \"/v1/search/\"\n  \
+             [[routes.limits]]\n  limit = 20\n  \
+             (window, scope, cost, algorithm and on_redis_error move into [[routes.limits]] \
+             unchanged; methods and path_prefix/path_pattern belong to the route)"
+                .into(),
+        ));
     }
     RatelimitConfig {
         enabled: raw.enabled,
@@ -329,28 +251,6 @@ pub fn validate(raw: &RawRatelimit, problems: &mut Problems) -> RatelimitConfig 
         allowlist,
         key_prefix: raw.key_prefix.clone(),
         tiers,
-        endpoints,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::PathMatch;
-
-    #[test]
-    fn patterns_match_whole_segments() {
-        let p = |s: &str| {
-            PathMatch::Pattern(
-                s.trim_start_matches('/')
-                    .split('/')
-                    .map(String::from)
-                    .collect(),
-            )
-        };
-        assert!(p("/v1/stories/*/").matches("/v1/stories/12/"));
-        assert!(!p("/v1/stories/*/").matches("/v1/stories/12/comments/"));
-        assert!(p("/v1/stories/*/**").matches("/v1/stories/12/comments/3/"));
-        assert!(!p("/v1/stories/*/").matches("/v1/users/12/"));
-        assert!(PathMatch::Prefix("/v1/".into()).matches("/v1/x"));
+        endpoints: Vec::new(),
     }
 }

@@ -26,11 +26,23 @@ pub struct RawGateway {
 /// with no file behaves like one started with `config/gateway.toml`.
 impl Default for RawGateway {
     fn default() -> Self {
-        let route = |name: &str, prefix: &str, ttl: Option<u64>| RawRoute {
+        // The seed's endpoints: `/v1/stories/` 50/min and cached 600 s,
+        // `/v1/search/` 20/min, `/v1/users/` 100/min and cached 1800 s.
+        let route = |name: &str, prefix: &str, ttl: Option<u64>, limit: u64| RawRoute {
             name: name.into(),
-            path_prefix: prefix.into(),
+            path_prefix: Some(prefix.into()),
+            path_pattern: None,
             methods: Vec::new(),
             cache_ttl: ttl.map(Duration::from_secs),
+            limits: vec![RawLimit {
+                name: None,
+                limit,
+                window: None,
+                scope: scope_user(),
+                cost: 1,
+                algorithm: sliding_window(),
+                on_redis_error: None,
+            }],
         };
         Self {
             server: RawServer::default(),
@@ -39,9 +51,9 @@ impl Default for RawGateway {
             log: RawLog::default(),
             identity: RawIdentity::default(),
             routes: vec![
-                route("stories", "/v1/stories/", Some(600)),
-                route("search", "/v1/search/", None),
-                route("users", "/v1/users/", Some(1800)),
+                route("stories", "/v1/stories/", Some(600), 50),
+                route("search", "/v1/search/", None, 20),
+                route("users", "/v1/users/", Some(1800), 100),
             ],
             redis: RawRedis::default(),
             ratelimit: RawRatelimit::default(),
@@ -66,6 +78,9 @@ pub struct RawServer {
     pub max_body_size: ByteSize,
     pub http2: bool,
     pub trusted_proxies: Vec<String>,
+    /// Where trusted proxies put the client chain: "x-forwarded-for" or
+    /// "forwarded" (RFC 7239).
+    pub real_ip_header: String,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// How often to look for a changed config file; 0 turns it off.
@@ -87,6 +102,7 @@ impl Default for RawServer {
             max_body_size: ByteSize(10 * 1024 * 1024),
             http2: true,
             trusted_proxies: Vec::new(),
+            real_ip_header: "x-forwarded-for".into(),
             drain_timeout: Duration::from_secs(30),
             config_watch_interval: Duration::from_secs(2),
         }
@@ -202,16 +218,23 @@ impl Default for RawLog {
     }
 }
 
+/// One entry of the route table: which requests it matches and everything
+/// that applies to them (limits now, cache policy with the cache).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: String,
-    pub path_prefix: String,
+    pub path_prefix: Option<String>,
+    /// Segments separated by `/`; `*` matches one segment, a trailing `**` the rest.
+    pub path_pattern: Option<String>,
     #[serde(default)]
     pub methods: Vec<String>,
     /// Cache TTL for GET responses on this route (used by the cache).
     #[serde(default, with = "humantime_serde")]
     pub cache_ttl: Option<Duration>,
+    /// The route's rate limits (`[[routes.limits]]`).
+    #[serde(default)]
+    pub limits: Vec<RawLimit>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -262,23 +285,12 @@ pub struct RawRatelimit {
     pub allowlist: Vec<String>,
     pub key_prefix: String,
     pub tiers: std::collections::BTreeMap<String, RawTier>,
-    pub endpoints: Vec<RawEndpoint>,
+    /// The old place of endpoint rules, kept only to say where they went.
+    pub endpoints: Option<serde::de::IgnoredAny>,
 }
 
 impl Default for RawRatelimit {
     fn default() -> Self {
-        let endpoint = |name: &str, prefix: &str, limit: u64| RawEndpoint {
-            name: name.into(),
-            methods: Vec::new(),
-            path_prefix: Some(prefix.into()),
-            path_pattern: None,
-            limit,
-            window: None,
-            scope: "user".into(),
-            cost: 1,
-            algorithm: "sliding_window".into(),
-            on_redis_error: None,
-        };
         Self {
             enabled: true,
             global: 10_000,
@@ -295,11 +307,7 @@ impl Default for RawRatelimit {
             allowlist: Vec::new(),
             key_prefix: "gatehouse".into(),
             tiers: std::collections::BTreeMap::new(),
-            endpoints: vec![
-                endpoint("stories", "/v1/stories/", 50),
-                endpoint("search", "/v1/search/", 20),
-                endpoint("users", "/v1/users/", 100),
-            ],
+            endpoints: None,
         }
     }
 }
@@ -314,15 +322,12 @@ pub struct RawTier {
     pub unlimited: bool,
 }
 
+/// One rate limit of a route (`[[routes.limits]]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawEndpoint {
-    pub name: String,
-    #[serde(default)]
-    pub methods: Vec<String>,
-    pub path_prefix: Option<String>,
-    /// Segments separated by `/`; `*` matches one segment, a trailing `**` the rest.
-    pub path_pattern: Option<String>,
+pub struct RawLimit {
+    /// The rule's name (metric label, Redis key part); defaults to the route's.
+    pub name: Option<String>,
     pub limit: u64,
     #[serde(default, with = "humantime_serde")]
     pub window: Option<Duration>,
@@ -427,6 +432,23 @@ pub struct RawApiKey {
 pub struct RawSession {
     pub enabled: bool,
     pub cookie: String,
+    /// How a session cookie is verified: "none", "signed_cookies" or "redis".
+    pub verify: String,
+    /// Django's SECRET_KEY, for `signed_cookies` (or `secret_key_file`).
+    pub secret_key: Option<String>,
+    pub secret_key_file: Option<std::path::PathBuf>,
+    /// Django's SECRET_KEY_FALLBACKS: older keys still accepted.
+    pub secret_key_fallbacks: Vec<String>,
+    /// Django's SESSION_COOKIE_AGE.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// The Redis key of a session; `{session_key}` stands for the cookie.
+    pub redis_key: String,
+    /// Where Django keeps its sessions; unset: the gateway's `[redis]`.
+    pub redis_url: Option<String>,
+    /// How long an answer from Redis is remembered.
+    #[serde(with = "humantime_serde")]
+    pub verify_cache_ttl: Duration,
 }
 
 impl Default for RawSession {
@@ -434,6 +456,16 @@ impl Default for RawSession {
         Self {
             enabled: true,
             cookie: "sessionid".into(),
+            verify: "none".into(),
+            secret_key: None,
+            secret_key_file: None,
+            secret_key_fallbacks: Vec::new(),
+            max_age: Duration::from_secs(1_209_600),
+            // django-redis and Django's own Redis cache: KEY_PREFIX "",
+            // VERSION 1, the cache session backend's prefix.
+            redis_key: ":1:django.contrib.sessions.cache{session_key}".into(),
+            redis_url: None,
+            verify_cache_ttl: Duration::from_secs(5),
         }
     }
 }

@@ -213,3 +213,78 @@ fn missing_file_is_an_error() {
     .expect_err("missing file");
     assert!(err.to_string().contains("/nonexistent/gateway.toml"));
 }
+
+#[test]
+fn limits_live_with_their_route() {
+    let config = load(
+        "[[routes]]\nname = \"login\"\nmethods = [\"post\"]\npath_pattern = \"/v1/auth/login/\"\n\
+         [[routes.limits]]\nlimit = 5\nscope = \"ip\"\nalgorithm = \"sliding_log\"\n\
+         [[routes.limits]]\nname = \"login-all\"\nlimit = 100\nscope = \"global\"\n",
+    )
+    .expect("valid");
+    let route = &config.routes[0];
+    assert_eq!(route.methods, [http::Method::POST]);
+    let names: Vec<&str> = route
+        .limits
+        .iter()
+        .map(|i| config.ratelimit.endpoints[*i].name.as_str())
+        .collect();
+    assert_eq!(names, ["login", "login-all"]);
+}
+
+#[test]
+fn a_second_unnamed_limit_on_a_route_is_refused() {
+    let err = load(
+        "[[routes]]\nname = \"a\"\npath_prefix = \"/a/\"\n[[routes.limits]]\nlimit = 5\n\
+         [[routes.limits]]\nlimit = 6\n",
+    )
+    .expect_err("two rules named a");
+    assert_eq!(err.problems[0].key, "routes[0].limits[1].name");
+    assert!(err.problems[0].message.contains("give this limit a `name`"));
+}
+
+#[test]
+fn the_old_endpoint_shape_is_refused_with_the_new_one_shown() {
+    let err = load(
+        "[ratelimit]\nper_user = 5\n\n[[ratelimit.endpoints]]\nname = \"search\"\n\
+         path_prefix = \"/v1/search/\"\nlimit = 20\n",
+    )
+    .expect_err("old shape");
+    let problem = &err.problems[0];
+    assert_eq!(problem.key, "ratelimit.endpoints");
+    assert_eq!(problem.line, Some(4));
+    assert!(problem.message.contains("[[routes.limits]]"), "{problem}");
+}
+
+#[test]
+fn session_verification_needs_what_it_checks_with() {
+    let err = load("[identity.session]\nverify = \"signed_cookies\"\n").expect_err("no key");
+    assert_eq!(err.problems[0].key, "identity.session.secret_key");
+    let err = load("[identity.session]\nverify = \"redis\"\n").expect_err("no redis");
+    assert_eq!(err.problems[0].key, "identity.session.verify");
+    let err = load("[identity.session]\nverify = \"maybe\"\n").expect_err("unknown");
+    assert_eq!(err.problems[0].line, Some(2));
+    let config = load(
+        "[identity.session]\nverify = \"signed_cookies\"\nsecret_key = \"k\"\n\
+         secret_key_fallbacks = [\"old\"]\n",
+    )
+    .expect("valid");
+    assert_eq!(
+        config.identity.session.unwrap().verify,
+        identity::SessionVerify::SignedCookies {
+            secret_keys: vec![b"k".to_vec(), b"old".to_vec()],
+            max_age: Duration::from_secs(1_209_600),
+        }
+    );
+}
+
+#[test]
+fn real_ip_header_is_one_of_two() {
+    let config = load("[server]\nreal_ip_header = \"Forwarded\"\n").expect("valid");
+    assert_eq!(
+        config.server.real_ip_header,
+        crate::net::RealIpHeader::Forwarded
+    );
+    let err = load("[server]\nreal_ip_header = \"x-real-ip\"\n").expect_err("unsupported");
+    assert_eq!(err.problems[0].key, "server.real_ip_header");
+}

@@ -10,6 +10,8 @@ pub enum ProxyError {
     // Client side.
     #[error("malformed request: {0}")]
     BadRequest(&'static str),
+    #[error("{0}")]
+    BadPath(#[from] super::route::PathError),
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("request body not received within {0:?}")]
@@ -41,7 +43,9 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::BadPath(_) | ProxyError::BodyRead(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -58,7 +62,7 @@ impl ProxyError {
     /// The `kind` label of `gatehouse_http_errors_total`.
     pub fn kind(&self) -> &'static str {
         match self {
-            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::BadRequest(_) | ProxyError::BadPath(_) => "bad_request",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::BodyTimeout(_) => "body_timeout",
             ProxyError::BodyRead(_) => "body_read",

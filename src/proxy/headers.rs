@@ -40,9 +40,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Headers that would let an untrusted client rewrite what Django thinks the
-/// URL is, an unkeyed input for cache poisoning (FIELD-NOTES, caching).
-const URL_OVERRIDES: [&str; 2] = ["x-original-url", "x-rewrite-url"];
+/// Headers only a proxy should set, removed when the peer is not a trusted
+/// proxy. Some rewrite what Django thinks the URL or the scheme is (an
+/// unkeyed input for cache poisoning); some name a client address; and
+/// Gunicorn refuses a request whose `X-Forwarded-Ssl` or
+/// `X-Forwarded-Protocol` contradicts the `X-Forwarded-Proto` set here
+/// ("Contradictory scheme headers").
+const PROXY_ONLY: [&str; 10] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-real-ip",
+    "forwarded",
+    "true-client-ip",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-ssl",
+    "x-forwarded-protocol",
+    "x-forwarded-scheme",
+];
 
 /// Set `X-Forwarded-For/Proto/Host` and `X-Request-ID` for Gunicorn. Values a
 /// client sent are kept only when its peer is a trusted proxy.
@@ -79,11 +94,32 @@ pub fn set_forwarded(headers: &mut HeaderMap, caller: &Caller, host: Option<&Hea
         }
     }
     if !caller.trusted_peer {
-        for name in URL_OVERRIDES {
+        for name in PROXY_ONLY {
             headers.remove(name);
         }
     }
     headers.insert(X_REQUEST_ID, caller.request_id.clone());
+}
+
+/// One `Cookie` field, the values joined with `; ` (RFC 9113 §8.2.3 for
+/// HTTP/2, which sends a field per cookie; RFC 6265 §5.4 for HTTP/1.1). WSGI
+/// servers join repeated fields with `,`, which Django's cookie parser reads
+/// as one value, so without this Django would lose cookies that the gateway
+/// identified the caller by.
+pub fn combine_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Joining valid field values with `; ` yields a valid field value.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 #[cfg(test)]
@@ -102,5 +138,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn cookie_fields_become_one() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1".parse().unwrap());
+        h.append(header::COOKIE, "sessionid=x; b=2".parse().unwrap());
+        combine_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; sessionid=x; b=2"]);
     }
 }

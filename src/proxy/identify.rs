@@ -1,11 +1,17 @@
 //! The `identify` phase: who is calling. In configured order a verified JWT
 //! (`sub`, tier and admin claims), an API key (stored as SHA-256), a session
-//! cookie (hashed), else the client address, which comes from
-//! `X-Forwarded-For` only through `trusted_proxies`. Nothing a client sends
-//! makes it admin except a verified token or a configured key. Also the
-//! request id.
+//! cookie (hashed; verified where Django lets us), else the client address,
+//! which comes from `X-Forwarded-For` or `Forwarded` only through
+//! `trusted_proxies`. Nothing a client sends makes it admin except a verified
+//! token or a configured key, and an identity the gateway could not verify
+//! never gets more than its client address's allowance. Also the request id.
 
+pub mod django;
+
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, header};
 use ipnet::IpNet;
@@ -14,7 +20,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::IdentityConfig;
-use crate::config::identity::{IdentityMethod, JwtConfig};
+use crate::config::identity::{IdentityMethod, JwtConfig, SessionVerify};
+use crate::net::{self, RealIpHeader};
 
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -31,6 +38,9 @@ pub struct Caller {
     pub request_id: HeaderValue,
     /// `user:<id>`, `session:<hash>` or `ip:<address>`: what per-user limits count.
     pub subject: String,
+    /// For an identity the gateway could not verify, `ip:<address>`: its
+    /// limits count there too.
+    pub within: Option<String>,
     pub tier: Option<String>,
     pub admin: bool,
 }
@@ -44,43 +54,55 @@ pub struct InvalidToken(pub String);
 pub struct Identifier {
     config: IdentityConfig,
     jwt: Option<(DecodingKey, Validation)>,
+    /// For `verify = "redis"`: where Django's sessions are.
+    sessions: Option<RedisSessions>,
+}
+
+/// Where the client address comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    pub addr: IpAddr,
+    pub trusted: &'a [IpNet],
+    pub real_ip_header: RealIpHeader,
 }
 
 impl Identifier {
-    pub fn new(config: &IdentityConfig) -> Self {
+    /// `redis_url`: the gateway's own Redis, used for sessions when the
+    /// session settings name none; `timeout` bounds each lookup.
+    pub fn new(config: &IdentityConfig, redis_url: Option<&str>, timeout: Duration) -> Self {
         // The key was already parsed once during validation.
         let jwt = config.jwt.as_ref().and_then(|j| {
             let key = j.key.decoding_key().ok()?;
             Some((key, validation(j)))
         });
+        let sessions = match config.session.as_ref().map(|s| &s.verify) {
+            Some(SessionVerify::Redis {
+                key,
+                url,
+                cache_ttl,
+            }) => url
+                .as_deref()
+                .or(redis_url)
+                .and_then(|url| RedisSessions::new(url, key, *cache_ttl, timeout)),
+            _ => None,
+        };
         Identifier {
             config: config.clone(),
             jwt,
+            sessions,
         }
     }
 
     /// The caller, always; with an error when a bad token must be refused
     /// (the caller then stays anonymous, so the refusal still has a request id).
-    pub fn identify(
+    pub async fn identify(
         &self,
         headers: &HeaderMap,
-        peer: IpAddr,
-        trusted: &[IpNet],
+        peer: Peer<'_>,
     ) -> (Caller, Option<InvalidToken>) {
-        let peer = canonical(peer);
-        let trusted_peer = is_trusted(trusted, peer);
-        // Like nginx's real_ip_recursive: walk right to left past trusted
-        // hops; the first untrusted address is the client.
-        let client = if trusted_peer {
-            forwarded_chain(headers)
-                .into_iter()
-                .rev()
-                .map(canonical)
-                .find(|ip| !is_trusted(trusted, *ip))
-                .unwrap_or(peer)
-        } else {
-            peer
-        };
+        let trusted_peer = net::is_trusted(peer.trusted, peer.addr);
+        let client = net::client_address(headers, peer.real_ip_header, peer.addr, peer.trusted);
+        let peer = net::canonical(peer.addr);
         let request_id = headers
             .get(X_REQUEST_ID)
             .filter(|_| trusted_peer)
@@ -93,6 +115,7 @@ impl Identifier {
             trusted_peer,
             request_id,
             subject: format!("ip:{client}"),
+            within: None,
             tier: None,
             admin: false,
         };
@@ -103,12 +126,15 @@ impl Identifier {
                     Err(invalid) => return (caller, Some(invalid)),
                 },
                 IdentityMethod::ApiKey => self.by_api_key(headers),
-                IdentityMethod::Session => self.by_session(headers),
+                IdentityMethod::Session => self.by_session(headers).await,
             };
-            if let Some((subject, tier, admin)) = found {
-                caller.subject = subject;
-                caller.tier = tier;
-                caller.admin = admin;
+            if let Some(identity) = found {
+                if !identity.verified {
+                    caller.within = Some(caller.subject.clone());
+                }
+                caller.subject = identity.subject;
+                caller.tier = identity.tier;
+                caller.admin = identity.admin;
                 break;
             }
         }
@@ -152,39 +178,178 @@ impl Identifier {
             Value::Number(n) => n.as_u64() == Some(1),
             _ => false,
         };
-        Ok(Some((format!("user:{user}"), tier, admin)))
+        Ok(Some(Identity::verified(
+            format!("user:{user}"),
+            tier,
+            admin,
+        )))
     }
 
     fn by_api_key(&self, headers: &HeaderMap) -> Option<Identity> {
         let key = headers.get(&self.config.api_key_header)?;
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
         let entry = self.config.api_keys.get(&hash)?;
-        Some((
+        Some(Identity::verified(
             format!("user:{}", entry.user),
             entry.tier.clone(),
             entry.admin,
         ))
     }
 
-    fn by_session(&self, headers: &HeaderMap) -> Option<Identity> {
-        let name = self.config.session_cookie.as_deref()?;
-        let value = headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .find_map(|pair| {
-                let (k, v) = pair.trim().split_once('=')?;
-                (k == name && !v.is_empty()).then_some(v)
-            })?;
-        // The cookie itself is a credential: only its hash becomes a key.
-        let hash = Sha256::digest(value.as_bytes());
-        Some((format!("session:{}", hex::encode(&hash[..16])), None, false))
+    /// The session cookie Django will read. Verified where the config says
+    /// how: a forged or expired one is no identity at all; one the gateway
+    /// cannot check (no verification configured, Redis not answering) is an
+    /// unverified identity, counted inside its client address's budget.
+    async fn by_session(&self, headers: &HeaderMap) -> Option<Identity> {
+        let config = self.config.session.as_ref()?;
+        let value = django::cookie(headers, &config.cookie)?;
+        match &config.verify {
+            SessionVerify::None => Some(Identity::unverified(session_subject(&value))),
+            SessionVerify::SignedCookies {
+                secret_keys,
+                max_age,
+            } => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let payload = django::verify_signed(&value, secret_keys, max_age.as_secs(), now)?;
+                // The payload, not the whole cookie: Django signs it again with
+                // a new timestamp whenever it saves the session.
+                Some(Identity::verified(session_subject(payload), None, false))
+            }
+            SessionVerify::Redis { .. } => match &self.sessions {
+                Some(sessions) => match sessions.exists(&value).await {
+                    Some(true) => Some(Identity::verified(session_subject(&value), None, false)),
+                    Some(false) => None,
+                    None => Some(Identity::unverified(session_subject(&value))),
+                },
+                None => Some(Identity::unverified(session_subject(&value))),
+            },
+        }
     }
 }
 
-/// (subject, tier, admin)
-type Identity = (String, Option<String>, bool);
+/// The cookie is a credential: only its hash becomes a key.
+fn session_subject(value: &[u8]) -> String {
+    let hash = Sha256::digest(value);
+    format!("session:{}", hex::encode(&hash[..16]))
+}
+
+/// Who a method recognised.
+struct Identity {
+    subject: String,
+    tier: Option<String>,
+    admin: bool,
+    verified: bool,
+}
+
+impl Identity {
+    fn verified(subject: String, tier: Option<String>, admin: bool) -> Self {
+        Identity {
+            subject,
+            tier,
+            admin,
+            verified: true,
+        }
+    }
+
+    fn unverified(subject: String) -> Self {
+        Identity {
+            subject,
+            tier: None,
+            admin: false,
+            verified: false,
+        }
+    }
+}
+
+/// Django sessions kept in Redis (the `cache` and `cached_db` backends over
+/// django-redis): a session is real when its key exists. Answers are
+/// remembered for `cache_ttl`, so a flood of one cookie costs one lookup.
+struct RedisSessions {
+    client: redis::Client,
+    /// Made on first use, inside a worker's runtime (it spawns its driver
+    /// there); reconnects by itself.
+    connection: std::sync::OnceLock<redis::aio::ConnectionManager>,
+    key: String,
+    cache_ttl: Duration,
+    timeout: Duration,
+    answers: Mutex<HashMap<[u8; 16], (bool, Instant)>>,
+}
+
+/// Remembered answers at most; the map is emptied when it is full.
+const SESSION_CACHE_ENTRIES: usize = 65_536;
+
+impl RedisSessions {
+    fn new(url: &str, key: &str, cache_ttl: Duration, timeout: Duration) -> Option<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| {
+                tracing::error!(error = %e, "session redis client; sessions stay unverified");
+            })
+            .ok()?;
+        Some(RedisSessions {
+            client,
+            connection: std::sync::OnceLock::new(),
+            key: key.to_string(),
+            cache_ttl,
+            timeout,
+            answers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn connection(&self) -> Option<redis::aio::ConnectionManager> {
+        if let Some(connection) = self.connection.get() {
+            return Some(connection.clone());
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(1));
+        let made = redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| tracing::warn!(error = %e, "session redis connection"))
+            .ok()?;
+        Some(self.connection.get_or_init(|| made).clone())
+    }
+
+    /// Whether the session exists; `None` when Redis did not answer in time.
+    async fn exists(&self, session_key: &[u8]) -> Option<bool> {
+        let digest: [u8; 32] = Sha256::digest(session_key).into();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        if let Ok(answers) = self.answers.lock() {
+            if let Some((exists, at)) = answers.get(&id) {
+                if at.elapsed() < self.cache_ttl {
+                    return Some(*exists);
+                }
+            }
+        }
+        // A session key is Django's own alphabet; anything else cannot name
+        // a session and must not shape a Redis key.
+        let text = std::str::from_utf8(session_key)
+            .ok()
+            .filter(|t| t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphanumeric()))?;
+        let key = self.key.replace("{session_key}", text);
+        let mut connection = self.connection()?;
+        let mut command = redis::cmd("EXISTS");
+        command.arg(&key);
+        let lookup = command.query_async::<i64>(&mut connection);
+        let exists = match tokio::time::timeout(self.timeout, lookup).await {
+            Ok(Ok(n)) => n > 0,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "session lookup failed; the session stays unverified");
+                return None;
+            }
+            Err(_) => return None,
+        };
+        if let Ok(mut answers) = self.answers.lock() {
+            if answers.len() >= SESSION_CACHE_ENTRIES {
+                answers.clear();
+            }
+            answers.insert(id, (exists, Instant::now()));
+        }
+        Some(exists)
+    }
+}
 
 fn validation(config: &JwtConfig) -> Validation {
     let mut validation = Validation::new(config.algorithm);
@@ -207,30 +372,6 @@ fn claim_text(value: &Value) -> Option<String> {
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
-}
-
-pub fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
-    let ip = canonical(ip);
-    trusted.iter().any(|net| net.contains(&ip))
-}
-
-/// `::ffff:10.0.0.1` is 10.0.0.1 for trust decisions.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// The addresses in every `X-Forwarded-For` field, in order.
-fn forwarded_chain(headers: &HeaderMap) -> Vec<IpAddr> {
-    headers
-        .get_all(X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|part| part.trim().parse::<IpAddr>().ok())
-        .collect()
 }
 
 fn valid_request_id(value: &HeaderValue) -> bool {

@@ -20,9 +20,9 @@ use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
-use super::headers::{set_forwarded, strip_hop_by_hop};
-use super::identify::{Caller, X_REQUEST_ID};
-use super::route::DEFAULT_ROUTE;
+use super::headers::{combine_cookies, set_forwarded, strip_hop_by_hop};
+use super::identify::{Caller, Peer, X_REQUEST_ID};
+use super::route::wsgi_path;
 use super::upstream::Forwarded;
 use super::{Live, Shared};
 
@@ -36,7 +36,8 @@ pub struct Exchange {
     ambiguous_framing: bool,
     started: Instant,
     caller: Option<Caller>,
-    route: String,
+    /// The matched route's index in `live.routes`; `None`: no route matched.
+    route: Option<usize>,
     upstream: Option<String>,
     upstream_time: Option<Duration>,
     request_bytes: u64,
@@ -60,7 +61,7 @@ impl Exchange {
             ambiguous_framing,
             started: Instant::now(),
             caller: None,
-            route: DEFAULT_ROUTE.to_string(),
+            route: None,
             upstream: None,
             upstream_time: None,
             request_bytes: 0,
@@ -96,12 +97,12 @@ impl Exchange {
 
     async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
         self.accept(&req)?;
-        let caller = self.identify(&req)?;
+        let caller = self.identify(&req).await?;
         if req.uri().path() == self.live.config.server.health_path {
             return Ok(self.health(&caller));
         }
-        self.route(&req);
-        self.limit(&req, &caller).await?;
+        self.route(&req)?;
+        self.limit(&caller).await?;
         // cache: GET/HEAD lookups in L1/L2 go here.
         let forwarded = self.upstream(req, &caller).await?;
         Ok(self.response(forwarded, &caller))
@@ -132,12 +133,14 @@ impl Exchange {
 
     /// identify: who is calling, the client address and the request id. A
     /// bad token is a 401 only when `identity.jwt.reject_invalid` says so.
-    fn identify(&mut self, req: &Request<Incoming>) -> Result<Caller, ProxyError> {
-        let (caller, invalid) = self.live.identifier.identify(
-            req.headers(),
-            self.peer.ip(),
-            &self.live.config.server.trusted_proxies,
-        );
+    async fn identify(&mut self, req: &Request<Incoming>) -> Result<Caller, ProxyError> {
+        let server = &self.live.config.server;
+        let peer = Peer {
+            addr: self.peer.ip(),
+            trusted: &server.trusted_proxies,
+            real_ip_header: server.real_ip_header,
+        };
+        let (caller, invalid) = self.live.identifier.identify(req.headers(), peer).await;
         self.caller = Some(caller.clone());
         match invalid {
             Some(invalid) => Err(ProxyError::Unauthorized(invalid.to_string())),
@@ -146,15 +149,20 @@ impl Exchange {
     }
 
     /// limit: check and count every rule that applies; 429 when one refuses.
-    async fn limit(&mut self, req: &Request<Incoming>, caller: &Caller) -> Result<(), ProxyError> {
+    async fn limit(&mut self, caller: &Caller) -> Result<(), ProxyError> {
         let limiter = &self.live.limiter;
         let subject = crate::ratelimit::Subject {
             id: &caller.subject,
             client: caller.client,
             tier: caller.tier.as_deref(),
             admin: caller.admin,
+            within: caller.within.as_deref(),
         };
-        let checks = limiter.checks(&subject, req.method(), req.uri().path());
+        let rules = self
+            .route
+            .and_then(|i| self.live.routes.get(i))
+            .map_or(&[][..], |r| r.limits.as_slice());
+        let checks = limiter.checks(&subject, rules);
         let decision = limiter.decide(&checks, &self.shared.metrics).await;
         let config = limiter.config();
         match decision.report {
@@ -182,13 +190,12 @@ impl Exchange {
         response
     }
 
-    /// route: which endpoint rule applies.
-    fn route(&mut self, req: &Request<Incoming>) {
-        self.route = self
-            .live
-            .routes
-            .name_of(req.method(), req.uri().path())
-            .to_string();
+    /// route: match the one route table on the path Django will see; a path
+    /// that cannot be decoded unambiguously is a 400 and never reaches Django.
+    fn route(&mut self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        let path = wsgi_path(req.uri().path()).map_err(ProxyError::BadPath)?;
+        self.route = self.live.routes.find(req.method(), &path);
+        Ok(())
     }
 
     /// upstream: buffer the body, rewrite headers, send to a healthy Gunicorn.
@@ -209,6 +216,7 @@ impl Exchange {
         });
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
+        combine_cookies(headers);
         // The body is already here; Gunicorn must not wait to send 100 Continue.
         headers.remove(header::EXPECT);
         set_forwarded(headers, caller, host.as_ref());
@@ -289,14 +297,14 @@ impl Exchange {
         metrics
             .requests
             .with_label_values(&[
-                self.route.as_str(),
+                self.live.routes.name(self.route),
                 method_label(method),
                 status_class(status),
             ])
             .inc();
         metrics
             .request_duration
-            .with_label_values(&[self.route.as_str()])
+            .with_label_values(&[self.live.routes.name(self.route)])
             .observe(elapsed.as_secs_f64());
         metrics.bytes_received.inc_by(self.request_bytes);
         metrics.bytes_sent.inc_by(bytes);
@@ -311,7 +319,7 @@ impl Exchange {
                 version = ?version,
                 status = status.as_u16(),
                 bytes,
-                route = self.route.as_str(),
+                route = self.live.routes.name(self.route),
                 duration_ms = millis(elapsed),
                 upstream = self.upstream.as_deref().unwrap_or("-"),
                 upstream_ms = self.upstream_time.map(millis),

@@ -1,54 +1,132 @@
-//! The `route` phase: match a request to an endpoint rule from the config
-//! (longest path prefix, then method). The rule's name labels metrics; limits
-//! and cache settings hang off it.
+//! The `route` phase: match a request to one route of the table, once. The
+//! match is made on the path as the WSGI server will hand it to Django
+//! (percent-decoded, `%2F` included), so an encoded path reaches no view that
+//! its route does not cover (Envoy CVE-2019-9901). The matched route carries
+//! everything later phases need: its name, its limits, its cache TTL.
+
+use std::borrow::Cow;
 
 use http::Method;
 
 use crate::config::Route;
 
-/// The name of requests no rule matches.
+/// The name of requests no route matches.
 pub const DEFAULT_ROUTE: &str = "default";
 
+/// The routes of one configuration generation, most specific first.
 pub struct RouteTable {
-    /// Longest prefix first, so the first match is the most specific.
+    /// Patterns first in file order, then prefixes longest first; at equal
+    /// paths a route naming methods before one for all.
     routes: Vec<Route>,
+}
+
+/// A request path that the gateway refuses to guess about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("malformed percent-escape in the path")]
+    MalformedEscape,
+    #[error("NUL byte in the path")]
+    Nul,
 }
 
 impl RouteTable {
     pub fn new(routes: &[Route]) -> Self {
         let mut routes = routes.to_vec();
+        // Stable: patterns keep their file order.
         routes.sort_by(|a, b| {
-            b.path_prefix
-                .len()
-                .cmp(&a.path_prefix.len())
-                // A rule naming methods is more specific than one for all.
+            b.path
+                .specificity()
+                .cmp(&a.path.specificity())
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
         RouteTable { routes }
     }
 
-    pub fn find(&self, method: &Method, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
-            path.starts_with(&r.path_prefix) && (r.methods.is_empty() || r.methods.contains(method))
+    /// The index of the route for `method` on the decoded `path`, if any.
+    pub fn find(&self, method: &Method, path: &[u8]) -> Option<usize> {
+        let method = canonical_method(method);
+        self.routes.iter().position(|r| {
+            r.path.matches(path) && (r.methods.is_empty() || r.methods.contains(&method))
         })
     }
 
-    pub fn name_of(&self, method: &Method, path: &str) -> &str {
-        self.find(method, path).map_or(DEFAULT_ROUTE, |r| &r.name)
+    /// The route `find` returned.
+    pub fn get(&self, index: usize) -> Option<&Route> {
+        self.routes.get(index)
     }
+
+    /// The metric label of a match: the route's name, or `default`.
+    pub fn name(&self, index: Option<usize>) -> &str {
+        index
+            .and_then(|i| self.routes.get(i))
+            .map_or(DEFAULT_ROUTE, |r| &r.name)
+    }
+}
+
+/// Methods compare case-insensitively: a `post` must meet the `POST` rules.
+/// (hyper already refuses a method that is not a token with 400.)
+pub fn canonical_method(method: &Method) -> Cow<'_, Method> {
+    let text = method.as_str();
+    if !text.bytes().any(|b| b.is_ascii_lowercase()) {
+        return Cow::Borrowed(method);
+    }
+    // Upper-casing a token yields a token.
+    Method::from_bytes(text.to_ascii_uppercase().as_bytes())
+        .map_or(Cow::Borrowed(method), Cow::Owned)
+}
+
+/// The path as Gunicorn puts it in `PATH_INFO`: every `%XX` decoded, `%2F`
+/// included, nothing else changed (no `+`, no dot segments). An escape that
+/// is not two hex digits, or a NUL, is refused: Python would pass `%zz`
+/// through as text, and the gateway does not guess what a route should make
+/// of it.
+pub fn wsgi_path(path: &str) -> Result<Cow<'_, [u8]>, PathError> {
+    let bytes = path.as_bytes();
+    if !bytes.contains(&b'%') {
+        return Ok(Cow::Borrowed(bytes));
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+            let (Some(hi), Some(lo)) = (hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) else {
+                return Err(PathError::MalformedEscape);
+            };
+            // Two hex digits make at most 255.
+            let byte = u8::try_from(hi * 16 + lo).unwrap_or(u8::MAX);
+            if byte == 0 {
+                return Err(PathError::Nul);
+            }
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(Cow::Owned(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::route::PathMatch;
+    use proptest::prelude::*;
 
     fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
         Route {
             name: name.into(),
-            path_prefix: prefix.into(),
+            path: PathMatch::Prefix(prefix.into()),
             methods: methods.to_vec(),
             cache_ttl: None,
+            limits: Vec::new(),
         }
+    }
+
+    fn name_of<'a>(table: &'a RouteTable, method: &Method, path: &str) -> &'a str {
+        let path = wsgi_path(path).unwrap();
+        table.name(table.find(method, &path))
     }
 
     #[test]
@@ -58,12 +136,56 @@ mod tests {
             route("stories", "/v1/stories/", &[]),
             route("stories-write", "/v1/stories/", &[Method::POST]),
         ]);
-        assert_eq!(table.name_of(&Method::GET, "/v1/stories/3/"), "stories");
+        assert_eq!(name_of(&table, &Method::GET, "/v1/stories/3/"), "stories");
         assert_eq!(
-            table.name_of(&Method::POST, "/v1/stories/"),
+            name_of(&table, &Method::POST, "/v1/stories/"),
             "stories-write"
         );
-        assert_eq!(table.name_of(&Method::GET, "/v1/users/1/"), "v1");
-        assert_eq!(table.name_of(&Method::GET, "/admin/"), DEFAULT_ROUTE);
+        assert_eq!(name_of(&table, &Method::GET, "/v1/users/1/"), "v1");
+        assert_eq!(name_of(&table, &Method::GET, "/admin/"), DEFAULT_ROUTE);
+    }
+
+    #[test]
+    fn encoded_paths_and_lower_case_methods_meet_their_route() {
+        let table = RouteTable::new(&[
+            route("search", "/v1/search/", &[]),
+            route("login", "/v1/auth/login/", &[Method::POST]),
+        ]);
+        for path in [
+            "/v1/%73earch/",
+            "/v1/search%2F",
+            "/v1%2Fsearch/",
+            "/%761/search/",
+            "/v1/%53earch/".replace("%53", "%73").as_str(),
+        ] {
+            assert_eq!(name_of(&table, &Method::GET, path), "search", "{path}");
+        }
+        let post = Method::from_bytes(b"post").unwrap();
+        assert_eq!(name_of(&table, &post, "/v1/auth/%6cogin/"), "login");
+    }
+
+    #[test]
+    fn undecodable_paths_are_refused() {
+        assert_eq!(wsgi_path("/a%zz"), Err(PathError::MalformedEscape));
+        assert_eq!(wsgi_path("/a%4"), Err(PathError::MalformedEscape));
+        assert_eq!(wsgi_path("/a%"), Err(PathError::MalformedEscape));
+        assert_eq!(wsgi_path("/a%00b"), Err(PathError::Nul));
+        assert_eq!(wsgi_path("/a%2fb").unwrap().as_ref(), b"/a/b");
+        assert_eq!(wsgi_path("/a+b").unwrap().as_ref(), b"/a+b");
+    }
+
+    proptest! {
+        /// Decoding a path escaped byte by byte gives the bytes back.
+        #[test]
+        fn escaping_round_trips(bytes in proptest::collection::vec(1u8..=255, 0..64)) {
+            let escaped: String = bytes.iter().map(|b| format!("%{b:02X}")).collect();
+            let decoded = wsgi_path(&escaped).unwrap();
+            prop_assert_eq!(decoded.as_ref(), bytes.as_slice());
+        }
+
+        #[test]
+        fn never_panics(text in "[ -~]{0,40}") {
+            let _ = wsgi_path(&text);
+        }
     }
 }

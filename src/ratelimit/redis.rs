@@ -126,6 +126,12 @@ pub struct RedisStore {
     breaker_failures: u32,
     cooldown: Duration,
     gate: Mutex<Gate>,
+    /// Bumped whenever the breaker opens. A worker whose connection is from
+    /// an older generation opens a fresh one, so the trial call after the
+    /// cooldown never lands on a connection still backing off from the
+    /// outage: one trial on a stale connection per cooldown let shared
+    /// limits stay off for many cooldowns after Redis was back.
+    generation: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +196,7 @@ impl RedisStore {
             breaker_failures,
             cooldown,
             gate: Mutex::new(Gate::Closed),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -293,13 +300,15 @@ impl RedisStore {
     /// decision never hops to another thread and back.
     async fn connection(&self) -> Result<Connection, redis::RedisError> {
         thread_local! {
-            static CONNECTIONS: RefCell<Vec<(u64, Connection)>> = const { RefCell::new(Vec::new()) };
+            /// (store id, generation, connection)
+            static CONNECTIONS: RefCell<Vec<(u64, u64, Connection)>> = const { RefCell::new(Vec::new()) };
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let cached = CONNECTIONS.with(|c| {
             c.borrow()
                 .iter()
-                .find(|(id, _)| *id == self.id)
-                .map(|(_, connection)| connection.clone())
+                .find(|(id, g, _)| *id == self.id && *g == generation)
+                .map(|(_, _, connection)| connection.clone())
         });
         if let Some(connection) = cached {
             return Ok(connection);
@@ -312,10 +321,11 @@ impl RedisStore {
         };
         CONNECTIONS.with(|c| {
             let mut connections = c.borrow_mut();
-            // A store replaced by a reload gives its connections up here.
-            connections.retain(|(id, _)| *id > self.id);
-            if !connections.iter().any(|(id, _)| *id == self.id) {
-                connections.push((self.id, connection.clone()));
+            // A store replaced by a reload, or a connection from before the
+            // breaker last opened, is given up here.
+            connections.retain(|(id, g, _)| *id > self.id || (*id == self.id && *g > generation));
+            if !connections.iter().any(|(id, _, _)| *id == self.id) {
+                connections.push((self.id, generation, connection.clone()));
             }
         });
         Ok(connection)
@@ -344,6 +354,7 @@ impl RedisStore {
                 tracing::warn!(%error, cooldown = ?self.cooldown, "redis unavailable; rate limits fall back");
             }
             *gate = Gate::Open(Instant::now() + self.cooldown);
+            self.generation.fetch_add(1, Ordering::Release);
         }
     }
 }

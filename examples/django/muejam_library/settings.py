@@ -12,13 +12,28 @@ ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "*").split(",")
 
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
+    "django.contrib.sessions",
     "stories",
 ]
 
 MIDDLEWARE = [
     "stories.middleware.RequestContextMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
 ]
+
+# Sessions: in the database by default; DJANGO_SESSION_ENGINE picks another
+# backend (signed_cookies, or cache / cached_db with DJANGO_REDIS_URL).
+SESSION_ENGINE = "django.contrib.sessions.backends." + os.environ.get(
+    "DJANGO_SESSION_ENGINE", "db"
+)
+if os.environ.get("DJANGO_REDIS_URL"):
+    CACHES = {
+        "default": {
+            "BACKEND": "django_redis.cache.RedisCache",
+            "LOCATION": os.environ["DJANGO_REDIS_URL"],
+        }
+    }
 
 ROOT_URLCONF = "muejam_library.urls"
 WSGI_APPLICATION = "muejam_library.wsgi.application"

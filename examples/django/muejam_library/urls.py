@@ -8,4 +8,6 @@ urlpatterns = [
     path("v1/stories/<int:story_id>/", views.story_detail),
     path("v1/search/", views.search),
     path("v1/users/<int:user_id>/", views.user_detail),
+    path("v1/auth/login/", views.login),
+    path("v1/auth/whoami/", views.whoami),
 ]

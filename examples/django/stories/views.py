@@ -92,3 +92,33 @@ def user_detail(request, user_id):
     data = member.as_json()
     data["stories"] = member.stories.count()
     return JsonResponse(data)
+
+
+@csrf_exempt
+def login(request):
+    """Start a session for a member: `{"member_id": 1}`."""
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    data = _json_body(request)
+    member = Member.objects.filter(id=(data or {}).get("member_id")).first()
+    if member is None:
+        return _bad("unknown member", status=403)
+    request.session.cycle_key()
+    request.session["member_id"] = member.id
+    return JsonResponse({"member_id": member.id})
+
+
+def whoami(request):
+    """What Django made of the request: the session it read, the scheme and
+    path it saw, and the forwarded address."""
+    return JsonResponse(
+        {
+            "member_id": request.session.get("member_id"),
+            "session_key": request.session.session_key,
+            "scheme": request.scheme,
+            "path": request.path,
+            "method": request.method,
+            "forwarded_for": request.META.get("HTTP_X_FORWARDED_FOR"),
+            "cookies": sorted(request.COOKIES),
+        }
+    )

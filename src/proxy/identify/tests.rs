@@ -1,4 +1,4 @@
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::json;
@@ -27,7 +27,7 @@ fn identifier(reject_invalid: bool) -> Identifier {
     let mut problems = Vec::new();
     let config = validate(&raw, &mut problems);
     assert!(problems.is_empty(), "{problems:?}");
-    Identifier::new(&config)
+    Identifier::new(&config, None, Duration::from_millis(50))
 }
 
 fn now() -> u64 {
@@ -54,8 +54,27 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
     h
 }
 
+/// The identify phase, run to completion.
+fn identify(
+    id: &Identifier,
+    headers: &HeaderMap,
+    addr: IpAddr,
+    trusted: &[IpNet],
+) -> (Caller, Option<InvalidToken>) {
+    let peer = Peer {
+        addr,
+        trusted,
+        real_ip_header: RealIpHeader::XForwardedFor,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(id.identify(headers, peer))
+}
+
 fn who(id: &Identifier, pairs: &[(&'static str, &str)]) -> Caller {
-    let (caller, invalid) = id.identify(&headers(pairs), "203.0.113.9".parse().unwrap(), &[]);
+    let (caller, invalid) = identify(id, &headers(pairs), "203.0.113.9".parse().unwrap(), &[]);
     assert!(invalid.is_none());
     caller
 }
@@ -63,7 +82,8 @@ fn who(id: &Identifier, pairs: &[(&'static str, &str)]) -> Caller {
 #[test]
 fn untrusted_peer_cannot_choose_its_address_or_request_id() {
     let id = identifier(false);
-    let (caller, _) = id.identify(
+    let (caller, _) = identify(
+        &id,
         &headers(&[(X_FORWARDED_FOR, "1.2.3.4"), (X_REQUEST_ID, "mine")]),
         "203.0.113.9".parse().unwrap(),
         &nets(&["10.0.0.0/8"]),
@@ -78,7 +98,8 @@ fn untrusted_peer_cannot_choose_its_address_or_request_id() {
 #[test]
 fn trusted_chain_is_walked_right_to_left() {
     let id = identifier(false);
-    let (caller, _) = id.identify(
+    let (caller, _) = identify(
+        &id,
         &headers(&[
             (X_FORWARDED_FOR, "6.6.6.6, 1.2.3.4, 10.0.0.7"),
             (X_REQUEST_ID, "abc-123"),
@@ -89,14 +110,6 @@ fn trusted_chain_is_walked_right_to_left() {
     assert_eq!(caller.client, "1.2.3.4".parse::<IpAddr>().unwrap());
     assert_eq!(caller.subject, "ip:1.2.3.4");
     assert_eq!(caller.request_id, "abc-123");
-}
-
-#[test]
-fn mapped_ipv6_peer_matches_ipv4_cidr() {
-    assert!(is_trusted(
-        &nets(&["127.0.0.0/8"]),
-        "::ffff:127.0.0.1".parse().unwrap()
-    ));
 }
 
 #[test]
@@ -143,7 +156,8 @@ fn forged_expired_and_unsigned_tokens_are_anonymous() {
     }
     let strict = identifier(true);
     let expired = token(json!({"sub": "42", "exp": now() - 3600}), SECRET);
-    let (caller, invalid) = strict.identify(
+    let (caller, invalid) = identify(
+        &strict,
         &headers(&[("authorization", &format!("Bearer {expired}"))]),
         "203.0.113.9".parse().unwrap(),
         &[],
@@ -195,7 +209,11 @@ fn rs256_and_es256_tokens_verify_with_public_keys() {
         raw.jwt.algorithm = algorithm.into();
         raw.jwt.public_key_file = Some(fixtures.join(format!("{name}.pub")));
         let mut problems = Vec::new();
-        let id = Identifier::new(&validate(&raw, &mut problems));
+        let id = Identifier::new(
+            &validate(&raw, &mut problems),
+            None,
+            Duration::from_millis(50),
+        );
         assert!(problems.is_empty(), "{problems:?}");
 
         let private = std::fs::read(fixtures.join(format!("{name}.key"))).unwrap();
