@@ -1004,3 +1004,77 @@ async fn forwarded_chains_cannot_choose_the_client_address() {
         2
     );
 }
+
+/// Redis killed under load from many clients on four workers, then back:
+/// shared limits resume within `breaker_cooldown` plus a second, on every
+/// worker, not one worker per cooldown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_limits_resume_within_the_cooldown_under_load() {
+    let upstream = TestUpstream::start("a").await;
+    let mut redis = TestRedis::start();
+    let toml = config(
+        &upstream.url(),
+        Some(&redis.url()),
+        "per_user = 10000000\nglobal = 10000000\nredis_timeout = \"50ms\"\nbreaker_cooldown = \"2s\"",
+        "",
+    )
+    .replace("workers = 2", "workers = 4");
+    let gateway = Gatehouse::start(&toml);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = gateway.addr;
+    let load: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                // Bounded: the test ends it, and it never runs past a minute.
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                    let _ = get(addr, "/", &[]).await;
+                }
+            })
+        })
+        .collect();
+    let fallbacks = "gatehouse_ratelimit_fallbacks_total{policy=\"local\"}";
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            gateway.metric("gatehouse_ratelimit_shared").await == Some(1.0)
+        })
+        .await
+    );
+
+    redis.kill();
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            gateway.metric(fallbacks).await.unwrap_or(0.0) > 100.0
+        })
+        .await,
+        "decisions fall back while Redis is gone"
+    );
+    // The outage itself: long enough for several breaker cycles.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    redis.restart();
+    let back = Instant::now();
+
+    // Resumed: no decision falls back for half a second while the load goes on.
+    let mut resumed = None;
+    while back.elapsed() < Duration::from_secs(15) {
+        let before = gateway.metric(fallbacks).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if gateway.metric(fallbacks).await.unwrap() == before {
+            resumed = Some(back.elapsed() - Duration::from_millis(500));
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let resumed = resumed.expect("shared limits resumed within 15 s");
+    assert!(
+        resumed <= Duration::from_secs(3),
+        "shared limits resumed {resumed:?} after Redis answered; the cooldown is 2 s"
+    );
+    let key = format!("{}:rl:{{global}}:global", key_prefix(&toml));
+    let counted: u64 = redis.cli(&["HGET", &key, "c"]).trim().parse().unwrap();
+    assert!(counted > 100, "Redis counts again: {counted}");
+}
