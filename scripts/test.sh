@@ -43,6 +43,10 @@ cargo build --locked --release
 ./target/release/gatehouse check-config config/*.toml
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+set +e
 cargo test --locked 2>&1 | tee "$log"
-# One closing line for the whole run.
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run, also when a test failed.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

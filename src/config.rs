@@ -120,6 +120,7 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<IpNet>,
     pub real_ip_header: crate::net::RealIpHeader,
     pub drain_timeout: Duration,
+    /// `Some(interval)`: also reload when the file changes (`watch_config`);
     /// `None`: reload on SIGHUP only.
     pub config_watch_interval: Option<Duration>,
 }
@@ -291,15 +292,21 @@ impl Config {
                 .split("__"),
         );
         figment = merge_seed_scalars(figment, env)?;
-        let mut raw: RawGateway = figment.extract().map_err(|e| from_figment(e, source))?;
+        let (raw, extracted) = extract_all::<RawGateway>(&figment, source);
+        let Some(mut raw) = raw else {
+            return Err(ConfigError {
+                problems: extracted,
+            });
+        };
         apply_seed_structured(&mut raw, env)?;
         apply_overrides(&mut raw, overrides);
-        Config::try_from(&raw).map_err(|problems| ConfigError {
-            problems: problems
+        let validated = Config::try_from(&raw).map_err(|problems| {
+            problems
                 .into_iter()
                 .map(|(key, message)| locate(source, key, message))
-                .collect(),
-        })
+                .collect()
+        });
+        all_problems(extracted, validated)
     }
 }
 
@@ -437,48 +444,153 @@ fn split_key(key: &str) -> Vec<String> {
         .collect()
 }
 
-fn from_figment(error: figment::Error, source: Option<&SourceFile>) -> ConfigError {
-    let problems = error
-        .into_iter()
-        .map(|e| {
-            let mut path = e.path.clone();
-            let message = match &e.kind {
-                figment::error::Kind::UnknownField(field, expected) => {
-                    // figment includes the field in the path on some versions only.
-                    if path.last() != Some(field) {
-                        path.push(field.clone());
-                    }
-                    format!("unknown key (expected one of: {})", expected.join(", "))
+/// The key an extraction error is about, the unknown field included.
+fn error_path(e: &figment::Error) -> Vec<String> {
+    let mut path = e.path.clone();
+    if let figment::error::Kind::UnknownField(field, _) = &e.kind {
+        // figment includes the field in the path on some versions only.
+        if path.last() != Some(field) {
+            path.push(field.clone());
+        }
+    }
+    path
+}
+
+/// Deserialize the merged sources into `T`, reporting every key that does
+/// not fit, not only the first (serde stops at the first): a key that fails
+/// is reported, taken out, and the rest tried again. Returns what remains
+/// (so that its values can be validated too) and the problems.
+fn extract_all<T: serde::de::DeserializeOwned>(
+    figment: &Figment,
+    source: Option<&SourceFile>,
+) -> (Option<T>, Vec<ConfigProblem>) {
+    let mut errors = match figment.extract::<T>() {
+        Ok(raw) => return (Some(raw), Vec::new()),
+        Err(errors) => errors,
+    };
+    let Ok(mut value) = figment.extract::<figment::value::Value>() else {
+        return (None, from_figment(errors, source).problems);
+    };
+    let mut problems = Vec::new();
+    // Each round removes at least one key; a file has far fewer than this.
+    for _ in 0..256 {
+        let found: Vec<figment::Error> = errors
+            .into_iter()
+            .map(|mut e| {
+                // Later rounds read a merged copy: ask the real sources
+                // whether the key came from the environment.
+                if let Some(meta) = figment.find_metadata(&e.path.join(".")) {
+                    e.metadata = Some(meta.clone());
                 }
-                kind => kind.to_string(),
-            };
-            let from_env = e
-                .metadata
-                .as_ref()
-                .is_some_and(|m| m.name.contains("environment"));
-            if from_env {
-                let var = e
-                    .metadata
-                    .as_ref()
-                    .map(|m| m.interpolate(&figment::Profile::Default, &path))
-                    .unwrap_or_default();
-                ConfigProblem {
-                    origin: format!("environment variable {}", var.to_uppercase()),
-                    line: None,
-                    key: dotted(&path),
-                    message,
-                }
-            } else {
-                ConfigProblem {
-                    origin: source.map_or_else(|| "configuration".into(), |s| s.name.clone()),
-                    line: source.and_then(|s| s.line_of(&path)),
-                    key: dotted(&path),
-                    message,
+                e
+            })
+            .collect();
+        let mut removed = false;
+        for e in &found {
+            removed |= remove_key(&mut value, &error_path(e));
+        }
+        problems.extend(found.into_iter().map(|e| problem_of(e, source)));
+        if !removed {
+            break;
+        }
+        match Figment::from(Serialized::defaults(&value)).extract::<T>() {
+            Ok(rest) => return (Some(rest), problems),
+            Err(next) => errors = next,
+        }
+    }
+    (None, problems)
+}
+
+/// Validation problems after extraction problems, all located; the value
+/// only when there are none.
+fn all_problems<T>(
+    extracted: Vec<ConfigProblem>,
+    validated: Result<T, Vec<ConfigProblem>>,
+) -> Result<T, ConfigError> {
+    match validated {
+        Ok(config) if extracted.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigError {
+            problems: extracted,
+        }),
+        Err(more) => Err(ConfigError {
+            problems: extracted.into_iter().chain(more).collect(),
+        }),
+    }
+}
+
+/// Take `path` out of a merged configuration value; whether it was there.
+fn remove_key(value: &mut figment::value::Value, path: &[String]) -> bool {
+    use figment::value::Value;
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for segment in parents {
+        node = match node {
+            Value::Dict(_, dict) => match dict.get_mut(segment) {
+                Some(next) => next,
+                None => return false,
+            },
+            Value::Array(_, items) => {
+                match segment.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(next) => next,
+                    None => return false,
                 }
             }
-        })
-        .collect();
-    ConfigError { problems }
+            _ => return false,
+        };
+    }
+    match node {
+        Value::Dict(_, dict) => dict.remove(last).is_some(),
+        Value::Array(_, items) => match last.parse::<usize>() {
+            Ok(i) if i < items.len() => {
+                items.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn from_figment(error: figment::Error, source: Option<&SourceFile>) -> ConfigError {
+    ConfigError {
+        problems: error.into_iter().map(|e| problem_of(e, source)).collect(),
+    }
+}
+
+fn problem_of(e: figment::Error, source: Option<&SourceFile>) -> ConfigProblem {
+    let path = error_path(&e);
+    let message = match &e.kind {
+        figment::error::Kind::UnknownField(_, expected) => {
+            format!("unknown key (expected one of: {})", expected.join(", "))
+        }
+        kind => kind.to_string(),
+    };
+    let from_env = e
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.name.contains("environment"));
+    if from_env {
+        let var = e
+            .metadata
+            .as_ref()
+            .map(|m| m.interpolate(&figment::Profile::Default, &path))
+            .unwrap_or_default();
+        ConfigProblem {
+            origin: format!("environment variable {}", var.to_uppercase()),
+            line: None,
+            key: dotted(&path),
+            message,
+        }
+    } else {
+        ConfigProblem {
+            origin: source.map_or_else(|| "configuration".into(), |s| s.name.clone()),
+            line: source.and_then(|s| s.line_of(&path)),
+            key: dotted(&path),
+            message,
+        }
+    }
 }
 
 fn env_number(env: &dyn EnvSource, name: &str) -> Result<Option<u64>, ConfigError> {
@@ -694,6 +806,13 @@ impl TryFrom<&RawGateway> for Config {
             &mut problems,
         );
         positive("server.drain_timeout", s.drain_timeout, &mut problems);
+        if s.watch_config {
+            positive(
+                "server.config_watch_interval",
+                s.config_watch_interval,
+                &mut problems,
+            );
+        }
         if s.max_connections == 0 {
             problems.push((
                 "server.max_connections".into(),
@@ -852,8 +971,7 @@ impl TryFrom<&RawGateway> for Config {
                 trusted_proxies,
                 real_ip_header,
                 drain_timeout: s.drain_timeout,
-                config_watch_interval: (!s.config_watch_interval.is_zero())
-                    .then_some(s.config_watch_interval),
+                config_watch_interval: s.watch_config.then_some(s.config_watch_interval),
             },
             admin_listen,
             upstream: UpstreamConfig {

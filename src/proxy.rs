@@ -144,6 +144,10 @@ pub enum StartError {
          CAP_NET_BIND_SERVICE; pass --listen 127.0.0.1:8080 to use another port"
     )]
     PrivilegedPort { addr: SocketAddr, source: io::Error },
+    #[error(
+        "cannot listen on {addr}: address in use; another process (another gatehouse?) listens there"
+    )]
+    AddressInUse { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
     #[error("metrics registry: {0}")]
@@ -155,6 +159,8 @@ pub enum StartError {
 fn listen_error(addr: SocketAddr, source: io::Error) -> StartError {
     if source.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
         StartError::PrivilegedPort { addr, source }
+    } else if source.kind() == io::ErrorKind::AddrInUse {
+        StartError::AddressInUse { addr }
     } else {
         StartError::Listen { addr, source }
     }

@@ -34,7 +34,7 @@ fn config(servers: &[String], server: &str, upstream: &str, health: &str) -> Str
         .map(|url| format!("[[upstream.servers]]\nurl = \"{url}\"\n"))
         .collect();
     format!(
-        "[server]\nworkers = 2\nconfig_watch_interval = \"0s\"\n{server}\n\n[upstream]\n{upstream}\n\n\
+        "[server]\nworkers = 2\n{server}\n\n[upstream]\n{upstream}\n\n\
          [upstream.health_check]\n{health}\n\n{servers}\n[log]\naccess_log = true\n"
     )
 }
@@ -566,6 +566,38 @@ async fn reload_swaps_a_valid_config_and_keeps_the_old_one_on_error() {
     );
 }
 
+/// An edited file is reloaded on SIGHUP, as with nginx; watching the file
+/// is opt-in (`watch_config`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_watch_config_reloads_an_edited_file_without_a_signal() {
+    let a = TestUpstream::start("a").await;
+    let b = TestUpstream::start("b").await;
+    let watch = "watch_config = true\nconfig_watch_interval = \"200ms\"";
+    let quiet = Gatehouse::start(&simple(&[a.url()]));
+    let watching = Gatehouse::start(&config(&[a.url()], watch, "", ""));
+    quiet.rewrite_config(&simple(&[b.url()]));
+    watching.rewrite_config(&config(&[b.url()], watch, "", ""));
+    let ok = "gatehouse_config_reloads_total{result=\"ok\"}";
+    assert!(watching.metric_reaches(ok, 1.0).await);
+    let started = Instant::now();
+    // Several watch intervals later, the gateway without watch_config still
+    // runs its old configuration.
+    while started.elapsed() < Duration::from_secs(1) {
+        assert_eq!(
+            json(&get(quiet.addr, "/", &[]).await.unwrap().2)["upstream"],
+            "a"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(quiet.metric(ok).await, Some(0.0));
+    quiet.signal("HUP");
+    assert!(quiet.metric_reaches(ok, 1.0).await);
+    assert_eq!(
+        json(&get(quiet.addr, "/", &[]).await.unwrap().2)["upstream"],
+        "b"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_has_one_line_per_request() {
     let upstream = TestUpstream::start("a").await;
@@ -937,4 +969,28 @@ async fn repeated_cookie_fields_reach_django_as_one() {
     .await
     .unwrap();
     assert_eq!(json(&body)["member_id"], 4, "and over HTTP/1.1");
+}
+
+/// `SO_REUSEPORT` let a second gateway bind the same address and take half
+/// the traffic; it must refuse to start, as nginx does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_a_used_address_refuses_to_start() {
+    let upstream = TestUpstream::start("a").await;
+    let first = Gatehouse::start(&simple(&[upstream.url()]));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["proxy", "--config"])
+        .arg(&first.config_path)
+        .args(["--listen", &first.addr.to_string()])
+        .args(["--admin-listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("address in use"), "{stderr}");
+    // The first keeps all the traffic.
+    for _ in 0..20 {
+        assert_eq!(get(first.addr, "/", &[]).await.unwrap().0, StatusCode::OK);
+    }
+    assert_eq!(upstream.hits(), 20);
 }

@@ -44,7 +44,7 @@ fn config(upstream: &str, redis: Option<&str>, limits: &str, rest: &str) -> Stri
         "routes = []\n"
     };
     format!(
-        "{routes}[server]\nworkers = 2\nconfig_watch_interval = \"1s\"\n\n[upstream.health_check]\nenabled = false\n\n\
+        "{routes}[server]\nworkers = 2\nwatch_config = true\nconfig_watch_interval = \"1s\"\n\n[upstream.health_check]\nenabled = false\n\n\
          [[upstream.servers]]\nurl = \"{upstream}\"\n\n{redis}\n\
          [identity.jwt]\nenabled = true\nsecret = \"{SECRET}\"\n\n\
          [ratelimit]\nkey_prefix = \"{}\"\n{limits}\n\n{rest}\n",

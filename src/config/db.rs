@@ -14,7 +14,8 @@ use serde::Deserialize;
 
 use super::units::ByteSize;
 use super::{
-    ConfigError, EnvSource, LogConfig, Problems, SourceFile, from_figment, locate, socket_addr,
+    ConfigError, EnvSource, LogConfig, Problems, SourceFile, all_problems, extract_all, locate,
+    socket_addr,
 };
 use crate::db::auth::ScramVerifier;
 
@@ -298,17 +299,21 @@ impl DbConfig {
                 .filter(|key| key.as_str().contains("__"))
                 .split("__"),
         );
-        let mut raw: RawDb = figment
-            .extract()
-            .map_err(|e| from_figment(e, source.as_ref()))?;
+        let (raw, extracted) = extract_all::<RawDb>(&figment, source.as_ref());
+        let Some(mut raw) = raw else {
+            return Err(ConfigError {
+                problems: extracted,
+            });
+        };
         apply_seed(&mut raw, env)?;
         apply_overrides(&mut raw, overrides);
-        validate(&raw).map_err(|problems| ConfigError {
-            problems: problems
+        let validated = validate(&raw).map_err(|problems| {
+            problems
                 .into_iter()
                 .map(|(key, message)| locate(source.as_ref(), key, message))
-                .collect(),
-        })
+                .collect()
+        });
+        all_problems(extracted, validated)
     }
 }
 

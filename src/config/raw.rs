@@ -83,7 +83,9 @@ pub struct RawServer {
     pub real_ip_header: String,
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// How often to look for a changed config file; 0 turns it off.
+    /// Reload when the config file changes on disk (opt-in; SIGHUP always works).
+    pub watch_config: bool,
+    /// How often `watch_config` looks at the file.
     #[serde(with = "humantime_serde")]
     pub config_watch_interval: Duration,
 }
@@ -104,6 +106,7 @@ impl Default for RawServer {
             trusted_proxies: Vec::new(),
             real_ip_header: "x-forwarded-for".into(),
             drain_timeout: Duration::from_secs(30),
+            watch_config: false,
             config_watch_interval: Duration::from_secs(2),
         }
     }

@@ -288,3 +288,25 @@ fn real_ip_header_is_one_of_two() {
     let err = load("[server]\nreal_ip_header = \"x-real-ip\"\n").expect_err("unsupported");
     assert_eq!(err.problems[0].key, "server.real_ip_header");
 }
+
+#[test]
+fn an_unknown_key_does_not_hide_the_other_problems() {
+    let err = load(
+        "[server]\nlisten = \"127.0.0.1:8080\"\nlisten_backlog = 5\n\n[upstream]\nretries = \"many\"\n\
+         conect_timeout = \"1s\"\n\n[ratelimit]\nglobal = 0\n",
+    )
+    .expect_err("four problems");
+    let found: Vec<(&str, Option<usize>)> = err
+        .problems
+        .iter()
+        .map(|p| (p.key.as_str(), p.line))
+        .collect();
+    for expected in [
+        ("server.listen_backlog", Some(3)),
+        ("upstream.retries", Some(6)),
+        ("upstream.conect_timeout", Some(7)),
+        ("ratelimit.global", Some(10)),
+    ] {
+        assert!(found.contains(&expected), "{expected:?} in {found:?}");
+    }
+}

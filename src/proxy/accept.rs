@@ -29,7 +29,17 @@ use framing::{FramingGuard, FramingVerdicts};
 
 /// Bind `count` listeners on one address with `SO_REUSEPORT`, so that each
 /// worker accepts on its own socket. Port 0 is resolved by the first bind.
+///
+/// `SO_REUSEPORT` would also let a second gatehouse (same user) bind the
+/// same address and silently take half the traffic. A plain bind first
+/// fails with "address in use" while anything listens there, as nginx does.
 pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        // Sockets in TIME_WAIT from an earlier run do not count.
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
     let mut listeners = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {
