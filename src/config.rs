@@ -117,6 +117,8 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub max_body_size: u64,
     pub http2: bool,
+    pub http2_idle_timeout: Duration,
+    pub http2_max_concurrent_streams: u32,
     pub trusted_proxies: Vec<IpNet>,
     pub real_ip_header: crate::net::RealIpHeader,
     pub drain_timeout: Duration,
@@ -806,6 +808,17 @@ impl TryFrom<&RawGateway> for Config {
             &mut problems,
         );
         positive("server.drain_timeout", s.drain_timeout, &mut problems);
+        positive(
+            "server.http2_idle_timeout",
+            s.http2_idle_timeout,
+            &mut problems,
+        );
+        if s.http2_max_concurrent_streams == 0 {
+            problems.push((
+                "server.http2_max_concurrent_streams".into(),
+                "must be at least 1".into(),
+            ));
+        }
         if s.watch_config {
             positive(
                 "server.config_watch_interval",
@@ -968,6 +981,8 @@ impl TryFrom<&RawGateway> for Config {
                 max_headers: s.max_headers,
                 max_body_size: s.max_body_size.0,
                 http2: s.http2,
+                http2_idle_timeout: s.http2_idle_timeout,
+                http2_max_concurrent_streams: s.http2_max_concurrent_streams,
                 trusted_proxies,
                 real_ip_header,
                 drain_timeout: s.drain_timeout,

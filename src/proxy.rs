@@ -128,6 +128,9 @@ pub struct Shared {
     pub metrics: Metrics,
     pub workers: usize,
     pub limit_stores: LimitStores,
+    /// Client connections, all workers together (`server.max_connections`,
+    /// within the open-file limit). Fixed at start.
+    pub connection_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where the running configuration came from, to load it again on SIGHUP.
@@ -178,12 +181,14 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
     };
     let upstreams = Arc::new(UpstreamSet::new(&config.upstream, workers, &metrics));
     let limit_stores = LimitStores::new();
+    let cap = accept::connection_cap(config.server.max_connections);
     let live = Live::new(config, upstreams, &limit_stores, &metrics);
     let shared = Arc::new(Shared {
         live: ArcSwap::from_pointee(live),
         metrics,
         workers,
         limit_stores,
+        connection_permits: Arc::new(tokio::sync::Semaphore::new(cap)),
     });
     if let Some(first) = listeners.first() {
         if let Ok(addr) = first.local_addr() {

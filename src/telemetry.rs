@@ -44,6 +44,7 @@ pub struct Metrics {
     pub upstream_retries: IntCounter,
     pub active_connections: IntGauge,
     pub connections: IntCounter,
+    pub connections_closed: IntCounterVec,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
     pub errors: IntCounterVec,
@@ -117,6 +118,13 @@ impl Metrics {
                 "http_connections_total",
                 "Client connections accepted.",
             ))?,
+            connections_closed: IntCounterVec::new(
+                opts(
+                    "http_connections_closed_total",
+                    "Client connections the gateway closed on a deadline, by reason.",
+                ),
+                &["reason"],
+            )?,
             bytes_received: IntCounter::with_opts(opts(
                 "http_request_body_bytes_total",
                 "Request body bytes received from clients.",
@@ -180,6 +188,8 @@ impl Metrics {
         m.registry
             .register(Box::new(m.active_connections.clone()))?;
         m.registry.register(Box::new(m.connections.clone()))?;
+        m.registry
+            .register(Box::new(m.connections_closed.clone()))?;
         m.registry.register(Box::new(m.bytes_received.clone()))?;
         m.registry.register(Box::new(m.bytes_sent.clone()))?;
         m.registry.register(Box::new(m.errors.clone()))?;

@@ -994,3 +994,121 @@ async fn a_second_gateway_on_a_used_address_refuses_to_start() {
     }
     assert_eq!(upstream.hits(), 20);
 }
+
+/// Read until the server closes; how long that took, or `None` within `limit`.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    stream.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(started.elapsed());
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+/// An HTTP/2 frame: 9-byte header and payload, on stream `stream`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len();
+    let mut out = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Every read phase has a deadline: the protocol sniff, an HTTP/2 header
+/// block, and an idle HTTP/2 connection. A request in flight is not idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_partial_and_idle_connections_are_closed() {
+    let (_upstream, gateway) = gateway_with(
+        "a",
+        "header_read_timeout = \"1s\"\nhttp2_idle_timeout = \"1s\"",
+        "",
+    )
+    .await;
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let settings = h2_frame(0x4, 0, 0, &[]);
+    let mut idle = preface.clone();
+    idle.extend_from_slice(&settings);
+    let mut open_headers = idle.clone();
+    // HEADERS without END_HEADERS (flags: END_STREAM only); `:method GET`
+    // is the static-table index 2.
+    open_headers.extend_from_slice(&h2_frame(0x1, 0x1, 1, &[0x82]));
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("silent", Vec::new()),
+        ("partial preface", b"PRI * HT".to_vec()),
+        ("idle HTTP/2", idle),
+        ("HEADERS without END_HEADERS", open_headers),
+    ];
+    let opened = Instant::now();
+    let mut streams: Vec<(&str, TcpStream)> = cases
+        .into_iter()
+        .map(|(name, bytes)| {
+            let mut stream = TcpStream::connect(gateway.addr).unwrap();
+            stream.write_all(&bytes).unwrap();
+            (name, stream)
+        })
+        .collect();
+    for (name, stream) in &mut streams {
+        closed_within(stream, Duration::from_secs(6))
+            .unwrap_or_else(|| panic!("{name}: still open 6 s later"));
+        let took = opened.elapsed();
+        assert!(
+            took >= Duration::from_millis(900),
+            "{name}: closed after {took:?}, before its deadline"
+        );
+    }
+    let closed =
+        |reason: &str| format!("gatehouse_http_connections_closed_total{{reason=\"{reason}\"}}");
+    assert_eq!(gateway.metric(&closed("sniff_timeout")).await, Some(2.0));
+    assert_eq!(gateway.metric(&closed("idle_timeout")).await, Some(1.0));
+    assert_eq!(gateway.metric(&closed("header_timeout")).await, Some(1.0));
+
+    // A request that takes longer than the idle timeout is not idle.
+    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get(format!("http://{}/delay/2500", gateway.addr))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+/// With an open-file limit of 256, 300 sockets that never send anything
+/// used to lock every real client out. The connection cap stays inside the
+/// limit, the silent sockets are closed at the sniff deadline, and a real
+/// client waiting behind them is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_cannot_lock_real_clients_out() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start_with_open_files(
+        &config(&[upstream.url()], "header_read_timeout = \"1s\"", "", ""),
+        Some(256),
+    );
+    let silent: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(gateway.addr).unwrap())
+        .collect();
+    let started = Instant::now();
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(15), get(gateway.addr, "/", &[]))
+        .await
+        .expect("a real client is served within 15 s")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let log = gateway.log();
+    assert!(log.contains("capping"), "the cap is logged:\n{log}");
+    assert!(
+        log.matches("accept failed").count() < 10,
+        "accept errors back off:\n{log}"
+    );
+    drop(silent);
+}

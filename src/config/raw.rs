@@ -77,6 +77,12 @@ pub struct RawServer {
     pub max_headers: usize,
     pub max_body_size: ByteSize,
     pub http2: bool,
+    /// An HTTP/2 connection with no request in flight and no bytes moving
+    /// is closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub http2_idle_timeout: Duration,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
     pub trusted_proxies: Vec<String>,
     /// Where trusted proxies put the client chain: "x-forwarded-for" or
     /// "forwarded" (RFC 7239).
@@ -103,6 +109,8 @@ impl Default for RawServer {
             max_headers: 100,
             max_body_size: ByteSize(10 * 1024 * 1024),
             http2: true,
+            http2_idle_timeout: Duration::from_secs(60),
+            http2_max_concurrent_streams: 128,
             trusted_proxies: Vec::new(),
             real_ip_header: "x-forwarded-for".into(),
             drain_timeout: Duration::from_secs(30),

@@ -3,6 +3,7 @@
 //! limits, HTTP/1.1 and h2c, the framing guard against request smuggling,
 //! and the bounded drain on shutdown.
 
+pub mod deadline;
 pub mod framing;
 
 use std::convert::Infallible;
@@ -17,14 +18,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
 use super::Shared;
 use super::body::ProxyBody;
 use super::request;
 use crate::config::ServerConfig;
+use deadline::{Activity, Protocol, Watched};
 use framing::{FramingGuard, FramingVerdicts};
 
 /// Bind `count` listeners on one address with `SO_REUSEPORT`, so that each
@@ -35,7 +37,11 @@ use framing::{FramingGuard, FramingVerdicts};
 /// fails with "address in use" while anything listens there, as nginx does.
 pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
     if addr.port() != 0 {
-        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        let probe = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
         // Sockets in TIME_WAIT from an earlier run do not count.
         probe.set_reuse_address(true)?;
         probe.bind(&addr.into())?;
@@ -43,7 +49,11 @@ pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListe
     let mut listeners = Vec::with_capacity(count);
     let mut addr = addr;
     for _ in 0..count.max(1) {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_tcp_nodelay(true)?;
@@ -57,11 +67,12 @@ pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListe
     Ok(listeners)
 }
 
-fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+fn connection_builder(server: &ServerConfig, protocol: Protocol) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    if !server.http2 {
-        builder = builder.http1_only();
-    }
+    builder = match protocol {
+        Protocol::Http1 => builder.http1_only(),
+        Protocol::Http2 => builder.http2_only(),
+    };
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -72,8 +83,41 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(server.max_header_size).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(server.max_header_size).unwrap_or(u32::MAX))
+        // No keep-alive pings: the answers would keep an idle connection
+        // busy for ever; `http2_idle_timeout` closes dead and idle peers alike.
+        .max_concurrent_streams(server.http2_max_concurrent_streams);
     builder
+}
+
+/// The open-file limit, raised to its hard limit (nginx's
+/// `worker_rlimit_nofile`), and how many client connections it leaves room
+/// for: a quarter stays for Gunicorn, Redis and files.
+pub fn connection_cap(max_connections: usize) -> usize {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if let (Some(current), Some(hard)) = (limit.current, limit.maximum) {
+        if current < hard {
+            limit.current = Some(hard);
+            if setrlimit(Resource::Nofile, limit).is_err() {
+                limit.current = Some(current);
+            }
+        }
+    }
+    let files = limit
+        .current
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(usize::MAX);
+    let room = files / 4 * 3;
+    if max_connections > room {
+        tracing::warn!(
+            max_connections,
+            open_file_limit = files,
+            cap = room,
+            "server.max_connections is more than the open-file limit allows; capping"
+        );
+    }
+    max_connections.min(room).max(1)
 }
 
 /// Accept and serve connections until `shutdown` flips, then drain.
@@ -85,8 +129,8 @@ pub async fn serve(
 ) -> io::Result<()> {
     let listener = TcpListener::from_std(listener)?;
     let graceful = GracefulShutdown::new();
-    let limit = shared.live.load().config.server.max_connections;
-    let permits = Arc::new(Semaphore::new(limit));
+    let permits = Arc::clone(&shared.connection_permits);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => permit,
@@ -97,40 +141,21 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
             _ = shutdown.changed() => break,
         };
+        backoff.succeeded();
         let _ = stream.set_nodelay(true);
-        let live = shared.live.load();
-        let verdicts = FramingVerdicts::new();
-        let io = TokioIo::new(FramingGuard::new(
-            stream,
-            live.config.server.max_header_size,
-            Arc::clone(&verdicts),
-        ));
-        let service = ConnectionService {
-            shared: Arc::clone(&shared),
-            worker,
-            peer,
-            verdicts,
-        };
-        let connection = connection_builder(&live.config.server)
-            .serve_connection(io, service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let metrics = Arc::clone(&shared);
-        metrics.metrics.connections.inc();
-        metrics.metrics.active_connections.inc();
+        let shared = Arc::clone(&shared);
+        let watcher = graceful.watcher();
+        shared.metrics.connections.inc();
+        shared.metrics.active_connections.inc();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %peer, "client connection ended with an error");
-            }
-            metrics.metrics.active_connections.dec();
+            serve_connection(stream, peer, worker, &shared, watcher).await;
+            shared.metrics.active_connections.dec();
             drop(permit);
         });
     }
@@ -154,6 +179,107 @@ pub async fn serve(
     Ok(())
 }
 
+/// One client connection: sniff the protocol within the header deadline,
+/// then serve it; an HTTP/2 connection has a watchdog for its header blocks
+/// and idleness.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    worker: usize,
+    shared: &Arc<Shared>,
+    watcher: hyper_util::server::graceful::Watcher,
+) {
+    let live = shared.live.load_full();
+    let server = &live.config.server;
+    let Some(protocol) = deadline::sniff(&stream, server.header_read_timeout, server.http2).await
+    else {
+        shared
+            .metrics
+            .connections_closed
+            .with_label_values(&["sniff_timeout"])
+            .inc();
+        return;
+    };
+    let verdicts = FramingVerdicts::new();
+    let activity = Activity::new();
+    let io = TokioIo::new(Watched::new(
+        FramingGuard::new(stream, server.max_header_size, Arc::clone(&verdicts)),
+        Arc::clone(&activity),
+        protocol,
+    ));
+    let service = ConnectionService {
+        shared: Arc::clone(shared),
+        worker,
+        peer,
+        verdicts,
+        activity: (protocol == Protocol::Http2).then(|| Arc::clone(&activity)),
+    };
+    let connection = connection_builder(server, protocol)
+        .serve_connection(io, service)
+        .into_owned();
+    let connection = watcher.watch(connection);
+    if protocol == Protocol::Http1 {
+        // hyper keeps the head deadline and the keep-alive idle time itself.
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, %peer, "client connection ended with an error");
+        }
+        return;
+    }
+    let (header_timeout, idle_timeout) = (server.header_read_timeout, server.http2_idle_timeout);
+    drop(live);
+    tokio::pin!(connection);
+    let period = (header_timeout.min(idle_timeout) / 4).max(std::time::Duration::from_millis(50));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            ended = &mut connection => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, %peer, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = tick.tick() => {
+                if let Some(reason) = activity.overstayed(header_timeout, idle_timeout) {
+                    tracing::debug!(%peer, reason, "closing an HTTP/2 connection");
+                    shared.metrics.connections_closed.with_label_values(&[reason]).inc();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Accept errors (EMFILE, ENFILE, ENOBUFS) back off, doubling to a second,
+/// and are logged once per second with a count rather than once each.
+#[derive(Default)]
+struct AcceptBackoff {
+    delay: std::time::Duration,
+    failures: u64,
+    logged: Option<std::time::Instant>,
+}
+
+impl AcceptBackoff {
+    async fn failed(&mut self, error: &io::Error) {
+        self.failures += 1;
+        let due = self
+            .logged
+            .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1));
+        if due {
+            tracing::warn!(error = %error, failures = self.failures, "accept failed; backing off");
+            self.logged = Some(std::time::Instant::now());
+            self.failures = 0;
+        }
+        self.delay = (self.delay * 2)
+            .max(std::time::Duration::from_millis(10))
+            .min(std::time::Duration::from_secs(1));
+        tokio::time::sleep(self.delay).await;
+    }
+
+    fn succeeded(&mut self) {
+        self.delay = std::time::Duration::ZERO;
+    }
+}
+
 /// The per-connection service: hands each request to the request path.
 #[derive(Clone)]
 struct ConnectionService {
@@ -161,6 +287,8 @@ struct ConnectionService {
     worker: usize,
     peer: SocketAddr,
     verdicts: Arc<FramingVerdicts>,
+    /// HTTP/2 only: requests in flight keep the connection from idling out.
+    activity: Option<Arc<Activity>>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionService {
@@ -176,6 +304,11 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             self.peer,
             ambiguous_framing,
         );
-        Box::pin(async move { Ok(exchange.handle(req).await) })
+        let in_flight = self.activity.as_ref().map(|a| a.request());
+        Box::pin(async move {
+            let response = exchange.handle(req).await;
+            drop(in_flight);
+            Ok(response)
+        })
     }
 }

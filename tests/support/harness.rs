@@ -50,10 +50,24 @@ pub struct Gatehouse {
 impl Gatehouse {
     /// Start with `config` (TOML) on ephemeral ports for both listeners.
     pub fn start(config: &str) -> Gatehouse {
+        Self::start_with_open_files(config, None)
+    }
+
+    /// Start with the open-file limit (soft and hard) set to `open_files`.
+    pub fn start_with_open_files(config: &str, open_files: Option<u32>) -> Gatehouse {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        let mut command = match open_files {
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &n.to_string()])
+                    .arg(env!("CARGO_BIN_EXE_gatehouse"));
+                sh
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_gatehouse")),
+        };
+        let mut child = command
             .args(["proxy", "--config"])
             .arg(&config_path)
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
