@@ -211,6 +211,7 @@ pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
+    pub access_log_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1041,6 +1042,7 @@ fn log_config(raw: &raw::RawLog, problems: &mut Problems) -> LogConfig {
         level: raw.level.clone(),
         format,
         access_log: raw.access_log,
+        access_log_path: raw.access_log_path.clone(),
     }
 }
 

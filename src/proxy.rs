@@ -8,6 +8,7 @@ pub mod body;
 pub mod error;
 pub mod headers;
 pub mod identify;
+pub mod log;
 pub mod request;
 pub mod route;
 pub mod upstream;
@@ -128,6 +129,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub workers: usize,
     pub limit_stores: LimitStores,
+    pub access_log: log::AccessLog,
     /// Client connections, all workers together (`server.max_connections`,
     /// within the open-file limit). Fixed at start.
     pub connection_permits: Arc<tokio::sync::Semaphore>,
@@ -153,6 +155,8 @@ pub enum StartError {
     AddressInUse { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot open the access log {}: {source}", path.display())]
+    AccessLog { path: PathBuf, source: io::Error },
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("starting a runtime: {0}")]
@@ -182,12 +186,21 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
     let upstreams = Arc::new(UpstreamSet::new(&config.upstream, workers, &metrics));
     let limit_stores = LimitStores::new();
     let cap = accept::connection_cap(config.server.max_connections);
+    let access_log = log::AccessLog::start(
+        config.log.access_log_path.clone(),
+        metrics.access_log_dropped.clone(),
+    )
+    .map_err(|source| StartError::AccessLog {
+        path: config.log.access_log_path.clone().unwrap_or_default(),
+        source,
+    })?;
     let live = Live::new(config, upstreams, &limit_stores, &metrics);
     let shared = Arc::new(Shared {
         live: ArcSwap::from_pointee(live),
         metrics,
         workers,
         limit_stores,
+        access_log,
         connection_permits: Arc::new(tokio::sync::Semaphore::new(cap)),
     });
     if let Some(first) = listeners.first() {
@@ -245,6 +258,7 @@ async fn signals(
     let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Runtime)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
+    let mut reopen = signal(SignalKind::user_defined1()).map_err(StartError::Runtime)?;
     let mut seen = fingerprint(source);
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut last_check = tokio::time::Instant::now();
@@ -268,6 +282,10 @@ async fn signals(
                     tracing::info!("configuration file changed");
                     reload(shared, source);
                 }
+            }
+            _ = reopen.recv() => {
+                tracing::info!("SIGUSR1: reopening the access log");
+                shared.access_log.reopen(None);
             }
             _ = terminate.recv() => {
                 let drain = shared.live.load().config.server.drain_timeout;
@@ -299,6 +317,9 @@ pub fn reload(shared: &Shared, source: &ConfigSource) {
         return;
     };
     let old = shared.live.load_full();
+    if config.log.access_log_path != old.config.log.access_log_path {
+        shared.access_log.reopen(config.log.access_log_path.clone());
+    }
     if config.server.listen != old.config.server.listen
         || config.server.workers != old.config.server.workers
         || config.admin_listen != old.config.admin_listen
@@ -312,7 +333,7 @@ pub fn reload(shared: &Shared, source: &ConfigSource) {
             let _ = shared
                 .metrics
                 .upstream_healthy
-                .remove_label_values(&[server.label.as_str()]);
+                .remove_label_values(&[&*server.label]);
         }
         Arc::new(UpstreamSet::new(
             &config.upstream,

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub active_connections: IntGauge,
     pub connections: IntCounter,
     pub connections_closed: IntCounterVec,
+    pub client_aborts: IntCounterVec,
+    pub access_log_dropped: IntCounter,
     pub bytes_received: IntCounter,
     pub bytes_sent: IntCounter,
     pub errors: IntCounterVec,
@@ -125,13 +127,24 @@ impl Metrics {
                 ),
                 &["reason"],
             )?,
+            client_aborts: IntCounterVec::new(
+                opts(
+                    "http_client_aborts_total",
+                    "Clients that went away before their response (logged as 499) or during it.",
+                ),
+                &["stage"],
+            )?,
+            access_log_dropped: IntCounter::with_opts(opts(
+                "access_log_dropped_lines_total",
+                "Access-log lines dropped because the writer could not keep up.",
+            ))?,
             bytes_received: IntCounter::with_opts(opts(
                 "http_request_body_bytes_total",
                 "Request body bytes received from clients.",
             ))?,
             bytes_sent: IntCounter::with_opts(opts(
                 "http_response_body_bytes_total",
-                "Response body bytes sent to clients (buffered responses counted whole).",
+                "Response body bytes sent to clients, as far as they were sent.",
             ))?,
             errors: IntCounterVec::new(
                 opts(
@@ -190,6 +203,9 @@ impl Metrics {
         m.registry.register(Box::new(m.connections.clone()))?;
         m.registry
             .register(Box::new(m.connections_closed.clone()))?;
+        m.registry.register(Box::new(m.client_aborts.clone()))?;
+        m.registry
+            .register(Box::new(m.access_log_dropped.clone()))?;
         m.registry.register(Box::new(m.bytes_received.clone()))?;
         m.registry.register(Box::new(m.bytes_sent.clone()))?;
         m.registry.register(Box::new(m.errors.clone()))?;

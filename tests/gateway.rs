@@ -1112,3 +1112,81 @@ async fn silent_sockets_cannot_lock_real_clients_out() {
     );
     drop(silent);
 }
+
+/// The access log in a file: logrotate moves it, SIGUSR1 reopens it, as with
+/// nginx. Each line carries the bytes really sent, streamed ones included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_file_is_reopened_on_sigusr1() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let upstream = TestUpstream::start("a").await;
+    let toml = config(
+        &[upstream.url()],
+        "",
+        "response_buffer_size = \"64KiB\"",
+        "",
+    )
+    .replace(
+        "[log]\n",
+        &format!("[log]\naccess_log_path = \"{}\"\n", path.display()),
+    );
+    let gateway = Gatehouse::start(&toml);
+    let (_, headers, body) = get(gateway.addr, "/bytes/3000000", &[]).await.unwrap();
+    assert_eq!(body.len(), 3_000_000);
+    let first = headers["x-request-id"].to_str().unwrap().to_string();
+    assert!(
+        eventually(Duration::from_secs(3), async || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .contains(&first)
+        })
+        .await
+    );
+    let line = std::fs::read_to_string(&path).unwrap();
+    assert!(line.contains("bytes=3000000"), "{line}");
+    assert!(
+        !gateway.log().contains(&first),
+        "the line went to the file only"
+    );
+
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    gateway.signal("USR1");
+    assert!(eventually(Duration::from_secs(3), async || path.exists()).await);
+    let (_, headers, _) = get(gateway.addr, "/after", &[]).await.unwrap();
+    let second = headers["x-request-id"].to_str().unwrap().to_string();
+    assert!(
+        eventually(Duration::from_secs(3), async || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .contains(&second)
+        })
+        .await
+    );
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains(&first) && !old.contains(&second));
+}
+
+/// A client that leaves before its response still reached the upstream and
+/// counted against the limits: it gets a line with 499 and a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_early_is_logged_as_499() {
+    let (upstream, gateway) = gateway_with("a", "", "").await;
+    let mut stream = TcpStream::connect(gateway.addr).unwrap();
+    stream
+        .write_all(b"GET /delay/1000?leaving=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), async || upstream.hits() == 1).await);
+    drop(stream);
+    let aborts = "gatehouse_http_client_aborts_total{stage=\"before_response\"}";
+    assert!(gateway.metric_reaches(aborts, 1.0).await);
+    assert!(
+        eventually(Duration::from_secs(3), async || gateway
+            .log()
+            .lines()
+            .any(|l| l.contains("leaving=1") && l.contains("status=499")))
+        .await,
+        "{}",
+        gateway.log()
+    );
+}

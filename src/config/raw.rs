@@ -217,6 +217,9 @@ pub struct RawLog {
     pub level: String,
     pub format: String,
     pub access_log: bool,
+    /// The access log's file (appended to; SIGUSR1 reopens it); unset:
+    /// standard error.
+    pub access_log_path: Option<std::path::PathBuf>,
 }
 
 impl Default for RawLog {
@@ -225,6 +228,7 @@ impl Default for RawLog {
             level: "info".into(),
             format: "text".into(),
             access_log: true,
+            access_log_path: None,
         }
     }
 }

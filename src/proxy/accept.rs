@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::Shared;
-use super::body::ProxyBody;
+use super::log::LoggedBody;
 use super::request;
 use crate::config::ServerConfig;
 use deadline::{Activity, Protocol, Watched};
@@ -131,6 +131,17 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     let permits = Arc::clone(&shared.connection_permits);
     let mut backoff = AcceptBackoff::default();
+    // This worker's access-log lines go to the writer at least this often.
+    let flusher = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(super::log::FLUSH_EVERY);
+            loop {
+                tick.tick().await;
+                shared.access_log.flush();
+            }
+        })
+    };
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => permit,
@@ -176,6 +187,8 @@ pub async fn serve(
         .metrics
         .drain_seconds
         .observe(started.elapsed().as_secs_f64());
+    flusher.abort();
+    shared.access_log.flush();
     Ok(())
 }
 
@@ -292,9 +305,9 @@ struct ConnectionService {
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionService {
-    type Response = Response<ProxyBody>;
+    type Response = Response<LoggedBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<LoggedBody>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let ambiguous_framing = self.verdicts.next_request_is_ambiguous();

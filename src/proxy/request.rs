@@ -22,6 +22,7 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::headers::{combine_cookies, set_forwarded, strip_hop_by_hop};
 use super::identify::{Caller, Peer, X_REQUEST_ID};
+use super::log::{AccessRecord, LoggedBody};
 use super::route::wsgi_path;
 use super::upstream::Forwarded;
 use super::{Live, Shared};
@@ -36,9 +37,12 @@ pub struct Exchange {
     ambiguous_framing: bool,
     started: Instant,
     caller: Option<Caller>,
+    /// Taken by the `log` phase; still here when the exchange is dropped
+    /// before it, which means the client went away.
+    request: Option<RequestLine>,
     /// The matched route's index in `live.routes`; `None`: no route matched.
     route: Option<usize>,
-    upstream: Option<String>,
+    upstream: Option<Arc<str>>,
     upstream_time: Option<Duration>,
     request_bytes: u64,
     /// The rate-limit rule reported on an allowed response.
@@ -61,6 +65,7 @@ impl Exchange {
             ambiguous_framing,
             started: Instant::now(),
             caller: None,
+            request: None,
             route: None,
             upstream: None,
             upstream_time: None,
@@ -69,14 +74,19 @@ impl Exchange {
         }
     }
 
-    /// Run the phases, turn an error into its problem response, and log.
-    pub async fn handle(mut self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let method = req.method().clone();
-        let target = req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
-        let version = req.version();
+    /// Run the phases, turn an error into its problem response, and hand
+    /// the response to the `log` phase, which writes its line once the body
+    /// is out. Dropped before that (the client went away), the exchange logs
+    /// a 499 itself.
+    pub async fn handle(mut self, req: Request<Incoming>) -> Response<LoggedBody> {
+        self.request = Some(RequestLine {
+            method: req.method().clone(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            version: req.version(),
+        });
         let response = match self.run(req).await {
             Ok(response) => response,
             Err(error) => {
@@ -91,8 +101,9 @@ impl Exchange {
                 error.into_response(self.request_id())
             }
         };
-        self.log(&method, &target, version, &response);
-        response
+        let (parts, body) = response.into_parts();
+        let record = self.log(parts.status);
+        Response::from_parts(parts, LoggedBody::new(body, record))
     }
 
     async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
@@ -242,7 +253,7 @@ impl Exchange {
         let forwarded = upstreams
             .forward(self.worker, request, &self.shared.metrics)
             .await?;
-        self.upstream = Some(forwarded.upstream.label.clone());
+        self.upstream = Some(Arc::clone(&forwarded.upstream.label));
         self.upstream_time = Some(forwarded.upstream_time);
         Ok(forwarded)
     }
@@ -288,49 +299,54 @@ impl Exchange {
         self.caller.as_ref().map_or(&UNKNOWN, |c| &c.request_id)
     }
 
-    /// log: one access-log line and the request metrics.
-    fn log(&self, method: &Method, target: &str, version: Version, response: &Response<ProxyBody>) {
-        let elapsed = self.started.elapsed();
-        let status = response.status();
-        let bytes = response.body().size_hint().exact().unwrap_or(0);
+    /// log: the request metrics now, and the record the access-log line is
+    /// written from when the body is out. Called once.
+    fn log(&mut self, status: StatusCode) -> Option<AccessRecord> {
+        let request = self.request.take()?;
         let metrics = &self.shared.metrics;
+        let route = self.live.routes.name(self.route);
         metrics
             .requests
-            .with_label_values(&[
-                self.live.routes.name(self.route),
-                method_label(method),
-                status_class(status),
-            ])
+            .with_label_values(&[route, method_label(&request.method), status_class(status)])
             .inc();
         metrics
             .request_duration
-            .with_label_values(&[self.live.routes.name(self.route)])
-            .observe(elapsed.as_secs_f64());
+            .with_label_values(&[route])
+            .observe(self.started.elapsed().as_secs_f64());
         metrics.bytes_received.inc_by(self.request_bytes);
-        metrics.bytes_sent.inc_by(bytes);
-        if self.live.config.log.access_log {
-            let client = self.caller.as_ref().map_or(self.peer.ip(), |c| c.client);
-            tracing::info!(
-                target: "access",
-                request_id = self.request_id().to_str().unwrap_or("-"),
-                client = %client,
-                method = %method,
-                path = target,
-                version = ?version,
-                status = status.as_u16(),
-                bytes,
-                route = self.live.routes.name(self.route),
-                duration_ms = millis(elapsed),
-                upstream = self.upstream.as_deref().unwrap_or("-"),
-                upstream_ms = self.upstream_time.map(millis),
-            );
+        let config = &self.live.config.log;
+        Some(AccessRecord {
+            shared: Arc::clone(&self.shared),
+            format: config.access_log.then_some(config.format),
+            request_id: self.request_id().clone(),
+            client: self.caller.as_ref().map_or(self.peer.ip(), |c| c.client),
+            method: request.method,
+            target: request.target,
+            version: request.version,
+            status: status.as_u16(),
+            route: self.live.routes.shared_name(self.route),
+            started: self.started,
+            upstream: self.upstream.take(),
+            upstream_time: self.upstream_time,
+        })
+    }
+}
+
+/// The client went away before its response: log it as nginx does, 499.
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+        if let Some(record) = self.log(status) {
+            record.finish(0, false);
         }
     }
 }
 
-/// Milliseconds with microsecond precision, as the access log shows them.
-fn millis(duration: Duration) -> f64 {
-    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+/// What the access log says of the request itself.
+struct RequestLine {
+    method: Method,
+    target: String,
+    version: Version,
 }
 
 /// Methods whose requests carry a body even when it is empty.

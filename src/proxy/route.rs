@@ -5,6 +5,7 @@
 //! everything later phases need: its name, its limits, its cache TTL.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use http::Method;
 
@@ -18,6 +19,9 @@ pub struct RouteTable {
     /// Patterns first in file order, then prefixes longest first; at equal
     /// paths a route naming methods before one for all.
     routes: Vec<Route>,
+    /// The names, shared with the access-log records.
+    names: Vec<Arc<str>>,
+    default: Arc<str>,
 }
 
 /// A request path that the gateway refuses to guess about.
@@ -39,7 +43,19 @@ impl RouteTable {
                 .cmp(&a.path.specificity())
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        RouteTable { routes }
+        let names = routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        RouteTable {
+            routes,
+            names,
+            default: Arc::from(DEFAULT_ROUTE),
+        }
+    }
+
+    /// `name`, shared.
+    pub fn shared_name(&self, index: Option<usize>) -> Arc<str> {
+        index
+            .and_then(|i| self.names.get(i))
+            .map_or_else(|| Arc::clone(&self.default), Arc::clone)
     }
 
     /// The index of the route for `method` on the decoded `path`, if any.

@@ -34,7 +34,7 @@ struct Idle {
 pub struct Server {
     pub target: UpstreamTarget,
     /// `target` as text: the metric label and the log field.
-    pub label: String,
+    pub label: std::sync::Arc<str>,
     pub weight: u32,
     healthy: AtomicBool,
     consecutive_failures: AtomicU32,
@@ -47,10 +47,8 @@ pub struct Server {
 
 impl Server {
     fn new(target: UpstreamTarget, weight: u32, workers: usize, metrics: &Metrics) -> Self {
-        let label = target.to_string();
-        let healthy_gauge = metrics
-            .upstream_healthy
-            .with_label_values(&[label.as_str()]);
+        let label: std::sync::Arc<str> = target.to_string().into();
+        let healthy_gauge = metrics.upstream_healthy.with_label_values(&[&*label]);
         healthy_gauge.set(1);
         Server {
             target,
@@ -141,7 +139,7 @@ impl Server {
     /// Open a new HTTP/1.1 connection; its driver task runs on this worker.
     async fn connect(&self, timeout: Duration) -> Result<Sender, ProxyError> {
         let unreachable = |e: std::io::Error| ProxyError::UpstreamUnreachable {
-            addr: self.label.clone(),
+            addr: self.label.to_string(),
             reason: e.to_string(),
         };
         let handshake = async {
@@ -162,7 +160,7 @@ impl Server {
         tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| ProxyError::UpstreamTimeout {
-                addr: self.label.clone(),
+                addr: self.label.to_string(),
                 after: timeout,
             })?
     }
@@ -254,11 +252,11 @@ impl UpstreamSet {
                     let elapsed = started.elapsed();
                     metrics
                         .upstream_duration
-                        .with_label_values(&[server.label.as_str()])
+                        .with_label_values(&[&*server.label])
                         .observe(elapsed.as_secs_f64());
                     metrics
                         .upstream_requests
-                        .with_label_values(&[server.label.as_str(), "ok"])
+                        .with_label_values(&[&*server.label, "ok"])
                         .inc();
                     return Ok(Forwarded {
                         response,
@@ -270,7 +268,7 @@ impl UpstreamSet {
                     server.record_failure(self.config.max_fails);
                     metrics
                         .upstream_requests
-                        .with_label_values(&[server.label.as_str(), failure.error.kind()])
+                        .with_label_values(&[&*server.label, failure.error.kind()])
                         .inc();
                     tracing::warn!(upstream = %server.label, error = %failure.error, "upstream attempt failed");
                     last_error = Some(failure.error);
@@ -302,7 +300,7 @@ impl UpstreamSet {
         }
         let timeout = cfg.response_timeout;
         let timed_out = || ProxyError::UpstreamTimeout {
-            addr: server.label.clone(),
+            addr: server.label.to_string(),
             after: timeout,
         };
         let (sender, response) = loop {
@@ -394,7 +392,7 @@ impl Failure {
 
 fn broken(server: &Server, error: &hyper::Error) -> ProxyError {
     ProxyError::UpstreamBroken {
-        addr: server.label.clone(),
+        addr: server.label.to_string(),
         reason: error.to_string(),
     }
 }

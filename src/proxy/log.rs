@@ -1,0 +1,351 @@
+//! The `log` phase: one access-log line and the request metrics per request,
+//! written when the response has been sent or abandoned, so that the line
+//! carries the bytes really sent. A client that goes away before its
+//! response gets a line with status 499, as nginx logs it.
+//!
+//! Lines are formatted into a buffer per worker thread and handed in batches
+//! to one writer thread, so a slow disk or a full pipe never blocks a
+//! worker: when the writer falls behind, lines are dropped and counted.
+//! SIGUSR1 reopens the file, for logrotate.
+
+use std::cell::RefCell;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Version};
+use http_body::{Body, Frame, SizeHint};
+use prometheus::IntCounter;
+
+use super::Shared;
+use super::body::ProxyBody;
+use crate::config::LogFormat;
+
+/// A worker hands its buffer over once it holds this much.
+const BATCH: usize = 32 * 1024;
+/// Batches waiting for the writer; past that, lines are dropped.
+const QUEUE: usize = 256;
+/// Workers hand over whatever they hold at least this often.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+enum Message {
+    Lines(Vec<u8>),
+    /// Open the file again (or another one; `None`: standard error).
+    Open(Option<PathBuf>),
+}
+
+/// Where access-log lines go: a file or standard error, written by one thread.
+pub struct AccessLog {
+    sender: SyncSender<Message>,
+    dropped: IntCounter,
+}
+
+thread_local! {
+    static BUFFER: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(BATCH));
+}
+
+impl AccessLog {
+    /// Start the writer thread. The file is opened (created, appended to)
+    /// before this returns, so a bad path is an error at start.
+    pub fn start(path: Option<PathBuf>, dropped: IntCounter) -> io::Result<Self> {
+        let destination = Destination::open(path.clone())?;
+        let (sender, receiver) = sync_channel(QUEUE);
+        std::thread::Builder::new()
+            .name("gatehouse-access-log".into())
+            .spawn(move || write_lines(destination, &receiver))?;
+        Ok(AccessLog { sender, dropped })
+    }
+
+    /// Reopen the file (SIGUSR1), or switch to another path after a reload.
+    pub fn reopen(&self, path: Option<PathBuf>) {
+        let _ = self.sender.send(Message::Open(path));
+    }
+
+    /// Append one line to this thread's buffer; hand the buffer over when full.
+    fn append(&self, format: impl FnOnce(&mut Vec<u8>)) {
+        let full = BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            format(&mut buffer);
+            buffer.push(b'\n');
+            (buffer.len() >= BATCH)
+                .then(|| std::mem::replace(&mut *buffer, Vec::with_capacity(BATCH)))
+        });
+        if let Some(lines) = full {
+            self.send(lines);
+        }
+    }
+
+    /// Hand this thread's lines to the writer (a worker's timer calls this).
+    pub fn flush(&self) {
+        let lines = BUFFER.with(|buffer| {
+            let mut buffer = buffer.borrow_mut();
+            (!buffer.is_empty()).then(|| std::mem::replace(&mut *buffer, Vec::with_capacity(BATCH)))
+        });
+        if let Some(lines) = lines {
+            self.send(lines);
+        }
+    }
+
+    fn send(&self, lines: Vec<u8>) {
+        let count = lines.iter().filter(|b| **b == b'\n').count() as u64;
+        match self.sender.try_send(Message::Lines(lines)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.inc_by(count);
+            }
+        }
+    }
+}
+
+/// Standard error or an open file.
+enum Destination {
+    Stderr,
+    File(PathBuf, File),
+}
+
+impl Destination {
+    fn open(path: Option<PathBuf>) -> io::Result<Self> {
+        match path {
+            None => Ok(Destination::Stderr),
+            Some(path) => {
+                let file = OpenOptions::new().create(true).append(true).open(&path)?;
+                Ok(Destination::File(path, file))
+            }
+        }
+    }
+
+    fn write(&mut self, lines: &[u8]) -> io::Result<()> {
+        match self {
+            Destination::File(_, file) => file.write_all(lines),
+            // A pipe keeps writes of at most 4 KiB whole; beyond that another
+            // writer's line could land inside ours. Write whole lines in
+            // pieces below that.
+            Destination::Stderr => {
+                let mut stderr = io::stderr().lock();
+                let mut rest = lines;
+                while !rest.is_empty() {
+                    let cut = if rest.len() <= 4096 {
+                        rest.len()
+                    } else {
+                        rest[..4096]
+                            .iter()
+                            .rposition(|b| *b == b'\n')
+                            .map_or(4096, |i| i + 1)
+                    };
+                    stderr.write_all(&rest[..cut])?;
+                    rest = &rest[cut..];
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn write_lines(mut destination: Destination, receiver: &Receiver<Message>) {
+    while let Ok(message) = receiver.recv() {
+        match message {
+            Message::Lines(lines) => {
+                if let Err(e) = destination.write(&lines) {
+                    tracing::warn!(error = %e, "writing the access log");
+                }
+            }
+            Message::Open(path) => {
+                let path = path.or(match &destination {
+                    Destination::File(path, _) => Some(path.clone()),
+                    Destination::Stderr => None,
+                });
+                match Destination::open(path) {
+                    Ok(next) => destination = next,
+                    Err(e) => {
+                        tracing::error!(error = %e, "reopening the access log; keeping the old file")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Everything the line and the metrics need, taken from the exchange.
+pub struct AccessRecord {
+    pub shared: Arc<Shared>,
+    /// `None`: `log.access_log` is off.
+    pub format: Option<LogFormat>,
+    pub request_id: HeaderValue,
+    pub client: IpAddr,
+    pub method: Method,
+    pub target: String,
+    pub version: Version,
+    pub status: u16,
+    pub route: Arc<str>,
+    pub started: Instant,
+    pub upstream: Option<Arc<str>>,
+    pub upstream_time: Option<Duration>,
+}
+
+impl AccessRecord {
+    /// The line and the byte and abort metrics, once the response is over.
+    /// `complete`: the whole body went out.
+    pub fn finish(self, bytes: u64, complete: bool) {
+        let metrics = &self.shared.metrics;
+        metrics.bytes_sent.inc_by(bytes);
+        if !complete {
+            let stage = if self.status == 499 {
+                "before_response"
+            } else {
+                "during_response"
+            };
+            metrics.client_aborts.with_label_values(&[stage]).inc();
+        }
+        let Some(format) = self.format else {
+            return;
+        };
+        let elapsed = self.started.elapsed();
+        self.shared.access_log.append(|out| match format {
+            LogFormat::Text => self.text(out, bytes, complete, elapsed),
+            LogFormat::Json => self.json(out, bytes, complete, elapsed),
+        });
+    }
+
+    fn text(&self, out: &mut Vec<u8>, bytes: u64, complete: bool, elapsed: Duration) {
+        use std::fmt::Write as _;
+        let mut line = String::with_capacity(256);
+        let _ = write!(
+            line,
+            "{}  INFO access: request_id={} client={} method={} path={:?} version={:?} status={} bytes={} route={:?} duration_ms={}",
+            humantime::format_rfc3339_micros(SystemTime::now()),
+            self.request_id.to_str().unwrap_or("-"),
+            self.client,
+            self.method,
+            self.target,
+            self.version,
+            self.status,
+            bytes,
+            &*self.route,
+            millis(elapsed),
+        );
+        match (&self.upstream, self.upstream_time) {
+            (Some(upstream), Some(time)) => {
+                let _ = write!(
+                    line,
+                    " upstream={:?} upstream_ms={}",
+                    &**upstream,
+                    millis(time)
+                );
+            }
+            _ => line.push_str(" upstream=\"-\""),
+        }
+        if !complete {
+            line.push_str(" completed=false");
+        }
+        out.extend_from_slice(line.as_bytes());
+    }
+
+    fn json(&self, out: &mut Vec<u8>, bytes: u64, complete: bool, elapsed: Duration) {
+        let value = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+            "level": "INFO",
+            "target": "access",
+            "request_id": self.request_id.to_str().unwrap_or("-"),
+            "client": self.client.to_string(),
+            "method": self.method.as_str(),
+            "path": self.target,
+            "version": format!("{:?}", self.version),
+            "status": self.status,
+            "bytes": bytes,
+            "route": &*self.route,
+            "duration_ms": millis(elapsed),
+            "upstream": self.upstream.as_deref().unwrap_or("-"),
+            "upstream_ms": self.upstream_time.map(millis),
+            "completed": complete,
+        });
+        let _ = serde_json::to_writer(out, &value);
+    }
+}
+
+/// Milliseconds with microsecond precision, as the access log shows them.
+pub fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// The response body as sent: counts its bytes and finishes the access
+/// record when the last byte is out or the body is dropped.
+pub struct LoggedBody {
+    inner: ProxyBody,
+    record: Option<AccessRecord>,
+    sent: u64,
+}
+
+impl LoggedBody {
+    pub fn new(inner: ProxyBody, record: Option<AccessRecord>) -> Self {
+        LoggedBody {
+            inner,
+            record,
+            sent: 0,
+        }
+    }
+
+    /// A body that logs nothing (the admin listener's).
+    pub fn plain(inner: ProxyBody) -> Self {
+        Self::new(inner, None)
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.sent, complete);
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish(true);
+                }
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // hyper drops an empty body (or a HEAD response's) without polling it.
+        let head = self
+            .record
+            .as_ref()
+            .is_some_and(|r| r.method == Method::HEAD);
+        let complete = head || self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
