@@ -117,6 +117,7 @@ pub struct ServerConfig {
     pub max_headers: usize,
     pub max_body_size: u64,
     pub http2: bool,
+    pub send_timeout: Duration,
     pub http2_idle_timeout: Duration,
     pub http2_max_concurrent_streams: u32,
     pub trusted_proxies: Vec<IpNet>,
@@ -133,6 +134,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub response_buffer_size: usize,
+    /// 0: larger responses stream from Gunicorn instead of a file.
+    pub max_temp_file_size: u64,
+    pub temp_path: PathBuf,
     pub max_idle_per_server: usize,
     pub idle_timeout: Duration,
     pub retries: u32,
@@ -809,6 +813,7 @@ impl TryFrom<&RawGateway> for Config {
             &mut problems,
         );
         positive("server.drain_timeout", s.drain_timeout, &mut problems);
+        positive("server.send_timeout", s.send_timeout, &mut problems);
         positive(
             "server.http2_idle_timeout",
             s.http2_idle_timeout,
@@ -982,6 +987,7 @@ impl TryFrom<&RawGateway> for Config {
                 max_headers: s.max_headers,
                 max_body_size: s.max_body_size.0,
                 http2: s.http2,
+                send_timeout: s.send_timeout,
                 http2_idle_timeout: s.http2_idle_timeout,
                 http2_max_concurrent_streams: s.http2_max_concurrent_streams,
                 trusted_proxies,
@@ -996,6 +1002,8 @@ impl TryFrom<&RawGateway> for Config {
                 response_timeout: u.response_timeout,
                 response_buffer_size: usize::try_from(u.response_buffer_size.0)
                     .unwrap_or(usize::MAX),
+                max_temp_file_size: u.max_temp_file_size.0,
+                temp_path: u.temp_path.clone().unwrap_or_else(std::env::temp_dir),
                 max_idle_per_server: u.max_idle_per_server,
                 idle_timeout: u.idle_timeout,
                 retries: u.retries,

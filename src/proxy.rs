@@ -11,6 +11,7 @@ pub mod identify;
 pub mod log;
 pub mod request;
 pub mod route;
+pub mod spool;
 pub mod upstream;
 
 use std::io;

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     pub upstream_healthy: IntGaugeVec,
     pub upstream_retries: IntCounter,
+    pub upstream_spooled: IntCounter,
     pub active_connections: IntGauge,
     pub connections: IntCounter,
     pub connections_closed: IntCounterVec,
@@ -111,6 +112,10 @@ impl Metrics {
             upstream_retries: IntCounter::with_opts(opts(
                 "upstream_retries_total",
                 "Idempotent requests sent again to another upstream.",
+            ))?,
+            upstream_spooled: IntCounter::with_opts(opts(
+                "upstream_spooled_responses_total",
+                "Responses larger than response_buffer_size read into a temporary file.",
             ))?,
             active_connections: IntGauge::with_opts(opts(
                 "http_active_connections",
@@ -198,6 +203,7 @@ impl Metrics {
         m.registry.register(Box::new(m.upstream_requests.clone()))?;
         m.registry.register(Box::new(m.upstream_healthy.clone()))?;
         m.registry.register(Box::new(m.upstream_retries.clone()))?;
+        m.registry.register(Box::new(m.upstream_spooled.clone()))?;
         m.registry
             .register(Box::new(m.active_connections.clone()))?;
         m.registry.register(Box::new(m.connections.clone()))?;

@@ -1190,3 +1190,68 @@ async fn a_client_that_leaves_early_is_logged_as_499() {
         gateway.log()
     );
 }
+
+/// Two clients that never read a large response used to hold both Gunicorn
+/// sync workers until Gunicorn killed them. The response now goes to a
+/// temporary file and the worker is free at once; the clients are closed at
+/// `send_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_hold_no_gunicorn_worker() {
+    let gunicorn = Gunicorn::start(2);
+    let gateway = Gatehouse::start(&config(
+        &[gunicorn.upstream_url()],
+        "send_timeout = \"2s\"",
+        "response_buffer_size = \"64KiB\"",
+        "",
+    ));
+    // More than the socket buffers on both sides can hold.
+    let size = 32 * 1024 * 1024;
+    let stuck: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = TcpStream::connect(gateway.addr).unwrap();
+            stream
+                .write_all(
+                    format!("GET /v1/blob/?size={size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+                )
+                .unwrap();
+            stream
+        })
+        .collect();
+    assert!(
+        gateway
+            .metric_reaches("gatehouse_upstream_spooled_responses_total", 2.0)
+            .await
+    );
+    let (status, _, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        get(gateway.addr, "/v1/stories/", &[]),
+    )
+    .await
+    .expect("both Gunicorn workers are free again")
+    .unwrap();
+    assert_eq!(status, StatusCode::OK);
+
+    let closed = "gatehouse_http_connections_closed_total{reason=\"send_timeout\"}";
+    assert!(gateway.metric_reaches(closed, 2.0).await);
+    assert!(
+        eventually(Duration::from_secs(3), async || {
+            gateway
+                .log()
+                .lines()
+                .filter(|l| l.contains("/v1/blob/") && l.contains("completed=false"))
+                .count()
+                == 2
+        })
+        .await,
+        "{}",
+        gateway.log()
+    );
+    drop(stuck);
+
+    // A client that does read gets every byte from the file.
+    let (status, _, body) = get(gateway.addr, &format!("/v1/blob/?size={size}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.len(), size);
+}

@@ -77,6 +77,9 @@ pub struct RawServer {
     pub max_headers: usize,
     pub max_body_size: ByteSize,
     pub http2: bool,
+    /// A client that accepts no response bytes for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// An HTTP/2 connection with no request in flight and no bytes moving
     /// is closed after this long.
     #[serde(with = "humantime_serde")]
@@ -109,6 +112,7 @@ impl Default for RawServer {
             max_headers: 100,
             max_body_size: ByteSize(10 * 1024 * 1024),
             http2: true,
+            send_timeout: Duration::from_secs(60),
             http2_idle_timeout: Duration::from_secs(60),
             http2_max_concurrent_streams: 128,
             trusted_proxies: Vec::new(),
@@ -145,6 +149,11 @@ pub struct RawUpstream {
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
     pub response_buffer_size: ByteSize,
+    /// A larger response goes to a temporary file up to this size (0: never;
+    /// it streams from Gunicorn instead).
+    pub max_temp_file_size: ByteSize,
+    /// Where those files go; unset: the system's temporary directory.
+    pub temp_path: Option<std::path::PathBuf>,
     pub max_idle_per_server: usize,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
@@ -166,6 +175,8 @@ impl Default for RawUpstream {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(60),
             response_buffer_size: ByteSize(1024 * 1024),
+            max_temp_file_size: ByteSize(1024 * 1024 * 1024),
+            temp_path: None,
             max_idle_per_server: 64,
             idle_timeout: Duration::from_secs(60),
             retries: 1,

@@ -219,6 +219,7 @@ async fn serve_connection(
         FramingGuard::new(stream, server.max_header_size, Arc::clone(&verdicts)),
         Arc::clone(&activity),
         protocol,
+        server.send_timeout,
     ));
     let service = ConnectionService {
         shared: Arc::clone(shared),
@@ -231,11 +232,24 @@ async fn serve_connection(
         .serve_connection(io, service)
         .into_owned();
     let connection = watcher.watch(connection);
+    let send_timed_out = || {
+        if activity
+            .send_timed_out
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            shared
+                .metrics
+                .connections_closed
+                .with_label_values(&["send_timeout"])
+                .inc();
+        }
+    };
     if protocol == Protocol::Http1 {
         // hyper keeps the head deadline and the keep-alive idle time itself.
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, %peer, "client connection ended with an error");
         }
+        send_timed_out();
         return;
     }
     let (header_timeout, idle_timeout) = (server.header_read_timeout, server.http2_idle_timeout);
@@ -249,6 +263,7 @@ async fn serve_connection(
                 if let Err(e) = ended {
                     tracing::debug!(error = %e, %peer, "client connection ended with an error");
                 }
+                send_timed_out();
                 return;
             }
             _ = tick.tick() => {

@@ -8,11 +8,19 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::spool::SpoolReader;
+
 pub enum ProxyBody {
     /// The whole body; `None` once sent.
     Full(Option<Bytes>),
     /// A response larger than the buffer: what was read, then the rest.
     Streaming { head: Option<Bytes>, rest: Incoming },
+    /// A response larger than the buffer, read whole into a temporary file;
+    /// past `max_temp_file_size`, the rest still streams from Gunicorn.
+    Spooled {
+        file: SpoolReader,
+        rest: Option<Incoming>,
+    },
 }
 
 impl ProxyBody {
@@ -42,6 +50,20 @@ impl Body for ProxyBody {
                 }
                 Pin::new(rest).poll_frame(cx)
             }
+            ProxyBody::Spooled { file, rest } => match file.poll_chunk(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+                Poll::Ready(Some(Err(e))) => {
+                    // The client gets a cut body; hyper closes the connection.
+                    tracing::error!(error = %e, "reading a spooled response");
+                    *rest = None;
+                    Poll::Ready(None)
+                }
+                Poll::Ready(None) => match rest {
+                    Some(rest) => Pin::new(rest).poll_frame(cx),
+                    None => Poll::Ready(None),
+                },
+            },
         }
     }
 
@@ -49,6 +71,9 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full(data) => data.is_none(),
             ProxyBody::Streaming { head, rest } => head.is_none() && rest.is_end_stream(),
+            ProxyBody::Spooled { file, rest } => {
+                file.remaining() == 0 && rest.as_ref().is_none_or(Body::is_end_stream)
+            }
         }
     }
 
@@ -67,6 +92,18 @@ impl Body for ProxyBody {
                 }
                 hint
             }
+            ProxyBody::Spooled { file, rest } => match rest {
+                None => SizeHint::with_exact(file.remaining()),
+                Some(rest) => {
+                    let inner = rest.size_hint();
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(inner.lower() + file.remaining());
+                    if let Some(upper) = inner.upper() {
+                        hint.set_upper(upper + file.remaining());
+                    }
+                    hint
+                }
+            },
         }
     }
 }

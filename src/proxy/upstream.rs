@@ -19,6 +19,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use super::body::ProxyBody;
 use super::error::ProxyError;
+use super::spool::Spool;
 use crate::config::{UpstreamConfig, UpstreamTarget};
 use crate::telemetry::Metrics;
 
@@ -192,6 +193,7 @@ pub struct UpstreamSet {
     rotation: Vec<usize>,
     cursor: AtomicUsize,
     pub config: UpstreamConfig,
+    metrics_spooled: prometheus::IntCounter,
 }
 
 impl UpstreamSet {
@@ -207,6 +209,7 @@ impl UpstreamSet {
             rotation,
             cursor: AtomicUsize::new(0),
             config: config.clone(),
+            metrics_spooled: metrics.upstream_spooled.clone(),
         }
     }
 
@@ -333,9 +336,12 @@ impl UpstreamSet {
         let mut buffered = 0usize;
         loop {
             if buffered > cfg.response_buffer_size {
-                // Too large to hold: send what we have, stream the rest. The
-                // connection is not pooled; hyper closes it when the body ends.
                 let head = concat(chunks);
+                if cfg.max_temp_file_size > 0 {
+                    return self.spool(worker, server, sender, parts, head, body).await;
+                }
+                // Spooling off: send what we have, stream the rest. The
+                // connection is not pooled; hyper closes it when the body ends.
                 let body = ProxyBody::Streaming {
                     head: (!head.is_empty()).then_some(head),
                     rest: body,
@@ -357,6 +363,77 @@ impl UpstreamSet {
         drop(body);
         server.checkin(worker, sender, cfg.max_idle_per_server);
         Ok(Response::from_parts(parts, ProxyBody::full(concat(chunks))))
+    }
+}
+
+impl UpstreamSet {
+    /// Read the rest of a large response into a temporary file, then give
+    /// the connection back: Gunicorn's worker is free however slowly the
+    /// client reads. Past `max_temp_file_size` the rest streams; if no file
+    /// can be made, all of it streams.
+    async fn spool(
+        &self,
+        worker: usize,
+        server: &Server,
+        sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        parts: http::response::Parts,
+        head: Bytes,
+        mut body: hyper::body::Incoming,
+    ) -> Result<Response<ProxyBody>, Failure> {
+        let cfg = &self.config;
+        let streamed = |head: Bytes, rest| ProxyBody::Streaming {
+            head: (!head.is_empty()).then_some(head),
+            rest,
+        };
+        let mut spool = match Spool::create(&cfg.temp_path).await {
+            Ok(spool) => spool,
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %cfg.temp_path.display(), "cannot spool a large response; streaming it");
+                return Ok(Response::from_parts(parts, streamed(head, body)));
+            }
+        };
+        let failed = |e: std::io::Error| {
+            tracing::error!(error = %e, "writing a spooled response");
+            Failure::sent(ProxyError::UpstreamBroken {
+                addr: server.label.to_string(),
+                reason: format!("spooling the response: {e}"),
+            })
+        };
+        spool.write(&head).await.map_err(failed)?;
+        let timeout = cfg.response_timeout;
+        let complete = loop {
+            if spool.written() >= cfg.max_temp_file_size {
+                break false;
+            }
+            match tokio::time::timeout(timeout, body.frame()).await {
+                Err(_) => {
+                    return Err(Failure::sent(ProxyError::UpstreamTimeout {
+                        addr: server.label.to_string(),
+                        after: timeout,
+                    }));
+                }
+                Ok(None) => break true,
+                Ok(Some(Err(e))) => return Err(Failure::sent(broken(server, &e))),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        spool.write(&data).await.map_err(failed)?;
+                    }
+                }
+            }
+        };
+        self.metrics_spooled.inc();
+        let file = spool.into_reader().await.map_err(failed)?;
+        let rest = if complete {
+            drop(body);
+            server.checkin(worker, sender, cfg.max_idle_per_server);
+            None
+        } else {
+            Some(body)
+        };
+        Ok(Response::from_parts(
+            parts,
+            ProxyBody::Spooled { file, rest },
+        ))
     }
 }
 
@@ -468,6 +545,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
             response_buffer_size: 1024,
+            max_temp_file_size: 0,
+            temp_path: std::env::temp_dir(),
             max_idle_per_server: 1,
             idle_timeout: Duration::from_secs(1),
             retries: 1,

@@ -10,4 +10,5 @@ urlpatterns = [
     path("v1/users/<int:user_id>/", views.user_detail),
     path("v1/auth/login/", views.login),
     path("v1/auth/whoami/", views.whoami),
+    path("v1/blob/", views.blob),
 ]

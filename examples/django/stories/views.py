@@ -122,3 +122,13 @@ def whoami(request):
             "cookies": sorted(request.COOKIES),
         }
     )
+
+
+def blob(request):
+    """`size` bytes (at most 64 MiB) of a large export, for tests of large
+    responses and slow readers."""
+    try:
+        size = min(int(request.GET.get("size", "0")), 64 * 1024 * 1024)
+    except ValueError:
+        return _bad("size must be a number")
+    return HttpResponse(b"x" * max(size, 0), content_type="application/octet-stream")

@@ -5,6 +5,7 @@
 //! follows HTTP/2 frame boundaries on the read side; a per-connection
 //! watchdog closes what overstays.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -65,6 +66,8 @@ pub struct Activity {
     headers_since_ms: AtomicU64,
     /// Requests handed to the service and not yet answered.
     in_flight: AtomicUsize,
+    /// The client accepted no bytes for `send_timeout`.
+    pub send_timed_out: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -74,6 +77,7 @@ impl Activity {
             last_bytes_ms: AtomicU64::new(0),
             headers_since_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            send_timed_out: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -145,16 +149,51 @@ pub struct Watched<T> {
     frames: Option<Frames>,
     /// A HEADERS frame without END_HEADERS was read; its CONTINUATIONs are due.
     open_block: bool,
+    /// How long a write may wait for the client to read (nginx send_timeout).
+    send_timeout: Duration,
+    /// Running while a write waits.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Watched<T> {
-    pub fn new(inner: T, activity: Arc<Activity>, protocol: Protocol) -> Self {
+    pub fn new(
+        inner: T,
+        activity: Arc<Activity>,
+        protocol: Protocol,
+        send_timeout: Duration,
+    ) -> Self {
         Watched {
             inner,
             activity,
             frames: (protocol == Protocol::Http2).then_some(Frames::Preface(PREFACE.len())),
             open_block: false,
+            send_timeout,
+            stalled: None,
         }
+    }
+
+    /// A write made progress, or is waiting: start or check the send timer.
+    fn write_polled<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let timeout = self.send_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stalled.as_mut().poll(cx).is_ready() {
+            self.activity.send_timed_out.store(true, Ordering::Relaxed);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing within send_timeout",
+            )));
+        }
+        Poll::Pending
     }
 
     fn observe(&mut self, mut data: &[u8]) {
@@ -243,7 +282,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        Pin::new(&mut this.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.write_polled(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -252,7 +292,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.write_polled(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -260,7 +301,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.write_polled(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -295,7 +338,7 @@ mod tests {
 
     #[test]
     fn header_blocks_are_followed_across_reads() {
-        let mut w = Watched::new((), Activity::new(), Protocol::Http2);
+        let mut w = Watched::new((), Activity::new(), Protocol::Http2, Duration::from_secs(1));
         w.observe(PREFACE);
         w.observe(&frame(0x4, 0, &[0; 6])); // SETTINGS
         assert!(!pending(&w));
@@ -317,7 +360,7 @@ mod tests {
 
     #[test]
     fn http1_is_not_parsed() {
-        let mut w = Watched::new((), Activity::new(), Protocol::Http1);
+        let mut w = Watched::new((), Activity::new(), Protocol::Http1, Duration::from_secs(1));
         w.observe(b"GET / HTTP/1.1\r\n");
         assert!(!pending(&w));
     }
