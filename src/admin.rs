@@ -1,22 +1,23 @@
-//! The admin listener: `/health` (liveness), `/ready` (503 with a JSON reason
-//! while no upstream is healthy), `/metrics` (Prometheus text) and
-//! `/metrics/json` (the same samples grouped by subsystem).
+//! The admin HTTP server both services share: bind, serve HTTP/1.1 with a
+//! handler each service supplies, and the JSON and Prometheus responses.
+//! Its body type is its own; the services add their endpoints.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use tokio::net::TcpListener;
 
-use crate::proxy::Shared;
-use crate::proxy::body::ProxyBody;
+/// What an admin endpoint answers with: a whole body.
+pub type AdminBody = Full<Bytes>;
 
 pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(addr)?;
@@ -27,21 +28,12 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(listener)
 }
 
-/// The gateway's admin endpoints.
-pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
-    serve_with(listener, move |req| {
-        let shared = Arc::clone(&shared);
-        async move { answer(&shared, &req).await }
-    })
-    .await;
-}
-
 /// Serve HTTP/1.1 on an admin listener, each request answered by `answer`.
 /// Shared by the gateway's and `gatehouse db`'s admin endpoints.
 pub async fn serve_with<F, Fut>(listener: std::net::TcpListener, answer: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<ProxyBody>> + Send + 'static,
+    Fut: std::future::Future<Output = Response<AdminBody>> + Send + 'static,
 {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -70,8 +62,8 @@ where
     }
 }
 
-pub fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(value.to_string()));
+pub fn json_response(status: StatusCode, value: &Value) -> Response<AdminBody> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -81,141 +73,11 @@ pub fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
 }
 
 /// A Prometheus text response.
-pub fn text_metrics(body: String) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::full(body));
+pub fn text_metrics(body: String) -> Response<AdminBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
-}
-
-async fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<ProxyBody> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": "use GET"}));
-    }
-    if let Some(subject) = req.uri().path().strip_prefix("/ratelimit/") {
-        return inspect(shared, subject, req.uri().query()).await;
-    }
-    match req.uri().path() {
-        "/health" => json_response(StatusCode::OK, &json!({"status": "ok"})),
-        "/ready" => ready(shared),
-        "/metrics" => text_metrics(shared.metrics.render_text()),
-        "/metrics/json" => json_response(StatusCode::OK, &metrics_json(shared)),
-        _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
-    }
-}
-
-fn upstream_states(shared: &Shared) -> Value {
-    let live = shared.live.load();
-    Value::Array(
-        live.upstreams
-            .servers
-            .iter()
-            .map(|s| {
-                json!({
-                    "address": s.label,
-                    "weight": s.weight,
-                    "healthy": s.is_healthy(),
-                    "consecutive_failures": s.consecutive_failures(),
-                })
-            })
-            .collect(),
-    )
-}
-
-fn ready(shared: &Shared) -> Response<ProxyBody> {
-    if shared.live.load().upstreams.any_healthy() {
-        json_response(StatusCode::OK, &json!({"status": "ready"}))
-    } else {
-        json_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({
-                "status": "not ready",
-                "reason": "no healthy upstream",
-                "upstreams": upstream_states(shared),
-            }),
-        )
-    }
-}
-
-/// `GET /ratelimit/<subject>[?tier=NAME]`: each rule's count, remaining and
-/// reset for one subject (`user:42`, `ip:203.0.113.9`, `session:…`).
-async fn inspect(shared: &Shared, subject: &str, query: Option<&str>) -> Response<ProxyBody> {
-    let subject = subject.trim_end_matches('/');
-    let Some((kind, value)) = subject.split_once(':') else {
-        return json_response(
-            StatusCode::BAD_REQUEST,
-            &json!({"error": "subject is kind:value, e.g. user:42 or ip:203.0.113.9"}),
-        );
-    };
-    let client = match kind {
-        "ip" => match value.parse() {
-            Ok(ip) => ip,
-            Err(_) => {
-                return json_response(StatusCode::BAD_REQUEST, &json!({"error": "not an address"}));
-            }
-        },
-        _ => std::net::IpAddr::from([0, 0, 0, 0]),
-    };
-    let tier = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("tier="));
-    let live = shared.live.load_full();
-    let inspection = live
-        .limiter
-        .inspect(
-            &crate::ratelimit::Subject {
-                id: subject,
-                client,
-                tier,
-                admin: false,
-                within: None,
-            },
-            &shared.metrics,
-        )
-        .await;
-    json_response(StatusCode::OK, &json!(inspection))
-}
-
-fn metrics_json(shared: &Shared) -> Value {
-    let mut extra = Map::new();
-    let mut upstream = Map::new();
-    upstream.insert("servers".into(), upstream_states(shared));
-    extra.insert("upstream".into(), Value::Object(upstream));
-    crate::telemetry::json::render(&shared.metrics.registry.gather(), extra)
-}
-
-/// Ask a running gateway's admin listener about one subject (for
-/// `gatehouse ratelimit inspect`). Plain HTTP/1.0 over a blocking socket: the
-/// command runs once and exits.
-pub fn fetch_inspection(
-    addr: SocketAddr,
-    subject: &str,
-    tier: Option<&str>,
-) -> Result<Value, String> {
-    use std::io::{Read, Write};
-    let query = tier.map(|t| format!("?tier={t}")).unwrap_or_default();
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
-        .map_err(|e| format!("admin listener {addr}: {e}"))?;
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-    write!(
-        stream,
-        "GET /ratelimit/{subject}{query} HTTP/1.0\r\nHost: {addr}\r\n\r\n"
-    )
-    .map_err(|e| format!("admin listener {addr}: {e}"))?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| format!("admin listener {addr}: {e}"))?;
-    let (head, body) = answer
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("admin listener {addr}: malformed answer"))?;
-    let value: Value =
-        serde_json::from_str(body).map_err(|e| format!("admin listener {addr}: {e}"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(value["error"].as_str().unwrap_or(head).to_string());
-    }
-    Ok(value)
 }

@@ -24,9 +24,11 @@ pub mod admin;
 pub mod auth;
 pub mod classify;
 pub mod codec;
+pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod statements;
 
 use std::collections::HashMap;
@@ -55,14 +57,14 @@ pub struct CancelTarget {
 pub struct DbShared {
     pub config: ArcSwap<DbConfig>,
     pub pools: pool::Pools,
-    pub metrics: admin::DbMetrics,
+    pub metrics: metrics::DbMetrics,
     /// Router-issued (process id, secret) → the server that client holds
     /// now, if any. Each session keeps its own slot to update.
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// Client settings in use, one copy of each: a server connection set up
     /// for one client is recognised as set up for the next with the same
     /// settings by pointer.
-    settings: Mutex<Vec<std::sync::Weak<pool::Settings>>>,
+    settings: Mutex<Vec<std::sync::Weak<settings::Settings>>>,
 }
 
 /// Where one client's cancel key leads now.
@@ -73,14 +75,14 @@ impl DbShared {
         Ok(DbShared {
             config: ArcSwap::from_pointee(config),
             pools: pool::Pools::default(),
-            metrics: admin::DbMetrics::new()?,
+            metrics: metrics::DbMetrics::new()?,
             cancels: Mutex::new(HashMap::new()),
             settings: Mutex::new(Vec::new()),
         })
     }
 
     /// The shared copy of a client's settings.
-    fn intern_settings(&self, settings: pool::Settings) -> Arc<pool::Settings> {
+    fn intern_settings(&self, settings: settings::Settings) -> Arc<settings::Settings> {
         let mut known = self.settings.lock().unwrap_or_else(|e| e.into_inner());
         known.retain(|weak| weak.strong_count() > 0);
         if let Some(same) = known

@@ -191,7 +191,7 @@ fn check_config(files: &[PathBuf]) -> ExitCode {
 }
 
 fn inspect(admin: std::net::SocketAddr, subject: &str, tier: Option<&str>, json: bool) -> ExitCode {
-    let answer = match gatehouse::admin::fetch_inspection(admin, subject, tier) {
+    let answer = match gatehouse::proxy::admin::fetch_inspection(admin, subject, tier) {
         Ok(answer) => answer,
         Err(e) => {
             eprintln!("gatehouse: {e}");

@@ -4,6 +4,7 @@
 //! request path reads; the phases live in the submodules.
 
 pub mod accept;
+pub mod admin;
 pub mod body;
 pub mod error;
 pub mod headers;
@@ -238,7 +239,7 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
     control.block_on(async {
         if let Some(listener) = admin {
             let shared = Arc::clone(&shared);
-            tokio::spawn(async move { crate::admin::serve(listener, shared).await });
+            tokio::spawn(async move { admin::serve(listener, shared).await });
         }
         tokio::spawn(health_checks(Arc::clone(&shared)));
         signals(&shared, &source, shutdown_tx).await

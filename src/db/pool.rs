@@ -14,9 +14,10 @@ use postgres_protocol::message::frontend;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::admin::{DbMetrics, PoolMetrics};
 use super::codec::{Frame, announced_len, complete_frame, cstr};
+use super::metrics::{DbMetrics, PoolMetrics};
 use super::server::{Login, ServerConn, ServerError, refused};
+use super::settings::{SESSION_PARAMS, Settings};
 use super::statements::{ClientStatements, Naming, Sides, StatementEvents};
 use crate::config::db::{DbConfig, DbUser};
 
@@ -354,31 +355,6 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// What a client asked its server session to be.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Settings {
-    /// Startup parameters among `SESSION_PARAMS`.
-    pub params: Vec<(String, String)>,
-    /// `-c name=value` settings from the startup `options`.
-    pub options: Vec<(String, String)>,
-}
-
-/// `-c name=value` and `--name=value` settings from a startup `options`.
-pub fn settings_of(options: &str) -> Vec<(String, String)> {
-    let mut settings = Vec::new();
-    let mut words = options.split_whitespace();
-    while let Some(word) = words.next() {
-        let setting = match word {
-            "-c" => words.next(),
-            w => w.strip_prefix("--").or_else(|| w.strip_prefix("-c")),
-        };
-        if let Some((name, value)) = setting.and_then(|s| s.split_once('=')) {
-            settings.push((name.replace('-', "_"), value.to_string()));
-        }
-    }
-    settings
-}
-
 impl Checkout {
     /// `database/user`, as metrics name the pool.
     pub fn pool_name(&self) -> &str {
@@ -443,7 +419,7 @@ impl Checkout {
             }
         }
         let mut changes: Vec<(String, String)> = Vec::new();
-        for name in super::session::SESSION_PARAMS {
+        for name in SESSION_PARAMS {
             let value = wanted
                 .params
                 .iter()
@@ -641,8 +617,9 @@ impl Checkout {
 
 #[cfg(test)]
 mod tests {
-    use super::{Pools, settings_of};
+    use super::Pools;
     use crate::config::db::{AuthMethod, DbUser};
+    use crate::db::settings::settings_of;
 
     #[tokio::test]
     async fn a_smaller_pool_takes_permits_back_as_clients_return_them() {
@@ -653,7 +630,7 @@ mod tests {
             trusted_uids: Vec::new(),
             server_password: None,
         };
-        let metrics = crate::db::admin::DbMetrics::new().unwrap();
+        let metrics = crate::db::metrics::DbMetrics::new().unwrap();
         let pool = Pools::default().pool("d", &user, 4, &metrics);
         let held: Vec<_> = (0..3)
             .map(|_| {

@@ -134,7 +134,7 @@ pub struct ServerConn {
     pub exchange: super::statements::Exchange,
     /// The client settings this session was last set up for, with the
     /// statement timeout then configured; cleared by a reset.
-    pub settled: Option<(std::sync::Arc<super::pool::Settings>, Duration)>,
+    pub settled: Option<(std::sync::Arc<super::settings::Settings>, Duration)>,
     /// Reused for the bytes sent to the server.
     pub out: BytesMut,
 }

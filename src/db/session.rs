@@ -15,19 +15,11 @@ use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_
 use super::codec::{
     CodecError, Frame, FrameCodec, Frontend, Startup, StartupCodec, error_response, frame,
 };
-use super::pool::{Checkout, PoolError, Settings, settings_of};
+use super::pool::{Checkout, PoolError};
+use super::settings::{SESSION_PARAMS, Settings, settings_of};
 use super::statements::{ClientStatements, Naming};
 use super::{CancelSlot, CancelTarget, DbShared};
 use crate::config::db::{AuthMethod, DbUser, PoolMode, Secret, SessionState};
-
-/// Parameters a client's startup packet may set on its server session.
-pub const SESSION_PARAMS: [&str; 5] = [
-    "application_name",
-    "client_encoding",
-    "DateStyle",
-    "TimeZone",
-    "IntervalStyle",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -538,7 +530,11 @@ where
         }
         AuthMethod::ScramSha256 => {
             let verifier = match &user.secret {
-                Some(Secret::Scram(verifier)) => verifier.clone(),
+                Some(Secret::Scram(stored)) => match ScramVerifier::parse(stored) {
+                    Some(verifier) => verifier,
+                    // check-config refuses a malformed verifier; never here.
+                    None => return Ok(Err(AuthError::Failed)),
+                },
                 Some(Secret::Clear(password)) => {
                     let salt: [u8; 16] = rand::random();
                     ScramVerifier::from_password(password, &salt, super::auth::SCRAM_ITERATIONS)

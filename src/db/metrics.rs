@@ -1,0 +1,183 @@
+//! `gatehouse db`'s metrics: the registry and every metric in it, and the
+//! per-pool handles the session path increments.
+
+use std::sync::atomic::AtomicBool;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Every metric `gatehouse db` exports; pool labels are `database/user`.
+pub struct DbMetrics {
+    pub registry: Registry,
+    pub clients: IntGauge,
+    pub logins: IntCounterVec,
+    pub checkout_wait: HistogramVec,
+    pub server_connects: IntCounterVec,
+    pub server_errors: IntCounterVec,
+    pub pinned: IntCounterVec,
+    pub transactions: IntCounterVec,
+    pub queries: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub statements: IntCounterVec,
+    pub refused: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub(super) pool_connections: IntGaugeVec,
+    pub(super) pool_waiting: IntGaugeVec,
+    pub(super) pool_max: IntGaugeVec,
+    pub(super) primary_up: IntGauge,
+    /// Whether the last probe reached the primary.
+    pub primary_reachable: AtomicBool,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace("gatehouse_db")
+}
+
+impl DbMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let m = DbMetrics {
+            registry: Registry::new(),
+            clients: IntGauge::with_opts(opts("clients", "Client sessions open now."))?,
+            logins: IntCounterVec::new(
+                opts("logins_total", "Client logins, by result."),
+                &["result"],
+            )?,
+            checkout_wait: HistogramVec::new(
+                HistogramOpts::new(
+                    "checkout_wait_seconds",
+                    "Time a client waited for a server connection.",
+                )
+                .namespace("gatehouse_db")
+                .buckets(vec![
+                    0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0,
+                ]),
+                &["pool"],
+            )?,
+            server_connects: IntCounterVec::new(
+                opts("server_connects_total", "Server connections opened."),
+                &["pool"],
+            )?,
+            server_errors: IntCounterVec::new(
+                opts("server_errors_total", "Failed server connections."),
+                &["pool"],
+            )?,
+            pinned: IntCounterVec::new(
+                opts(
+                    "pinned_clients_total",
+                    "Clients pinned to their server by session state.",
+                ),
+                &["pool"],
+            )?,
+            transactions: IntCounterVec::new(
+                opts(
+                    "transactions_total",
+                    "Transactions that ended with the server idle.",
+                ),
+                &["pool"],
+            )?,
+            queries: IntCounterVec::new(
+                opts("queries_total", "Query and Sync messages forwarded."),
+                &["pool"],
+            )?,
+            bytes: IntCounterVec::new(
+                opts(
+                    "bytes_total",
+                    "Bytes relayed: to_server (from clients) and to_client (from servers).",
+                ),
+                &["pool", "direction"],
+            )?,
+            statements: IntCounterVec::new(
+                opts(
+                    "prepared_statements_total",
+                    "Named statements of transaction-pooled clients: prepared on a \
+                     server connection, reused from one, or evicted from one.",
+                ),
+                &["pool", "event"],
+            )?,
+            refused: IntCounterVec::new(
+                opts(
+                    "refused_statements_total",
+                    "Statements refused for setting session state (session_state = refuse).",
+                ),
+                &["pool"],
+            )?,
+            config_reloads: IntCounterVec::new(
+                opts(
+                    "config_reloads_total",
+                    "Configuration reloads (SIGHUP), by result.",
+                ),
+                &["result"],
+            )?,
+            pool_connections: IntGaugeVec::new(
+                opts(
+                    "pool_connections",
+                    "Server connections by state (active = lent to a client).",
+                ),
+                &["pool", "state"],
+            )?,
+            pool_waiting: IntGaugeVec::new(
+                opts("pool_waiting", "Clients waiting for a connection."),
+                &["pool"],
+            )?,
+            pool_max: IntGaugeVec::new(opts("pool_max", "Pool size."), &["pool"])?,
+            primary_up: IntGauge::with_opts(opts(
+                "primary_up",
+                "1 while the primary accepts connections.",
+            ))?,
+            primary_reachable: AtomicBool::new(true),
+        };
+        m.registry.register(Box::new(m.clients.clone()))?;
+        m.registry.register(Box::new(m.logins.clone()))?;
+        m.registry.register(Box::new(m.checkout_wait.clone()))?;
+        m.registry.register(Box::new(m.server_connects.clone()))?;
+        m.registry.register(Box::new(m.server_errors.clone()))?;
+        m.registry.register(Box::new(m.pinned.clone()))?;
+        m.registry.register(Box::new(m.transactions.clone()))?;
+        m.registry.register(Box::new(m.queries.clone()))?;
+        m.registry.register(Box::new(m.bytes.clone()))?;
+        m.registry.register(Box::new(m.statements.clone()))?;
+        m.registry.register(Box::new(m.refused.clone()))?;
+        m.registry.register(Box::new(m.config_reloads.clone()))?;
+        m.registry.register(Box::new(m.pool_connections.clone()))?;
+        m.registry.register(Box::new(m.pool_waiting.clone()))?;
+        m.registry.register(Box::new(m.pool_max.clone()))?;
+        m.registry.register(Box::new(m.primary_up.clone()))?;
+        Ok(m)
+    }
+}
+
+/// One pool's busiest metrics, looked up once.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub checkout_wait: prometheus::Histogram,
+    pub queries: prometheus::IntCounter,
+    pub transactions: prometheus::IntCounter,
+    pub bytes_to_server: prometheus::IntCounter,
+    pub bytes_to_client: prometheus::IntCounter,
+}
+
+impl DbMetrics {
+    pub fn for_pool(&self, pool: &str) -> PoolMetrics {
+        PoolMetrics {
+            checkout_wait: self.checkout_wait.with_label_values(&[pool]),
+            queries: self.queries.with_label_values(&[pool]),
+            transactions: self.transactions.with_label_values(&[pool]),
+            bytes_to_server: self.bytes.with_label_values(&[pool, "to_server"]),
+            bytes_to_client: self.bytes.with_label_values(&[pool, "to_client"]),
+        }
+    }
+
+    /// Count what happened to named statements in one exchange.
+    pub fn count_statements(&self, pool: &str, events: super::statements::StatementEvents) {
+        for (event, n) in [
+            ("prepared", events.prepared),
+            ("reused", events.reused),
+            ("evicted", events.evicted),
+        ] {
+            if n > 0 {
+                self.statements.with_label_values(&[pool, event]).inc_by(n);
+            }
+        }
+    }
+}
