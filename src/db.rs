@@ -41,7 +41,6 @@ use arc_swap::ArcSwap;
 use bytes::BufMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::db::{DbConfig, DbOverrides, Node};
 use server::ServerStream;
@@ -171,14 +170,68 @@ pub struct DbSource {
     pub overrides: DbOverrides,
 }
 
-/// Bind the socket (and TCP, when configured), then serve until SIGTERM or
-/// SIGINT; SIGHUP reloads the configuration.
-pub fn run(config: DbConfig, source: DbSource) -> Result<(), DbStartError> {
+/// `gatehouse db`'s sockets, bound before the service runs.
+pub struct DbListeners {
+    pub unix: std::os::unix::net::UnixListener,
+    pub tcp: Option<std::net::TcpListener>,
+    pub admin: Option<std::net::TcpListener>,
+}
+
+/// Bind the Unix socket (its directory made, a stale socket file of an
+/// earlier run removed), the TCP listener and the admin listener.
+pub fn bind(config: &DbConfig) -> Result<DbListeners, DbStartError> {
+    let dir = config.socket_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|source| DbStartError::SocketDir {
+        dir: dir.display().to_string(),
+        source,
+    })?;
+    let path = config.socket_path();
+    let listen_error = |at: String| move |source| DbStartError::Listen { at, source };
+    // A socket file left by a previous run that is not listening any more.
+    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    let unix = std::os::unix::net::UnixListener::bind(&path)
+        .map_err(listen_error(path.display().to_string()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket_mode))
+        .map_err(listen_error(path.display().to_string()))?;
+    unix.set_nonblocking(true)
+        .map_err(listen_error(path.display().to_string()))?;
+    tracing::info!(service = "db", socket = %path.display(), "listening");
+    let tcp = match config.listen {
+        Some(addr) => {
+            let listener =
+                std::net::TcpListener::bind(addr).map_err(listen_error(addr.to_string()))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(listen_error(addr.to_string()))?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(service = "db", %addr, "listening");
+            }
+            Some(listener)
+        }
+        None => None,
+    };
+    let admin = match config.admin_listen {
+        Some(addr) => Some(crate::admin::bind(addr).map_err(listen_error(addr.to_string()))?),
+        None => None,
+    };
+    Ok(DbListeners { unix, tcp, admin })
+}
+
+/// Serve on `listeners` until `control` says `Shutdown` (or closes);
+/// `Reload` loads the configuration again.
+pub fn run(
+    listeners: DbListeners,
+    config: DbConfig,
+    source: DbSource,
+    control: crate::ControlReceiver,
+) -> Result<(), DbStartError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(DbStartError::Runtime)?;
-    runtime.block_on(serve(config, source))
+    runtime.block_on(serve(listeners, config, source, control))
 }
 
 /// Load the configuration again and apply it when it is valid: users,
@@ -215,53 +268,20 @@ pub fn reload(shared: &DbShared, source: &DbSource) {
     crate::config::reload_applied(&shared.metrics.config_reloads, &file);
 }
 
-async fn serve(config: DbConfig, source: DbSource) -> Result<(), DbStartError> {
-    let dir = config.socket_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|source| DbStartError::SocketDir {
-        dir: dir.display().to_string(),
-        source,
-    })?;
+async fn serve(
+    listeners: DbListeners,
+    config: DbConfig,
+    source: DbSource,
+    mut control: crate::ControlReceiver,
+) -> Result<(), DbStartError> {
     let path = config.socket_path();
-    // A socket file left by a previous run that is not listening any more.
-    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
-        let _ = std::fs::remove_file(&path);
-    }
-    let unix = UnixListener::bind(&path).map_err(|source| DbStartError::Listen {
-        at: path.display().to_string(),
-        source,
-    })?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket_mode)).map_err(
-        |source| DbStartError::Listen {
-            at: path.display().to_string(),
-            source,
-        },
-    )?;
-    tracing::info!(service = "db", socket = %path.display(), "listening");
-    let tcp = match config.listen {
-        Some(addr) => {
-            let listener =
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| DbStartError::Listen {
-                        at: addr.to_string(),
-                        source,
-                    })?;
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(service = "db", %addr, "listening");
-            }
-            Some(listener)
-        }
-        None => None,
-    };
-    let admin = match config.admin_listen {
-        Some(addr) => Some(
-            crate::admin::bind(addr).map_err(|source| DbStartError::Listen {
-                at: addr.to_string(),
-                source,
-            })?,
-        ),
-        None => None,
-    };
+    let unix = UnixListener::from_std(listeners.unix).map_err(DbStartError::Runtime)?;
+    let tcp = listeners
+        .tcp
+        .map(TcpListener::from_std)
+        .transpose()
+        .map_err(DbStartError::Runtime)?;
+    let admin = listeners.admin;
     let shared = Arc::new(DbShared::new(config)?);
     shared
         .pools
@@ -292,19 +312,18 @@ async fn serve(config: DbConfig, source: DbSource) -> Result<(), DbStartError> {
             }
         });
     }
-    let mut terminate = signal(SignalKind::terminate()).map_err(DbStartError::Runtime)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DbStartError::Runtime)?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(DbStartError::Runtime)?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&shared, &source),
+            message = control.recv() => match message {
+                Some(crate::Control::Reload) => reload(&shared, &source),
+                Some(crate::Control::ReopenLogs) => {}
+                Some(crate::Control::Shutdown) | None => break,
+            },
             accepted = unix.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let uid = stream.peer_cred().ok().map(|c| c.uid());
                 tokio::spawn(session::serve(stream, uid, Arc::clone(&shared)));
             }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
         }
     }
     let _ = std::fs::remove_file(&path);

@@ -44,3 +44,19 @@ pub mod net;
 pub mod proxy;
 pub mod ratelimit;
 pub mod telemetry;
+
+/// What the binary asks a running service to do; it turns signals into
+/// these (SIGHUP, SIGUSR1, SIGTERM). The library reads no signal itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Load the configuration file again; an invalid one changes nothing.
+    Reload,
+    /// Reopen log files (logrotate moved them).
+    ReopenLogs,
+    /// Stop accepting, finish what is in flight within the drain timeout,
+    /// return. A closed channel means the same.
+    Shutdown,
+}
+
+/// Where a service receives its `Control` messages.
+pub type ControlReceiver = tokio::sync::mpsc::UnboundedReceiver<Control>;

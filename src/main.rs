@@ -116,7 +116,11 @@ fn main() -> ExitCode {
                 }
             };
             gatehouse::telemetry::init_tracing(&loaded.log);
-            match gatehouse::db::run(loaded, source) {
+            let started = gatehouse::db::bind(&loaded).and_then(|listeners| {
+                // SIGINT stops `gatehouse db` as SIGTERM does: its socket file goes.
+                gatehouse::db::run(listeners, loaded, source, signals(false))
+            });
+            match started {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("gatehouse: {e}");
@@ -155,7 +159,9 @@ fn main() -> ExitCode {
                 }
             };
             gatehouse::telemetry::init_tracing(&loaded.log);
-            match proxy::run(loaded, source) {
+            let started = proxy::bind(&loaded)
+                .and_then(|listeners| proxy::run(listeners, loaded, source, signals(true)));
+            match started {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -165,6 +171,61 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Signals as `Control` messages, from a thread of their own: SIGHUP
+/// reloads, SIGUSR1 reopens logs, SIGTERM drains. SIGINT exits at once with
+/// 130 when `interrupt_exits`, else drains too.
+fn signals(interrupt_exits: bool) -> gatehouse::ControlReceiver {
+    use gatehouse::Control;
+    use tokio::signal::unix::{SignalKind, signal};
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("gatehouse: starting the signal thread: {e}");
+            std::process::exit(1);
+        }
+    };
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let (Ok(mut hangup), Ok(mut user1), Ok(mut terminate), Ok(mut interrupt)) = (
+                signal(SignalKind::hangup()),
+                signal(SignalKind::user_defined1()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                eprintln!("gatehouse: cannot install signal handlers");
+                std::process::exit(1);
+            };
+            let _ = ready_tx.send(());
+            loop {
+                let message = tokio::select! {
+                    _ = hangup.recv() => Control::Reload,
+                    _ = user1.recv() => Control::ReopenLogs,
+                    _ = terminate.recv() => Control::Shutdown,
+                    _ = interrupt.recv() => {
+                        if interrupt_exits {
+                            tracing::info!("SIGINT: exiting now");
+                            std::process::exit(130);
+                        }
+                        Control::Shutdown
+                    }
+                };
+                if sender.send(message).is_err() {
+                    return;
+                }
+            }
+        });
+    });
+    // The handlers are installed before the service starts, so no early
+    // signal kills the process by default.
+    let _ = ready_rx.recv();
+    receiver
 }
 
 fn check_config(files: &[PathBuf]) -> ExitCode {

@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::config::{Config, Overrides};
@@ -175,16 +174,38 @@ fn listen_error(addr: SocketAddr, source: io::Error) -> StartError {
     }
 }
 
-/// Run the gateway until SIGTERM (drain, then return) or SIGINT (exit now).
-pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
-    let metrics = Metrics::new()?;
-    let workers = config.server.workers;
-    let listeners = accept::bind(config.server.listen, workers)
+/// The gateway's sockets, bound before the service runs.
+pub struct Listeners {
+    /// One per worker, on the same address (`SO_REUSEPORT`).
+    pub clients: Vec<std::net::TcpListener>,
+    pub admin: Option<std::net::TcpListener>,
+}
+
+/// Bind the client listeners (one per worker) and the admin listener.
+pub fn bind(config: &Config) -> Result<Listeners, StartError> {
+    let clients = accept::bind(config.server.listen, config.server.workers)
         .map_err(|e| listen_error(config.server.listen, e))?;
     let admin = match config.admin_listen {
         Some(addr) => Some(crate::admin::bind(addr).map_err(|e| listen_error(addr, e))?),
         None => None,
     };
+    Ok(Listeners { clients, admin })
+}
+
+/// Run the gateway on `listeners` until `control` says `Shutdown` (or
+/// closes): then stop accepting, drain within `drain_timeout`, and return.
+pub fn run(
+    listeners: Listeners,
+    config: Config,
+    source: ConfigSource,
+    control: crate::ControlReceiver,
+) -> Result<(), StartError> {
+    let metrics = Metrics::new()?;
+    let workers = listeners.clients.len();
+    let Listeners {
+        clients: listeners,
+        admin,
+    } = listeners;
     let upstreams = Arc::new(UpstreamSet::new(&config.upstream, workers, &metrics));
     let limit_stores = LimitStores::new();
     let cap = accept::connection_cap(config.server.max_connections);
@@ -232,18 +253,18 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
         threads.push(thread);
     }
 
-    let control = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(StartError::Runtime)?;
-    control.block_on(async {
+    runtime.block_on(async {
         if let Some(listener) = admin {
             let shared = Arc::clone(&shared);
             tokio::spawn(async move { admin::serve(listener, shared).await });
         }
         tokio::spawn(health_checks(Arc::clone(&shared)));
-        signals(&shared, &source, shutdown_tx).await
-    })?;
+        controlled(&shared, &source, shutdown_tx, control).await;
+    });
     for thread in threads {
         let _ = thread.join();
     }
@@ -251,25 +272,35 @@ pub fn run(config: Config, source: ConfigSource) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Wait for signals: SIGHUP reloads, SIGTERM starts the drain, SIGINT exits.
-async fn signals(
+/// Follow `control` (reload, reopen logs, shut down) and, with
+/// `watch_config`, the file's changes.
+async fn controlled(
     shared: &Shared,
     source: &ConfigSource,
     shutdown: watch::Sender<bool>,
-) -> Result<(), StartError> {
-    let mut hangup = signal(SignalKind::hangup()).map_err(StartError::Runtime)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(StartError::Runtime)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(StartError::Runtime)?;
-    let mut reopen = signal(SignalKind::user_defined1()).map_err(StartError::Runtime)?;
+    mut control: crate::ControlReceiver,
+) {
     let mut seen = fingerprint(source);
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut last_check = tokio::time::Instant::now();
     loop {
         tokio::select! {
-            _ = hangup.recv() => {
-                seen = fingerprint(source);
-                reload(shared, source);
-            }
+            message = control.recv() => match message {
+                Some(crate::Control::Reload) => {
+                    seen = fingerprint(source);
+                    reload(shared, source);
+                }
+                Some(crate::Control::ReopenLogs) => {
+                    tracing::info!("reopening the access log");
+                    shared.access_log.reopen(None);
+                }
+                Some(crate::Control::Shutdown) | None => {
+                    let drain = shared.live.load().config.server.drain_timeout;
+                    tracing::info!(?drain, "shutting down: no new connections; finishing in-flight requests");
+                    let _ = shutdown.send(true);
+                    return;
+                }
+            },
             _ = watch.tick() => {
                 let Some(every) = shared.live.load().config.server.config_watch_interval else {
                     continue;
@@ -284,20 +315,6 @@ async fn signals(
                     tracing::info!("configuration file changed");
                     reload(shared, source);
                 }
-            }
-            _ = reopen.recv() => {
-                tracing::info!("SIGUSR1: reopening the access log");
-                shared.access_log.reopen(None);
-            }
-            _ = terminate.recv() => {
-                let drain = shared.live.load().config.server.drain_timeout;
-                tracing::info!(?drain, "SIGTERM: no new connections; finishing in-flight requests");
-                let _ = shutdown.send(true);
-                return Ok(());
-            }
-            _ = interrupt.recv() => {
-                tracing::info!("SIGINT: exiting now");
-                std::process::exit(130);
             }
         }
     }

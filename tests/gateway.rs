@@ -1255,3 +1255,41 @@ async fn clients_that_never_read_hold_no_gunicorn_worker() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body.len(), size);
 }
+
+/// The gateway as a library: bound by the caller, run on a thread, told to
+/// reload and to stop through its control channel; `run` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_runs_in_process_and_stops_when_told() {
+    let upstream = TestUpstream::start("a").await;
+    let toml = simple(&[upstream.url()]);
+    let config = gatehouse::config::Config::from_text(
+        "in-process.toml",
+        &toml,
+        &gatehouse::config::Overrides {
+            listen: Some("127.0.0.1:0".into()),
+            admin_listen: Some("127.0.0.1:0".into()),
+            upstreams: Vec::new(),
+        },
+        &gatehouse::config::ProcessEnv,
+    )
+    .unwrap();
+    let listeners = gatehouse::proxy::bind(&config).unwrap();
+    let addr = listeners.clients[0].local_addr().unwrap();
+    let (control, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let source = gatehouse::proxy::ConfigSource {
+        path: None,
+        overrides: gatehouse::config::Overrides::default(),
+    };
+    let service =
+        std::thread::spawn(move || gatehouse::proxy::run(listeners, config, source, receiver));
+    let (status, _, body) = get(addr, "/in-process", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json(&body)["path"], "/in-process");
+    control.send(gatehouse::Control::Shutdown).unwrap();
+    let stopped = tokio::task::spawn_blocking(move || service.join())
+        .await
+        .unwrap()
+        .expect("the service thread did not panic");
+    assert!(stopped.is_ok(), "{stopped:?}");
+    assert!(get(addr, "/", &[]).await.is_err(), "nothing listens any more");
+}
