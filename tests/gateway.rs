@@ -1291,5 +1291,8 @@ async fn the_gateway_runs_in_process_and_stops_when_told() {
         .unwrap()
         .expect("the service thread did not panic");
     assert!(stopped.is_ok(), "{stopped:?}");
-    assert!(get(addr, "/", &[]).await.is_err(), "nothing listens any more");
+    assert!(
+        get(addr, "/", &[]).await.is_err(),
+        "nothing listens any more"
+    );
 }
