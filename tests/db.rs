@@ -10,6 +10,8 @@
 mod harness;
 #[path = "support/postgres.rs"]
 mod postgres;
+#[path = "support/db.rs"]
+mod support;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -21,172 +23,13 @@ use gatehouse::db::auth::{ScramExchange, ScramVerifier};
 use gatehouse::db::codec::{Frame, FrameCodec, error_response};
 use gatehouse::db::server::{Login, ServerConn, ServerError};
 use postgres::{APP_DB, APP_PASSWORD, APP_USER, TestPostgres};
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
+use support::{
+    GatehouseDb, MD5_PASSWORD, MD5_USER, Wire, first_value, http_get, metric, output_text,
+    peak_rss_bytes, sqlstate_of, wait_for,
+};
 use tokio_util::codec::Decoder;
-
-/// A raw connection to the test server's Unix socket, read through the codec.
-struct Wire {
-    stream: UnixStream,
-    buf: BytesMut,
-    codec: FrameCodec,
-    /// BackendKeyData from login.
-    backend_key: (i32, i32),
-}
-
-impl Wire {
-    fn connect(pg: &TestPostgres) -> Wire {
-        let path = pg.socket_dir.join(format!(".s.PGSQL.{}", pg.port));
-        let stream = UnixStream::connect(path).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Wire {
-            stream,
-            buf: BytesMut::new(),
-            codec: FrameCodec::new(1 << 20),
-            backend_key: (0, 0),
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn frame(&mut self) -> Frame {
-        loop {
-            if let Some(frame) = self.codec.decode(&mut self.buf).unwrap() {
-                return frame;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).unwrap();
-            assert!(n > 0, "server closed the connection");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// Frames up to and including the next ReadyForQuery.
-    fn until_ready(&mut self) -> Vec<Frame> {
-        let mut frames = Vec::new();
-        loop {
-            let frame = self.frame();
-            let done = frame.ready_status().is_some();
-            frames.push(frame);
-            if done {
-                return frames;
-            }
-        }
-    }
-
-    fn startup(&mut self, user: &str) {
-        let mut buf = BytesMut::new();
-        frontend::startup_message([("user", user), ("database", APP_DB)], &mut buf).unwrap();
-        self.send(&buf);
-    }
-
-    /// Startup and SCRAM-SHA-256 as `app`, up to the first ReadyForQuery.
-    fn login(pg: &TestPostgres) -> Wire {
-        Wire::scram_login(Wire::connect(pg))
-    }
-
-    fn scram_login(mut wire: Wire) -> Wire {
-        wire.startup(APP_USER);
-        let sasl = wire.frame();
-        assert_eq!(sasl.tag, b'R');
-        let mut scram = ScramSha256::new(APP_PASSWORD.as_bytes(), ChannelBinding::unsupported());
-        let mut buf = BytesMut::new();
-        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut buf).unwrap();
-        wire.send(&buf);
-        let continue_ = wire.frame();
-        scram.update(&continue_.body()[4..]).unwrap();
-        let mut buf = BytesMut::new();
-        frontend::sasl_response(scram.message(), &mut buf).unwrap();
-        wire.send(&buf);
-        let final_ = wire.frame();
-        scram.finish(&final_.body()[4..]).unwrap();
-        let frames = wire.until_ready();
-        assert_eq!(frames.last().unwrap().ready_status(), Some(b'I'));
-        if let Some(key) = frames.iter().find(|f| f.tag == b'K') {
-            let body = key.body();
-            wire.backend_key = (
-                i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
-                i32::from_be_bytes([body[4], body[5], body[6], body[7]]),
-            );
-        }
-        wire
-    }
-
-    /// The first column of the first row of `sql`.
-    fn value(&mut self, sql: &str) -> String {
-        let frames = self.query(sql);
-        let row = frames.iter().find(|f| f.tag == b'D').expect("a row");
-        String::from_utf8_lossy(&row.body()[6..]).to_string()
-    }
-
-    fn query(&mut self, sql: &str) -> Vec<Frame> {
-        let mut buf = BytesMut::new();
-        frontend::query(sql, &mut buf).unwrap();
-        self.send(&buf);
-        self.until_ready()
-    }
-
-    /// `PQprepare`: Parse with a name, then Sync.
-    fn prepare(&mut self, name: &str, sql: &str) -> Vec<Frame> {
-        let mut buf = BytesMut::new();
-        frontend::parse(name, sql, std::iter::empty(), &mut buf).unwrap();
-        frontend::sync(&mut buf);
-        self.send(&buf);
-        self.until_ready()
-    }
-
-    /// `PQexecPrepared` without parameters: Bind, Execute, Sync.
-    fn execute_prepared(&mut self, name: &str) -> Vec<Frame> {
-        let mut buf = BytesMut::new();
-        frontend::bind(
-            "",
-            name,
-            std::iter::empty::<i16>(),
-            std::iter::empty::<()>(),
-            |_, _| -> Result<postgres_protocol::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                Ok(postgres_protocol::IsNull::No)
-            },
-            std::iter::empty::<i16>(),
-            &mut buf,
-        )
-        .map_err(|_| "bind")
-        .unwrap();
-        frontend::execute("", 0, &mut buf).unwrap();
-        frontend::sync(&mut buf);
-        self.send(&buf);
-        self.until_ready()
-    }
-}
-
-/// A command's standard output, then its standard error.
-fn output_text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The SQLSTATE of the first ErrorResponse among `frames`.
-fn sqlstate_of(frames: &[Frame]) -> Option<String> {
-    frames.iter().find(|f| f.tag == b'E').map(|e| {
-        e.error_fields()
-            .iter()
-            .find(|(code, _)| *code == b'C')
-            .map(|(_, v)| v.to_string())
-            .unwrap_or_default()
-    })
-}
-
-/// The first column of the first DataRow among `frames`.
-fn first_value(frames: &[Frame]) -> Option<String> {
-    let row = frames.iter().find(|f| f.tag == b'D')?;
-    Some(String::from_utf8_lossy(&row.body()[6..]).to_string())
-}
 
 #[test]
 fn ssl_request_and_scram_request_are_read() {
@@ -355,177 +198,6 @@ async fn server_login_failures_carry_the_servers_sqlstate() {
     ));
 }
 
-/// A running `gatehouse db` in front of the test cluster.
-struct GatehouseDb {
-    child: std::process::Child,
-    socket_dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl GatehouseDb {
-    /// With `pool` lines under `[pool]` and the database in `mode`.
-    fn start(pg: &TestPostgres, pool: &str, mode: &str) -> GatehouseDb {
-        // No warm connections unless a test asks for them.
-        let pool = if pool.contains("min_connections") {
-            pool.to_string()
-        } else {
-            format!("min_connections = 0\n{pool}")
-        };
-        let socket_dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let config = format!(
-            "[server]\nsocket_dir = \"{}\"\nport = {port}\n\n[admin]\nenabled = false\n\n\
-             [primary]\nhost = \"{}\"\nport = {}\n\n[pool]\n{pool}\n\n\
-             [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
-             [[users]]\nname = \"{MD5_USER}\"\nauth = \"md5\"\npassword = \"{MD5_PASSWORD}\"\n\n\
-             [[databases]]\nname = \"{APP_DB}\"\npool_mode = \"{mode}\"\n",
-            socket_dir.path().display(),
-            pg.socket_dir.display(),
-            pg.port,
-        );
-        Self::launch(socket_dir, port, &config)
-    }
-
-    /// With the admin listener on; returns its address too.
-    fn start_with_admin(pg: &TestPostgres, pool: &str, server: &str) -> (GatehouseDb, String) {
-        let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let plain = GatehouseDb::start(pg, pool, "transaction");
-        let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
-            .unwrap()
-            .replace(
-                "[admin]\nenabled = false",
-                &format!("[admin]\nenabled = true\nlisten = \"127.0.0.1:{admin_port}\""),
-            )
-            .replace("[server]\n", &format!("[server]\n{server}\n"));
-        drop(plain);
-        (
-            GatehouseDb::start_with_text(&text),
-            format!("127.0.0.1:{admin_port}"),
-        )
-    }
-
-    /// With a whole config file (its socket directory and port are kept).
-    fn start_with_text(config: &str) -> GatehouseDb {
-        let socket_dir = tempfile::tempdir().unwrap();
-        let dir_line = config
-            .lines()
-            .find(|l| l.starts_with("socket_dir = "))
-            .unwrap()
-            .to_string();
-        let port: u16 = config
-            .lines()
-            .find_map(|l| l.strip_prefix("port = "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let config = config.replace(
-            &dir_line,
-            &format!("socket_dir = \"{}\"", socket_dir.path().display()),
-        );
-        Self::launch(socket_dir, port, &config)
-    }
-
-    fn launch(socket_dir: tempfile::TempDir, port: u16, config: &str) -> GatehouseDb {
-        let config_path = socket_dir.path().join("db.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
-            .arg("db")
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let db = GatehouseDb {
-            child,
-            socket_dir,
-            port,
-        };
-        let socket = db.socket_dir.path().join(format!(".s.PGSQL.{port}"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "gatehouse db did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        db
-    }
-
-    fn psql(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
-        let out = std::process::Command::new("psql")
-            .arg("-h")
-            .arg(self.socket_dir.path())
-            .args(["-p", &self.port.to_string(), "-U", user, "-d", APP_DB])
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
-    }
-
-    /// `pgbench` (a real client) through gatehouse; its output, which must
-    /// report success.
-    fn pgbench(&self, user: &str, password: &str, env: &[(&str, &str)], args: &[&str]) -> String {
-        let out = std::process::Command::new("pgbench")
-            .arg("-h")
-            .arg(self.socket_dir.path())
-            .args(["-p", &self.port.to_string(), "-U", user])
-            .args(args)
-            .arg(APP_DB)
-            .env("PGPASSWORD", password)
-            .envs(env.iter().copied())
-            .output()
-            .expect("pgbench is installed (apt-get install postgresql)");
-        let text = output_text(&out);
-        assert!(out.status.success(), "pgbench {args:?}: {text}");
-        text
-    }
-
-    /// A raw client logged in through gatehouse with SCRAM.
-    fn wire(&self) -> Wire {
-        let socket = self
-            .socket_dir
-            .path()
-            .join(format!(".s.PGSQL.{}", self.port));
-        let stream = UnixStream::connect(socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        Wire::scram_login(Wire {
-            stream,
-            buf: BytesMut::new(),
-            codec: FrameCodec::new(1 << 20),
-            backend_key: (0, 0),
-        })
-    }
-}
-
-impl Drop for GatehouseDb {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-const MD5_USER: &str = "app_md5";
-const MD5_PASSWORD: &str = "md5-test-password";
-
 /// A second role, for md5 clients.
 fn md5_role(pg: &TestPostgres) {
     pg.superuser_sql(&format!(
@@ -638,17 +310,6 @@ fn copy_in_and_out_and_a_large_result() {
     );
 }
 
-/// Peak resident memory of a process, from /proc.
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 /// A 50 MB result read by a client slower than the server streams through
 /// with the router's memory bounded: it reads from the server only as fast
 /// as the client takes the rows.
@@ -666,8 +327,14 @@ fn a_50_mb_result_streams_in_bounded_memory() {
     )
     .unwrap();
     wire.send(&buf);
-    // The server is far ahead of this client for a while.
-    std::thread::sleep(Duration::from_secs(1));
+    // Before this client reads a row, PostgreSQL fills what the router lets
+    // through and then waits to write.
+    assert!(wait_for(Duration::from_secs(10), || {
+        pg.superuser_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'ClientWrite' \
+             AND query LIKE 'SELECT repeat(''x'', 1000)%'",
+        ) == "1"
+    }));
     let (mut rows, mut bytes) = (0u64, 0u64);
     loop {
         let frame = wire.frame();
@@ -786,10 +453,15 @@ fn a_cancel_reaches_only_its_own_query() {
     let (pid, key) = sleeper.backend_key;
     let mut bystander = db.wire();
     let mut buf = BytesMut::new();
-    frontend::query("SELECT pg_sleep(20)", &mut buf).unwrap();
+    frontend::query("SELECT pg_sleep(20) /* cancel test */", &mut buf).unwrap();
     sleeper.send(&buf);
     bystander.send(&buf);
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_for(Duration::from_secs(10), || {
+        pg.superuser_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' \
+             AND query = 'SELECT pg_sleep(20) /* cancel test */'",
+        ) == "2"
+    }));
     let socket = db.socket_dir.path().join(format!(".s.PGSQL.{}", db.port));
     let mut cancel = UnixStream::connect(socket).unwrap();
     let mut packet = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
@@ -1093,15 +765,6 @@ fn more_clients_than_connections_in_transaction_mode() {
     );
 }
 
-/// One sample from the admin listener's `/metrics`, by its name and labels.
-fn metric(admin: &str, sample: &str) -> Option<f64> {
-    let (_, metrics) = http_get(admin, "/metrics");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(sample))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-}
-
 /// Bytes that are not the protocol get an ErrorResponse with a SQLSTATE and
 /// a closed connection, never a hang or a crash; the service goes on.
 #[test]
@@ -1176,20 +839,6 @@ fn trust_by_peer_uid() {
         let result = db.psql(APP_USER, "not-asked-for", "SELECT current_user");
         assert_eq!(result.is_ok(), allowed, "uids [{uids}]: {result:?}");
     }
-}
-
-/// One GET over HTTP/1.0; (status, body).
-fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
 }
 
 #[test]
@@ -1285,17 +934,6 @@ fn pool_counts(admin: &str) -> (u64, u64) {
         pool["active"].as_u64().unwrap_or(0),
         pool["idle"].as_u64().unwrap_or(0),
     )
-}
-
-fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        if check() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    check()
 }
 
 #[test]
@@ -1446,7 +1084,12 @@ fn connections_are_replaced_after_max_lifetime() {
     let first = db
         .psql(APP_USER, APP_PASSWORD, "SELECT pg_backend_pid()")
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // The pool's upkeep closes the connection once it is a second old.
+    assert!(wait_for(Duration::from_secs(10), || {
+        pg.superuser_sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {first}"
+        )) == "0"
+    }));
     let second = db
         .psql(APP_USER, APP_PASSWORD, "SELECT pg_backend_pid()")
         .unwrap();

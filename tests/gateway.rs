@@ -288,13 +288,25 @@ async fn slowloris_client_is_cut_at_the_header_deadline() {
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
-    // Keep trickling header bytes; the deadline covers the whole head.
-    for _ in 0..4 {
-        std::thread::sleep(Duration::from_millis(300));
-        if stream.write_all(b"X-Drip: 1\r\n").is_err() {
-            break;
+    // Keep trickling header bytes, one line every 300 ms (the attack's pace),
+    // until the gateway closes: the deadline covers the whole head.
+    let dripping = Instant::now();
+    while dripping.elapsed() < Duration::from_secs(8) && stream.write_all(b"X-Drip: 1\r\n").is_ok()
+    {
+        let mut probe = [0u8; 1];
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        match stream.read(&mut probe) {
+            Ok(0) => break,
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(_) => {}
         }
     }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
     let elapsed = started.elapsed();
@@ -785,6 +797,7 @@ async fn slow_upload_does_not_hold_a_gunicorn_sync_worker() {
     let addr = gateway.addr;
 
     let body = b"{\"title\": \"slow upload\", \"author_id\": 1, \"body\": \"0123456789\"}";
+    let (uploading, upload_started) = std::sync::mpsc::channel();
     let uploader = std::thread::spawn(move || {
         let mut stream = TcpStream::connect(addr).unwrap();
         let head = format!(
@@ -793,10 +806,13 @@ async fn slow_upload_does_not_hold_a_gunicorn_sync_worker() {
             body.len()
         );
         stream.write_all(head.as_bytes()).unwrap();
-        // About three seconds for the whole body.
-        for chunk in body.chunks(5) {
+        // About three seconds for the whole body, at the slow client's pace.
+        for (i, chunk) in body.chunks(5).enumerate() {
             std::thread::sleep(Duration::from_millis(220));
             stream.write_all(chunk).unwrap();
+            if i == 0 {
+                uploading.send(()).unwrap();
+            }
         }
         let finished_sending = Instant::now();
         let mut answer = String::new();
@@ -804,7 +820,7 @@ async fn slow_upload_does_not_hold_a_gunicorn_sync_worker() {
         (finished_sending, answer)
     });
 
-    std::thread::sleep(Duration::from_millis(500));
+    upload_started.recv().unwrap();
     let (status, _, _) = get(gateway.addr, "/v1/stories/", &[]).await.unwrap();
     let fast_done = Instant::now();
     assert_eq!(status, StatusCode::OK);

@@ -5,7 +5,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -50,7 +50,7 @@ impl std::fmt::Debug for ScramVerifier {
 
 fn hmac(key: &[u8], message: &[u8]) -> [u8; 32] {
     // HMAC takes keys of any length.
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     mac.update(message);
     mac.finalize().into_bytes().into()
 }
