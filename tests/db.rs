@@ -736,8 +736,10 @@ fn more_clients_than_connections_in_transaction_mode() {
             "{mode}: {text}"
         );
     }
+    // Other tests log in as this role too, with psql; pgbench's are ours.
     let connections = superuser(&format!(
-        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{MD5_USER}'"
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{MD5_USER}' \
+         AND application_name = 'pgbench'"
     ));
     let connections: u32 = connections.parse().unwrap();
     assert!(
