@@ -1070,6 +1070,7 @@ async fn shared_limits_resume_within_the_cooldown_under_load() {
         task.await.unwrap();
     }
     let resumed = resumed.expect("shared limits resumed within 15 s");
+    eprintln!("shared limits resumed {resumed:?} after Redis answered");
     assert!(
         resumed <= Duration::from_secs(3),
         "shared limits resumed {resumed:?} after Redis answered; the cooldown is 2 s"

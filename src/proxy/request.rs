@@ -1,5 +1,5 @@
 //! The request path, one request top to bottom. [`Exchange::handle`] calls
-//! the phases in the order ARCHITECTURE.md draws them:
+//! the phases in the order `docs/architecture.md` draws them:
 //!
 //! ```text
 //! accept → identify → route → limit → cache → upstream → response → log
