@@ -7,30 +7,42 @@
 # two per core), then drives each with wrk: 64 connections,
 # a small (2 KiB) and a large (64 KiB) response. Rounds alternate between the
 # two proxies so drift on a shared machine hits both. Prints req/s, p50, p99 and
-# the gatehouse/nginx ratios. Access logs are off for both.
+# the gatehouse/nginx ratios. Access logs are off for both, or with
+# ACCESS_LOG=on written by both to a file in the scratch directory (nginx's
+# default buffered-less `access_log FILE`, gatehouse's `log.access_log_path`).
 #
-# Usage: loadtest/bench_proxy.sh [seconds-per-run=10] [rounds=3]
+# Usage: [ACCESS_LOG=on] loadtest/bench_proxy.sh [seconds-per-run=10] [rounds=3]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
 rounds=${2:-3}
 nginx_workers=${NGINX_WORKERS:-auto}
 gatehouse_workers=${GATEHOUSE_WORKERS:-0}
+access_log=${ACCESS_LOG:-off}
 
 . loadtest/lib.sh
+
+if [ "$access_log" = on ]; then
+  nginx_log="access_log $dir/nginx-access.log;"
+  gatehouse_log=(GATEHOUSE_LOG__ACCESS_LOG=true GATEHOUSE_LOG__ACCESS_LOG_PATH="$dir/gatehouse-access.log")
+else
+  nginx_log="access_log off;"
+  gatehouse_log=(GATEHOUSE_LOG__ACCESS_LOG=false)
+fi
 
 UP=$(free_port); NG=$(free_port); GH=$(free_port)
 start_upstream "$UP"
 cat > "$dir/proxy.conf" <<CONF
 worker_processes $nginx_workers; pid $dir/px.pid; $NGINX_COMMON
-http { access_log off; keepalive_requests 100000;
+http { $nginx_log keepalive_requests 100000;
   upstream app { server 127.0.0.1:$UP; keepalive 64; }
   server { listen 127.0.0.1:$NG;
     location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
                  proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; } } }
 CONF
 "$NGINX" -c "$dir/proxy.conf" -p "$dir"
-start_gatehouse gatehouse "$GH" "$UP" GATEHOUSE_SERVER__WORKERS="$gatehouse_workers" GATEHOUSE_RATELIMIT__ENABLED=false
+start_gatehouse gatehouse "$GH" "$UP" GATEHOUSE_SERVER__WORKERS="$gatehouse_workers" GATEHOUSE_RATELIMIT__ENABLED=false \
+  "${gatehouse_log[@]}"
 curl -sf "http://127.0.0.1:$NG/small" >/dev/null
 
 printf '%-8s %-10s %5s %10s %9s %9s\n' size target round req/s p50_ms p99_ms
@@ -52,7 +64,11 @@ done
 
 echo
 echo "best of $rounds rounds, ${duration}s each, 64 connections, $(nproc) cores;" \
-  "nginx worker_processes=$nginx_workers, gatehouse workers=$gatehouse_workers (0 = 2 per core)"
+  "nginx worker_processes=$nginx_workers, gatehouse workers=$gatehouse_workers (0 = 2 per core);" \
+  "access logs $access_log"
+if [ "$access_log" = on ]; then
+  echo "access-log lines: nginx $(wc -l < "$dir/nginx-access.log"), gatehouse $(wc -l < "$dir/gatehouse-access.log")"
+fi
 printf '%-8s %12s %12s %12s %16s %18s\n' size direct nginx gatehouse "gatehouse/nginx" "p99 gh-nginx (ms)"
 for size in small large; do
   d=${best_rps[$size/direct]}; n=${best_rps[$size/nginx]}; g=${best_rps[$size/gatehouse]}

@@ -70,8 +70,14 @@ start_gatehouse() {
 measure() {
   local url=$1 seconds=$2
   shift 2
+  # Only successful answers count: a run with any non-2xx answer or socket
+  # error stops the script.
   wrk -t2 -c64 -d"${seconds}s" --latency "$@" "$url" | awk '
     function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
     /^Requests\/sec/ { rps=$2 } / 50%/ { p50=ms($2) } / 99%/ { p99=ms($2) }
-    END { printf "%.0f %.3f %.3f\n", rps, p50, p99 }'
+    /Non-2xx or 3xx responses/ { bad=$NF } /Socket errors/ { errors=$0 }
+    END {
+      if (bad > 0) { print "non-2xx answers: " bad > "/dev/stderr"; exit 1 }
+      printf "%.0f %.3f %.3f\n", rps, p50, p99
+    }'
 }

@@ -111,7 +111,7 @@ impl Live {
             metrics,
         );
         Live {
-            routes: RouteTable::new(&config.routes),
+            routes: RouteTable::new(&config.routes, metrics),
             identifier: Identifier::new(
                 &config.identity,
                 config.redis.as_ref().map(|r| r.url.as_str()),

@@ -218,7 +218,7 @@ impl Identifier {
                 Some(Identity::verified(session_subject(payload), None, false))
             }
             SessionVerify::Redis { .. } => match &self.sessions {
-                Some(sessions) => match sessions.exists(&value).await {
+                Some(sessions) => match Box::pin(sessions.exists(&value)).await {
                     Some(true) => Some(Identity::verified(session_subject(&value), None, false)),
                     Some(false) => None,
                     None => Some(Identity::unverified(session_subject(&value))),

@@ -174,7 +174,13 @@ impl Exchange {
             .and_then(|i| self.live.routes.get(i))
             .map_or(&[][..], |r| r.limits.as_slice());
         let checks = limiter.checks(&subject, rules);
-        let decision = limiter.decide(&checks, &self.shared.metrics).await;
+        // Boxed: the Redis call's future is large, and every request's future
+        // is as large as its largest part (it is copied once per request).
+        let decision = if checks.is_empty() {
+            limiter.decide(&checks, &self.shared.metrics).await
+        } else {
+            Box::pin(limiter.decide(&checks, &self.shared.metrics)).await
+        };
         let config = limiter.config();
         match decision.report {
             Some(report) if !decision.allowed => Err(ProxyError::RateLimited {
@@ -242,17 +248,18 @@ impl Exchange {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         // Gunicorn gets origin-form even when an HTTP/2 client sent a full URI.
-        parts.uri = parts.uri.path_and_query().map_or_else(
-            || Uri::from_static("/"),
-            |pq| Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
-        );
+        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            let mut origin = http::uri::Parts::default();
+            origin.path_and_query = parts.uri.path_and_query().cloned();
+            parts.uri = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
+        }
         parts.version = Version::HTTP_11;
         let request = Request::from_parts(parts, Full::new(body));
 
         let upstreams = Arc::clone(&self.live.upstreams);
-        let forwarded = upstreams
-            .forward(self.worker, request, &self.shared.metrics)
-            .await?;
+        // Boxed for the same reason as the limiter's call.
+        let forwarded =
+            Box::pin(upstreams.forward(self.worker, request, &self.shared.metrics)).await?;
         self.upstream = Some(Arc::clone(&forwarded.upstream.label));
         self.upstream_time = Some(forwarded.upstream_time);
         Ok(forwarded)
@@ -303,17 +310,13 @@ impl Exchange {
     /// written from when the body is out. Called once.
     fn log(&mut self, status: StatusCode) -> Option<AccessRecord> {
         let request = self.request.take()?;
-        let metrics = &self.shared.metrics;
-        let route = self.live.routes.name(self.route);
-        metrics
-            .requests
-            .with_label_values(&[route, method_label(&request.method), status_class(status)])
-            .inc();
-        metrics
-            .request_duration
-            .with_label_values(&[route])
-            .observe(self.started.elapsed().as_secs_f64());
-        metrics.bytes_received.inc_by(self.request_bytes);
+        let route = self.live.routes.metrics(self.route);
+        route.requests(&request.method, status).inc();
+        route.duration.observe(self.started.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .bytes_received
+            .inc_by(self.request_bytes);
         let config = &self.live.config.log;
         Some(AccessRecord {
             shared: Arc::clone(&self.shared),
@@ -352,27 +355,4 @@ struct RequestLine {
 /// Methods whose requests carry a body even when it is empty.
 fn body_expected(method: &Method) -> bool {
     matches!(*method, Method::POST | Method::PUT | Method::PATCH)
-}
-
-fn method_label(method: &Method) -> &'static str {
-    match *method {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::OPTIONS => "OPTIONS",
-        _ => "OTHER",
-    }
-}
-
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }

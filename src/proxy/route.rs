@@ -5,11 +5,12 @@
 //! everything later phases need: its name, its limits, its cache TTL.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::Method;
 
 use crate::config::Route;
+use crate::telemetry::Metrics;
 
 /// The name of requests no route matches.
 pub const DEFAULT_ROUTE: &str = "default";
@@ -22,6 +23,52 @@ pub struct RouteTable {
     /// The names, shared with the access-log records.
     names: Vec<Arc<str>>,
     default: Arc<str>,
+    /// Request metrics per route (the last: `default`), looked up once.
+    metrics: Vec<RouteMetrics>,
+}
+
+/// One route's request metrics: its duration histogram, and its request
+/// counters by method and status class, each made on first use so that
+/// only combinations that happened appear in `/metrics`.
+pub struct RouteMetrics {
+    name: Arc<str>,
+    pub duration: prometheus::Histogram,
+    requests: prometheus::IntCounterVec,
+    counters: [[OnceLock<prometheus::IntCounter>; 5]; 8],
+}
+
+impl RouteMetrics {
+    fn new(name: &Arc<str>, metrics: &Metrics) -> Self {
+        RouteMetrics {
+            name: Arc::clone(name),
+            duration: metrics.request_duration.with_label_values(&[&**name]),
+            requests: metrics.requests.clone(),
+            counters: Default::default(),
+        }
+    }
+
+    /// `gatehouse_http_requests_total{route, method, status}`.
+    pub fn requests(&self, method: &Method, status: http::StatusCode) -> &prometheus::IntCounter {
+        const METHODS: [&str; 8] = [
+            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "OTHER",
+        ];
+        const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+        let m = match *method {
+            Method::GET => 0,
+            Method::HEAD => 1,
+            Method::POST => 2,
+            Method::PUT => 3,
+            Method::PATCH => 4,
+            Method::DELETE => 5,
+            Method::OPTIONS => 6,
+            _ => 7,
+        };
+        let c = usize::from((status.as_u16() / 100).clamp(1, 5) - 1);
+        self.counters[m][c].get_or_init(|| {
+            self.requests
+                .with_label_values(&[&*self.name, METHODS[m], CLASSES[c]])
+        })
+    }
 }
 
 /// A request path that the gateway refuses to guess about.
@@ -34,7 +81,7 @@ pub enum PathError {
 }
 
 impl RouteTable {
-    pub fn new(routes: &[Route]) -> Self {
+    pub fn new(routes: &[Route], metrics: &Metrics) -> Self {
         let mut routes = routes.to_vec();
         // Stable: patterns keep their file order.
         routes.sort_by(|a, b| {
@@ -43,12 +90,25 @@ impl RouteTable {
                 .cmp(&a.path.specificity())
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        let names = routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        let names: Vec<Arc<str>> = routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
+        let default: Arc<str> = Arc::from(DEFAULT_ROUTE);
+        let metrics = names
+            .iter()
+            .chain(std::iter::once(&default))
+            .map(|name| RouteMetrics::new(name, metrics))
+            .collect();
         RouteTable {
             routes,
             names,
-            default: Arc::from(DEFAULT_ROUTE),
+            default,
+            metrics,
         }
+    }
+
+    /// The request metrics of a match (`None`: the default route).
+    pub fn metrics(&self, index: Option<usize>) -> &RouteMetrics {
+        let last = self.metrics.len() - 1;
+        &self.metrics[index.filter(|i| *i < last).unwrap_or(last)]
     }
 
     /// `name`, shared.
@@ -147,11 +207,14 @@ mod tests {
 
     #[test]
     fn longest_prefix_then_method_wins() {
-        let table = RouteTable::new(&[
-            route("v1", "/v1/", &[]),
-            route("stories", "/v1/stories/", &[]),
-            route("stories-write", "/v1/stories/", &[Method::POST]),
-        ]);
+        let table = RouteTable::new(
+            &[
+                route("v1", "/v1/", &[]),
+                route("stories", "/v1/stories/", &[]),
+                route("stories-write", "/v1/stories/", &[Method::POST]),
+            ],
+            &Metrics::new().unwrap(),
+        );
         assert_eq!(name_of(&table, &Method::GET, "/v1/stories/3/"), "stories");
         assert_eq!(
             name_of(&table, &Method::POST, "/v1/stories/"),
@@ -163,10 +226,13 @@ mod tests {
 
     #[test]
     fn encoded_paths_and_lower_case_methods_meet_their_route() {
-        let table = RouteTable::new(&[
-            route("search", "/v1/search/", &[]),
-            route("login", "/v1/auth/login/", &[Method::POST]),
-        ]);
+        let table = RouteTable::new(
+            &[
+                route("search", "/v1/search/", &[]),
+                route("login", "/v1/auth/login/", &[Method::POST]),
+            ],
+            &Metrics::new().unwrap(),
+        );
         for path in [
             "/v1/%73earch/",
             "/v1/search%2F",

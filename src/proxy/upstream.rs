@@ -44,12 +44,19 @@ pub struct Server {
     /// opened it, so it is reused only there.
     idle: Box<[Mutex<Vec<Idle>>]>,
     healthy_gauge: IntGauge,
+    /// This server's busiest metrics, looked up once.
+    duration: prometheus::Histogram,
+    succeeded: prometheus::IntCounter,
 }
 
 impl Server {
     fn new(target: UpstreamTarget, weight: u32, workers: usize, metrics: &Metrics) -> Self {
         let label: std::sync::Arc<str> = target.to_string().into();
         let healthy_gauge = metrics.upstream_healthy.with_label_values(&[&*label]);
+        let duration = metrics.upstream_duration.with_label_values(&[&*label]);
+        let succeeded = metrics
+            .upstream_requests
+            .with_label_values(&[&*label, "ok"]);
         healthy_gauge.set(1);
         Server {
             target,
@@ -60,6 +67,8 @@ impl Server {
             ejected_at: Mutex::new(None),
             idle: (0..workers).map(|_| Mutex::new(Vec::new())).collect(),
             healthy_gauge,
+            duration,
+            succeeded,
         }
     }
 
@@ -253,14 +262,8 @@ impl UpstreamSet {
                 Ok(response) => {
                     server.record_success();
                     let elapsed = started.elapsed();
-                    metrics
-                        .upstream_duration
-                        .with_label_values(&[&*server.label])
-                        .observe(elapsed.as_secs_f64());
-                    metrics
-                        .upstream_requests
-                        .with_label_values(&[&*server.label, "ok"])
-                        .inc();
+                    server.duration.observe(elapsed.as_secs_f64());
+                    server.succeeded.inc();
                     return Ok(Forwarded {
                         response,
                         upstream: Arc::clone(server),

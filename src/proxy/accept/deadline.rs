@@ -196,62 +196,79 @@ impl<T> Watched<T> {
         Poll::Pending
     }
 
-    fn observe(&mut self, mut data: &[u8]) {
-        let Some(frames) = self.frames.as_mut() else {
-            return;
-        };
-        while !data.is_empty() {
-            match frames {
-                Frames::Preface(left) => {
-                    let n = (*left).min(data.len());
-                    data = &data[n..];
-                    *left -= n;
-                    if *left == 0 {
-                        *frames = Frames::Header([0; 9], 0);
-                    }
+    #[cfg(test)]
+    fn observe(&mut self, data: &[u8]) {
+        observe_frames(
+            self.frames.as_mut(),
+            &mut self.open_block,
+            &self.activity,
+            data,
+        );
+    }
+}
+
+/// Follow HTTP/2 frame boundaries through `data`, the next bytes read, and
+/// record in `activity` whether a header block is incomplete.
+fn observe_frames(
+    frames: Option<&mut Frames>,
+    open_block: &mut bool,
+    activity: &Activity,
+    mut data: &[u8],
+) {
+    let Some(frames) = frames else {
+        return;
+    };
+    while !data.is_empty() {
+        match frames {
+            Frames::Preface(left) => {
+                let n = (*left).min(data.len());
+                data = &data[n..];
+                *left -= n;
+                if *left == 0 {
+                    *frames = Frames::Header([0; 9], 0);
                 }
-                Frames::Header(header, have) => {
-                    let n = (9 - *have).min(data.len());
-                    header[*have..*have + n].copy_from_slice(&data[..n]);
-                    *have += n;
-                    data = &data[n..];
-                    if *have == 9 {
-                        let length = u64::from(header[0]) << 16
-                            | u64::from(header[1]) << 8
-                            | u64::from(header[2]);
-                        let (kind, flags) = (header[3], header[4]);
-                        let in_block = kind == HEADERS || kind == CONTINUATION;
-                        if in_block {
-                            self.open_block = flags & END_HEADERS == 0;
-                        }
-                        *frames = if length == 0 {
-                            Frames::Header([0; 9], 0)
-                        } else {
-                            Frames::Payload(length, in_block)
-                        };
+            }
+            Frames::Header(header, have) => {
+                let n = (9 - *have).min(data.len());
+                header[*have..*have + n].copy_from_slice(&data[..n]);
+                *have += n;
+                data = &data[n..];
+                if *have == 9 {
+                    let length = u64::from(header[0]) << 16
+                        | u64::from(header[1]) << 8
+                        | u64::from(header[2]);
+                    let (kind, flags) = (header[3], header[4]);
+                    let in_block = kind == HEADERS || kind == CONTINUATION;
+                    if in_block {
+                        *open_block = flags & END_HEADERS == 0;
                     }
+                    *frames = if length == 0 {
+                        Frames::Header([0; 9], 0)
+                    } else {
+                        Frames::Payload(length, in_block)
+                    };
                 }
-                Frames::Payload(left, _) => {
-                    let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
-                    data = &data[n..];
-                    *left -= n as u64;
-                    if *left == 0 {
-                        *frames = Frames::Header([0; 9], 0);
-                    }
+            }
+            Frames::Payload(left, _) => {
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(data.len());
+                data = &data[n..];
+                *left -= n as u64;
+                if *left == 0 {
+                    *frames = Frames::Header([0; 9], 0);
                 }
             }
         }
-        // Incomplete: a block still waiting for CONTINUATION, or a frame of
-        // a block whose bytes have not all arrived.
-        let pending = self.open_block
-            || matches!(frames, Frames::Payload(_, true))
-            || (matches!(frames, Frames::Header(h, have) if *have > 3 && (h[3] == HEADERS || h[3] == CONTINUATION)));
-        let since = &self.activity.headers_since_ms;
-        if !pending {
-            since.store(0, Ordering::Relaxed);
-        } else if since.load(Ordering::Relaxed) == 0 {
-            since.store(self.activity.now_ms() + 1, Ordering::Relaxed);
-        }
+    }
+    // Incomplete: a block still waiting for CONTINUATION, or a frame of
+    // a block whose bytes have not all arrived.
+    let pending = *open_block
+        || matches!(frames, Frames::Payload(_, true))
+        || (matches!(frames, Frames::Header(h, have) if *have > 3 && (h[3] == HEADERS || h[3] == CONTINUATION)));
+    let since = &activity.headers_since_ms;
+    if !pending {
+        since.store(0, Ordering::Relaxed);
+    } else if since.load(Ordering::Relaxed) == 0 {
+        since.store(activity.now_ms() + 1, Ordering::Relaxed);
     }
 }
 
@@ -267,8 +284,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         if let Poll::Ready(Ok(())) = &polled {
             if buf.filled().len() > before {
                 this.activity.bytes_moved();
-                let filled = buf.filled()[before..].to_vec();
-                this.observe(&filled);
+                if this.frames.is_some() {
+                    let filled = &buf.filled()[before..];
+                    observe_frames(
+                        this.frames.as_mut(),
+                        &mut this.open_block,
+                        &this.activity,
+                        filled,
+                    );
+                }
             }
         }
         polled
