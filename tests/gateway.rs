@@ -1273,7 +1273,7 @@ async fn clients_that_never_read_hold_no_gunicorn_worker() {
 }
 
 /// The gateway as a library: bound by the caller, run on a thread, told to
-/// reload and to stop through its control channel; `run` returns.
+/// stop through its control channel; `run` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_runs_in_process_and_stops_when_told() {
     let upstream = TestUpstream::start("a").await;

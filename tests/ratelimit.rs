@@ -807,11 +807,9 @@ fn session_config(gunicorn: &Gunicorn, redis: Option<&str>, session: &str) -> St
     )
 }
 
-/// Django's `signed_cookies` backend: the gateway checks the signature with
-/// the same SECRET_KEY. A real session gets its own bucket; a forged or
-/// re-signed one is no identity and counts as its address.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signed_session_cookies_are_verified_with_the_secret_key() {
+/// Django on the `signed_cookies` session backend behind a gateway that
+/// verifies them with the same SECRET_KEY; per_user 3.
+fn signed_cookie_sessions() -> (Gunicorn, Gatehouse) {
     let gunicorn = Gunicorn::start_with_env(
         2,
         &[
@@ -824,6 +822,15 @@ async fn signed_session_cookies_are_verified_with_the_secret_key() {
         None,
         &format!("verify = \"signed_cookies\"\nsecret_key = \"{DJANGO_SECRET}\""),
     ));
+    (gunicorn, gateway)
+}
+
+/// Django's `signed_cookies` backend: the gateway checks the signature with
+/// the same SECRET_KEY. A real session gets its own bucket; a forged or
+/// re-signed one is no identity and counts as its address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_session_cookies_are_verified_with_the_secret_key() {
+    let (_gunicorn, gateway) = signed_cookie_sessions();
     let real = log_in(&gateway, 1).await; // the address's first request
     let cookie = format!("sessionid={real}");
     // Django and the gateway agree the cookie is real: it has its own budget.
@@ -854,18 +861,7 @@ async fn signed_session_cookies_are_verified_with_the_secret_key() {
 /// and so must the gateway, or a logged-in user escapes their own limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_session_cookies_are_read_as_django_reads_them() {
-    let gunicorn = Gunicorn::start_with_env(
-        2,
-        &[
-            ("DJANGO_SESSION_ENGINE", "signed_cookies"),
-            ("DJANGO_SECRET_KEY", DJANGO_SECRET),
-        ],
-    );
-    let gateway = Gatehouse::start(&session_config(
-        &gunicorn,
-        None,
-        &format!("verify = \"signed_cookies\"\nsecret_key = \"{DJANGO_SECRET}\""),
-    ));
+    let (_gunicorn, gateway) = signed_cookie_sessions();
     let real = log_in(&gateway, 2).await;
     let alone = format!("sessionid={real}");
     let doubled = format!("sessionid=random123; sessionid={real}");
