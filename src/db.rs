@@ -1,6 +1,7 @@
 //! `gatehouse db`: the PostgreSQL side. Django reaches it on a Unix socket
-//! exactly as it reaches PostgreSQL. This module owns start-up (the socket,
-//! optional TCP, signals, reload on SIGHUP) and the state sessions share: the
+//! exactly as it reaches PostgreSQL. This module owns binding (the socket,
+//! optional TCP), start-up, the `Control` messages the binary sends (reload,
+//! shut down) and the state sessions share: the
 //! configuration, the pools, client settings and the cancel keys handed to
 //! clients.
 //!
@@ -13,6 +14,8 @@
 //! - `statements`: the messages between a client and the server it holds,
 //!   with named prepared statements kept per client across transaction
 //!   pooling.
+//! - `settings`: what a client asks its server session to be.
+//! - `metrics`: the registry and the per-pool handles.
 //! - `admin`: `/health`, `/ready`, `/metrics`, `/metrics/json`.
 //!
 //! In transaction pooling (the default) a session holds a server connection

@@ -7,23 +7,28 @@
 //! # Modules
 //!
 //! - [`config`]: raw TOML structs, units, environment and flag overrides, and
-//!   the validated [`config::Config`] (gateway) and [`config::db::DbConfig`]
-//!   (`gatehouse db`); every problem names file, line and key.
-//! - [`proxy`]: `gatehouse proxy`, the HTTP gateway: start-up, signals and
-//!   reload, and the request path in named phases:
-//!   - [`proxy::accept`]: listeners, connection limits, header deadline, size
-//!     limits, request-smuggling shapes, HTTP/1.1 and h2c, graceful drain;
-//!   - [`proxy::identify`]: who is calling (JWT, API key, session cookie,
-//!     else the client address through trusted proxies; request id);
+//!   the validated [`config::Config`] (gateway, `config::gateway`) and
+//!   [`config::db::DbConfig`] (`gatehouse db`); every problem names file,
+//!   line and key.
+//! - [`proxy`]: `gatehouse proxy`, the HTTP gateway: binding, start-up,
+//!   reload, its admin endpoints, and the request path in named phases:
+//!   - [`proxy::accept`]: listeners, one connection cap, deadlines (protocol
+//!     sniff, head, HTTP/2 header blocks and idleness, send), size limits,
+//!     request-smuggling shapes, HTTP/1.1 and h2c, graceful drain;
+//!   - [`proxy::identify`]: who is calling (JWT, API key, a session cookie
+//!     verified where Django lets us, else the client address through
+//!     trusted proxies; request id);
 //!   - [`proxy::route`]: the one route table, matched once per request on
 //!     the path as Gunicorn decodes it; the route carries its limits;
 //!   - limit: [`ratelimit`] decides, in [`proxy::request`];
 //!   - cache: not built yet; its place is marked in [`proxy::request`];
 //!   - [`proxy::upstream`]: buffered forwarding to Gunicorn, keep-alive
-//!     pools, retries, passive ejection and active health checks;
+//!     pools, retries, passive ejection and active health checks; large
+//!     responses spooled to a file ([`proxy::spool`]);
 //!   - response: hop-by-hop stripping, in [`proxy::request`] with
 //!     [`proxy::headers`];
-//!   - log: the access log line and request metrics, in [`proxy::request`].
+//!   - log: request metrics, and the access-log line written once the body
+//!     is out ([`proxy::log`]).
 //! - [`ratelimit`]: global, per-user and endpoint sliding-window limits,
 //!   one atomic Lua call to Redis per request, a local fallback behind a
 //!   circuit breaker, and the `RateLimit` response fields.
@@ -31,8 +36,8 @@
 //!   codec, client and server authentication, pools, and the session path
 //!   (startup → authenticate → per transaction: pick a server connection →
 //!   forward → release at an idle `ReadyForQuery`).
-//! - [`admin`]: `/health`, `/ready`, `/metrics`, `/metrics/json`,
-//!   `/ratelimit/<subject>`.
+//! - [`admin`]: the admin HTTP server both services share; each adds its
+//!   endpoints (`/health`, `/ready`, `/metrics`, `/metrics/json`, …).
 //! - [`net`]: trusted proxies and the client address they vouch for
 //!   (`X-Forwarded-For`, RFC 7239 `Forwarded`).
 //! - [`telemetry`]: tracing setup and the Prometheus registry.

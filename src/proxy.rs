@@ -1,7 +1,7 @@
 //! `gatehouse proxy`: the HTTP gateway in front of Gunicorn. This module owns
-//! start-up (listeners, worker threads, the admin listener, health checks),
-//! signals (SIGHUP reload, SIGTERM drain, SIGINT exit) and the state the
-//! request path reads; the phases live in the submodules.
+//! binding, start-up (worker threads, the admin listener, health checks), the
+//! `Control` messages the binary sends (reload, reopen logs, shut down) and
+//! the state the request path reads; the phases live in the submodules.
 
 pub mod accept;
 pub mod admin;
