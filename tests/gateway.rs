@@ -464,16 +464,24 @@ async fn large_responses_stream_past_the_buffer() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_prior_knowledge_clients_are_served() {
-    let upstream = TestUpstream::start("a").await;
-    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
-    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let (mut sender, conn) =
+/// An HTTP/2 (prior knowledge) client connection to `addr`.
+async fn h2_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_clients_are_served() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&simple(&[upstream.url()]));
+    let mut sender = h2_client(gateway.addr).await;
     let request = Request::get(format!("http://{}/h2?q=1", gateway.addr))
         .body(Full::new(Bytes::new()))
         .unwrap();
@@ -955,12 +963,7 @@ async fn repeated_cookie_fields_reach_django_as_one() {
         .unwrap()
         .to_string();
 
-    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(gateway.addr).await;
     let request = Request::get(format!("http://{}/v1/auth/whoami/", gateway.addr))
         .header("cookie", "theme=dark")
         .header("cookie", session.as_str())
@@ -1086,12 +1089,7 @@ async fn silent_partial_and_idle_connections_are_closed() {
     assert_eq!(gateway.metric(&closed("header_timeout")).await, Some(1.0));
 
     // A request that takes longer than the idle timeout is not idle.
-    let stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(gateway.addr).await;
     let request = Request::get(format!("http://{}/delay/2500", gateway.addr))
         .body(Full::new(Bytes::new()))
         .unwrap();
