@@ -291,11 +291,6 @@ impl LoggedBody {
         }
     }
 
-    /// A body that logs nothing (the admin listener's).
-    pub fn plain(inner: ProxyBody) -> Self {
-        Self::new(inner, None)
-    }
-
     fn finish(&mut self, complete: bool) {
         if let Some(record) = self.record.take() {
             record.finish(self.sent, complete);

@@ -174,13 +174,13 @@ impl Exchange {
             .and_then(|i| self.live.routes.get(i))
             .map_or(&[][..], |r| r.limits.as_slice());
         let checks = limiter.checks(&subject, rules);
+        if checks.is_empty() {
+            // Exempt: nothing to count or report.
+            return Ok(());
+        }
         // Boxed: the Redis call's future is large, and every request's future
         // is as large as its largest part (it is copied once per request).
-        let decision = if checks.is_empty() {
-            limiter.decide(&checks, &self.shared.metrics).await
-        } else {
-            Box::pin(limiter.decide(&checks, &self.shared.metrics)).await
-        };
+        let decision = Box::pin(limiter.decide(&checks, &self.shared.metrics)).await;
         let config = limiter.config();
         match decision.report {
             Some(report) if !decision.allowed => Err(ProxyError::RateLimited {
@@ -327,7 +327,7 @@ impl Exchange {
             target: request.target,
             version: request.version,
             status: status.as_u16(),
-            route: self.live.routes.shared_name(self.route),
+            route: self.live.routes.name(self.route),
             started: self.started,
             upstream: self.upstream.take(),
             upstream_time: self.upstream_time,

@@ -20,10 +20,8 @@ pub struct RouteTable {
     /// Patterns first in file order, then prefixes longest first; at equal
     /// paths a route naming methods before one for all.
     routes: Vec<Route>,
-    /// The names, shared with the access-log records.
-    names: Vec<Arc<str>>,
-    default: Arc<str>,
-    /// Request metrics per route (the last: `default`), looked up once.
+    /// Per route, in the same order, then one for `default`: the name (shared
+    /// with the access-log records) and the request metrics, looked up once.
     metrics: Vec<RouteMetrics>,
 }
 
@@ -38,10 +36,10 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    fn new(name: &Arc<str>, metrics: &Metrics) -> Self {
+    fn new(name: &str, metrics: &Metrics) -> Self {
         RouteMetrics {
-            name: Arc::clone(name),
-            duration: metrics.request_duration.with_label_values(&[&**name]),
+            name: Arc::from(name),
+            duration: metrics.request_duration.with_label_values(&[name]),
             requests: metrics.requests.clone(),
             counters: Default::default(),
         }
@@ -90,19 +88,13 @@ impl RouteTable {
                 .cmp(&a.path.specificity())
                 .then(a.methods.is_empty().cmp(&b.methods.is_empty()))
         });
-        let names: Vec<Arc<str>> = routes.iter().map(|r| Arc::from(r.name.as_str())).collect();
-        let default: Arc<str> = Arc::from(DEFAULT_ROUTE);
-        let metrics = names
+        let metrics = routes
             .iter()
-            .chain(std::iter::once(&default))
+            .map(|r| r.name.as_str())
+            .chain(std::iter::once(DEFAULT_ROUTE))
             .map(|name| RouteMetrics::new(name, metrics))
             .collect();
-        RouteTable {
-            routes,
-            names,
-            default,
-            metrics,
-        }
+        RouteTable { routes, metrics }
     }
 
     /// The request metrics of a match (`None`: the default route).
@@ -111,11 +103,9 @@ impl RouteTable {
         &self.metrics[index.filter(|i| *i < last).unwrap_or(last)]
     }
 
-    /// `name`, shared.
-    pub fn shared_name(&self, index: Option<usize>) -> Arc<str> {
-        index
-            .and_then(|i| self.names.get(i))
-            .map_or_else(|| Arc::clone(&self.default), Arc::clone)
+    /// The name of a match (`None`: `default`), shared.
+    pub fn name(&self, index: Option<usize>) -> Arc<str> {
+        Arc::clone(&self.metrics(index).name)
     }
 
     /// The index of the route for `method` on the decoded `path`, if any.
@@ -129,13 +119,6 @@ impl RouteTable {
     /// The route `find` returned.
     pub fn get(&self, index: usize) -> Option<&Route> {
         self.routes.get(index)
-    }
-
-    /// The metric label of a match: the route's name, or `default`.
-    pub fn name(&self, index: Option<usize>) -> &str {
-        index
-            .and_then(|i| self.routes.get(i))
-            .map_or(DEFAULT_ROUTE, |r| &r.name)
     }
 }
 
@@ -200,7 +183,7 @@ mod tests {
         }
     }
 
-    fn name_of<'a>(table: &'a RouteTable, method: &Method, path: &str) -> &'a str {
+    fn name_of(table: &RouteTable, method: &Method, path: &str) -> Arc<str> {
         let path = wsgi_path(path).unwrap();
         table.name(table.find(method, &path))
     }
@@ -215,13 +198,13 @@ mod tests {
             ],
             &Metrics::new().unwrap(),
         );
-        assert_eq!(name_of(&table, &Method::GET, "/v1/stories/3/"), "stories");
+        assert_eq!(&*name_of(&table, &Method::GET, "/v1/stories/3/"), "stories");
         assert_eq!(
-            name_of(&table, &Method::POST, "/v1/stories/"),
+            &*name_of(&table, &Method::POST, "/v1/stories/"),
             "stories-write"
         );
-        assert_eq!(name_of(&table, &Method::GET, "/v1/users/1/"), "v1");
-        assert_eq!(name_of(&table, &Method::GET, "/admin/"), DEFAULT_ROUTE);
+        assert_eq!(&*name_of(&table, &Method::GET, "/v1/users/1/"), "v1");
+        assert_eq!(&*name_of(&table, &Method::GET, "/admin/"), DEFAULT_ROUTE);
     }
 
     #[test]
@@ -240,10 +223,10 @@ mod tests {
             "/%761/search/",
             "/v1/%53earch/".replace("%53", "%73").as_str(),
         ] {
-            assert_eq!(name_of(&table, &Method::GET, path), "search", "{path}");
+            assert_eq!(&*name_of(&table, &Method::GET, path), "search", "{path}");
         }
         let post = Method::from_bytes(b"post").unwrap();
-        assert_eq!(name_of(&table, &post, "/v1/auth/%6cogin/"), "login");
+        assert_eq!(&*name_of(&table, &post, "/v1/auth/%6cogin/"), "login");
     }
 
     #[test]
