@@ -7,7 +7,8 @@
 //!
 //! - `codec`: protocol 3.0 framing; decodes only what pooling and routing read.
 //! - `auth`: client authentication, server side (SCRAM-SHA-256, md5).
-//! - `classify`: what a statement means for pooling (session state that pins).
+//! - `classify`: what a statement means for pooling (settings it changes,
+//!   session state that pins), on PostgreSQL's grammar.
 //! - `server`: connections to PostgreSQL and logging in.
 //! - `pool`: server connections per (database, user), reset between clients.
 //! - `session`: one client from startup to goodbye.
@@ -60,6 +61,8 @@ pub struct DbShared {
     pub config: ArcSwap<DbConfig>,
     pub pools: pool::Pools,
     pub metrics: metrics::DbMetrics,
+    /// Statements' effects on the session, by text.
+    pub classifier: classify::Classifier,
     /// Router-issued (process id, secret) → the server that client holds
     /// now, if any. Each session keeps its own slot to update.
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
@@ -78,6 +81,7 @@ impl DbShared {
             config: ArcSwap::from_pointee(config),
             pools: pool::Pools::default(),
             metrics: metrics::DbMetrics::new()?,
+            classifier: classify::Classifier::default(),
             cancels: Mutex::new(HashMap::new()),
             settings: Mutex::new(Vec::new()),
         })

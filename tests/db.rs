@@ -1160,3 +1160,222 @@ fn psycopg_clients() {
     // Six statements, each prepared on at least one server connection.
     assert!(prepared.is_some_and(|n| n >= 6.0), "{prepared:?}");
 }
+
+/// One Gunicorn of the example app on `database` through `db`, keeping its
+/// Django connections across requests, with `env` for its time zone.
+fn django_on(db: &GatehouseDb, database: &str, env: &[(&str, &str)]) -> harness::Gunicorn {
+    let host = db.socket_dir.path().display().to_string();
+    let port = db.port.to_string();
+    let mut all = vec![
+        ("DB_NAME", database),
+        ("DB_USER", APP_USER),
+        ("DB_PASSWORD", APP_PASSWORD),
+        ("DB_HOST", host.as_str()),
+        ("DB_PORT", port.as_str()),
+        ("DB_CONN_MAX_AGE", "600"),
+    ];
+    all.extend_from_slice(env);
+    harness::Gunicorn::start_with_env(2, &all)
+}
+
+/// The database session as one request of the example app saw it:
+/// (TimeZone, server backend pid).
+fn django_session(gunicorn: &harness::Gunicorn) -> (String, i64) {
+    let socket = gunicorn.upstream_url();
+    let socket = socket.strip_prefix("unix:").unwrap();
+    let (status, _, body) =
+        harness::curl(&["--unix-socket", socket, "http://localhost/v1/db/session/"]);
+    assert_eq!(status, 200, "{body}");
+    let session = harness::json(body.as_bytes());
+    (
+        session["timezone"].as_str().unwrap().to_string(),
+        session["backend_pid"].as_i64().unwrap(),
+    )
+}
+
+/// Django sets TimeZone with `set_config` when the server's differs from
+/// its own (`UTC` with `USE_TZ`, `TIME_ZONE` without), and not when they
+/// match. Through one server connection shared in transaction pooling,
+/// every client still sees its own zone, the server's default included,
+/// and no client is pinned: the server reports TimeZone and gatehouse
+/// carries it with the client.
+#[test]
+fn django_time_zones_follow_each_client_without_pinning() {
+    let pg = TestPostgres::shared();
+    pg.superuser_sql(&format!("CREATE DATABASE app_zoned OWNER {APP_USER}"));
+    pg.superuser_sql("ALTER DATABASE app_zoned SET TimeZone = 'America/Sao_Paulo'");
+    let (plain, admin) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 1\ncheckout_timeout = \"20s\"", "");
+    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
+    drop(plain);
+    let db = GatehouseDb::start_with_text(&format!(
+        "{text}\n[[databases]]\nname = \"app_zoned\"\npool_mode = \"transaction\"\n"
+    ));
+    let server_zone = pg.superuser_sql("SHOW TimeZone");
+    assert_ne!(
+        server_zone, "UTC",
+        "the cluster's zone differs from Django's 'UTC'"
+    );
+    // (database, the zone of a Django without USE_TZ): on `app_zoned` it is
+    // the zone sessions start in, so that Django sets nothing.
+    for (database, local_zone) in [(APP_DB, "Asia/Tokyo"), ("app_zoned", "America/Sao_Paulo")] {
+        let utc = django_on(&db, database, &[("DJANGO_USE_TZ", "1")]);
+        let local = django_on(
+            &db,
+            database,
+            &[("DJANGO_USE_TZ", "0"), ("DJANGO_TIME_ZONE", local_zone)],
+        );
+        let mut pids = std::collections::HashSet::new();
+        for _ in 0..6 {
+            let (zone, pid) = django_session(&utc);
+            assert_eq!(zone, "UTC", "{database}: USE_TZ = True");
+            pids.insert(pid);
+            let (zone, pid) = django_session(&local);
+            assert_eq!(zone, local_zone, "{database}: USE_TZ = False");
+            pids.insert(pid);
+        }
+        assert_eq!(
+            pids.len(),
+            1,
+            "{database}: one server connection served both"
+        );
+    }
+    // A client that sets nothing gets the server's zone on that connection.
+    assert_eq!(db.wire().value("SHOW TimeZone"), server_zone);
+    let pinned = |pool: &str| {
+        metric(
+            &admin,
+            &format!("gatehouse_db_pinned_clients_total{{pool=\"{pool}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(pinned("app/app"), 0.0);
+    assert_eq!(pinned("app_zoned/app"), 0.0);
+    // The counter is the right one: LISTEN does pin.
+    let mut listener = db.wire();
+    listener.query("LISTEN zones");
+    assert_eq!(pinned("app/app"), 1.0);
+}
+
+/// What a server session holds beyond a transaction, read on the session
+/// itself: settings set in it to another value than they start with (`SET
+/// TRANSACTION` outside a transaction marks `transaction_isolation` as set
+/// in the session without changing it), its advisory locks, prepared statements,
+/// cursors, channels it listens on, and its temporary relations.
+const SESSION_STATE: &str = "SELECT \
+    coalesce((SELECT string_agg(name || '=' || setting, ',' ORDER BY name) \
+              FROM pg_settings WHERE source = 'session' AND setting IS DISTINCT FROM reset_val), ''), \
+    (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory')::text, \
+    coalesce((SELECT string_agg(name, ',' ORDER BY name) FROM pg_prepared_statements), ''), \
+    coalesce((SELECT string_agg(name, ',' ORDER BY name) FROM pg_cursors), ''), \
+    coalesce((SELECT string_agg(c, ',' ORDER BY c) FROM pg_listening_channels() AS c), ''), \
+    coalesce((SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class \
+              WHERE relnamespace = pg_my_temp_schema()), '')";
+
+/// The objects the corpus uses.
+const CORPUS_SETUP: &str = "DROP SCHEMA IF EXISTS corpus CASCADE; CREATE SCHEMA corpus; \
+    CREATE TABLE corpus.t (id int PRIMARY KEY, v text); \
+    INSERT INTO corpus.t VALUES (1, 'one'), (2, 'two'); \
+    CREATE SEQUENCE corpus.s; \
+    CREATE FUNCTION corpus.sets_path() RETURNS void LANGUAGE plpgsql AS \
+      $$BEGIN PERFORM set_config('search_path', 'leaked', false); END$$; \
+    CREATE FUNCTION corpus.takes_lock() RETURNS void LANGUAGE plpgsql AS \
+      $$BEGIN PERFORM pg_advisory_lock(77); END$$; \
+    CREATE FUNCTION corpus.listens() RETURNS void LANGUAGE plpgsql AS \
+      $$BEGIN LISTEN from_function; END$$; \
+    CREATE FUNCTION corpus.makes_temp() RETURNS void LANGUAGE plpgsql AS \
+      $$BEGIN CREATE TEMP TABLE from_function (x int); END$$; \
+    CREATE FUNCTION corpus.sql_sets_path() RETURNS text LANGUAGE sql AS \
+      $$SELECT set_config('search_path', 'leaked', false)$$; \
+    CREATE FUNCTION corpus.pure(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1'; \
+    CREATE FUNCTION corpus.with_set_clause() RETURNS text LANGUAGE sql \
+      SET search_path = corpus AS $$SELECT current_setting('search_path')$$; \
+    CREATE PROCEDURE corpus.proc_sets_path() LANGUAGE plpgsql AS \
+      $$BEGIN SET search_path TO leaked; END$$; \
+    CREATE PROCEDURE corpus.proc_pure() LANGUAGE sql AS 'SELECT 1'";
+
+/// The differential test of the classifier: each corpus statement runs on
+/// a direct connection to PostgreSQL, and what it left on the session is
+/// read from the server. Whatever changed must make the classifier pin the
+/// client, unless all that changed are settings the server reports, which
+/// follow the client to its next connection.
+#[test]
+fn the_classifier_catches_every_session_state_change() {
+    use gatehouse::db::classify::effect;
+    use gatehouse::db::settings::tracked;
+    let pg = TestPostgres::shared();
+    let corpus = include_str!("fixtures/session_state_corpus.sql");
+    let statements: Vec<&str> = corpus
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+        .collect();
+    assert!(statements.len() >= 200, "{} statements", statements.len());
+    let mut direct = Wire::login(pg);
+    let setup = direct.query(CORPUS_SETUP);
+    assert_eq!(sqlstate_of(&setup), None, "corpus setup");
+    let reported: Vec<String> = direct
+        .reported
+        .iter()
+        .map(|(name, _)| name.to_ascii_lowercase())
+        .collect();
+    let follows = |name: &str| tracked(name) && reported.iter().any(|r| r == name);
+    let (mut changed, mut pinned, mut carried, mut cautious) = (0, 0, 0, 0);
+    for sql in &statements {
+        let before = direct.row(SESSION_STATE);
+        let frames = direct.query(sql);
+        if frames.last().unwrap().ready_status() != Some(b'I') {
+            direct.query("COMMIT");
+        }
+        let after = direct.row(SESSION_STATE);
+        let found = effect(sql.as_bytes(), true);
+        let pins = found.pins(follows);
+        if before != after {
+            changed += 1;
+            if pins {
+                pinned += 1;
+            } else {
+                // Only settings changed, each one the server reports.
+                assert_eq!(
+                    before[1..],
+                    after[1..],
+                    "not pinned, yet it left state: {sql}"
+                );
+                let settings = |row: &[String]| -> Vec<(String, String)> {
+                    row[0]
+                        .split(',')
+                        .filter_map(|s| s.split_once('='))
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+                        .collect()
+                };
+                let (old, new) = (settings(&before), settings(&after));
+                for (name, _) in new.iter().filter(|s| !old.contains(s)) {
+                    assert!(follows(name), "{name} changed and is not carried: {sql}");
+                }
+                carried += 1;
+            }
+        } else if pins {
+            cautious += 1;
+        }
+        let reset = direct.query("DISCARD ALL");
+        assert_eq!(sqlstate_of(&reset), None, "reset after {sql}");
+        assert_eq!(
+            direct.row(SESSION_STATE),
+            ["", "0", "", "", "", ""],
+            "after {sql}"
+        );
+    }
+    direct.query("DROP SCHEMA corpus CASCADE");
+    eprintln!(
+        "{} statements: {changed} changed session state ({pinned} pinned, {carried} carried as \
+         reported settings); {cautious} pinned that changed nothing",
+        statements.len()
+    );
+    assert!(
+        changed >= 100,
+        "the corpus changes state in {changed} statements only"
+    );
+    assert!(
+        carried >= 10,
+        "reported settings carried in {carried} statements only"
+    );
+}

@@ -1,57 +1,101 @@
-//! What a statement means for pooling. For now one question: does it leave
-//! state on the server session that would leak to the next client of a
-//! transaction-pooled connection (`SET`, `LISTEN`, session advisory locks,
-//! temporary tables, `WITH HOLD` cursors, SQL `PREPARE`, `set_config`)?
-//! Such a client is pinned to its server connection until it leaves
-//! (pgbouncer #396, #452: state leaked across clients). The check is
-//! deliberately broad: a false positive costs pooling, a false negative leaks.
-//! Read/write routing (with the PostgreSQL grammar) will live here too.
+//! What a statement means for pooling: does it leave state on the server
+//! session that would leak to the next client of a transaction-pooled
+//! connection (pgbouncer #396, #452)? Read on the real PostgreSQL grammar
+//! (`pg_query`), never on keywords: `$$` quoting, `E''` strings, nested
+//! comments and `pg_advisory_lock (1)` are what the server sees.
+//!
+//! A statement's [`Effect`] is either nothing, session settings (which the
+//! session tracks when the server reports them, so the client need not be
+//! pinned), or other session state: `LISTEN`, session advisory locks,
+//! temporary relations, `WITH HOLD` cursors, SQL `PREPARE`, `LOAD`,
+//! `DISCARD`, and whatever cannot be known statically: `DO` blocks,
+//! procedures, and calls of functions that are not PostgreSQL's own
+//! (a function may run any SQL). A false positive costs pooling; a false
+//! negative leaks. Triggers, views and column defaults that call such
+//! functions are not seen here (docs/decisions.md).
 
-/// Lowercased text with comments and string literals blanked, so that
-/// keywords inside them do not count.
-fn normalise(sql: &[u8]) -> String {
-    let text = String::from_utf8_lossy(sql).to_ascii_lowercase();
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '\'' => {
-                // Skip a literal; '' inside it is an escaped quote.
-                while let Some(d) = chars.next() {
-                    if d == '\'' {
-                        if chars.peek() == Some(&'\'') {
-                            chars.next();
-                        } else {
-                            break;
-                        }
-                    }
-                }
-                out.push_str("''");
-            }
-            '-' if chars.peek() == Some(&'-') => {
-                for d in chars.by_ref() {
-                    if d == '\n' {
-                        break;
-                    }
-                }
-                out.push(' ');
-            }
-            '/' if chars.peek() == Some(&'*') => {
-                chars.next();
-                let mut previous = ' ';
-                for d in chars.by_ref() {
-                    if previous == '*' && d == '/' {
-                        break;
-                    }
-                    previous = d;
-                }
-                out.push(' ');
-            }
-            c => out.push(c),
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use serde_json::Value;
+
+/// What a statement (or the statements of one Query) leaves behind after
+/// its transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effect {
+    /// Session settings it may change (`SET`, `RESET`, `set_config(name,
+    /// value, false)`), lower case, as the statement names them.
+    pub settings: Vec<String>,
+    /// Other session state, or state that cannot be known: why.
+    pub session: Option<&'static str>,
+}
+
+impl Effect {
+    /// Nothing outlives the transaction.
+    pub const NONE: Effect = Effect {
+        settings: Vec::new(),
+        session: None,
+    };
+
+    fn session(why: &'static str) -> Effect {
+        Effect {
+            settings: Vec::new(),
+            session: Some(why),
         }
     }
-    out
+
+    /// Whether the client must keep its server connection: session state
+    /// other than settings that `tracked` says are carried across
+    /// connections.
+    pub fn pins(&self, tracked: impl Fn(&str) -> bool) -> bool {
+        self.session.is_some() || self.settings.iter().any(|name| !tracked(name))
+    }
+
+    fn add(&mut self, other: Effect) {
+        if self.session.is_none() {
+            self.session = other.session;
+        }
+        for name in other.settings {
+            if !self.settings.contains(&name) {
+                self.settings.push(name);
+            }
+        }
+    }
 }
+
+/// PostgreSQL's own functions; see `builtin_functions.txt`.
+static BUILTIN: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
+    include_str!("classify/builtin_functions.txt")
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect()
+});
+
+/// PostgreSQL's own functions that hold state past the transaction.
+const STATEFUL_BUILTINS: [&str; 15] = [
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "pg_start_backup",
+    "pg_stop_backup",
+    "pg_replication_origin_session_setup",
+    "pg_replication_origin_session_reset",
+    "pg_create_logical_replication_slot",
+    "pg_create_physical_replication_slot",
+];
+
+/// Words without which a statement cannot change session state, unless it
+/// calls a function (`(`): most queries are cleared without a parse.
+const WORDS: [&[u8]; 11] = [
+    b"set", b"listen", b"prepare", b"load", b"temp", b"hold", b"discard", b"do", b"call", b"into",
+    b"(",
+];
 
 /// Whether any of `words` (lowercase ASCII) occurs in `text`, ignoring
 /// case: one pass, comparing only where a word's first letter is.
@@ -72,52 +116,222 @@ fn mentions_any(text: &[u8], words: &[&[u8]]) -> bool {
     })
 }
 
-/// Whether `sql` (one or more statements) changes session state.
-pub fn pins_session(sql: &[u8]) -> bool {
-    // Every statement below holds one of these words: most queries are
-    // cleared without the full scan.
-    const WORDS: [&[u8]; 8] = [
-        b"discard",
-        b"set",
-        b"listen",
-        b"prepare",
-        b"load",
-        b"temp",
-        b"hold",
-        b"advisory",
-    ];
-    if !mentions_any(sql, &WORDS) {
-        return false;
-    }
-    let text = normalise(sql);
-    const ANYWHERE: [&str; 6] = [
-        "pg_advisory_lock(",
-        "pg_advisory_lock_shared(",
-        "pg_try_advisory_lock(",
-        "pg_try_advisory_lock_shared(",
-        "set_config(",
-        " with hold",
-    ];
-    if ANYWHERE.iter().any(|p| text.contains(p)) {
-        return true;
-    }
-    text.split(';').any(|statement| {
-        let words: Vec<&str> = statement.split_whitespace().collect();
-        match words.as_slice() {
-            // SET LOCAL and SET TRANSACTION end with the transaction.
-            ["set", "local", ..] | ["set", "transaction", ..] | ["set", "constraints", ..] => false,
-            ["set", ..] | ["reset", ..] | ["listen", ..] | ["prepare", ..] | ["load", ..] => true,
-            // Also resets the settings gatehouse applied for the client.
-            ["discard", ..] => true,
-            ["create", "temp" | "temporary", ..]
-            | ["create", "local" | "global", "temp" | "temporary", ..] => true,
-            ["create", "unlogged" | "table", ..] => {
-                statement.contains(" temp ") || statement.contains(" temporary ")
-            }
-            ["declare", ..] => statement.contains(" hold"),
-            _ => false,
+/// Statements classified recently, by their text: clients repeat the same
+/// few statements, with parameters or not.
+pub struct Classifier {
+    known: Mutex<HashMap<Box<[u8]>, Arc<Effect>>>,
+}
+
+/// How many texts the cache holds before it starts again.
+const CACHED: usize = 4096;
+/// Longer texts are classified each time, not kept.
+const CACHED_LEN: usize = 4096;
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Classifier {
+            known: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+impl Classifier {
+    /// The effect of `sql` (one or more statements) for a client whose
+    /// `standard_conforming_strings` is `standard_strings`.
+    pub fn effect(&self, sql: &[u8], standard_strings: bool) -> Arc<Effect> {
+        static NONE: LazyLock<Arc<Effect>> = LazyLock::new(|| Arc::new(Effect::NONE));
+        if !mentions_any(sql, &WORDS) {
+            return Arc::clone(&NONE);
+        }
+        if sql.len() > CACHED_LEN {
+            return Arc::new(effect(sql, standard_strings));
+        }
+        let mut key = Vec::with_capacity(sql.len() + 1);
+        key.push(u8::from(standard_strings));
+        key.extend_from_slice(sql);
+        if let Some(known) = self
+            .known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key.as_slice())
+        {
+            return Arc::clone(known);
+        }
+        let found = Arc::new(effect(sql, standard_strings));
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= CACHED {
+            known.clear();
+        }
+        known.insert(key.into(), Arc::clone(&found));
+        found
+    }
+}
+
+/// The effect of `sql`, parsed with PostgreSQL's grammar. Text that does not
+/// parse counts as session state: what the server makes of it is unknown.
+/// With `standard_strings` false, backslashes escape in `'...'` literals
+/// (`standard_conforming_strings = off`).
+pub fn effect(sql: &[u8], standard_strings: bool) -> Effect {
+    let Ok(text) = std::str::from_utf8(sql) else {
+        return Effect::session("not UTF-8");
+    };
+    let options = if standard_strings {
+        pg_query::ParserOptions::DEFAULT
+    } else {
+        pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
+    };
+    let Ok(parsed) = pg_query::parse(text, options) else {
+        return Effect::session("not parsed");
+    };
+    let Ok(tree) = serde_json::to_value(&parsed.protobuf) else {
+        return Effect::session("not parsed");
+    };
+    let mut found = Effect::NONE;
+    visit(&tree, &mut found);
+    found
+}
+
+/// Every node of the tree, whatever holds it.
+fn visit(value: &Value, found: &mut Effect) {
+    match value {
+        Value::Object(fields) => {
+            // A relation (a `RangeVar`, wherever it is held): temporary by
+            // its keyword or by its schema.
+            if let Some(persistence) = fields.get("relpersistence") {
+                let in_temp_schema = fields
+                    .get("schemaname")
+                    .and_then(Value::as_str)
+                    .is_some_and(|schema| schema.to_ascii_lowercase().starts_with("pg_temp"));
+                if persistence == "t" || in_temp_schema {
+                    found.add(Effect::session("temporary relation"));
+                }
+            }
+            for (kind, node) in fields {
+                if let Some(effect) = node_effect(kind, node) {
+                    found.add(effect);
+                }
+                visit(node, found);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| visit(item, found)),
+        _ => {}
+    }
+}
+
+/// `VariableSetStmt.kind`: `RESET ALL`.
+const VAR_RESET_ALL: i64 = 6;
+/// `DeclareCursorStmt.options`: `WITH HOLD`.
+const CURSOR_OPT_HOLD: i64 = 0x20;
+
+/// The effect of one node of kind `kind`, when it has one of its own.
+fn node_effect(kind: &str, node: &Value) -> Option<Effect> {
+    let text = |field: &str| node.get(field).and_then(Value::as_str).unwrap_or("");
+    let number = |field: &str| node.get(field).and_then(Value::as_i64).unwrap_or(0);
+    let flag = |field: &str| node.get(field).and_then(Value::as_bool).unwrap_or(false);
+    Some(match kind {
+        "VariableSetStmt" => {
+            let name = text("name").to_ascii_lowercase();
+            if flag("is_local") || name == "transaction" {
+                return None;
+            }
+            if number("kind") == VAR_RESET_ALL {
+                return Some(Effect::session("RESET ALL"));
+            }
+            if name == "session characteristics" {
+                return Some(Effect::session("SET SESSION CHARACTERISTICS"));
+            }
+            Effect {
+                settings: vec![name],
+                session: None,
+            }
+        }
+        "DoStmt" => Effect::session("DO block"),
+        "CallStmt" => Effect::session("procedure call"),
+        "ListenStmt" => Effect::session("LISTEN"),
+        "PrepareStmt" => Effect::session("PREPARE"),
+        "LoadStmt" => Effect::session("LOAD"),
+        "DiscardStmt" => Effect::session("DISCARD"),
+        "DeclareCursorStmt" if number("options") & CURSOR_OPT_HOLD != 0 => {
+            Effect::session("WITH HOLD cursor")
+        }
+        "CreateFunctionStmt" if names_temp_schema(node.get("funcname")) => {
+            Effect::session("temporary function")
+        }
+        "FuncCall" => return call_effect(node),
+        _ => return None,
     })
+}
+
+/// A qualified name (a list of `String` nodes) in `pg_temp`.
+fn names_temp_schema(names: Option<&Value>) -> bool {
+    let names = qualified_name(names);
+    names.len() > 1 && names[0].to_ascii_lowercase().starts_with("pg_temp")
+}
+
+/// A qualified name's parts, from a list of `String` nodes.
+fn qualified_name(names: Option<&Value>) -> Vec<&str> {
+    names
+        .and_then(Value::as_array)
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.pointer("/node/String/sval").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The text of a string constant (`A_Const`).
+fn string_constant(constant: &Value) -> Option<&str> {
+    constant.pointer("/val/Sval/sval").and_then(Value::as_str)
+}
+
+/// A function call: PostgreSQL's own functions change nothing, except the
+/// stateful ones and `set_config(name, value, false)`, a setting. Any
+/// other function may do anything.
+fn call_effect(node: &Value) -> Option<Effect> {
+    let names = qualified_name(node.get("funcname"));
+    let (schema, name) = match names.as_slice() {
+        [name] => (None, *name),
+        [schema, name] => (Some(*schema), *name),
+        _ => return Some(Effect::session("function in another database")),
+    };
+    if schema.is_some_and(|schema| schema != "pg_catalog") || !BUILTIN.contains(name) {
+        return Some(Effect::session("function not known to be safe"));
+    }
+    if STATEFUL_BUILTINS.contains(&name) {
+        return Some(Effect::session("session-level built-in function"));
+    }
+    if name != "set_config" {
+        return None;
+    }
+    let args: Vec<&Value> = node
+        .get("args")
+        .and_then(Value::as_array)
+        .map(|args| args.iter().collect())
+        .unwrap_or_default();
+    let constant = |i: usize| args.get(i).and_then(|a| a.pointer("/node/AConst"));
+    let setting = constant(0).and_then(string_constant);
+    let local = constant(2).and_then(|c| {
+        c.pointer("/val/Boolval/boolval")
+            .and_then(Value::as_bool)
+            // 'true', 'off', ... as a string literal.
+            .or_else(|| match string_constant(c)?.to_ascii_lowercase().as_str() {
+                "t" | "true" | "on" | "yes" | "y" | "1" => Some(true),
+                "f" | "false" | "off" | "no" | "n" | "0" => Some(false),
+                _ => None,
+            })
+    });
+    match (setting, local) {
+        (_, Some(true)) => None,
+        (Some(setting), Some(false)) => Some(Effect {
+            settings: vec![setting.to_ascii_lowercase()],
+            session: None,
+        }),
+        _ => Some(Effect::session(
+            "set_config of a setting not known statically",
+        )),
+    }
 }
 
 /// Whether `sql` starts with `word` (lowercase ASCII), ignoring case and
@@ -191,7 +405,8 @@ pub fn discards_all(sql: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{deallocates, deallocates_all, discards_all, pins_session};
+    use super::{deallocates, deallocates_all, discards_all, effect};
+    use proptest::prelude::Strategy;
 
     #[test]
     fn deallocation() {
@@ -210,6 +425,22 @@ mod tests {
         assert!(!deallocates_all(b"DEALLOCATE q1"));
     }
 
+    /// Settings the server reports, as a PostgreSQL 15 session does.
+    fn reported(name: &str) -> bool {
+        [
+            "timezone",
+            "datestyle",
+            "intervalstyle",
+            "application_name",
+            "client_encoding",
+        ]
+        .contains(&name)
+    }
+
+    fn pins(sql: &str) -> bool {
+        effect(sql.as_bytes(), true).pins(reported)
+    }
+
     #[test]
     fn session_state_pins() {
         for sql in [
@@ -217,17 +448,58 @@ mod tests {
             "set statement_timeout = 0",
             "BEGIN; SET work_mem = '64MB'; COMMIT",
             "RESET ALL",
+            "RESET search_path",
             "LISTEN jobs",
             "SELECT pg_advisory_lock(42)",
+            "SELECT pg_advisory_lock (4243)",
+            "SELECT pg_catalog.pg_try_advisory_lock_shared(1, 2)",
+            "SELECT \"pg_advisory_lock\"(1)",
             "select set_config('search_path', 'x', false)",
+            "select set_config($1, 'x', false)",
+            "select set_config('TimeZone', 'UTC', $1)",
             "CREATE TEMP TABLE t (x int)",
             "create temporary table t (x int)",
+            "CREATE TABLE pg_temp.t (x int)",
+            "CREATE TEMP TABLE t AS SELECT 1",
+            "SELECT 1 AS x INTO TEMP t",
+            "CREATE TEMP VIEW v AS SELECT 1",
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "PREPARE q AS SELECT 1",
-            "/* hi */ SET x.y = 1",
+            "/* hi /* nested */ still */ SET x.y = 1",
             "DISCARD ALL",
+            "DO $$BEGIN EXECUTE 'SET search_path TO leaked'; END$$",
+            "DO $x$ SELECT 1 $x$",
+            "SELECT my_function()",
+            "SELECT public.lower('x')",
+            "CALL my_procedure()",
+            "LOAD 'auto_explain'",
+            "SET SESSION AUTHORIZATION DEFAULT",
+            "SET ROLE NONE",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "WITH x AS (SELECT pg_advisory_lock(1)) SELECT * FROM x",
+            "SELECT CASE WHEN true THEN pg_advisory_lock(1) END",
+            "SELECT 1; SELECT 2; LISTEN late",
+            "not sql at all",
         ] {
-            assert!(pins_session(sql.as_bytes()), "{sql}");
+            assert!(pins(sql), "{sql}");
+        }
+    }
+
+    #[test]
+    fn reported_settings_are_tracked_not_pinned() {
+        for (sql, setting) in [
+            ("SELECT set_config('TimeZone', $1, false)", "timezone"),
+            ("SELECT set_config('TimeZone', 'UTC', 'off')", "timezone"),
+            ("SET TIME ZONE 'Europe/Paris'", "timezone"),
+            ("SET TimeZone = DEFAULT", "timezone"),
+            ("RESET DateStyle", "datestyle"),
+            ("set application_name to 'x'", "application_name"),
+            ("SET intervalstyle FROM CURRENT", "intervalstyle"),
+        ] {
+            let found = effect(sql.as_bytes(), true);
+            assert_eq!(found.settings, [setting], "{sql}");
+            assert_eq!(found.session, None, "{sql}");
+            assert!(!found.pins(reported), "{sql}");
         }
     }
 
@@ -238,12 +510,65 @@ mod tests {
             "BEGIN; SET LOCAL statement_timeout = 100; SELECT 1; COMMIT",
             "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "SELECT pg_advisory_xact_lock(42)",
+            "SELECT set_config('search_path', 'x', true)",
             "INSERT INTO notes (body) VALUES ('please SET the table; LISTEN up')",
+            "INSERT INTO notes (body) VALUES ($$ pg_advisory_lock(1) $$)",
+            "SELECT E'it''s \\' LISTEN x; ' AS s",
             "UPDATE t SET x = 1 -- and SET y\n",
             "DECLARE c CURSOR FOR SELECT 1",
             "CREATE TABLE t (x int)",
+            "SELECT count(*), lower(name), now() FROM t WHERE id IN (1, 2)",
+            "SELECT pg_catalog.format_type(1, 2)",
+            "SELECT x INTO t2 FROM t",
+            "UNLISTEN *",
         ] {
-            assert!(!pins_session(sql.as_bytes()), "{sql}");
+            assert!(!pins(sql), "{sql}");
+        }
+    }
+
+    #[test]
+    fn strings_read_as_the_client_reads_them() {
+        // With standard_conforming_strings off, \' does not end the literal.
+        let sql = br"SELECT 'a\'; SELECT pg_advisory_lock(1); --'";
+        assert!(!effect(sql, false).pins(reported));
+        assert!(effect(sql, true).pins(reported));
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_grammar_does() {
+        let classifier = super::Classifier::default();
+        for _ in 0..2 {
+            assert!(
+                classifier
+                    .effect(b"SELECT pg_advisory_lock(1)", true)
+                    .pins(reported)
+            );
+            assert!(!classifier.effect(b"SELECT 1 + 1", true).pins(reported));
+        }
+    }
+
+    proptest::proptest! {
+        /// Random soups of SQL tokens, quotes and bytes never panic.
+        #[test]
+        fn token_soups_never_panic(
+            tokens in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(vec![
+                        "SET", "LISTEN", "DO", "$$", "$a$", "'", "\"", "E'", "\\", "/*", "*/", "--",
+                        "(", ")", ";", "set_config", "pg_advisory_lock", "SELECT", "INTO", "TEMP",
+                        "WITH", "HOLD", "CREATE", "TABLE", "pg_temp.", ",", "false", "$1", "\n",
+                    ]).prop_map(str::to_string),
+                    "[ -~]{0,6}",
+                    proptest::collection::vec(proptest::num::u8::ANY, 0..4)
+                        .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+                ],
+                0..40,
+            ),
+            standard in proptest::bool::ANY,
+        ) {
+            let sql = tokens.join(" ");
+            let _ = effect(sql.as_bytes(), standard);
+            let _ = super::Classifier::default().effect(sql.as_bytes(), standard);
         }
     }
 }

@@ -377,5 +377,23 @@ pub fn error_response(severity: &str, sqlstate: &str, message: &str) -> Frame {
     frame(b'E', &body)
 }
 
+/// A ParameterStatus: a setting the server reports, and its value.
+pub fn parameter_status(name: &str, value: &str) -> Frame {
+    let mut body = Vec::with_capacity(name.len() + value.len() + 2);
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    body.extend_from_slice(value.as_bytes());
+    body.push(0);
+    frame(b'S', &body)
+}
+
+/// The name and value of a whole ParameterStatus frame (tag included).
+pub fn read_parameter_status(frame: &[u8]) -> Option<(&str, &str)> {
+    let body = frame.get(5..)?;
+    let (name, rest) = cstr(body)?;
+    let (value, _) = cstr(rest)?;
+    Some((name, value))
+}
+
 #[cfg(test)]
 mod tests;

@@ -14,10 +14,10 @@ use postgres_protocol::message::frontend;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::codec::{Frame, announced_len, complete_frame, cstr};
+use super::codec::{Frame, announced_len, complete_frame};
 use super::metrics::{DbMetrics, PoolMetrics};
-use super::server::{Login, ServerConn, ServerError, refused};
-use super::settings::{SESSION_PARAMS, Settings};
+use super::server::{Login, ServerConn, ServerError, note_parameter, refused};
+use super::settings::{Settings, lookup, tracked};
 use super::statements::{ClientStatements, Naming, Sides, StatementEvents};
 use crate::config::db::{DbConfig, DbUser};
 
@@ -387,14 +387,7 @@ impl Checkout {
             match frame.tag {
                 b'E' => failure = Some(refused(&frame)),
                 b'S' => {
-                    if let Some((name, rest)) = cstr(frame.body()) {
-                        if let Some((value, _)) = cstr(rest) {
-                            match conn.params.iter_mut().find(|(k, _)| k == name) {
-                                Some(param) => param.1 = value.to_string(),
-                                None => conn.params.push((name.to_string(), value.to_string())),
-                            }
-                        }
-                    }
+                    note_parameter(&mut conn.params, &frame.bytes);
                 }
                 b'Z' => {
                     conn.exchange.status = frame.body().first().copied().unwrap_or(b'I');
@@ -418,18 +411,14 @@ impl Checkout {
                 return Ok(());
             }
         }
+        // Every reported setting a client may change: its own value, else
+        // the server's default, whatever an earlier client left.
         let mut changes: Vec<(String, String)> = Vec::new();
-        for name in SESSION_PARAMS {
-            let value = wanted
-                .params
-                .iter()
-                .find(|(k, _)| k == name)
-                .or_else(|| conn.defaults.iter().find(|(k, _)| k == name))
-                .map(|(_, v)| v.clone());
-            let current = conn.params.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        for (name, current) in conn.params.iter().filter(|(name, _)| tracked(name)) {
+            let value = lookup(&wanted.params, name).or_else(|| lookup(&conn.defaults, name));
             if let Some(value) = value {
-                if current != Some(&value) {
-                    changes.push((name.to_string(), value));
+                if current != value {
+                    changes.push((name.clone(), value.to_string()));
                 }
             }
         }
@@ -531,6 +520,23 @@ impl Checkout {
         sent
     }
 
+    /// Settings the server reported since the last call, with their values.
+    pub fn take_reports(&mut self) -> Vec<(String, String)> {
+        self.conn
+            .as_mut()
+            .map(|c| std::mem::take(&mut c.reports))
+            .unwrap_or_default()
+    }
+
+    /// The connection now stands as `settings` ask (the client's reported
+    /// settings changed on it), or, with `None`, as no known settings ask.
+    pub fn settle(&mut self, settings: Option<&Arc<Settings>>) {
+        let timeout = self.statement_timeout;
+        if let Some(conn) = self.conn.as_mut() {
+            conn.settled = settings.map(|s| (Arc::clone(s), timeout));
+        }
+    }
+
     /// What happened to statements since the last call, for metrics.
     pub fn take_events(&mut self) -> StatementEvents {
         self.conn
@@ -558,11 +564,13 @@ impl Checkout {
             // Frames are read in place: nothing is split off the buffer.
             let mut consumed = 0;
             while let Some(len) = complete_frame(&conn.buf[consumed..], MAX_SERVER_MESSAGE)? {
-                conn.exchange.server_message(
-                    &conn.buf[consumed..consumed + len],
-                    &mut sides,
-                    to_client,
-                );
+                let frame = &conn.buf[consumed..consumed + len];
+                if frame[0] == b'S' {
+                    if let Some((name, value)) = note_parameter(&mut conn.params, frame) {
+                        conn.reports.push((name.to_string(), value.to_string()));
+                    }
+                }
+                conn.exchange.server_message(frame, &mut sides, to_client);
                 consumed += len;
             }
             conn.buf.advance(consumed);

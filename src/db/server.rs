@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::codec::Decoder;
 
-use super::codec::{CodecError, Frame, FrameCodec, cstr};
+use super::codec::{CodecError, Frame, FrameCodec, read_parameter_status};
 use crate::config::db::Node;
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +118,9 @@ pub struct ServerConn {
     pub params: Vec<(String, String)>,
     /// The values reported at login, to go back to for a client that sets none.
     pub defaults: Vec<(String, String)>,
+    /// Settings the server reported while relaying, for the client to
+    /// track; taken by `Checkout::take_reports`.
+    pub reports: Vec<(String, String)>,
     /// Settings applied with SET for the current client, cleared by a reset.
     pub applied: Vec<(String, String)>,
     /// The server's BackendKeyData (process id, secret key), for cancels.
@@ -158,6 +161,7 @@ impl ServerConn {
             codec: FrameCodec::new(1 << 30),
             params: Vec::new(),
             defaults: Vec::new(),
+            reports: Vec::new(),
             applied: Vec::new(),
             backend_key: (0, 0),
             opened: std::time::Instant::now(),
@@ -216,11 +220,7 @@ impl ServerConn {
             match frame.tag {
                 b'R' => self.authenticate(&frame, login, &mut scram).await?,
                 b'S' => {
-                    if let Some((name, rest)) = cstr(frame.body()) {
-                        if let Some((value, _)) = cstr(rest) {
-                            self.params.push((name.to_string(), value.to_string()));
-                        }
-                    }
+                    note_parameter(&mut self.params, &frame.bytes);
                 }
                 b'K' => {
                     let mut body = frame.body();
@@ -302,6 +302,20 @@ impl ServerConn {
         }
         self.send(&out).await
     }
+}
+
+/// A ParameterStatus frame from the server, kept in `params`: the name and
+/// value when the value is new.
+pub fn note_parameter<'f>(
+    params: &mut Vec<(String, String)>,
+    frame: &'f [u8],
+) -> Option<(&'f str, &'f str)> {
+    let (name, value) = read_parameter_status(frame)?;
+    if super::settings::lookup(params, name) == Some(value) {
+        return None;
+    }
+    super::settings::upsert(params, name, value);
+    Some((name, value))
 }
 
 /// The SQLSTATE and message of an ErrorResponse from the server.

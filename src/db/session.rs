@@ -14,9 +14,10 @@ use tokio_util::codec::Decoder;
 use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_secret};
 use super::codec::{
     CodecError, Frame, FrameCodec, Frontend, Startup, StartupCodec, error_response, frame,
+    parameter_status,
 };
 use super::pool::{Checkout, PoolError};
-use super::settings::{SESSION_PARAMS, Settings, settings_of};
+use super::settings::{SESSION_PARAMS, Settings, lookup, settings_of, tracked, upsert};
 use super::statements::{ClientStatements, Naming};
 use super::{CancelSlot, CancelTarget, DbShared};
 use crate::config::db::{AuthMethod, DbUser, PoolMode, Secret, SessionState};
@@ -208,6 +209,7 @@ where
         statements: ClientStatements::default(),
         cancel: shared.register_cancel(),
         server: None,
+        told: Vec::new(),
     };
     // The greeting needs a server's parameters: take one now.
     if let Err(refusal) = session.acquire().await {
@@ -218,13 +220,9 @@ where
     let mut hello = BytesMut::new();
     hello.extend_from_slice(&auth_request(0, &[]).bytes);
     if let Some(server) = &session.server {
-        for (name, value) in server.conn().params.iter() {
-            let mut body = Vec::with_capacity(name.len() + value.len() + 2);
-            body.extend_from_slice(name.as_bytes());
-            body.push(0);
-            body.extend_from_slice(value.as_bytes());
-            body.push(0);
-            hello.extend_from_slice(&frame(b'S', &body).bytes);
+        session.told = server.conn().params.clone();
+        for (name, value) in &session.told {
+            hello.extend_from_slice(&parameter_status(name, value).bytes);
         }
     }
     let mut key = BytesMut::new();
@@ -268,6 +266,8 @@ struct Session<'a> {
     /// This client's cancel key, and where it leads now.
     cancel: ((i32, i32), CancelSlot),
     server: Option<Checkout>,
+    /// The settings the server has reported to this client, as it was told.
+    told: Vec<(String, String)>,
 }
 
 impl Session<'_> {
@@ -325,6 +325,65 @@ impl Session<'_> {
             server.metrics().transactions.inc();
             server.give_back();
         }
+    }
+
+    /// Whether a message's effect outlives the transaction in a way that
+    /// cannot follow the client to another connection: SQL that sets
+    /// session state other than reported settings, and named prepared
+    /// statements when they are not kept per client.
+    fn pins(&self, frame: &Frame) -> bool {
+        let sql = match frame.frontend() {
+            Ok(Frontend::Query { sql }) => sql,
+            Ok(Frontend::Parse { statement, sql }) => {
+                if self.naming == Naming::Server && !statement.is_empty() {
+                    return true;
+                }
+                sql
+            }
+            _ => return false,
+        };
+        let standard_strings = lookup(&self.told, "standard_conforming_strings") != Some("off");
+        let effect = self.shared.classifier.effect(sql, standard_strings);
+        let pins = effect.pins(|name| self.tracks(name));
+        if pins {
+            tracing::debug!(
+                why = effect
+                    .session
+                    .unwrap_or("a setting the server does not report"),
+                "session state"
+            );
+        }
+        pins
+    }
+
+    /// Whether a setting follows this client from connection to connection:
+    /// the server reports it, and a client may change it.
+    fn tracks(&self, name: &str) -> bool {
+        tracked(name) && lookup(&self.told, name).is_some()
+    }
+
+    /// Settings the server reported while relaying are the client's now:
+    /// they go with it to the next server connection it gets.
+    fn track_reports(&mut self) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let reports = server.take_reports();
+        if reports.is_empty() {
+            return;
+        }
+        let mut settings = (*self.settings).clone();
+        let mut known = true;
+        for (name, value) in &reports {
+            upsert(&mut self.told, name, value);
+            if tracked(name) {
+                upsert(&mut settings.params, name, value);
+            } else {
+                known = false;
+            }
+        }
+        self.settings = self.shared.intern_settings(settings);
+        server.settle(known.then_some(&self.settings));
     }
 
     /// The client is gone: return (or close) the server it held.
@@ -406,6 +465,7 @@ impl Session<'_> {
                             .map_err(server_gone)?;
                         let events = server.take_events();
                         metrics.count_statements(server.pool_name(), events);
+                        self.track_reports();
                         if !to_client.is_empty() {
                             client.send(&to_client).await?;
                             self.between_transactions();
@@ -417,6 +477,7 @@ impl Session<'_> {
                 }
                 read = from_server => {
                     read.map_err(server_gone)?;
+                    self.track_reports();
                     client.send(&to_client).await?;
                     self.between_transactions();
                 }
@@ -429,7 +490,7 @@ impl Session<'_> {
     /// that fails with SQLSTATE 0A000 (`pool.session_state = "refuse"`).
     fn screen(&mut self, frame: Frame) -> Frame {
         // A pinned client keeps its connection whatever it sets.
-        if self.mode != PoolMode::Transaction || self.pinned || !pins(&frame, self.naming) {
+        if self.mode != PoolMode::Transaction || self.pinned || !self.pins(&frame) {
             return frame;
         }
         let pool = format!("{}/{}", self.database, self.user.name);
@@ -449,19 +510,6 @@ impl Session<'_> {
             .with_label_values(&[pool.as_str()])
             .inc();
         frame
-    }
-}
-
-/// Messages whose effect outlives the transaction: SQL that sets session
-/// state, and named prepared statements when they are not kept per client.
-fn pins(frame: &Frame, naming: Naming) -> bool {
-    match frame.frontend() {
-        Ok(Frontend::Query { sql }) => super::classify::pins_session(sql),
-        Ok(Frontend::Parse { statement, sql }) => {
-            (naming == Naming::Server && !statement.is_empty())
-                || super::classify::pins_session(sql)
-        }
-        _ => false,
     }
 }
 

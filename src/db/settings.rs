@@ -1,6 +1,6 @@
-//! What a client asks its server session to be: the startup parameters
-//! gatehouse applies on whichever server connection the client gets, and the
-//! `options` settings.
+//! What a client asks its server session to be: the startup parameters and
+//! reported settings gatehouse applies on whichever server connection the
+//! client gets, and the `options` settings.
 
 /// Parameters a client's startup packet may set on its server session.
 pub const SESSION_PARAMS: [&str; 5] = [
@@ -11,10 +11,46 @@ pub const SESSION_PARAMS: [&str; 5] = [
     "IntervalStyle",
 ];
 
+/// Settings the server reports that a client cannot carry to another
+/// connection: fixed by the server, or who the session is.
+const UNTRACKED: [&str; 6] = [
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "in_hot_standby",
+    "session_authorization",
+];
+
+/// Whether a setting the server reports (`ParameterStatus`) is carried for
+/// the client from one server connection to the next, like a startup
+/// parameter: `TimeZone`, `DateStyle`, `application_name`, and every other
+/// reported setting a client may change.
+pub fn tracked(name: &str) -> bool {
+    !UNTRACKED.iter().any(|u| u.eq_ignore_ascii_case(name))
+}
+
+/// Set `name` to `value` in a list of settings (names ignore case).
+pub fn upsert(list: &mut Vec<(String, String)>, name: &str, value: &str) {
+    match list.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+        Some(slot) => value.clone_into(&mut slot.1),
+        None => list.push((name.to_string(), value.to_string())),
+    }
+}
+
+/// The value of `name` in a list of settings (names ignore case).
+pub fn lookup<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    list.iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 /// What a client asked its server session to be.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
-    /// Startup parameters among `SESSION_PARAMS`.
+    /// Reported settings: startup parameters among `SESSION_PARAMS`, then
+    /// what the client changed (`SET TimeZone`, `set_config`), as the
+    /// server reported it.
     pub params: Vec<(String, String)>,
     /// `-c name=value` settings from the startup `options`.
     pub options: Vec<(String, String)>,

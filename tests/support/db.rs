@@ -27,6 +27,8 @@ pub struct Wire {
     pub codec: FrameCodec,
     /// BackendKeyData from login.
     pub backend_key: (i32, i32),
+    /// ParameterStatus from login: (name, value).
+    pub reported: Vec<(String, String)>,
 }
 
 impl Wire {
@@ -41,6 +43,7 @@ impl Wire {
             buf: BytesMut::new(),
             codec: FrameCodec::new(1 << 20),
             backend_key: (0, 0),
+            reported: Vec::new(),
         }
     }
 
@@ -101,6 +104,15 @@ impl Wire {
         scram.finish(&final_.body()[4..]).unwrap();
         let frames = wire.until_ready();
         assert_eq!(frames.last().unwrap().ready_status(), Some(b'I'));
+        for status in frames.iter().filter(|f| f.tag == b'S') {
+            let mut parts = status.body().split(|b| *b == 0);
+            if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+                wire.reported.push((
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                ));
+            }
+        }
         if let Some(key) = frames.iter().find(|f| f.tag == b'K') {
             let body = key.body();
             wire.backend_key = (
@@ -109,6 +121,26 @@ impl Wire {
             );
         }
         wire
+    }
+
+    /// Every column of the first row of `sql`, as text (NULL as "").
+    pub fn row(&mut self, sql: &str) -> Vec<String> {
+        let frames = self.query(sql);
+        let row = frames.iter().find(|f| f.tag == b'D').expect("a row");
+        let body = row.body();
+        let columns = u16::from_be_bytes([body[0], body[1]]);
+        let mut at = 2;
+        (0..columns)
+            .map(|_| {
+                let len = i32::from_be_bytes([body[at], body[at + 1], body[at + 2], body[at + 3]]);
+                at += 4;
+                let Ok(len) = usize::try_from(len) else {
+                    return String::new();
+                };
+                at += len;
+                String::from_utf8_lossy(&body[at - len..at]).into_owned()
+            })
+            .collect()
     }
 
     /// The first column of the first row of `sql`.
@@ -346,6 +378,7 @@ impl GatehouseDb {
             buf: BytesMut::new(),
             codec: FrameCodec::new(1 << 20),
             backend_key: (0, 0),
+            reported: Vec::new(),
         })
     }
 }

@@ -57,14 +57,16 @@ def _database():
         "PORT": os.environ.get("DB_PORT", ""),
         # Transaction pooling: server-side cursors cannot outlive a transaction.
         "DISABLE_SERVER_SIDE_CURSORS": True,
+        # Seconds a worker keeps its connection (0: one per request).
+        "CONN_MAX_AGE": int(os.environ.get("DB_CONN_MAX_AGE", "0")),
     }
 
 
 DATABASES = {"default": _database()}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-USE_TZ = True
-TIME_ZONE = "UTC"
+USE_TZ = os.environ.get("DJANGO_USE_TZ", "1") == "1"
+TIME_ZONE = os.environ.get("DJANGO_TIME_ZONE", "UTC")
 LANGUAGE_CODE = "en-us"
 
 LOGGING = {

@@ -11,4 +11,5 @@ urlpatterns = [
     path("v1/auth/login/", views.login),
     path("v1/auth/whoami/", views.whoami),
     path("v1/blob/", views.blob),
+    path("v1/db/session/", views.db_session),
 ]

@@ -1,6 +1,8 @@
 """JSON views with the seed API's shape."""
 import json
 
+from django.conf import settings
+from django.db import connection, transaction
 from django.db.models import Q
 from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse
 from django.shortcuts import get_object_or_404
@@ -25,6 +27,15 @@ def _bad(message, status=400):
 
 def healthz(request):
     return JsonResponse({"status": "ok"})
+
+
+def db_session(request):
+    """What the database session is set to, read inside a transaction: the
+    pooling tests check that each client keeps its own settings."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('TimeZone'), pg_backend_pid()")
+        zone, pid = cursor.fetchone()
+    return JsonResponse({"timezone": zone, "use_tz": settings.USE_TZ, "backend_pid": pid})
 
 
 def _page(request):
