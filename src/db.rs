@@ -160,8 +160,12 @@ impl DbShared {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbStartError {
-    #[error("socket directory {dir}: {source}")]
+    #[error(
+        "socket directory {dir}: {source} (choose another with --socket-dir or server.socket_dir)"
+    )]
     SocketDir { dir: String, source: io::Error },
+    #[error("server.socket_group `{group}`: {reason}")]
+    SocketGroup { group: String, reason: String },
     #[error("cannot listen on {at}: {source}")]
     Listen { at: String, source: io::Error },
     #[error("starting a runtime: {0}")]
@@ -202,6 +206,19 @@ pub fn bind(config: &DbConfig) -> Result<DbListeners, DbStartError> {
         .map_err(listen_error(path.display().to_string()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket_mode))
         .map_err(listen_error(path.display().to_string()))?;
+    if let Some(group) = &config.socket_group {
+        let refused = |reason: String| DbStartError::SocketGroup {
+            group: group.clone(),
+            reason,
+        };
+        let gid = group_id(group).ok_or_else(|| refused("no such group".into()))?;
+        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|e| {
+            refused(format!(
+                "cannot give the socket to it: {e} (run as root or as a member of the group, \
+                 or set socket_group = \"\")"
+            ))
+        })?;
+    }
     unix.set_nonblocking(true)
         .map_err(listen_error(path.display().to_string()))?;
     tracing::info!(service = "db", socket = %path.display(), "listening");
@@ -224,6 +241,22 @@ pub fn bind(config: &DbConfig) -> Result<DbListeners, DbStartError> {
         None => None,
     };
     Ok(DbListeners { unix, tcp, admin })
+}
+
+/// A group's id: a number, or a name in `/etc/group`.
+fn group_id(group: &str) -> Option<u32> {
+    if let Ok(gid) = group.parse() {
+        return Some(gid);
+    }
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next()? == group)
+                .then(|| fields.nth(1)?.parse().ok())
+                .flatten()
+        })
 }
 
 /// Serve on `listeners` until `control` says `Shutdown` (or closes);

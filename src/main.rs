@@ -36,7 +36,8 @@ enum Command {
         #[arg(long = "upstream")]
         upstreams: Vec<String>,
     },
-    /// Run the PostgreSQL pool on a Unix socket (session pooling for now).
+    /// Run the PostgreSQL pool on a Unix socket: transaction pooling (or
+    /// session pooling per database) in front of the primary.
     Db {
         /// TOML file; without it the embedded defaults apply (config/db.toml).
         #[arg(long, short)]
@@ -44,6 +45,9 @@ enum Command {
         /// Directory of the socket `.s.PGSQL.<port>`.
         #[arg(long)]
         socket_dir: Option<PathBuf>,
+        /// Group the socket file is given to; "" for gatehouse's own.
+        #[arg(long)]
+        socket_group: Option<String>,
         #[arg(long)]
         port: Option<u16>,
         /// Also accept TCP clients here.
@@ -51,7 +55,8 @@ enum Command {
         listen: Option<String>,
         #[arg(long)]
         admin_listen: Option<String>,
-        /// The primary: host:port, or a socket directory.
+        /// The primary: host:port, a socket directory, or a postgresql:// URI
+        /// (its user, password and database are taken too).
         #[arg(long)]
         primary: Option<String>,
     },
@@ -93,6 +98,7 @@ fn main() -> ExitCode {
         Command::Db {
             config,
             socket_dir,
+            socket_group,
             port,
             listen,
             admin_listen,
@@ -100,6 +106,7 @@ fn main() -> ExitCode {
         } => {
             let overrides = gatehouse::config::db::DbOverrides {
                 socket_dir,
+                socket_group,
                 port,
                 listen,
                 admin_listen,

@@ -1379,3 +1379,64 @@ fn the_classifier_catches_every_session_state_change() {
         "reported settings carried in {carried} statements only"
     );
 }
+
+/// Django's test runner through gatehouse: it connects to the `postgres`
+/// database to create `test_app`, migrates and tests it through pooled
+/// connections, and drops it at the end. The drop needs nobody connected to
+/// `test_app`, so the pool's idle connections to it are closed first.
+/// Databases other than `app` are allowed by the `"*"` entry.
+#[test]
+fn djangos_test_runner_creates_and_drops_its_database() {
+    let pg = TestPostgres::shared();
+    pg.superuser_sql(&format!("ALTER ROLE {APP_USER} CREATEDB"));
+    let (plain, admin) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 4\nmin_connections = 2", "");
+    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
+    drop(plain);
+    let db = GatehouseDb::start_with_text(&format!(
+        "{text}\n[[databases]]\nname = \"*\"\npool_mode = \"transaction\"\n"
+    ));
+    let venv = std::env::var_os("GATEHOUSE_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| harness::repo_root().join(".venv"));
+    let run = || {
+        std::process::Command::new(venv.join("bin/python"))
+            .current_dir(harness::repo_root().join("examples/django"))
+            .args(["manage.py", "test", "stories", "--noinput", "-v", "2"])
+            .env("DB_NAME", APP_DB)
+            .env("DB_USER", APP_USER)
+            .env("DB_PASSWORD", APP_PASSWORD)
+            .env("DB_HOST", db.socket_dir.path())
+            .env("DB_PORT", db.port.to_string())
+            .output()
+            .expect("the test virtualenv's python (scripts/test.sh creates it)")
+    };
+    // Twice: the first run's database is gone, so the second creates it anew.
+    for round in 0..2 {
+        let out = run();
+        let text = output_text(&out);
+        assert!(out.status.success(), "round {round}: {text}");
+        assert!(text.contains("Ran 3 tests"), "round {round}: {text}");
+        assert!(text.contains("Destroying test database"), "{text}");
+    }
+    let exists = pg.superuser_sql("SELECT count(*) FROM pg_database WHERE datname = 'test_app'");
+    assert_eq!(exists, "0");
+    // Pools of databases without an entry of their own go once unused.
+    let pools = || -> Vec<String> {
+        let json: serde_json::Value =
+            serde_json::from_str(&http_get(&admin, "/metrics/json").1).unwrap();
+        json["database"]["connection_pool"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["pool"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || !pools()
+            .contains(&"test_app/app".to_string())),
+        "{:?}",
+        pools()
+    );
+    assert!(pools().contains(&"app/app".to_string()), "{:?}", pools());
+}

@@ -54,12 +54,20 @@ pub struct RawDbServer {
     pub port: u16,
     /// Octal permission bits of the socket file, as a string ("0660").
     pub socket_mode: String,
+    /// The group the socket file is given to (e.g. "www-data"); empty = the
+    /// group gatehouse runs as.
+    pub socket_group: String,
     /// Also listen on TCP at this address; empty = socket only.
     pub listen: String,
     pub max_message_size: ByteSize,
     /// A client must finish startup and authentication within this time.
     #[serde(with = "humantime_serde")]
     pub login_timeout: Duration,
+    /// Clients connected at once; more are refused (SQLSTATE 53300).
+    pub max_client_connections: u32,
+    /// On SIGTERM, how long transactions in progress may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for RawDbServer {
@@ -68,9 +76,12 @@ impl Default for RawDbServer {
             socket_dir: "/run/gatehouse".into(),
             port: 6432,
             socket_mode: "0660".into(),
+            socket_group: String::new(),
             listen: String::new(),
             max_message_size: ByteSize(64 * 1024 * 1024),
             login_timeout: Duration::from_secs(60),
+            max_client_connections: 1000,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -78,7 +89,8 @@ impl Default for RawDbServer {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawNode {
-    /// A host name or address, or a socket directory (starts with `/`).
+    /// A host name or address (with `:port` or not), a socket directory
+    /// (starts with `/`), or a `postgresql://` URI.
     pub host: String,
     pub port: u16,
 }
@@ -144,6 +156,10 @@ pub struct RawUser {
     /// For `trust` on the Unix socket: only these peer uids (SO_PEERCRED).
     #[serde(default)]
     pub trusted_uids: Vec<u32>,
+    /// `trust` with no `trusted_uids` lets in any TCP client that names this
+    /// user; refused unless this says so.
+    #[serde(default)]
+    pub trust_over_tcp: bool,
     /// The password gatehouse logs in to PostgreSQL with, when `password`
     /// is a stored verifier rather than the clear password.
     pub server_password: Option<String>,
@@ -171,9 +187,13 @@ pub struct DbConfig {
     pub socket_dir: PathBuf,
     pub port: u16,
     pub socket_mode: u32,
+    /// The socket file's group, by name.
+    pub socket_group: Option<String>,
     pub listen: Option<SocketAddr>,
     pub max_message_size: usize,
     pub login_timeout: Duration,
+    pub max_client_connections: usize,
+    pub drain_timeout: Duration,
     pub admin_listen: Option<SocketAddr>,
     pub primary: Node,
     pub pool: PoolConfig,
@@ -182,10 +202,27 @@ pub struct DbConfig {
     pub log: LogConfig,
 }
 
+/// A `[[databases]]` name that lets clients ask for any database.
+pub const ANY_DATABASE: &str = "*";
+
 impl DbConfig {
     /// `<socket_dir>/.s.PGSQL.<port>`, where libpq (and Django) look.
     pub fn socket_path(&self) -> PathBuf {
         self.socket_dir.join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    /// How clients may use `name`: its own entry, else the `"*"` entry.
+    pub fn database(&self, name: &str) -> Option<&Database> {
+        self.databases
+            .iter()
+            .find(|d| d.name == name)
+            .or_else(|| self.databases.iter().find(|d| d.name == ANY_DATABASE))
+    }
+
+    /// Whether `name` has an entry of its own (its pools are kept and
+    /// warmed); others are made on first use and dropped when idle.
+    pub fn lists(&self, name: &str) -> bool {
+        name != ANY_DATABASE && self.databases.iter().any(|d| d.name == name)
     }
 }
 
@@ -257,6 +294,8 @@ pub struct DbUser {
     pub auth: AuthMethod,
     pub secret: Option<Secret>,
     pub trusted_uids: Vec<u32>,
+    /// `trust` with no `trusted_uids` accepted from TCP clients too.
+    pub trust_over_tcp: bool,
     /// What gatehouse sends PostgreSQL for this user.
     pub server_password: Option<String>,
 }
@@ -280,9 +319,13 @@ pub struct DbOverrides {
     pub port: Option<u16>,
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
-    /// `host:port` or a socket directory.
+    /// `host:port`, a socket directory, or a `postgresql://` URI.
     pub primary: Option<String>,
+    pub socket_group: Option<String>,
 }
+
+/// The embedded defaults: the shipped `config/db.toml`.
+const EMBEDDED: &str = include_str!("../../config/db.toml");
 
 impl DbConfig {
     pub fn load(
@@ -290,7 +333,14 @@ impl DbConfig {
         overrides: &DbOverrides,
         env: &dyn EnvSource,
     ) -> Result<DbConfig, ConfigError> {
-        let source = path.map(SourceFile::read).transpose()?;
+        let source = match path {
+            Some(path) => SourceFile::read(path)?,
+            None => SourceFile {
+                name: "embedded defaults (config/db.toml)".into(),
+                text: EMBEDDED.into(),
+            },
+        };
+        let source = Some(source);
         let mut figment = Figment::new();
         if let Some(file) = &source {
             figment = figment.merge(Toml::string(&file.text));
@@ -307,7 +357,8 @@ impl DbConfig {
             });
         };
         apply_seed(&mut raw, env)?;
-        apply_overrides(&mut raw, overrides);
+        apply_overrides(&mut raw, overrides)?;
+        apply_primary_credentials(&mut raw);
         let validated = validate(&raw).map_err(|problems| {
             problems
                 .into_iter()
@@ -353,6 +404,7 @@ fn apply_seed(raw: &mut RawDb, env: &dyn EnvSource) -> Result<(), ConfigError> {
                 password,
                 auth: scram(),
                 trusted_uids: Vec::new(),
+                trust_over_tcp: false,
                 server_password: None,
             }),
         }
@@ -360,7 +412,7 @@ fn apply_seed(raw: &mut RawDb, env: &dyn EnvSource) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn apply_overrides(raw: &mut RawDb, overrides: &DbOverrides) {
+fn apply_overrides(raw: &mut RawDb, overrides: &DbOverrides) -> Result<(), ConfigError> {
     if let Some(dir) = &overrides.socket_dir {
         raw.server.socket_dir = dir.clone();
     }
@@ -374,14 +426,219 @@ fn apply_overrides(raw: &mut RawDb, overrides: &DbOverrides) {
         raw.admin.listen = admin.clone();
         raw.admin.enabled = true;
     }
+    if let Some(group) = &overrides.socket_group {
+        raw.server.socket_group = group.clone();
+    }
     if let Some(primary) = &overrides.primary {
-        match primary.rsplit_once(':') {
-            Some((host, port)) if !primary.starts_with('/') => {
-                raw.primary.host = host.to_string();
-                raw.primary.port = port.parse().unwrap_or(raw.primary.port);
-            }
-            _ => raw.primary.host = primary.clone(),
+        // Checked here, so that the error names the flag.
+        if let Err(message) = Primary::parse(primary, raw.primary.port) {
+            return Err(ConfigError::one("--primary", "", message));
         }
+        raw.primary.host = primary.clone();
+    }
+    Ok(())
+}
+
+/// A `postgresql://` URI's user, password and database, merged as the seed
+/// names are: its user logs in to PostgreSQL with its password (and clients
+/// log in as that user with it), its database may be asked for.
+fn apply_primary_credentials(raw: &mut RawDb) {
+    let Ok(primary) = Primary::parse(&raw.primary.host, raw.primary.port) else {
+        return;
+    };
+    if let Some(name) = primary.database {
+        if !raw.databases.iter().any(|d| d.name == name) {
+            raw.databases.push(RawDatabase {
+                name,
+                pool_mode: transaction(),
+            });
+        }
+    }
+    let Some(name) = primary.user else { return };
+    match raw.users.iter_mut().find(|u| u.name == name) {
+        Some(existing) => {
+            if existing.server_password.is_none() {
+                existing.server_password = primary.password;
+            }
+        }
+        None => raw.users.push(RawUser {
+            name,
+            password: primary.password,
+            auth: scram(),
+            trusted_uids: Vec::new(),
+            trust_over_tcp: false,
+            server_password: None,
+        }),
+    }
+}
+
+/// What `primary.host` (or `--primary`, or `DB_PRIMARY_HOST`) names: a node,
+/// and from a URI, credentials and a database.
+#[derive(Debug, PartialEq, Eq)]
+struct Primary {
+    node: Node,
+    user: Option<String>,
+    password: Option<String>,
+    database: Option<String>,
+}
+
+impl Primary {
+    /// `host`, `host:port`, `[v6]:port`, `/socket/dir`, or
+    /// `postgresql://[user[:password]@][host][:port][/database][?host=…&port=…]`;
+    /// `port` when none is given. Errors never repeat a password.
+    fn parse(text: &str, port: u16) -> Result<Primary, String> {
+        let text = text.trim();
+        let plain = |node| Primary {
+            node,
+            user: None,
+            password: None,
+            database: None,
+        };
+        if let Some(rest) = text
+            .strip_prefix("postgresql://")
+            .or_else(|| text.strip_prefix("postgres://"))
+        {
+            return parse_uri(rest, port).map_err(|e| format!("`{}`: {e}", redact_uri(text)));
+        }
+        if text.starts_with('/') {
+            return Ok(plain(Node::Socket {
+                dir: text.into(),
+                port,
+            }));
+        }
+        host_port(text, port)
+            .map(|(host, port)| plain(Node::Tcp { host, port }))
+            .map_err(|e| format!("`{text}`: {e}"))
+    }
+}
+
+/// `host`, `host:port` or `[v6]:port` (a bare IPv6 address is a host).
+fn host_port(text: &str, default_port: u16) -> Result<(String, u16), String> {
+    const SHAPES: &str = "give host:port, a socket directory, or a postgresql:// URI";
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or(SHAPES)?;
+        match after.strip_prefix(':') {
+            Some(port) => (host, Some(port)),
+            None if after.is_empty() => (host, None),
+            None => return Err(SHAPES.into()),
+        }
+    } else if text.parse::<std::net::Ipv6Addr>().is_ok() {
+        (text, None)
+    } else {
+        match text.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (text, None),
+        }
+    };
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':');
+    if host.is_empty() || !host.chars().all(valid) {
+        return Err(SHAPES.into());
+    }
+    let port = match port {
+        None => default_port,
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("`{port}` is not a port"))?,
+    };
+    Ok((host.to_string(), port))
+}
+
+/// A URI after its scheme.
+fn parse_uri(rest: &str, default_port: u16) -> Result<Primary, String> {
+    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, database) = main.split_once('/').unwrap_or((main, ""));
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((userinfo, hostport)) => (Some(userinfo), hostport),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo {
+        Some(info) => match info.split_once(':') {
+            Some((user, password)) => (Some(decode(user)?), Some(decode(password)?)),
+            None => (Some(decode(info)?), None),
+        },
+        None => (None, None),
+    };
+    let mut host = decode(hostport)?;
+    let mut port = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = decode(value)?;
+        match key {
+            "host" => host = value,
+            "port" => port = Some(value),
+            "sslmode" if matches!(value.as_str(), "disable" | "allow" | "prefer") => {}
+            "sslmode" => {
+                return Err(format!(
+                    "sslmode={value}: gatehouse does not use TLS to PostgreSQL"
+                ));
+            }
+            other => return Err(format!("the parameter `{other}` is not supported")),
+        }
+    }
+    if host.contains(',') {
+        return Err("one primary: several hosts are not supported".into());
+    }
+    let node = if host.starts_with('/') {
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| format!("`{p}` is not a port"))?,
+            None => host_port("x", default_port)?.1,
+        };
+        Node::Socket {
+            dir: host.into(),
+            port,
+        }
+    } else {
+        let with_port = match port {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        let (host, port) = host_port(&with_port, default_port)?;
+        Node::Tcp { host, port }
+    };
+    Ok(Primary {
+        node,
+        user: user.filter(|u| !u.is_empty()),
+        password,
+        database: Some(decode(database)?).filter(|d| !d.is_empty()),
+    })
+}
+
+/// Percent-decoding, as URIs carry socket directories and passwords.
+fn decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("a `%` not followed by two hex digits")?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "percent-encoding that is not UTF-8".to_string())
+}
+
+/// A URI with its password replaced by `***`, for messages.
+fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((info, host)) => match info.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => uri.to_string(),
+        },
+        None => uri.to_string(),
     }
 }
 
@@ -445,6 +702,7 @@ fn user(index: usize, raw: &RawUser, problems: &mut Problems) -> DbUser {
         auth,
         secret,
         trusted_uids: raw.trusted_uids.clone(),
+        trust_over_tcp: raw.trust_over_tcp,
         server_password,
     }
 }
@@ -482,24 +740,14 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
         .enabled
         .then(|| socket_addr("admin.listen", &raw.admin.listen, &mut problems))
         .flatten();
-    let primary = if raw.primary.host.starts_with('/') {
-        Node::Socket {
-            dir: raw.primary.host.clone().into(),
-            port: raw.primary.port,
-        }
-    } else if raw.primary.host.is_empty() {
-        problems.push((
-            "primary.host".into(),
-            "a host, an address or a socket directory".into(),
-        ));
-        Node::Tcp {
-            host: String::new(),
-            port: raw.primary.port,
-        }
-    } else {
-        Node::Tcp {
-            host: raw.primary.host.clone(),
-            port: raw.primary.port,
+    let primary = match Primary::parse(&raw.primary.host, raw.primary.port) {
+        Ok(primary) => primary.node,
+        Err(message) => {
+            problems.push(("primary.host".into(), message));
+            Node::Tcp {
+                host: String::new(),
+                port: raw.primary.port,
+            }
         }
     };
     let p = &raw.pool;
@@ -537,9 +785,29 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
             "at least one [[users]] entry (or DB_USER) is needed".into(),
         ));
     }
+    if s.max_client_connections == 0 {
+        problems.push((
+            "server.max_client_connections".into(),
+            "must be at least 1".into(),
+        ));
+    }
     let mut users: Vec<DbUser> = Vec::new();
     for (i, raw_user) in raw.users.iter().enumerate() {
         let u = user(i, raw_user, &mut problems);
+        if listen.is_some()
+            && u.auth == AuthMethod::Trust
+            && u.trusted_uids.is_empty()
+            && !u.trust_over_tcp
+        {
+            problems.push((
+                format!("users[{i}].auth"),
+                format!(
+                    "`trust` with no trusted_uids would let any client of server.listen in as \
+                     `{}`: set trusted_uids (socket clients only), or trust_over_tcp = true",
+                    u.name
+                ),
+            ));
+        }
         if users.iter().any(|o| o.name == u.name) {
             problems.push((
                 format!("users[{i}].name"),
@@ -586,6 +854,9 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
         socket_dir: s.socket_dir.clone(),
         port: s.port,
         socket_mode,
+        socket_group: Some(s.socket_group.trim().to_string()).filter(|g| !g.is_empty()),
+        max_client_connections: s.max_client_connections as usize,
+        drain_timeout: s.drain_timeout,
         listen,
         max_message_size: usize::try_from(s.max_message_size.0).unwrap_or(usize::MAX),
         login_timeout: s.login_timeout,

@@ -15,9 +15,10 @@ pub const SCRAM_ITERATIONS: u32 = 4096;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    /// Wrong password: the client sees 28P01 and nothing more.
+    /// Wrong password, or a peer not trusted: the client sees 28P01 and
+    /// nothing more; the reason is for the server's log.
     #[error("password authentication failed")]
-    Failed,
+    Failed(&'static str),
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
     #[error("SCRAM channel binding is not supported")]
@@ -27,7 +28,7 @@ pub enum AuthError {
 impl AuthError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
-            AuthError::Failed => "28P01",
+            AuthError::Failed(_) => "28P01",
             AuthError::Malformed(_) | AuthError::ChannelBinding => "08P01",
         }
     }
@@ -203,7 +204,7 @@ impl ScramExchange {
         }
         let stored: [u8; 32] = Sha256::digest(client_key).into();
         if !constant_time_eq(&stored, &self.verifier.stored_key) {
-            return Err(AuthError::Failed);
+            return Err(AuthError::Failed("wrong password (SCRAM proof)"));
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_signature)))

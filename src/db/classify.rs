@@ -334,6 +334,58 @@ fn call_effect(node: &Value) -> Option<Effect> {
     }
 }
 
+/// `RenameStmt.rename_type` for `ALTER DATABASE … RENAME`.
+const OBJECT_DATABASE: i64 = 10;
+
+/// The databases a statement needs nobody connected to: `DROP DATABASE x`,
+/// `ALTER DATABASE x RENAME`, and the template of `CREATE DATABASE … TEMPLATE
+/// x`. Idle pooled connections to them are closed first, or the server
+/// refuses (Django's test runner creates and drops its test database).
+pub fn databases_needing_no_sessions(sql: &[u8]) -> Vec<String> {
+    if !mentions_any(sql, &[b"database"]) {
+        return Vec::new();
+    }
+    let Some(tree) = std::str::from_utf8(sql)
+        .ok()
+        .and_then(|text| pg_query::parse(text, pg_query::ParserOptions::DEFAULT).ok())
+        .and_then(|parsed| serde_json::to_value(&parsed.protobuf).ok())
+    else {
+        return Vec::new();
+    };
+    let statements = tree.get("stmts").and_then(Value::as_array);
+    let mut names = Vec::new();
+    for statement in statements.into_iter().flatten() {
+        let Some(node) = statement.pointer("/stmt/node") else {
+            continue;
+        };
+        let text =
+            |node: &Value, field: &str| node.get(field).and_then(Value::as_str).map(str::to_string);
+        if let Some(drop) = node.get("DropdbStmt") {
+            names.extend(text(drop, "dbname"));
+        } else if let Some(rename) = node.get("RenameStmt") {
+            if rename.get("rename_type").and_then(Value::as_i64) == Some(OBJECT_DATABASE) {
+                names.extend(text(rename, "subname"));
+            }
+        } else if let Some(create) = node.get("CreatedbStmt") {
+            let options = create.get("options").and_then(Value::as_array);
+            for option in options.into_iter().flatten() {
+                let Some(option) = option.pointer("/node/DefElem") else {
+                    continue;
+                };
+                if option.get("defname").and_then(Value::as_str) == Some("template") {
+                    names.extend(
+                        option
+                            .pointer("/arg/node/String/sval")
+                            .and_then(Value::as_str)
+                            .map(str::to_string),
+                    );
+                }
+            }
+        }
+    }
+    names
+}
+
 /// Whether `sql` starts with `word` (lowercase ASCII), ignoring case and
 /// leading white space: a cheap test before [`words`].
 fn starts_with_word(sql: &[u8], word: &[u8]) -> bool {
@@ -524,6 +576,24 @@ mod tests {
         ] {
             assert!(!pins(sql), "{sql}");
         }
+    }
+
+    #[test]
+    fn statements_that_need_a_database_without_sessions() {
+        use super::databases_needing_no_sessions as needing;
+        assert_eq!(
+            needing(b"DROP DATABASE IF EXISTS \"test_app\""),
+            ["test_app"]
+        );
+        assert_eq!(needing(b"drop database Shop WITH (FORCE)"), ["shop"]);
+        assert_eq!(needing(b"ALTER DATABASE a RENAME TO b"), ["a"]);
+        assert_eq!(
+            needing(b"CREATE DATABASE c TEMPLATE \"Tpl\" OWNER app"),
+            ["Tpl"]
+        );
+        assert!(needing(b"CREATE DATABASE c").is_empty());
+        assert!(needing(b"ALTER DATABASE a SET work_mem = '1MB'").is_empty());
+        assert!(needing(b"SELECT 'DROP DATABASE x'").is_empty());
     }
 
     #[test]

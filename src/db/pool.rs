@@ -41,6 +41,9 @@ struct Pool {
     waiting: AtomicUsize,
     /// After a failed attempt to warm the pool, when to try again.
     warm_retry: Mutex<Option<std::time::Instant>>,
+    /// The server said the database does not exist: the pool is not warmed
+    /// until a client gets a connection to it.
+    missing: std::sync::atomic::AtomicBool,
     metrics: PoolMetrics,
 }
 
@@ -126,6 +129,7 @@ impl Pools {
                         }),
                         waiting: AtomicUsize::new(0),
                         warm_retry: Mutex::new(None),
+                        missing: std::sync::atomic::AtomicBool::new(false),
                     })
                 }),
         )
@@ -136,7 +140,7 @@ impl Pools {
     /// `min_connections` are warm before the first client; sizes and
     /// server credentials as configured. Clients keep what they hold.
     pub fn configure(&self, config: &DbConfig, metrics: &DbMetrics) {
-        for database in &config.databases {
+        for database in config.databases.iter().filter(|d| config.lists(&d.name)) {
             for user in &config.users {
                 let pool = self.pool(&database.name, user, config.pool.max_connections, metrics);
                 *pool.user.lock().unwrap_or_else(|e| e.into_inner()) = user.clone();
@@ -221,6 +225,7 @@ impl Pools {
                     match opened {
                         Ok(conn) => {
                             metrics.server_connects.with_label_values(&label).inc();
+                            pool.missing.store(false, Ordering::Relaxed);
                             conn
                         }
                         Err(e) => {
@@ -255,6 +260,10 @@ impl Pools {
         for pool in pools {
             // Permits a smaller size left with clients, as they come back.
             pool.resize(pool.size().max);
+            // A database without an entry of its own (`"*"`, or one a reload
+            // removed): no warm connections, and the pool goes once unused.
+            let listed = config.lists(&pool.database);
+            let min = if listed { min } else { 0 };
             let lent = pool.lent();
             let max = pool.size().max;
             {
@@ -272,8 +281,14 @@ impl Pools {
                     keep
                 });
             }
+            if !listed {
+                self.drop_if_unused(&pool);
+                continue;
+            }
             let retry = *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner());
-            if retry.is_some_and(|at| std::time::Instant::now() < at) {
+            if retry.is_some_and(|at| std::time::Instant::now() < at)
+                || pool.missing.load(Ordering::Relaxed)
+            {
                 continue;
             }
             let have = lent + pool.idle.lock().map_or(0, |idle| idle.len());
@@ -302,6 +317,12 @@ impl Pools {
                             .server_errors
                             .with_label_values(&[pool.name.as_str()])
                             .inc();
+                        if matches!(&e, ServerError::Refused { sqlstate, .. } if sqlstate == "3D000")
+                        {
+                            tracing::warn!(pool = %pool.name, "the database does not exist: the pool is warmed once a client connects to it");
+                            pool.missing.store(true, Ordering::Relaxed);
+                            break;
+                        }
                         // A refusal (no such role, no access) is not retried
                         // every second.
                         let wait = if matches!(e, ServerError::Refused { .. }) {
@@ -317,6 +338,42 @@ impl Pools {
                 }
             }
         }
+    }
+}
+
+impl Pools {
+    /// Forget a pool nobody uses: no connection lent, idle or waited for.
+    fn drop_if_unused(&self, pool: &Arc<Pool>) {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let unused = pool.lent() == 0
+            && pool.waiting.load(Ordering::Relaxed) == 0
+            && pool.idle.lock().map_or(true, |idle| idle.is_empty());
+        if unused {
+            pools.retain(|_, kept| !Arc::ptr_eq(kept, pool));
+        }
+    }
+
+    /// Close every idle connection to `database`, in the pools of all
+    /// users, and hold off warming them for a while: the statement that
+    /// follows needs nobody connected to it. Connections lent to clients
+    /// stay; the server then refuses as it would without gatehouse.
+    pub fn close_idle(&self, database: &str) -> usize {
+        let pools: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|pool| pool.database == database)
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for pool in pools {
+            *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(std::time::Instant::now() + Duration::from_secs(10));
+            let idle = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
+            closed += idle.len();
+        }
+        closed
     }
 }
 
@@ -636,6 +693,7 @@ mod tests {
             auth: AuthMethod::Trust,
             secret: None,
             trusted_uids: Vec::new(),
+            trust_over_tcp: false,
             server_password: None,
         };
         let metrics = crate::db::metrics::DbMetrics::new().unwrap();

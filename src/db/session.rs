@@ -17,6 +17,7 @@ use super::codec::{
     parameter_status,
 };
 use super::pool::{Checkout, PoolError};
+use super::server::ServerError;
 use super::settings::{SESSION_PARAMS, Settings, lookup, settings_of, tracked, upsert};
 use super::statements::{ClientStatements, Naming};
 use super::{CancelSlot, CancelTarget, DbShared};
@@ -160,13 +161,19 @@ where
     // An unknown user fails like a wrong password: no user enumeration.
     let failed = format!("password authentication failed for user \"{user_name}\"");
     let Some(user) = config.users.iter().find(|u| u.name == user_name) else {
+        tracing::info!(user = user_name, "login refused: no such user");
         return client.fatal("28P01", &failed).await;
     };
-    if !config.databases.iter().any(|d| d.name == database) {
+    let Some(mode) = config.database(database).map(|d| d.pool_mode) else {
+        tracing::info!(
+            user = user_name,
+            database,
+            "login refused: database not listed"
+        );
         return client
             .fatal("3D000", &format!("database \"{database}\" does not exist"))
             .await;
-    }
+    };
     let authenticated = authenticate(client, user, peer_uid).await?;
     let result = if authenticated.is_ok() {
         "ok"
@@ -176,15 +183,16 @@ where
     shared.metrics.logins.with_label_values(&[result]).inc();
     match authenticated {
         Ok(()) => {}
-        Err(AuthError::Failed) => return client.fatal("28P01", &failed).await,
-        Err(e) => return client.fatal(e.sqlstate(), &e.to_string()).await,
+        Err(AuthError::Failed(reason)) => {
+            tracing::info!(user = user_name, database, reason, "login refused");
+            return client.fatal("28P01", &failed).await;
+        }
+        Err(e) => {
+            tracing::info!(user = user_name, database, error = %e, "login refused");
+            return client.fatal(e.sqlstate(), &e.to_string()).await;
+        }
     }
 
-    let mode = config
-        .databases
-        .iter()
-        .find(|d| d.name == database)
-        .map_or(PoolMode::Session, |d| d.pool_mode);
     let mut session = Session {
         shared,
         database: database.to_string(),
@@ -214,7 +222,7 @@ where
     // The greeting needs a server's parameters: take one now.
     if let Err(refusal) = session.acquire().await {
         session.end(false).await;
-        return client.fatal(refusal.0, &refusal.1).await;
+        return client.fatal(&refusal.0, &refusal.1).await;
     }
     client.login_deadline = None;
     let mut hello = BytesMut::new();
@@ -247,7 +255,7 @@ where
 }
 
 /// A refusal to tell the client: SQLSTATE and message.
-struct Refusal(&'static str, String);
+struct Refusal(String, String);
 
 /// One logged-in client and the server connection it holds, if any.
 struct Session<'a> {
@@ -286,21 +294,29 @@ impl Session<'_> {
                 Ok(server) => server,
                 Err(PoolError::Exhausted { pool, waited }) => {
                     return Err(Refusal(
-                        "53300",
+                        "53300".into(),
                         format!("no server connection free in pool {pool} within {waited:?}"),
                     ));
+                }
+                // The server's own refusal of the database (3D000 and the
+                // like) is the client's answer; its refusal of gatehouse's
+                // credentials (class 28) is not the client's business.
+                Err(PoolError::Server(ServerError::Refused { sqlstate, message }))
+                    if !sqlstate.starts_with("28") =>
+                {
+                    return Err(Refusal(sqlstate, message));
                 }
                 Err(PoolError::Server(e)) => {
                     tracing::warn!(error = %e, "cannot reach the primary");
                     return Err(Refusal(
-                        "08006",
+                        "08006".into(),
                         "the database server could not be reached".into(),
                     ));
                 }
             };
             if let Err(e) = server.apply(&self.settings).await {
                 server.discard();
-                return Err(Refusal("08P01", format!("startup parameters: {e}")));
+                return Err(Refusal("08P01".into(), format!("startup parameters: {e}")));
             }
             self.point_cancel(Some(CancelTarget {
                 node: Arc::clone(&server.conn().node),
@@ -324,6 +340,23 @@ impl Session<'_> {
             self.point_cancel(None);
             server.metrics().transactions.inc();
             server.give_back();
+        }
+    }
+
+    /// `DROP DATABASE x` and the like need nobody connected to `x`: the
+    /// pools' idle connections to it are closed before the statement goes.
+    fn before_database_change(&self, frame: &Frame) {
+        let sql = match frame.frontend() {
+            Ok(Frontend::Query { sql } | Frontend::Parse { sql, .. }) => sql,
+            _ => return,
+        };
+        for database in super::classify::databases_needing_no_sessions(sql) {
+            let closed = self.shared.pools.close_idle(&database);
+            tracing::info!(
+                database,
+                closed,
+                "idle connections closed for a statement that needs none"
+            );
         }
     }
 
@@ -437,6 +470,7 @@ impl Session<'_> {
                         if frame.tag == b'Q' || frame.tag == b'S' {
                             sync_points += 1;
                         }
+                        self.before_database_change(&frame);
                         frames.push(self.screen(frame));
                     }
                     let keeps_names = self.naming != Naming::Server;
@@ -450,7 +484,7 @@ impl Session<'_> {
                         let naming = self.naming;
                         let pinned = self.pinned;
                         if let Err(refusal) = self.acquire().await {
-                            client.fatal(refusal.0, &refusal.1).await?;
+                            client.fatal(&refusal.0, &refusal.1).await?;
                             return Err(SessionError::Gone);
                         }
                         let Some(server) = self.server.as_mut() else {
@@ -549,20 +583,25 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     match user.auth {
-        AuthMethod::Trust => {
-            let allowed = user.trusted_uids.is_empty()
-                || peer_uid.is_some_and(|uid| user.trusted_uids.contains(&uid));
-            Ok(if allowed {
+        AuthMethod::Trust => Ok(match peer_uid {
+            _ if user.trusted_uids.is_empty() && (peer_uid.is_some() || user.trust_over_tcp) => {
                 Ok(())
-            } else {
-                Err(AuthError::Failed)
-            })
-        }
+            }
+            None if user.trusted_uids.is_empty() => {
+                Err(AuthError::Failed("trust over TCP without trust_over_tcp"))
+            }
+            None => Err(AuthError::Failed("trusted_uids: a TCP client has no uid")),
+            Some(uid) if user.trusted_uids.contains(&uid) => Ok(()),
+            Some(uid) => {
+                tracing::info!(user = %user.name, uid, "peer uid not in trusted_uids");
+                Err(AuthError::Failed("peer uid not in trusted_uids"))
+            }
+        }),
         AuthMethod::Md5 => {
             let stored = match &user.secret {
                 Some(Secret::Md5(stored)) => stored.clone(),
                 Some(Secret::Clear(password)) => md5_secret(password, &user.name),
-                _ => return Ok(Err(AuthError::Failed)),
+                _ => return Ok(Err(AuthError::Failed("no md5 secret for the user"))),
             };
             let salt: [u8; 4] = rand::random();
             client.send(&auth_request(5, &salt).bytes).await?;
@@ -573,7 +612,7 @@ where
             Ok(if md5_response_ok(&stored, salt, answer.body()) {
                 Ok(())
             } else {
-                Err(AuthError::Failed)
+                Err(AuthError::Failed("wrong password (md5)"))
             })
         }
         AuthMethod::ScramSha256 => {
@@ -581,13 +620,13 @@ where
                 Some(Secret::Scram(stored)) => match ScramVerifier::parse(stored) {
                     Some(verifier) => verifier,
                     // check-config refuses a malformed verifier; never here.
-                    None => return Ok(Err(AuthError::Failed)),
+                    None => return Ok(Err(AuthError::Failed("malformed stored verifier"))),
                 },
                 Some(Secret::Clear(password)) => {
                     let salt: [u8; 16] = rand::random();
                     ScramVerifier::from_password(password, &salt, super::auth::SCRAM_ITERATIONS)
                 }
-                _ => return Ok(Err(AuthError::Failed)),
+                _ => return Ok(Err(AuthError::Failed("no SCRAM secret for the user"))),
             };
             client
                 .send(&auth_request(10, b"SCRAM-SHA-256\0\0").bytes)
