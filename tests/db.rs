@@ -1440,3 +1440,174 @@ fn djangos_test_runner_creates_and_drops_its_database() {
     );
     assert!(pools().contains(&"app/app".to_string()), "{:?}", pools());
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A primary given as a URI with a password, that cannot be reached: the
+/// pool fails to warm every second and a client fails to log in, and the
+/// password appears in no log line and no metric.
+#[test]
+fn a_primary_password_reaches_no_log_and_no_metric() {
+    const SECRET: &str = "Sup3r-Secret-Pw";
+    let socket_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        "[server]\nsocket_dir = \"{}\"\nport = {port}\n\n[admin]\nlisten = \"{admin}\"\n\n\
+         [pool]\nmin_connections = 2\nconnect_timeout = \"1s\"\n\n[log]\nlevel = \"debug\"\n",
+        socket_dir.path().display()
+    );
+    let config_path = socket_dir.path().join("db.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let db = GatehouseDb::launch_with_args(
+        socket_dir,
+        port,
+        &[
+            "--config".into(),
+            config_path.display().to_string(),
+            "--primary".into(),
+            format!("postgresql://{APP_USER}:{SECRET}@127.0.0.1:1/{APP_DB}"),
+        ],
+    );
+    // A client logging in with that password fails: nothing listens there.
+    let out = db.psql(APP_USER, SECRET, "SELECT 1").unwrap_err();
+    assert!(out.contains("could not be reached"), "{out}");
+    assert!(
+        wait_for(Duration::from_secs(10), || db
+            .log()
+            .matches("warming the pool")
+            .count()
+            >= 2),
+        "{}",
+        db.log()
+    );
+    let log = db.log();
+    assert!(
+        log.contains("127.0.0.1:1"),
+        "the failure names the node: {log}"
+    );
+    assert!(!log.contains(SECRET), "{log}");
+    for path in ["/metrics", "/metrics/json"] {
+        let (status, body) = http_get(&admin, path);
+        assert_eq!(status, 200);
+        assert!(!body.contains(SECRET), "{path}: {body}");
+    }
+}
+
+/// `gatehouse db` with no `--config` runs on the shipped defaults: user
+/// `muejam` trusted for uid 33 (Gunicorn's www-data) on a socket given to
+/// group www-data. A client of another uid is refused with 28P01 only, and
+/// the log says why. A socket directory that cannot be made is an error
+/// that names `--socket-dir`.
+#[test]
+fn embedded_defaults_serve_www_data_on_the_socket() {
+    let pg = TestPostgres::shared();
+    let gatehouse = env!("CARGO_BIN_EXE_gatehouse");
+    let out = std::process::Command::new(gatehouse)
+        .args(["db", "--socket-dir", "/proc/no-such-dir/gatehouse"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("--socket-dir"),
+        "{}",
+        output_text(&out)
+    );
+
+    pg.superuser_sql("CREATE ROLE muejam LOGIN PASSWORD 'muejam-pw'");
+    pg.superuser_sql("CREATE DATABASE muejam OWNER muejam");
+    let socket_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        socket_dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let port = free_port();
+    let primary = format!(
+        "postgresql://muejam:muejam-pw@/muejam?host={}&port={}",
+        pg.socket_dir.display(),
+        pg.port
+    );
+    let mut args: Vec<String> = [
+        "--socket-dir",
+        &socket_dir.path().display().to_string(),
+        "--port",
+        &port.to_string(),
+        "--admin-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--primary",
+        &primary,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !postgres::is_root() {
+        // Only root can give the socket to www-data.
+        let out = std::process::Command::new(gatehouse)
+            .arg("db")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            output_text(&out).contains("socket_group"),
+            "{}",
+            output_text(&out)
+        );
+        args.extend(["--socket-group".to_string(), String::new()]);
+    }
+    let db = GatehouseDb::launch_with_args(socket_dir, port, &args);
+    let socket = db.socket_dir.path().join(format!(".s.PGSQL.{port}"));
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o660
+    );
+    if !postgres::is_root() {
+        return;
+    }
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::gid(&meta),
+        33,
+        "group www-data"
+    );
+    let psql_as = |user: Option<&str>| {
+        let mut command = match user {
+            Some(user) => {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", user, "--", "psql"]);
+                c
+            }
+            None => std::process::Command::new("psql"),
+        };
+        command
+            .arg("-h")
+            .arg(db.socket_dir.path())
+            .args(["-p", &port.to_string(), "-U", "muejam", "-d", "muejam"])
+            .args(["-X", "-w", "-A", "-t", "-c", "SELECT current_user"])
+            .current_dir("/")
+            .output()
+            .unwrap()
+    };
+    let out = psql_as(Some("www-data"));
+    assert_eq!(output_text(&out).trim(), "muejam", "{}", output_text(&out));
+    let out = psql_as(None);
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("password authentication failed for user \"muejam\""),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || db
+            .log()
+            .contains("peer uid not in trusted_uids")),
+        "{}",
+        db.log()
+    );
+}

@@ -500,6 +500,12 @@ impl Primary {
         {
             return parse_uri(rest, port).map_err(|e| format!("`{}`: {e}", redact_uri(text)));
         }
+        if text.contains("://") {
+            return Err(format!(
+                "`{}`: only postgresql:// URIs are understood",
+                redact_uri(text)
+            ));
+        }
         if text.starts_with('/') {
             return Ok(plain(Node::Socket {
                 dir: text.into(),
@@ -560,8 +566,22 @@ fn parse_uri(rest: &str, default_port: u16) -> Result<Primary, String> {
         },
         None => (None, None),
     };
+    // The port is split off first: a socket directory comes encoded.
+    let (hostport, mut port) = match hostport.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, after)) => match after.strip_prefix(':') {
+                Some(port) => (host, Some(port.to_string())),
+                None => return Err("an address in brackets is followed by `:port`".into()),
+            },
+            None => return Err("an unclosed `[`".into()),
+        },
+        None => match hostport.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port.to_string())),
+            None => (hostport, None),
+        },
+    };
     let mut host = decode(hostport)?;
-    let mut port = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = decode(value)?;
@@ -591,6 +611,7 @@ fn parse_uri(rest: &str, default_port: u16) -> Result<Primary, String> {
         }
     } else {
         let with_port = match port {
+            Some(p) if host.contains(':') => format!("[{host}]:{p}"),
             Some(p) => format!("{host}:{p}"),
             None => host,
         };

@@ -296,16 +296,27 @@ impl GatehouseDb {
     pub fn launch(socket_dir: tempfile::TempDir, port: u16, config: &str) -> GatehouseDb {
         let config_path = socket_dir.path().join("db.toml");
         std::fs::write(&config_path, config).unwrap();
+        let args = ["--config".to_string(), config_path.display().to_string()];
+        Self::launch_with_args(socket_dir, port, &args)
+    }
+
+    /// `gatehouse db` with these arguments, its log in `gatehouse.log`
+    /// beside the socket; waits for the socket.
+    pub fn launch_with_args(
+        socket_dir: tempfile::TempDir,
+        port: u16,
+        args: &[String],
+    ) -> GatehouseDb {
+        let log = std::fs::File::create(socket_dir.path().join("gatehouse.log")).unwrap();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
             .arg("db")
-            .arg("--config")
-            .arg(&config_path)
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
-        let db = GatehouseDb {
+        let mut db = GatehouseDb {
             child,
             socket_dir,
             port,
@@ -313,13 +324,22 @@ impl GatehouseDb {
         let socket = db.socket_dir.path().join(format!(".s.PGSQL.{port}"));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while UnixStream::connect(&socket).is_err() {
+            if let Ok(Some(status)) = db.child.try_wait() {
+                panic!("gatehouse db exited ({status}): {}", db.log());
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "gatehouse db did not start"
+                "gatehouse db did not start: {}",
+                db.log()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         db
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.socket_dir.path().join("gatehouse.log")).unwrap_or_default()
     }
 
     pub fn psql(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {

@@ -38,7 +38,7 @@ fn bin_dir() -> PathBuf {
         .expect("no /usr/lib/postgresql/*/bin/initdb: apt-get install postgresql")
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

@@ -106,3 +106,143 @@ fn problems_name_file_line_and_key() {
     assert!(keys.contains(&"databases[0].pool_mode"), "{keys:?}");
     assert!(keys.contains(&"users"), "{keys:?}");
 }
+
+#[test]
+fn the_primary_is_a_host_port_a_directory_or_a_uri() {
+    let tcp = |host: &str, port| Node::Tcp {
+        host: host.into(),
+        port,
+    };
+    for (text, node) in [
+        ("db1", tcp("db1", 5432)),
+        ("db1:5433", tcp("db1", 5433)),
+        ("10.0.0.5:6000", tcp("10.0.0.5", 6000)),
+        ("[::1]:5433", tcp("::1", 5433)),
+        ("::1", tcp("::1", 5432)),
+        (
+            "/var/run/postgresql",
+            Node::Socket {
+                dir: "/var/run/postgresql".into(),
+                port: 5432,
+            },
+        ),
+        ("postgresql://db1:5433/shop", tcp("db1", 5433)),
+        ("postgres://db1", tcp("db1", 5432)),
+        (
+            "postgresql://%2Fvar%2Frun%2Fpostgresql:5434/shop",
+            Node::Socket {
+                dir: "/var/run/postgresql".into(),
+                port: 5434,
+            },
+        ),
+        (
+            "postgresql:///shop?host=/tmp/pg&port=5999",
+            Node::Socket {
+                dir: "/tmp/pg".into(),
+                port: 5999,
+            },
+        ),
+    ] {
+        assert_eq!(Primary::parse(text, 5432).unwrap().node, node, "{text}");
+    }
+    let uri = Primary::parse(
+        "postgresql://web:p%40ss:word@db1:5433/shop?sslmode=prefer",
+        5432,
+    )
+    .unwrap();
+    assert_eq!(uri.user.as_deref(), Some("web"));
+    assert_eq!(uri.password.as_deref(), Some("p@ss:word"));
+    assert_eq!(uri.database.as_deref(), Some("shop"));
+}
+
+#[test]
+fn a_bad_primary_is_refused_without_its_password() {
+    for (text, expected) in [
+        ("db1:bad", "`bad` is not a port"),
+        ("db1:0", "`0` is not a port"),
+        ("db1:99999", "`99999` is not a port"),
+        ("http://db1", "only postgresql:// URIs"),
+        ("postgresql://[::1]:5433/app?port=x", "`x` is not a port"),
+        ("db 1", "give host:port"),
+        ("", "give host:port"),
+        ("postgresql://u:hunter2@db1:bad/shop", "`bad` is not a port"),
+        (
+            "postgresql://u:hunter2@db1/shop?sslmode=require",
+            "does not use TLS",
+        ),
+        (
+            "postgresql://u:hunter2@db1/shop?target_session_attrs=any",
+            "not supported",
+        ),
+        ("postgresql://u:hunter2@db1,db2/shop", "one primary"),
+        ("postgresql://u:hunter2@db1/sh%zzop", "two hex digits"),
+    ] {
+        let message = Primary::parse(text, 5432).unwrap_err();
+        assert!(message.contains(expected), "{text}: {message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
+    // As a flag, the error names the flag; the old port is not kept.
+    let overrides = DbOverrides {
+        primary: Some("db1:bad".into()),
+        ..DbOverrides::default()
+    };
+    let error = DbConfig::load(None, &overrides, &env(&[])).unwrap_err();
+    assert!(error.to_string().contains("--primary"), "{error}");
+    // In the file, the error names the key and its line.
+    let error = load(
+        "[primary]\nhost = \"postgresql://u:hunter2@db1:x/app\"\n",
+        &[],
+    )
+    .unwrap_err();
+    let text = error.to_string();
+    assert!(
+        text.contains("primary.host") && text.contains(":2"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+#[test]
+fn a_uri_brings_its_user_and_database() {
+    let overrides = DbOverrides {
+        primary: Some("postgresql://shop:s3cret@db1:5433/orders".into()),
+        ..DbOverrides::default()
+    };
+    let config = DbConfig::load(None, &overrides, &env(&[])).unwrap();
+    assert_eq!(
+        config.primary,
+        Node::Tcp {
+            host: "db1".into(),
+            port: 5433
+        }
+    );
+    let user = config.users.iter().find(|u| u.name == "shop").unwrap();
+    assert_eq!(user.server_password.as_deref(), Some("s3cret"));
+    assert!(config.databases.iter().any(|d| d.name == "orders"));
+}
+
+#[test]
+fn embedded_defaults_are_the_shipped_file() {
+    let embedded = DbConfig::load(None, &DbOverrides::default(), &env(&[])).unwrap();
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/db.toml");
+    let shipped = DbConfig::load(Some(&path), &DbOverrides::default(), &env(&[])).unwrap();
+    assert_eq!(embedded, shipped);
+    assert_eq!(embedded.socket_group.as_deref(), Some("www-data"));
+    assert_eq!(embedded.users[0].trusted_uids, [33]);
+}
+
+#[test]
+fn trust_for_everyone_is_refused_on_tcp_unless_asked_for() {
+    let base = "[server]\nlisten = \"127.0.0.1:6432\"\n\n[[databases]]\nname = \"app\"\n\n\
+                [[users]]\nname = \"web\"\nauth = \"trust\"\n";
+    let error = load(base, &[]).unwrap_err().to_string();
+    assert!(
+        error.contains("users[0].auth") && error.contains("trust_over_tcp"),
+        "{error}"
+    );
+    assert!(load(&format!("{base}trust_over_tcp = true\n"), &[]).is_ok());
+    assert!(load(&format!("{base}trusted_uids = [33]\n"), &[]).is_ok());
+    // On the socket alone, trust needs no more.
+    let socket_only = base.replace("listen = \"127.0.0.1:6432\"", "listen = \"\"");
+    assert!(load(&socket_only, &[]).is_ok());
+}
