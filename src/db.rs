@@ -63,6 +63,11 @@ pub struct DbShared {
     pub metrics: metrics::DbMetrics,
     /// Statements' effects on the session, by text.
     pub classifier: classify::Classifier,
+    /// True once SIGTERM asked for a drain: sessions end at their next
+    /// transaction boundary.
+    pub drain: tokio::sync::watch::Sender<bool>,
+    /// Clients connected now, for `server.max_client_connections`.
+    pub connected: std::sync::atomic::AtomicUsize,
     /// Router-issued (process id, secret) → the server that client holds
     /// now, if any. Each session keeps its own slot to update.
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
@@ -82,6 +87,8 @@ impl DbShared {
             pools: pool::Pools::default(),
             metrics: metrics::DbMetrics::new()?,
             classifier: classify::Classifier::default(),
+            drain: tokio::sync::watch::Sender::new(false),
+            connected: std::sync::atomic::AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
             settings: Mutex::new(Vec::new()),
         })
@@ -243,6 +250,28 @@ pub fn bind(config: &DbConfig) -> Result<DbListeners, DbStartError> {
     Ok(DbListeners { unix, tcp, admin })
 }
 
+/// Failed accepts (EMFILE, ENFILE, ENOBUFS) wait before the next attempt,
+/// longer each time up to a second, instead of spinning.
+#[derive(Default)]
+struct AcceptBackoff {
+    delay: std::time::Duration,
+}
+
+impl AcceptBackoff {
+    fn reset(&mut self) {
+        self.delay = std::time::Duration::ZERO;
+    }
+
+    async fn wait(&mut self, error: &io::Error) {
+        self.delay = (self.delay * 2).clamp(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_secs(1),
+        );
+        tracing::warn!(%error, retry_in = ?self.delay, "accepting a client failed");
+        tokio::time::sleep(self.delay).await;
+    }
+}
+
 /// A group's id: a number, or a name in `/etc/group`.
 fn group_id(group: &str) -> Option<u32> {
     if let Ok(gid) = group.parse() {
@@ -341,17 +370,23 @@ async fn serve(
             }
         });
     }
-    if let Some(tcp) = tcp {
+    let tcp_task = tcp.map(|tcp| {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
+            let mut backoff = AcceptBackoff::default();
             loop {
-                if let Ok((stream, _)) = tcp.accept().await {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(session::serve(stream, None, Arc::clone(&shared)));
+                match tcp.accept().await {
+                    Ok((stream, _)) => {
+                        backoff.reset();
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(session::serve(stream, None, Arc::clone(&shared)));
+                    }
+                    Err(e) => backoff.wait(&e).await,
                 }
             }
-        });
-    }
+        })
+    });
+    let mut backoff = AcceptBackoff::default();
     loop {
         tokio::select! {
             message = control.recv() => match message {
@@ -359,12 +394,40 @@ async fn serve(
                 Some(crate::Control::ReopenLogs) => {}
                 Some(crate::Control::Shutdown) | None => break,
             },
-            accepted = unix.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let uid = stream.peer_cred().ok().map(|c| c.uid());
-                tokio::spawn(session::serve(stream, uid, Arc::clone(&shared)));
+            accepted = unix.accept() => match accepted {
+                Ok((stream, _)) => {
+                    backoff.reset();
+                    let uid = stream.peer_cred().ok().map(|c| c.uid());
+                    tokio::spawn(session::serve(stream, uid, Arc::clone(&shared)));
+                }
+                Err(e) => backoff.wait(&e).await,
             }
         }
+    }
+    // Drain: no new clients; idle clients are told at once, the others at
+    // the end of their transaction; whoever is left at `drain_timeout` is
+    // cut off with the runtime.
+    drop(unix);
+    if let Some(task) = tcp_task {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(&path);
+    shared.drain.send_replace(true);
+    let timeout = shared.config.load().drain_timeout;
+    let clients = shared.connected.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(clients, ?timeout, "draining");
+    let deadline = tokio::time::Instant::now() + timeout;
+    while shared.connected.load(std::sync::atomic::Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let left = shared.connected.load(std::sync::atomic::Ordering::Relaxed);
+    if left > 0 {
+        tracing::warn!(
+            clients = left,
+            "drain timeout: closing the clients still in a transaction"
+        );
     }
     let _ = std::fs::remove_file(&path);
     tracing::info!("stopped");

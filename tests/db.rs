@@ -1611,3 +1611,91 @@ fn embedded_defaults_serve_www_data_on_the_socket() {
         db.log()
     );
 }
+
+/// `server.max_client_connections`: one client too many is refused with
+/// 53300, as PostgreSQL refuses past `max_connections`; a place freed is
+/// taken again.
+#[test]
+fn clients_beyond_max_client_connections_are_refused() {
+    let pg = TestPostgres::shared();
+    let (plain, _) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 2", "max_client_connections = 2");
+    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
+    drop(plain);
+    let db = GatehouseDb::start_with_text(&text);
+    let first = db.wire();
+    let _second = db.wire();
+    let out = db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap_err();
+    assert!(out.contains("sorry, too many clients already"), "{out}");
+    drop(first);
+    assert!(
+        wait_for(Duration::from_secs(5), || db
+            .psql(APP_USER, APP_PASSWORD, "SELECT 1")
+            .is_ok()),
+        "a freed place is taken"
+    );
+}
+
+/// SIGTERM drains: the socket goes at once, an idle client is told 57P01,
+/// a client inside a transaction finishes it and is told at its end, and
+/// the process exits. A transaction that outlasts `drain_timeout` is cut.
+#[test]
+fn sigterm_lets_transactions_finish_then_closes() {
+    let pg = TestPostgres::shared();
+    let (plain, _) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 4", "drain_timeout = \"20s\"");
+    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
+    drop(plain);
+    for cut in [false, true] {
+        let text = if cut {
+            text.replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"")
+        } else {
+            text.clone()
+        };
+        let mut db = GatehouseDb::start_with_text(&text);
+        let mut idle = db.wire();
+        let mut busy = db.wire();
+        assert_eq!(
+            busy.query("BEGIN").last().unwrap().ready_status(),
+            Some(b'T')
+        );
+        assert_eq!(busy.value("SELECT 'inside'"), "inside");
+        let terminated = std::process::Command::new("kill")
+            .args(["-TERM", &db.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(terminated.success());
+        // The idle client is told, unasked.
+        let told = idle.frame();
+        assert_eq!(sqlstate_of(&[told]).as_deref(), Some("57P01"));
+        let socket = db.socket_dir.path().join(format!(".s.PGSQL.{}", db.port));
+        assert!(
+            wait_for(Duration::from_secs(5), || UnixStream::connect(&socket)
+                .is_err()),
+            "no new clients"
+        );
+        let started = std::time::Instant::now();
+        if cut {
+            // The transaction is cut at the drain timeout.
+            let mut rest = [0u8; 64];
+            busy.stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            assert!(matches!(busy.stream.read(&mut rest), Ok(0) | Err(_)));
+            assert!(started.elapsed() < Duration::from_secs(8));
+        } else {
+            assert_eq!(busy.value("SELECT 'still inside'"), "still inside");
+            assert_eq!(
+                busy.query("COMMIT").last().unwrap().ready_status(),
+                Some(b'I')
+            );
+            let told = busy.frame();
+            assert_eq!(sqlstate_of(&[told]).as_deref(), Some("57P01"));
+        }
+        let exited = wait_for(Duration::from_secs(10), || {
+            db.child.try_wait().unwrap().is_some()
+        });
+        assert!(exited, "gatehouse db exits after the drain: {}", db.log());
+        assert!(db.child.try_wait().unwrap().unwrap().success());
+    }
+}

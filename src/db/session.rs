@@ -6,6 +6,7 @@
 //! The server goes back to the pool only after a clean reset.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -111,7 +112,9 @@ where
         login_deadline: Some(tokio::time::Instant::now() + config.login_timeout),
     };
     shared.metrics.clients.inc();
+    shared.connected.fetch_add(1, Ordering::Relaxed);
     let outcome = run(&mut client, peer_uid, &shared).await;
+    shared.connected.fetch_sub(1, Ordering::Relaxed);
     shared.metrics.clients.dec();
     match outcome {
         Ok(()) | Err(SessionError::Gone) => {}
@@ -152,6 +155,15 @@ where
         return Ok(());
     };
     let config = shared.config.load_full();
+    if shared.connected.load(Ordering::Relaxed) > config.max_client_connections {
+        tracing::warn!(
+            max = config.max_client_connections,
+            "client refused: max_client_connections"
+        );
+        return client
+            .fatal("53300", "sorry, too many clients already")
+            .await;
+    }
     let Some(user_name) = startup.param("user") else {
         return client
             .fatal("28000", "no user name in the startup packet")
@@ -441,7 +453,18 @@ impl Session<'_> {
     {
         let mut frames = Vec::new();
         let mut to_client = BytesMut::new();
+        let mut drain = self.shared.drain.subscribe();
         loop {
+            // Draining: a client between transactions goes now.
+            if *drain.borrow() && self.server.as_ref().is_none_or(Checkout::is_idle) {
+                client
+                    .fatal(
+                        "57P01",
+                        "terminating connection due to administrator command",
+                    )
+                    .await?;
+                return Err(SessionError::Gone);
+            }
             to_client.clear();
             let from_server = async {
                 match self.server.as_mut() {
@@ -515,6 +538,7 @@ impl Session<'_> {
                     client.send(&to_client).await?;
                     self.between_transactions();
                 }
+                _ = drain.changed(), if !*drain.borrow() => {}
             }
         }
     }
