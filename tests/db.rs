@@ -1699,3 +1699,100 @@ fn sigterm_lets_transactions_finish_then_closes() {
         assert!(db.child.try_wait().unwrap().unwrap().success());
     }
 }
+
+/// `transactions_total` counts every transaction, explicit or not, in
+/// both pool modes; `query_duration_seconds` times each Query; a slow
+/// statement is logged with its literals replaced.
+#[test]
+fn transactions_and_query_durations_are_counted_in_every_mode() {
+    let pg = TestPostgres::shared();
+    for mode in ["transaction", "session"] {
+        let (plain, admin) = GatehouseDb::start_with_admin(
+            pg,
+            "max_connections = 2\nslow_query_threshold = \"150ms\"",
+            "",
+        );
+        let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
+            .unwrap()
+            .replace(
+                "pool_mode = \"transaction\"",
+                &format!("pool_mode = \"{mode}\""),
+            );
+        drop(plain);
+        let db = GatehouseDb::start_with_text(&text);
+        let mut client = db.wire();
+        for sql in ["SELECT 1", "SELECT 2", "BEGIN", "SELECT 3", "COMMIT"] {
+            client.query(sql);
+        }
+        client.query("SELECT pg_sleep(0.2), 'a-secret-literal'");
+        let pool = "pool=\"app/app\"";
+        let sample = |name: &str| metric(&admin, &format!("{name}{{{pool}}}"));
+        assert_eq!(
+            sample("gatehouse_db_transactions_total"),
+            Some(4.0),
+            "{mode}: two alone, one explicit, the sleep"
+        );
+        assert_eq!(
+            sample("gatehouse_db_query_duration_seconds_count"),
+            Some(6.0),
+            "{mode}"
+        );
+        let over = metric(
+            &admin,
+            &format!("gatehouse_db_query_duration_seconds_bucket{{{pool},le=\"0.15\"}}"),
+        );
+        assert_eq!(over, Some(5.0), "{mode}: five fast, one slow");
+        assert!(
+            wait_for(Duration::from_secs(5), || db.log().contains("slow query")),
+            "{}",
+            db.log()
+        );
+        let log = db.log();
+        let line = log.lines().find(|l| l.contains("slow query")).unwrap();
+        assert!(line.contains("pg_sleep($1), $2"), "{line}");
+        assert!(line.contains("app/app"), "{line}");
+        assert!(!log.contains("a-secret-literal"), "{log}");
+        assert_eq!(log.matches("slow query").count(), 1, "{log}");
+    }
+}
+
+/// A client's own NOTIFY reaches it with the process id it was told at
+/// login, so psycopg's `n.pid == conn.info.backend_pid` works; another
+/// client's keeps the sender's.
+#[test]
+fn a_clients_own_notifications_carry_its_process_id() {
+    let pg = TestPostgres::shared();
+    let (db, _) = GatehouseDb::start_with_admin(pg, "max_connections = 4", "");
+    let venv = std::env::var_os("GATEHOUSE_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| harness::repo_root().join(".venv"));
+    let script = r#"
+import psycopg
+with psycopg.connect("", autocommit=True) as listener, psycopg.connect("", autocommit=True) as other:
+    listener.execute("LISTEN jobs")
+    listener.execute("NOTIFY jobs, 'mine'")
+    other.execute("NOTIFY jobs, 'theirs'")
+    listener.execute("SELECT 1")
+    seen = {}
+    for n in listener.notifies(timeout=5, stop_after=2):
+        seen[n.payload] = n.pid
+    assert seen["mine"] == listener.info.backend_pid, (seen, listener.info.backend_pid)
+    assert seen["theirs"] != listener.info.backend_pid, seen
+    print("ok", seen)
+"#;
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", script])
+        .env("PGHOST", db.socket_dir.path())
+        .env("PGPORT", db.port.to_string())
+        .env("PGUSER", APP_USER)
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGDATABASE", APP_DB)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).starts_with("ok "),
+        "{}",
+        output_text(&out)
+    );
+}

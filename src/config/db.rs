@@ -124,6 +124,9 @@ pub struct RawPool {
     pub max_prepared_statements: u32,
     /// "pin" or "refuse" a transaction-pooled client's session state.
     pub session_state: String,
+    /// Log a statement that took at least this long; 0 = never.
+    #[serde(with = "humantime_serde")]
+    pub slow_query_threshold: Duration,
 }
 
 /// The seed's pool: min 10, max 50, idle 300 s, lifetime 3600 s, connect
@@ -140,6 +143,7 @@ impl Default for RawPool {
             statement_timeout: Duration::from_secs(30),
             max_prepared_statements: 200,
             session_state: "pin".into(),
+            slow_query_threshold: Duration::ZERO,
         }
     }
 }
@@ -259,6 +263,8 @@ pub struct PoolConfig {
     pub statement_timeout: Duration,
     pub max_prepared_statements: usize,
     pub session_state: SessionState,
+    /// Zero: no slow-query log.
+    pub slow_query_threshold: Duration,
 }
 
 /// What transaction pooling does with a client that sets session state.
@@ -893,6 +899,7 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
             statement_timeout: p.statement_timeout,
             max_prepared_statements: p.max_prepared_statements as usize,
             session_state,
+            slow_query_threshold: p.slow_query_threshold,
         },
         users,
         databases,

@@ -18,6 +18,7 @@ pub struct DbMetrics {
     pub pinned: IntCounterVec,
     pub transactions: IntCounterVec,
     pub queries: IntCounterVec,
+    pub query_duration: HistogramVec,
     pub bytes: IntCounterVec,
     pub statements: IntCounterVec,
     pub refused: IntCounterVec,
@@ -72,8 +73,20 @@ impl DbMetrics {
             transactions: IntCounterVec::new(
                 opts(
                     "transactions_total",
-                    "Transactions that ended with the server idle.",
+                    "Transactions ended (ReadyForQuery with status idle), in every pool mode.",
                 ),
+                &["pool"],
+            )?,
+            query_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "query_duration_seconds",
+                    "From a client's Query or Sync to the ReadyForQuery that answers it.",
+                )
+                .namespace("gatehouse_db")
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0, 30.0,
+                ]),
                 &["pool"],
             )?,
             queries: IntCounterVec::new(
@@ -135,6 +148,7 @@ impl DbMetrics {
         m.registry.register(Box::new(m.pinned.clone()))?;
         m.registry.register(Box::new(m.transactions.clone()))?;
         m.registry.register(Box::new(m.queries.clone()))?;
+        m.registry.register(Box::new(m.query_duration.clone()))?;
         m.registry.register(Box::new(m.bytes.clone()))?;
         m.registry.register(Box::new(m.statements.clone()))?;
         m.registry.register(Box::new(m.refused.clone()))?;
@@ -152,6 +166,7 @@ impl DbMetrics {
 pub struct PoolMetrics {
     pub checkout_wait: prometheus::Histogram,
     pub queries: prometheus::IntCounter,
+    pub query_duration: prometheus::Histogram,
     pub transactions: prometheus::IntCounter,
     pub bytes_to_server: prometheus::IntCounter,
     pub bytes_to_client: prometheus::IntCounter,
@@ -162,6 +177,7 @@ impl DbMetrics {
         PoolMetrics {
             checkout_wait: self.checkout_wait.with_label_values(&[pool]),
             queries: self.queries.with_label_values(&[pool]),
+            query_duration: self.query_duration.with_label_values(&[pool]),
             transactions: self.transactions.with_label_values(&[pool]),
             bytes_to_server: self.bytes.with_label_values(&[pool, "to_server"]),
             bytes_to_client: self.bytes.with_label_values(&[pool, "to_client"]),

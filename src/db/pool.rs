@@ -242,6 +242,7 @@ impl Pools {
             _permit: permit,
             statement_timeout: config.pool.statement_timeout,
             max_lifetime: config.pool.max_lifetime,
+            client_pid: 0,
         })
     }
 
@@ -385,6 +386,12 @@ fn keep(conn: &ServerConn, config: &DbConfig) -> bool {
         && *conn.node == config.primary
 }
 
+/// The process id that sent a NotificationResponse (a whole frame).
+fn notifier(frame: &[u8]) -> Option<i32> {
+    let pid = frame.get(5..9)?;
+    Some(i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]))
+}
+
 /// The connection of a checkout, unless it was discarded.
 fn connected(conn: &mut Option<ServerConn>) -> Result<&mut ServerConn, ServerError> {
     conn.as_mut()
@@ -402,6 +409,9 @@ pub struct Checkout {
     _permit: OwnedSemaphorePermit,
     statement_timeout: Duration,
     max_lifetime: Duration,
+    /// The process id the client was told (its cancel key): its own
+    /// notifications carry it instead of the server's.
+    client_pid: i32,
 }
 
 fn quote_literal(value: &str) -> String {
@@ -577,6 +587,11 @@ impl Checkout {
         sent
     }
 
+    /// Lent to the client that was told `pid` as its backend's process id.
+    pub fn lend_to(&mut self, pid: i32) {
+        self.client_pid = pid;
+    }
+
     /// Settings the server reported since the last call, with their values.
     pub fn take_reports(&mut self) -> Vec<(String, String)> {
         self.conn
@@ -622,10 +637,23 @@ impl Checkout {
             let mut consumed = 0;
             while let Some(len) = complete_frame(&conn.buf[consumed..], MAX_SERVER_MESSAGE)? {
                 let frame = &conn.buf[consumed..consumed + len];
-                if frame[0] == b'S' {
-                    if let Some((name, value)) = note_parameter(&mut conn.params, frame) {
-                        conn.reports.push((name.to_string(), value.to_string()));
+                match frame[0] {
+                    b'S' => {
+                        if let Some((name, value)) = note_parameter(&mut conn.params, frame) {
+                            conn.reports.push((name.to_string(), value.to_string()));
+                        }
                     }
+                    // A notification this session sent itself names the
+                    // process id the client knows, so that a client can
+                    // tell its own (`n.pid == conn.info.backend_pid`).
+                    b'A' if notifier(frame) == Some(conn.backend_key.0) => {
+                        let mut own = frame.to_vec();
+                        own[5..9].copy_from_slice(&self.client_pid.to_be_bytes());
+                        conn.exchange.server_message(&own, &mut sides, to_client);
+                        consumed += len;
+                        continue;
+                    }
+                    _ => {}
                 }
                 conn.exchange.server_message(frame, &mut sides, to_client);
                 consumed += len;

@@ -230,6 +230,7 @@ where
         cancel: shared.register_cancel(),
         server: None,
         told: Vec::new(),
+        pending: std::collections::VecDeque::new(),
     };
     // The greeting needs a server's parameters: take one now.
     if let Err(refusal) = session.acquire().await {
@@ -288,6 +289,9 @@ struct Session<'a> {
     server: Option<Checkout>,
     /// The settings the server has reported to this client, as it was told.
     told: Vec<(String, String)>,
+    /// Query and Sync messages sent and not answered yet: when, and the
+    /// statement (kept only for the slow-query log).
+    pending: std::collections::VecDeque<(std::time::Instant, Option<bytes::Bytes>)>,
 }
 
 impl Session<'_> {
@@ -334,6 +338,7 @@ impl Session<'_> {
                 node: Arc::clone(&server.conn().node),
                 backend_key: server.conn().backend_key,
             }));
+            server.lend_to(self.cancel.0.0);
             self.server = Some(server);
         }
         Ok(())
@@ -350,7 +355,6 @@ impl Session<'_> {
         }
         if let Some(server) = self.server.take() {
             self.point_cancel(None);
-            server.metrics().transactions.inc();
             server.give_back();
         }
     }
@@ -405,6 +409,37 @@ impl Session<'_> {
     /// the server reports it, and a client may change it.
     fn tracks(&self, name: &str) -> bool {
         tracked(name) && lookup(&self.told, name).is_some()
+    }
+
+    /// After messages went to the server or came from it: count what
+    /// happened, time the answered queries, track reported settings.
+    fn after_exchange(&mut self) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        let events = server.take_events();
+        self.shared
+            .metrics
+            .count_statements(server.pool_name(), events);
+        let pool = server.metrics();
+        pool.transactions.inc_by(events.transactions);
+        let threshold = self.shared.config.load().pool.slow_query_threshold;
+        for _ in 0..events.ready {
+            let Some((sent, sql)) = self.pending.pop_front() else {
+                break;
+            };
+            let took = sent.elapsed();
+            pool.query_duration.observe(took.as_secs_f64());
+            if !threshold.is_zero() && took >= threshold {
+                tracing::warn!(
+                    pool = server.pool_name(),
+                    duration_ms = took.as_millis() as u64,
+                    statement = %sql.as_deref().map(loggable).unwrap_or_default(),
+                    "slow query"
+                );
+            }
+        }
+        self.track_reports();
     }
 
     /// Settings the server reported while relaying are the client's now:
@@ -503,7 +538,6 @@ impl Session<'_> {
                     if let Some(answers) = alone {
                         client.send(&answers).await?;
                     } else if !frames.is_empty() {
-                        let metrics = &self.shared.metrics;
                         let naming = self.naming;
                         let pinned = self.pinned;
                         if let Err(refusal) = self.acquire().await {
@@ -515,14 +549,18 @@ impl Session<'_> {
                         };
                         if sync_points > 0 {
                             server.metrics().queries.inc_by(sync_points as u64);
+                            let slow_log = !self.shared.config.load().pool.slow_query_threshold.is_zero();
+                            let sql = slow_log.then(|| statement_of(&frames)).flatten();
+                            let now = std::time::Instant::now();
+                            for _ in 0..sync_points {
+                                self.pending.push_back((now, sql.clone()));
+                            }
                         }
                         server
                             .forward(&frames, &mut self.statements, naming, pinned, &mut to_client)
                             .await
                             .map_err(server_gone)?;
-                        let events = server.take_events();
-                        metrics.count_statements(server.pool_name(), events);
-                        self.track_reports();
+                        self.after_exchange();
                         if !to_client.is_empty() {
                             client.send(&to_client).await?;
                             self.between_transactions();
@@ -534,7 +572,7 @@ impl Session<'_> {
                 }
                 read = from_server => {
                     read.map_err(server_gone)?;
-                    self.track_reports();
+                    self.after_exchange();
                     client.send(&to_client).await?;
                     self.between_transactions();
                 }
@@ -691,6 +729,39 @@ where
             }
         }
     }
+}
+
+/// The SQL of the last Query or Parse among `frames`.
+fn statement_of(frames: &[Frame]) -> Option<bytes::Bytes> {
+    frames
+        .iter()
+        .rev()
+        .find_map(|frame| match frame.frontend() {
+            Ok(Frontend::Query { sql } | Frontend::Parse { sql, .. }) => {
+                Some(bytes::Bytes::copy_from_slice(sql))
+            }
+            _ => None,
+        })
+}
+
+/// A statement as the slow-query log shows it: every literal replaced by
+/// `$n` (passwords too), at most 200 bytes. Text that does not parse is not
+/// shown at all.
+fn loggable(sql: &[u8]) -> String {
+    let normalized = std::str::from_utf8(sql)
+        .ok()
+        .and_then(|text| pg_query::normalize(text).ok());
+    let Some(mut text) = normalized else {
+        return "(not shown: not parsed)".into();
+    };
+    if text.len() > 200 {
+        let mut end = 200;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }
 
 fn server_gone(e: super::server::ServerError) -> SessionError {

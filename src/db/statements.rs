@@ -285,6 +285,12 @@ pub struct StatementEvents {
     pub reused: u64,
     /// Closed to make room.
     pub evicted: u64,
+    /// ReadyForQuery messages that reached the client: answers to its
+    /// Query and Sync messages, in order.
+    pub ready: u64,
+    /// ReadyForQuery from the server with status `I`: a transaction
+    /// (explicit or implicit) ended.
+    pub transactions: u64,
 }
 
 /// The exchange between a client and the server connection it holds.
@@ -555,6 +561,7 @@ impl Exchange {
         while let Some(Expect::Answer { .. }) = self.expect.front() {
             if let Some(Expect::Answer { frame, ready, .. }) = self.expect.pop_front() {
                 if ready {
+                    self.events.ready += 1;
                     to_client.extend_from_slice(&[b'Z', 0, 0, 0, 5, self.status]);
                 } else {
                     to_client.extend_from_slice(&frame);
@@ -618,6 +625,10 @@ impl Exchange {
                 }
                 if let (b'Z', &[.., status]) = (tag, frame) {
                     self.status = status;
+                    self.events.ready += 1;
+                    if status == b'I' {
+                        self.events.transactions += 1;
+                    }
                     // Whatever is still queued before the sync point it
                     // answers got no reply.
                     let mut undone = Vec::new();
