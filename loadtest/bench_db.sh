@@ -12,6 +12,9 @@
 # the same host would use them.
 #
 # Usage: loadtest/bench_db.sh [seconds-per-run=10] [rounds=2] [pool-size=20]
+# BASELINE=/path/to/another/gatehouse adds that build as a fourth target
+# ("baseline"), to compare two builds in one run; MODES="simple extended"
+# runs only those modes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
@@ -46,7 +49,9 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PG=$(free_port); PGB=$(free_port); GH=$(free_port)
+PG=$(free_port); PGB=$(free_port); GH=$(free_port); GB=$(free_port)
+modes=${MODES:-simple extended prepared}
+targets="direct pgbouncer gatehouse"
 
 "${owner[@]}" "$BIN/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync >/dev/null
 "${owner[@]}" "$BIN/pg_ctl" start -w -D "$dir/data" -l "$dir/pg.log" \
@@ -100,6 +105,14 @@ CONF
 "$GATEHOUSE" db --config "$dir/gh/db.toml" 2>"$dir/gh/log" &
 pids+=($!)
 for _ in $(seq 50); do [ -S "$dir/gh/.s.PGSQL.$GH" ] && break; sleep 0.1; done
+if [ -n "${BASELINE:-}" ]; then
+  mkdir -p "$dir/gb"
+  sed -e "s|$dir/gh|$dir/gb|" -e "s|^port = $GH|port = $GB|" "$dir/gh/db.toml" > "$dir/gb/db.toml"
+  "$BASELINE" db --config "$dir/gb/db.toml" 2>"$dir/gb/log" &
+  pids+=($!)
+  for _ in $(seq 50); do [ -S "$dir/gb/.s.PGSQL.$GB" ] && break; sleep 0.1; done
+  targets="$targets baseline"
+fi
 
 # pgbench → "tps latency_ms"
 measure() {
@@ -111,13 +124,14 @@ measure() {
 
 printf '%-9s %-10s %5s %10s %12s\n' mode target round tps latency_ms
 declare -A best
-for mode in simple extended prepared; do
+for mode in $modes; do
   for round in $(seq "$rounds"); do
-    for target in direct pgbouncer gatehouse; do
+    for target in $targets; do
       case $target in
         direct) host=$dir; port=$PG;;
         pgbouncer) host=$dir/pgb; port=$PGB;;
         gatehouse) host=$dir/gh; port=$GH;;
+        baseline) host=$dir/gb; port=$GB;;
       esac
       read -r tps lat < <(measure "$host" "$port" "$mode")
       printf '%-9s %-10s %5s %10s %12s\n' "$mode" "$target" "$round" "$tps" "$lat"
@@ -131,10 +145,15 @@ done
 echo
 echo "best of $rounds rounds, ${duration}s each, pgbench -S -c 50 -j 2, pool size $pool, $(nproc) cores"
 printf '%-9s %10s %10s %10s %18s %16s\n' mode direct pgbouncer gatehouse "gatehouse/pgbouncer" "gatehouse/direct"
-for mode in simple extended prepared; do
+for mode in $modes; do
   d=${best[$mode/direct]:-0}; p=${best[$mode/pgbouncer]:-0}; g=${best[$mode/gatehouse]:-0}
   printf '%-9s %10s %10s %10s %18s %16s\n' "$mode" "${best[$mode/direct]:-failed}" \
     "${best[$mode/pgbouncer]:-failed}" "${best[$mode/gatehouse]:-failed}" \
     "$(awk -v a="$g" -v b="$p" 'BEGIN { if (b) printf "%.2fx", a/b; else print "-" }')" \
     "$(awk -v a="$g" -v b="$d" 'BEGIN { if (b) printf "%.2fx", a/b; else print "-" }')"
 done
+if [ -n "${BASELINE:-}" ]; then
+  for mode in $modes; do
+    echo "$mode: gatehouse/baseline $(awk -v a="${best[$mode/gatehouse]:-0}" -v b="${best[$mode/baseline]:-0}" 'BEGIN { if (b) printf "%.2fx", a/b; else print "-" }')"
+  done
+fi

@@ -64,8 +64,10 @@ pub struct DbShared {
     /// Statements' effects on the session, by text.
     pub classifier: classify::Classifier,
     /// True once SIGTERM asked for a drain: sessions end at their next
-    /// transaction boundary.
-    pub drain: tokio::sync::watch::Sender<bool>,
+    /// transaction boundary. Read on every message, written once.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Wakes the sessions waiting for their client when the drain starts.
+    pub drain_started: tokio::sync::Notify,
     /// Clients connected now, for `server.max_client_connections`.
     pub connected: std::sync::atomic::AtomicUsize,
     /// Router-issued (process id, secret) → the server that client holds
@@ -87,7 +89,8 @@ impl DbShared {
             pools: pool::Pools::default(),
             metrics: metrics::DbMetrics::new()?,
             classifier: classify::Classifier::default(),
-            drain: tokio::sync::watch::Sender::new(false),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            drain_started: tokio::sync::Notify::new(),
             connected: std::sync::atomic::AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
             settings: Mutex::new(Vec::new()),
@@ -412,7 +415,10 @@ async fn serve(
         task.abort();
     }
     let _ = std::fs::remove_file(&path);
-    shared.drain.send_replace(true);
+    shared
+        .draining
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    shared.drain_started.notify_waiters();
     let timeout = shared.config.load().drain_timeout;
     let clients = shared.connected.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(clients, ?timeout, "draining");

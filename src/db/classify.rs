@@ -96,22 +96,33 @@ const WORDS: [&[u8]; 11] = [
     b"set", b"listen", b"prepare", b"load", b"temp", b"hold", b"discard", b"do", b"call", b"into",
     b"(",
 ];
+static WORDS_FIRST: [bool; 256] = first_bytes(&WORDS);
 
-/// Whether any of `words` (lowercase ASCII) occurs in `text`, ignoring
-/// case: one pass, comparing only where a word's first letter is.
-fn mentions_any(text: &[u8], words: &[&[u8]]) -> bool {
-    let mut first = [false; 128];
-    for word in words {
-        first[usize::from(word[0] & 0x7f)] = true;
+const DATABASE: [&[u8]; 1] = [b"database"];
+static DATABASE_FIRST: [bool; 256] = first_bytes(&DATABASE);
+
+/// The bytes the words (lowercase ASCII) start with, in either case.
+const fn first_bytes(words: &[&[u8]]) -> [bool; 256] {
+    let mut first = [false; 256];
+    let mut i = 0;
+    while i < words.len() {
+        let b = words[i][0];
+        first[b as usize] = true;
+        first[b.to_ascii_uppercase() as usize] = true;
+        i += 1;
     }
-    (0..text.len()).any(|i| {
-        let c = text[i].to_ascii_lowercase();
-        first[usize::from(c & 0x7f)]
+    first
+}
+
+/// Whether any of `words` (lowercase ASCII, starting with the bytes in
+/// `first`) occurs in `text`, ignoring case: one pass, comparing only where
+/// a word's first letter is.
+fn mentions_any(text: &[u8], words: &[&[u8]], first: &[bool; 256]) -> bool {
+    text.iter().enumerate().any(|(i, &c)| {
+        first[usize::from(c)]
             && words.iter().any(|word| {
-                word[0] == c
-                    && text
-                        .get(i..i + word.len())
-                        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+                text.get(i..i + word.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(word))
             })
     })
 }
@@ -137,14 +148,20 @@ impl Default for Classifier {
 
 impl Classifier {
     /// The effect of `sql` (one or more statements) for a client whose
-    /// `standard_conforming_strings` is `standard_strings`.
-    pub fn effect(&self, sql: &[u8], standard_strings: bool) -> Arc<Effect> {
-        static NONE: LazyLock<Arc<Effect>> = LazyLock::new(|| Arc::new(Effect::NONE));
-        if !mentions_any(sql, &WORDS) {
-            return Arc::clone(&NONE);
+    /// `standard_conforming_strings` is what `standard_strings` says; `None`
+    /// when the statement cannot change the session (most, told apart
+    /// without a parse).
+    pub fn effect(
+        &self,
+        sql: &[u8],
+        standard_strings: impl FnOnce() -> bool,
+    ) -> Option<Arc<Effect>> {
+        if !mentions_any(sql, &WORDS, &WORDS_FIRST) {
+            return None;
         }
+        let standard_strings = standard_strings();
         if sql.len() > CACHED_LEN {
-            return Arc::new(effect(sql, standard_strings));
+            return Some(Arc::new(effect(sql, standard_strings)));
         }
         let mut key = Vec::with_capacity(sql.len() + 1);
         key.push(u8::from(standard_strings));
@@ -155,7 +172,7 @@ impl Classifier {
             .unwrap_or_else(|e| e.into_inner())
             .get(key.as_slice())
         {
-            return Arc::clone(known);
+            return Some(Arc::clone(known));
         }
         let found = Arc::new(effect(sql, standard_strings));
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,7 +180,7 @@ impl Classifier {
             known.clear();
         }
         known.insert(key.into(), Arc::clone(&found));
-        found
+        Some(found)
     }
 }
 
@@ -342,7 +359,7 @@ const OBJECT_DATABASE: i64 = 10;
 /// x`. Idle pooled connections to them are closed first, or the server
 /// refuses (Django's test runner creates and drops its test database).
 pub fn databases_needing_no_sessions(sql: &[u8]) -> Vec<String> {
-    if !mentions_any(sql, &[b"database"]) {
+    if !mentions_any(sql, &DATABASE, &DATABASE_FIRST) {
         return Vec::new();
     }
     let Some(tree) = std::str::from_utf8(sql)
@@ -608,12 +625,12 @@ mod tests {
     fn the_cache_answers_as_the_grammar_does() {
         let classifier = super::Classifier::default();
         for _ in 0..2 {
-            assert!(
-                classifier
-                    .effect(b"SELECT pg_advisory_lock(1)", true)
-                    .pins(reported)
-            );
-            assert!(!classifier.effect(b"SELECT 1 + 1", true).pins(reported));
+            let locks = classifier.effect(b"SELECT pg_advisory_lock(1)", || true);
+            assert!(locks.is_some_and(|e| e.pins(reported)));
+            let sums = classifier.effect(b"SELECT 1 + 1", || true);
+            assert!(sums.is_none(), "no word, no parse");
+            let sums = classifier.effect(b"SELECT abs(1)", || true);
+            assert!(sums.is_some_and(|e| !e.pins(reported)));
         }
     }
 
@@ -638,7 +655,7 @@ mod tests {
         ) {
             let sql = tokens.join(" ");
             let _ = effect(sql.as_bytes(), standard);
-            let _ = super::Classifier::default().effect(sql.as_bytes(), standard);
+            let _ = super::Classifier::default().effect(sql.as_bytes(), || standard);
         }
     }
 }

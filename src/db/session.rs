@@ -391,8 +391,10 @@ impl Session<'_> {
             }
             _ => return false,
         };
-        let standard_strings = lookup(&self.told, "standard_conforming_strings") != Some("off");
-        let effect = self.shared.classifier.effect(sql, standard_strings);
+        let standard_strings = || lookup(&self.told, "standard_conforming_strings") != Some("off");
+        let Some(effect) = self.shared.classifier.effect(sql, standard_strings) else {
+            return false;
+        };
         let pins = effect.pins(|name| self.tracks(name));
         if pins {
             tracing::debug!(
@@ -488,10 +490,16 @@ impl Session<'_> {
     {
         let mut frames = Vec::new();
         let mut to_client = BytesMut::new();
-        let mut drain = self.shared.drain.subscribe();
+        // Made once: a session registers for the drain signal once, not on
+        // every message.
+        let drain_started = self.shared.drain_started.notified();
+        tokio::pin!(drain_started);
+        let mut drain_seen = false;
         loop {
             // Draining: a client between transactions goes now.
-            if *drain.borrow() && self.server.as_ref().is_none_or(Checkout::is_idle) {
+            if self.shared.draining.load(Ordering::Relaxed)
+                && self.server.as_ref().is_none_or(Checkout::is_idle)
+            {
                 client
                     .fatal(
                         "57P01",
@@ -576,7 +584,7 @@ impl Session<'_> {
                     client.send(&to_client).await?;
                     self.between_transactions();
                 }
-                _ = drain.changed(), if !*drain.borrow() => {}
+                () = &mut drain_started, if !drain_seen => drain_seen = true,
             }
         }
     }
