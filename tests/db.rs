@@ -148,8 +148,8 @@ async fn server_login_with_scram_and_a_query() {
     let mut conn = ServerConn::open(&primary(pg), &login, Duration::from_secs(5))
         .await
         .unwrap();
-    assert!(conn.params.iter().any(|(k, _)| k == "server_version"));
-    assert_ne!(conn.backend_key, (0, 0));
+    assert!(conn.params().iter().any(|(k, _)| k == "server_version"));
+    assert_ne!(conn.backend_key(), (0, 0));
     let mut buf = BytesMut::new();
     frontend::query("SELECT current_setting('application_name')", &mut buf).unwrap();
     conn.send(&buf).await.unwrap();

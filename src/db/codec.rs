@@ -18,6 +18,82 @@ pub const CANCEL_REQUEST: i32 = 80_877_102;
 /// A startup packet is small; PostgreSQL itself allows 10,000 bytes.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
 
+/// Message types by their tag byte. A letter means different messages in
+/// each direction, so the constants are grouped by who sends them.
+pub mod tag {
+    /// Sent by clients.
+    pub mod front {
+        pub const QUERY: u8 = b'Q';
+        pub const PARSE: u8 = b'P';
+        pub const BIND: u8 = b'B';
+        pub const DESCRIBE: u8 = b'D';
+        pub const CLOSE: u8 = b'C';
+        pub const EXECUTE: u8 = b'E';
+        pub const SYNC: u8 = b'S';
+        pub const FLUSH: u8 = b'H';
+        pub const FUNCTION_CALL: u8 = b'F';
+        pub const TERMINATE: u8 = b'X';
+        /// PasswordMessage, SASLInitialResponse and SASLResponse.
+        pub const PASSWORD: u8 = b'p';
+        pub const COPY_DATA: u8 = b'd';
+        pub const COPY_DONE: u8 = b'c';
+        pub const COPY_FAIL: u8 = b'f';
+    }
+
+    /// Sent by servers.
+    pub mod back {
+        pub const AUTHENTICATION: u8 = b'R';
+        pub const BACKEND_KEY_DATA: u8 = b'K';
+        pub const PARAMETER_STATUS: u8 = b'S';
+        pub const READY_FOR_QUERY: u8 = b'Z';
+        pub const ERROR_RESPONSE: u8 = b'E';
+        pub const NOTICE_RESPONSE: u8 = b'N';
+        pub const NOTIFICATION_RESPONSE: u8 = b'A';
+        pub const PARSE_COMPLETE: u8 = b'1';
+        pub const BIND_COMPLETE: u8 = b'2';
+        pub const CLOSE_COMPLETE: u8 = b'3';
+        pub const COMMAND_COMPLETE: u8 = b'C';
+        pub const ROW_DESCRIPTION: u8 = b'T';
+        pub const NO_DATA: u8 = b'n';
+        pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+        pub const PORTAL_SUSPENDED: u8 = b's';
+    }
+
+    /// What a Describe or Close names.
+    pub const STATEMENT: u8 = b'S';
+    pub const PORTAL: u8 = b'P';
+}
+
+/// The transaction status a ReadyForQuery reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransactionStatus {
+    /// `I`: not in a transaction block.
+    Idle,
+    /// `T`: in a transaction block.
+    InBlock,
+    /// `E`: in a failed transaction block; only ROLLBACK is accepted.
+    Failed,
+}
+
+impl TransactionStatus {
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            b'I' => Some(Self::Idle),
+            b'T' => Some(Self::InBlock),
+            b'E' => Some(Self::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn byte(self) -> u8 {
+        match self {
+            Self::Idle => b'I',
+            Self::InBlock => b'T',
+            Self::Failed => b'E',
+        }
+    }
+}
+
 /// Why a stream could not be decoded, with the SQLSTATE the client is told.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
@@ -242,6 +318,49 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// Append a message made of `parts` to `out`.
+pub fn put_frame(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    out.put_u8(tag);
+    out.put_i32((len + 4) as i32);
+    for part in parts {
+        out.put_slice(part);
+    }
+}
+
+/// ParseComplete, as bytes.
+pub const PARSE_COMPLETE: &[u8] = &[tag::back::PARSE_COMPLETE, 0, 0, 0, 4];
+/// CloseComplete, as bytes.
+pub const CLOSE_COMPLETE: &[u8] = &[tag::back::CLOSE_COMPLETE, 0, 0, 0, 4];
+
+/// ReadyForQuery with `status`.
+pub fn ready_for_query(status: TransactionStatus) -> [u8; 6] {
+    [tag::back::READY_FOR_QUERY, 0, 0, 0, 5, status.byte()]
+}
+
+/// An Authentication request: `code` (0 ok, 5 md5, 10 SASL, 11 SASL
+/// continue, 12 SASL final) and what follows it.
+pub fn authentication(code: i32, extra: &[u8]) -> Frame {
+    let mut body = code.to_be_bytes().to_vec();
+    body.extend_from_slice(extra);
+    frame(tag::back::AUTHENTICATION, &body)
+}
+
+/// BackendKeyData: the process id and secret a client cancels with.
+pub fn backend_key_data(process_id: i32, secret_key: i32) -> Frame {
+    let mut body = [0u8; 8];
+    body[..4].copy_from_slice(&process_id.to_be_bytes());
+    body[4..].copy_from_slice(&secret_key.to_be_bytes());
+    frame(tag::back::BACKEND_KEY_DATA, &body)
+}
+
+/// CommandComplete with its command tag (`DEALLOCATE`, ...).
+pub fn command_complete(command: &str) -> Frame {
+    let mut body = command.as_bytes().to_vec();
+    body.push(0);
+    frame(tag::back::COMMAND_COMPLETE, &body)
+}
+
 /// Build a frame from a tag and a body.
 pub fn frame(tag: u8, body: &[u8]) -> Frame {
     let mut bytes = BytesMut::with_capacity(body.len() + 5);
@@ -295,54 +414,55 @@ impl Frame {
     pub fn frontend(&self) -> Result<Frontend<'_>, CodecError> {
         let body = self.body();
         let bad = |what| CodecError::Malformed { what };
+        use tag::front;
         Ok(match self.tag {
-            b'Q' => Frontend::Query {
+            front::QUERY => Frontend::Query {
                 sql: cbytes(body).ok_or(bad("Query"))?.0,
             },
-            b'P' => {
+            front::PARSE => {
                 let (statement, rest) = cbytes(body).ok_or(bad("Parse"))?;
                 let (sql, _) = cbytes(rest).ok_or(bad("Parse"))?;
                 Frontend::Parse { statement, sql }
             }
-            b'B' => {
+            front::BIND => {
                 let (portal, rest) = cbytes(body).ok_or(bad("Bind"))?;
                 let (statement, _) = cbytes(rest).ok_or(bad("Bind"))?;
                 Frontend::Bind { portal, statement }
             }
-            b'D' | b'C' => {
+            front::DESCRIBE | front::CLOSE => {
                 let (&kind, rest) = body.split_first().ok_or(bad("Describe/Close"))?;
-                if kind != b'S' && kind != b'P' {
+                if kind != tag::STATEMENT && kind != tag::PORTAL {
                     return Err(bad("Describe/Close"));
                 }
                 let name = cbytes(rest).ok_or(bad("Describe/Close"))?.0;
-                if self.tag == b'D' {
+                if self.tag == front::DESCRIBE {
                     Frontend::Describe { kind, name }
                 } else {
                     Frontend::Close { kind, name }
                 }
             }
-            b'E' => Frontend::Execute {
+            front::EXECUTE => Frontend::Execute {
                 portal: cbytes(body).ok_or(bad("Execute"))?.0,
             },
-            b'S' => Frontend::Sync,
-            b'H' => Frontend::Flush,
-            b'X' => Frontend::Terminate,
-            b'd' => Frontend::CopyData,
-            b'c' => Frontend::CopyDone,
-            b'f' => Frontend::CopyFail,
+            front::SYNC => Frontend::Sync,
+            front::FLUSH => Frontend::Flush,
+            front::TERMINATE => Frontend::Terminate,
+            front::COPY_DATA => Frontend::CopyData,
+            front::COPY_DONE => Frontend::CopyDone,
+            front::COPY_FAIL => Frontend::CopyFail,
             other => Frontend::Other(other),
         })
     }
 
     /// The transaction status of a ReadyForQuery (`I`, `T` or `E`).
     pub fn ready_status(&self) -> Option<u8> {
-        (self.tag == b'Z' && self.body().len() == 1).then(|| self.body()[0])
+        (self.tag == tag::back::READY_FOR_QUERY && self.body().len() == 1).then(|| self.body()[0])
     }
 
     /// The fields of an ErrorResponse or NoticeResponse, by code.
     pub fn error_fields(&self) -> Vec<(u8, &str)> {
         let mut fields = Vec::new();
-        if self.tag != b'E' && self.tag != b'N' {
+        if self.tag != tag::back::ERROR_RESPONSE && self.tag != tag::back::NOTICE_RESPONSE {
             return fields;
         }
         let mut rest = self.body();
@@ -374,7 +494,7 @@ pub fn error_response(severity: &str, sqlstate: &str, message: &str) -> Frame {
         body.push(0);
     }
     body.push(0);
-    frame(b'E', &body)
+    frame(tag::back::ERROR_RESPONSE, &body)
 }
 
 /// A ParameterStatus: a setting the server reports, and its value.
@@ -384,7 +504,7 @@ pub fn parameter_status(name: &str, value: &str) -> Frame {
     body.push(0);
     body.extend_from_slice(value.as_bytes());
     body.push(0);
-    frame(b'S', &body)
+    frame(tag::back::PARAMETER_STATUS, &body)
 }
 
 /// The name and value of a whole ParameterStatus frame (tag included).

@@ -1,24 +1,19 @@
-//! Server connections per (database, user): at most `max_connections`, a
-//! waiting client gives up after `checkout_timeout` with SQLSTATE 53300, and
-//! a connection goes back only after `DISCARD ALL` (after `ROLLBACK` when its
-//! client left inside a transaction), so nothing one client set is seen by
-//! the next.
+//! Server connections per (database, user), lent and taken back: at most
+//! `max_connections`, a waiting client gives up after `checkout_timeout`
+//! with SQLSTATE 53300, and a connection a client kept goes back only after
+//! the connection reset itself (`ServerConn::reset`), so nothing one client
+//! set is seen by the next. What a connection does is `server.rs`'s.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
-use postgres_protocol::message::frontend;
-use tokio::io::AsyncReadExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::codec::{Frame, announced_len, complete_frame};
 use super::metrics::{DbMetrics, PoolMetrics};
-use super::server::{Login, ServerConn, ServerError, note_parameter, refused};
-use super::settings::{Settings, lookup, tracked};
-use super::statements::{ClientStatements, Naming, Sides, StatementEvents};
+use super::server::{Login, ServerConn, ServerError};
+use super::statements::Standing;
 use crate::config::db::{DbConfig, DbUser};
 
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +237,6 @@ impl Pools {
             _permit: permit,
             statement_timeout: config.pool.statement_timeout,
             max_lifetime: config.pool.max_lifetime,
-            client_pid: 0,
         })
     }
 
@@ -270,11 +264,11 @@ impl Pools {
             {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 // Newest first: the oldest go when trimming to the minimum.
-                idle.sort_by_key(|c| std::cmp::Reverse(c.idle_since));
+                idle.sort_by_key(|c| std::cmp::Reverse(c.idle_since()));
                 let mut kept = 0;
                 idle.retain(|conn| {
-                    let too_idle =
-                        conn.idle_since.elapsed() >= config.pool.idle_timeout && lent + kept >= min;
+                    let too_idle = conn.idle_since().elapsed() >= config.pool.idle_timeout
+                        && lent + kept >= min;
                     let keep = keep(conn, config) && !too_idle && lent + kept < max;
                     if keep {
                         kept += 1;
@@ -382,24 +376,9 @@ impl Pools {
 /// younger than `max_lifetime`, and to the configured primary.
 fn keep(conn: &ServerConn, config: &DbConfig) -> bool {
     conn.is_usable()
-        && conn.opened.elapsed() < config.pool.max_lifetime
-        && *conn.node == config.primary
+        && conn.opened().elapsed() < config.pool.max_lifetime
+        && **conn.node() == config.primary
 }
-
-/// The process id that sent a NotificationResponse (a whole frame).
-fn notifier(frame: &[u8]) -> Option<i32> {
-    let pid = frame.get(5..9)?;
-    Some(i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]))
-}
-
-/// The connection of a checkout, unless it was discarded.
-fn connected(conn: &mut Option<ServerConn>) -> Result<&mut ServerConn, ServerError> {
-    conn.as_mut()
-        .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))
-}
-
-/// The largest message taken from a server.
-const MAX_SERVER_MESSAGE: usize = 1 << 30;
 
 /// A server connection lent to one client.
 pub struct Checkout {
@@ -409,17 +388,6 @@ pub struct Checkout {
     _permit: OwnedSemaphorePermit,
     statement_timeout: Duration,
     max_lifetime: Duration,
-    /// The process id the client was told (its cancel key): its own
-    /// notifications carry it instead of the server's.
-    client_pid: i32,
-}
-
-fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 impl Checkout {
@@ -432,105 +400,28 @@ impl Checkout {
         &self.pool.metrics
     }
 
+    /// The statement timeout configured when it was lent.
+    pub fn statement_timeout(&self) -> Duration {
+        self.statement_timeout
+    }
+
     pub fn conn(&self) -> &ServerConn {
         // Present until `discard` or `release`, which consume the session.
         self.conn.as_ref().unwrap_or_else(|| unreachable!())
     }
 
-    fn conn_mut(&mut self) -> Result<&mut ServerConn, ServerError> {
-        connected(&mut self.conn)
+    /// The connection, unless it was discarded.
+    pub fn conn_mut(&mut self) -> Result<&mut ServerConn, ServerError> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))
     }
 
-    /// Run one simple query, keeping ParameterStatus updates; an error
-    /// from the server is returned.
-    async fn run(&mut self, sql: &str) -> Result<(), ServerError> {
-        let conn = self.conn_mut()?;
-        let mut out = BytesMut::new();
-        frontend::query(sql, &mut out)?;
-        conn.send(&out).await?;
-        let mut failure = None;
-        loop {
-            let frame = conn.read_frame().await?;
-            match frame.tag {
-                b'E' => failure = Some(refused(&frame)),
-                b'S' => {
-                    note_parameter(&mut conn.params, &frame.bytes);
-                }
-                b'Z' => {
-                    conn.exchange.status = frame.body().first().copied().unwrap_or(b'I');
-                    return failure.map_or(Ok(()), Err);
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Give the session what this client asked for at startup: its session
-    /// parameters (or the server's defaults when it set none), its `options`
-    /// settings, and the configured statement timeout unless it set one.
-    /// Only what differs from the connection's current state is sent.
-    pub async fn apply(&mut self, wanted: &Arc<Settings>) -> Result<(), ServerError> {
-        let conn = self.conn();
-        // Set up for this client, or one that asked for the same (settings
-        // are interned: one copy of each).
-        if let Some((settled, timeout)) = &conn.settled {
-            if Arc::ptr_eq(settled, wanted) && *timeout == self.statement_timeout {
-                return Ok(());
-            }
-        }
-        // Every reported setting a client may change: its own value, else
-        // the server's default, whatever an earlier client left.
-        let mut changes: Vec<(String, String)> = Vec::new();
-        for (name, current) in conn.params.iter().filter(|(name, _)| tracked(name)) {
-            let value = lookup(&wanted.params, name).or_else(|| lookup(&conn.defaults, name));
-            if let Some(value) = value {
-                if current != value {
-                    changes.push((name.clone(), value.to_string()));
-                }
-            }
-        }
-        let mut options = wanted.options.clone();
-        if !self.statement_timeout.is_zero()
-            && !options.iter().any(|(k, _)| k == "statement_timeout")
-        {
-            options.push((
-                "statement_timeout".into(),
-                self.statement_timeout.as_millis().to_string(),
-            ));
-        }
-        for (name, value) in &options {
-            if !conn.applied.iter().any(|(k, v)| k == name && v == value) {
-                changes.push((name.clone(), value.clone()));
-            }
-        }
-        if !changes.is_empty() {
-            self.set(&changes).await?;
-        }
-        let timeout = self.statement_timeout;
-        let conn = self.conn_mut()?;
-        for (name, value) in options {
-            match conn.applied.iter_mut().find(|(k, _)| *k == name) {
-                Some(slot) => slot.1 = value,
-                None => conn.applied.push((name, value)),
-            }
-        }
-        conn.settled = Some((Arc::clone(wanted), timeout));
-        Ok(())
-    }
-
-    async fn set(&mut self, changes: &[(String, String)]) -> Result<(), ServerError> {
-        let sql: Vec<String> = changes
-            .iter()
-            .map(|(name, value)| format!("SET {} TO {}", quote_ident(name), quote_literal(value)))
-            .collect();
-        self.run(&sql.join("; ")).await
-    }
-
-    /// Idle at a transaction boundary: every reply in, status `I`.
+    /// Every reply in, no transaction open: it could serve anyone.
     pub fn is_idle(&self) -> bool {
         self.conn
             .as_ref()
-            .is_some_and(|c| c.exchange.is_idle() && c.buf.is_empty())
+            .is_some_and(|c| c.standing() == Standing::Idle)
     }
 
     /// Return an idle connection as it is, between transactions of clients
@@ -543,135 +434,15 @@ impl Checkout {
 
     fn return_to_pool(&mut self) {
         if let Some(mut conn) = self.conn.take() {
-            if conn.opened.elapsed() >= self.max_lifetime {
+            if conn.opened().elapsed() >= self.max_lifetime {
                 return;
             }
-            conn.idle_since = std::time::Instant::now();
+            conn.mark_idle();
             self.pool
                 .idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(conn);
-        }
-    }
-
-    /// Forward a client's messages, with its named statements as `naming`
-    /// says. Answers given here that are due now go into `to_client`.
-    pub async fn forward(
-        &mut self,
-        frames: &[Frame],
-        client: &mut ClientStatements,
-        naming: Naming,
-        pinned: bool,
-        to_client: &mut BytesMut,
-    ) -> Result<(), ServerError> {
-        let conn = connected(&mut self.conn)?;
-        let mut to_server = std::mem::take(&mut conn.out);
-        to_server.clear();
-        let mut sides = Sides {
-            client,
-            server: &mut conn.statements,
-            naming,
-            pinned,
-        };
-        for frame in frames {
-            conn.exchange
-                .client_message(frame, &mut sides, &mut to_server, to_client);
-        }
-        self.pool
-            .metrics
-            .bytes_to_server
-            .inc_by(to_server.len() as u64);
-        let sent = conn.send(&to_server).await;
-        conn.out = to_server;
-        sent
-    }
-
-    /// Lent to the client that was told `pid` as its backend's process id.
-    pub fn lend_to(&mut self, pid: i32) {
-        self.client_pid = pid;
-    }
-
-    /// Settings the server reported since the last call, with their values.
-    pub fn take_reports(&mut self) -> Vec<(String, String)> {
-        self.conn
-            .as_mut()
-            .map(|c| std::mem::take(&mut c.reports))
-            .unwrap_or_default()
-    }
-
-    /// The connection now stands as `settings` ask (the client's reported
-    /// settings changed on it), or, with `None`, as no known settings ask.
-    pub fn settle(&mut self, settings: Option<&Arc<Settings>>) {
-        let timeout = self.statement_timeout;
-        if let Some(conn) = self.conn.as_mut() {
-            conn.settled = settings.map(|s| (Arc::clone(s), timeout));
-        }
-    }
-
-    /// What happened to statements since the last call, for metrics.
-    pub fn take_events(&mut self) -> StatementEvents {
-        self.conn
-            .as_mut()
-            .map(|c| std::mem::take(&mut c.exchange.events))
-            .unwrap_or_default()
-    }
-
-    /// The next whole frames the server sent, appended to `to_client`.
-    pub async fn read_some(
-        &mut self,
-        client: &mut ClientStatements,
-        naming: Naming,
-        to_client: &mut BytesMut,
-    ) -> Result<(), ServerError> {
-        let conn = connected(&mut self.conn)?;
-        loop {
-            let mut sides = Sides {
-                client: &mut *client,
-                server: &mut conn.statements,
-                naming,
-                pinned: false,
-            };
-            let before = to_client.len();
-            // Frames are read in place: nothing is split off the buffer.
-            let mut consumed = 0;
-            while let Some(len) = complete_frame(&conn.buf[consumed..], MAX_SERVER_MESSAGE)? {
-                let frame = &conn.buf[consumed..consumed + len];
-                match frame[0] {
-                    b'S' => {
-                        if let Some((name, value)) = note_parameter(&mut conn.params, frame) {
-                            conn.reports.push((name.to_string(), value.to_string()));
-                        }
-                    }
-                    // A notification this session sent itself names the
-                    // process id the client knows, so that a client can
-                    // tell its own (`n.pid == conn.info.backend_pid`).
-                    b'A' if notifier(frame) == Some(conn.backend_key.0) => {
-                        let mut own = frame.to_vec();
-                        own[5..9].copy_from_slice(&self.client_pid.to_be_bytes());
-                        conn.exchange.server_message(&own, &mut sides, to_client);
-                        consumed += len;
-                        continue;
-                    }
-                    _ => {}
-                }
-                conn.exchange.server_message(frame, &mut sides, to_client);
-                consumed += len;
-            }
-            conn.buf.advance(consumed);
-            if to_client.len() > before {
-                self.pool
-                    .metrics
-                    .bytes_to_client
-                    .inc_by((to_client.len() - before) as u64);
-                return Ok(());
-            }
-            // Room for the rest of a partial frame, or the whole buffer back.
-            let wanted = announced_len(&conn.buf).unwrap_or(8192);
-            conn.buf.reserve(wanted.saturating_sub(conn.buf.len()));
-            if conn.stream.read_buf(&mut conn.buf).await? == 0 {
-                return Err(ServerError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-            }
         }
     }
 
@@ -683,28 +454,12 @@ impl Checkout {
     /// Reset the session and return the connection to its pool; a
     /// connection that cannot be reset cleanly is closed instead.
     pub async fn release(mut self) {
-        if self.conn.is_none() {
+        let Some(conn) = self.conn.as_mut() else {
             return;
+        };
+        if conn.reset().await {
+            self.return_to_pool();
         }
-        // A reply still on its way, COPY in progress, or extended-protocol
-        // messages without their Sync: the state is unknown.
-        let exchange = &self.conn().exchange;
-        if exchange.awaiting() || exchange.unsynced() || !self.conn().buf.is_empty() {
-            return;
-        }
-        if exchange.status != b'I' && self.run("ROLLBACK").await.is_err() {
-            return;
-        }
-        let reset = tokio::time::timeout(Duration::from_secs(5), self.run("DISCARD ALL")).await;
-        if !matches!(reset, Ok(Ok(()))) || self.conn().exchange.status != b'I' {
-            return;
-        }
-        if let Some(conn) = self.conn.as_mut() {
-            conn.applied.clear();
-            conn.settled = None;
-            conn.statements.clear();
-        }
-        self.return_to_pool();
     }
 }
 

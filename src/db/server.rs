@@ -5,6 +5,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -15,7 +16,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::codec::Decoder;
 
-use super::codec::{CodecError, Frame, FrameCodec, read_parameter_status};
+use super::codec::tag::back;
+use super::codec::{
+    CodecError, Frame, FrameCodec, TransactionStatus, announced_len, complete_frame,
+    read_parameter_status,
+};
+use super::settings::{Settings, lookup, tracked};
+use super::statements::{ClientStatements, Exchange, Naming, Sides, Standing, StatementEvents};
 use crate::config::db::Node;
 
 #[derive(Debug, thiserror::Error)]
@@ -108,38 +115,43 @@ pub struct Login<'a> {
     pub params: &'a [(String, String)],
 }
 
-/// A logged-in server connection, ready for a query.
+/// A logged-in server connection, ready for a query. What it does between
+/// a client and PostgreSQL (relaying, applying a client's settings,
+/// resetting) is here; the pool only lends it out and takes it back.
 pub struct ServerConn {
-    pub stream: ServerStream,
+    stream: ServerStream,
     /// Bytes read from the server but not yet consumed.
-    pub buf: BytesMut,
+    buf: BytesMut,
     codec: FrameCodec,
     /// ParameterStatus values as the server last reported them.
-    pub params: Vec<(String, String)>,
+    params: Vec<(String, String)>,
     /// The values reported at login, to go back to for a client that sets none.
-    pub defaults: Vec<(String, String)>,
+    defaults: Vec<(String, String)>,
     /// Settings the server reported while relaying, for the client to
-    /// track; taken by `Checkout::take_reports`.
-    pub reports: Vec<(String, String)>,
+    /// track; taken by `take_reports`.
+    reports: Vec<(String, String)>,
     /// Settings applied with SET for the current client, cleared by a reset.
-    pub applied: Vec<(String, String)>,
+    applied: Vec<(String, String)>,
     /// The server's BackendKeyData (process id, secret key), for cancels.
-    pub backend_key: (i32, i32),
+    backend_key: (i32, i32),
     /// For `pool.max_lifetime`.
-    pub opened: std::time::Instant,
+    opened: std::time::Instant,
     /// For `pool.idle_timeout`: when it last went back to its pool.
-    pub idle_since: std::time::Instant,
+    idle_since: std::time::Instant,
     /// Statements prepared for transaction-pooled clients.
-    pub statements: super::statements::ServerStatements,
+    statements: super::statements::ServerStatements,
     /// The node it is connected to.
-    pub node: std::sync::Arc<Node>,
+    node: Arc<Node>,
     /// What the messages sent still wait for, and the transaction status.
-    pub exchange: super::statements::Exchange,
+    exchange: Exchange,
     /// The client settings this session was last set up for, with the
     /// statement timeout then configured; cleared by a reset.
-    pub settled: Option<(std::sync::Arc<super::settings::Settings>, Duration)>,
+    settled: Option<(Arc<Settings>, Duration)>,
     /// Reused for the bytes sent to the server.
-    pub out: BytesMut,
+    out: BytesMut,
+    /// The process id its client was told: the client's own notifications
+    /// carry it instead of the server's.
+    client_pid: i32,
 }
 
 impl ServerConn {
@@ -167,10 +179,11 @@ impl ServerConn {
             opened: std::time::Instant::now(),
             idle_since: std::time::Instant::now(),
             statements: Default::default(),
-            node: std::sync::Arc::new(node.clone()),
+            node: Arc::new(node.clone()),
             exchange: Default::default(),
             settled: None,
             out: BytesMut::new(),
+            client_pid: 0,
         };
         tokio::time::timeout(timeout, conn.login(login))
             .await
@@ -188,6 +201,257 @@ impl ServerConn {
             ServerStream::Unix(s) => s.try_read(&mut probe),
         };
         matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock) && self.buf.is_empty()
+    }
+
+    /// ParameterStatus values as the server last reported them.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
+    /// The server's process id and secret key, for cancels.
+    pub fn backend_key(&self) -> (i32, i32) {
+        self.backend_key
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    pub fn opened(&self) -> std::time::Instant {
+        self.opened
+    }
+
+    pub fn idle_since(&self) -> std::time::Instant {
+        self.idle_since
+    }
+
+    /// Back in its pool from now.
+    pub fn mark_idle(&mut self) {
+        self.idle_since = std::time::Instant::now();
+    }
+
+    /// Where it stands between messages (the transaction-state machine
+    /// that decides whether it may serve another client).
+    pub fn standing(&self) -> Standing {
+        if self.buf.is_empty() {
+            self.exchange.standing()
+        } else {
+            Standing::Busy
+        }
+    }
+
+    /// Lent to the client that was told `pid` as its backend's process id.
+    pub fn lend_to(&mut self, pid: i32) {
+        self.client_pid = pid;
+    }
+
+    /// Run one simple query, keeping ParameterStatus updates; an error
+    /// from the server is returned.
+    async fn run(&mut self, sql: &str) -> Result<(), ServerError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.send(&out).await?;
+        let mut failure = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                back::ERROR_RESPONSE => failure = Some(refused(&frame)),
+                back::PARAMETER_STATUS => {
+                    note_parameter(&mut self.params, &frame.bytes);
+                }
+                back::READY_FOR_QUERY => {
+                    if let Some(status) =
+                        frame.ready_status().and_then(TransactionStatus::from_byte)
+                    {
+                        self.exchange.status = status;
+                    }
+                    return failure.map_or(Ok(()), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Give the session what this client asked for: its reported settings
+    /// (or the server's defaults for those it did not set), its `options`
+    /// settings, and `statement_timeout` unless it set its own. Only what
+    /// differs from the connection's current state is sent.
+    pub async fn apply(
+        &mut self,
+        wanted: &Arc<Settings>,
+        statement_timeout: Duration,
+    ) -> Result<(), ServerError> {
+        // Set up for this client, or one that asked for the same (settings
+        // are interned: one copy of each).
+        if let Some((settled, timeout)) = &self.settled {
+            if Arc::ptr_eq(settled, wanted) && *timeout == statement_timeout {
+                return Ok(());
+            }
+        }
+        // Every reported setting a client may change: its own value, else
+        // the server's default, whatever an earlier client left.
+        let mut changes: Vec<(String, String)> = Vec::new();
+        for (name, current) in self.params.iter().filter(|(name, _)| tracked(name)) {
+            let value = lookup(&wanted.params, name).or_else(|| lookup(&self.defaults, name));
+            if let Some(value) = value {
+                if current != value {
+                    changes.push((name.clone(), value.to_string()));
+                }
+            }
+        }
+        let mut options = wanted.options.clone();
+        if !statement_timeout.is_zero() && !options.iter().any(|(k, _)| k == "statement_timeout") {
+            options.push((
+                "statement_timeout".into(),
+                statement_timeout.as_millis().to_string(),
+            ));
+        }
+        for (name, value) in &options {
+            if !self.applied.iter().any(|(k, v)| k == name && v == value) {
+                changes.push((name.clone(), value.clone()));
+            }
+        }
+        if !changes.is_empty() {
+            let sql: Vec<String> = changes
+                .iter()
+                .map(|(name, value)| {
+                    format!("SET {} TO {}", quote_ident(name), quote_literal(value))
+                })
+                .collect();
+            self.run(&sql.join("; ")).await?;
+        }
+        for (name, value) in options {
+            match self.applied.iter_mut().find(|(k, _)| *k == name) {
+                Some(slot) => slot.1 = value,
+                None => self.applied.push((name, value)),
+            }
+        }
+        self.settled = Some((Arc::clone(wanted), statement_timeout));
+        Ok(())
+    }
+
+    /// The connection now stands as `settings` ask (the client's reported
+    /// settings changed on it), or, with `None`, as no known settings ask.
+    pub fn settle(&mut self, settings: Option<&Arc<Settings>>, statement_timeout: Duration) {
+        self.settled = settings.map(|s| (Arc::clone(s), statement_timeout));
+    }
+
+    /// Settings the server reported since the last call, with their values.
+    pub fn take_reports(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.reports)
+    }
+
+    /// What happened to statements since the last call, for metrics.
+    pub fn take_events(&mut self) -> StatementEvents {
+        std::mem::take(&mut self.exchange.events)
+    }
+
+    /// Forward a client's messages, with its named statements as `naming`
+    /// says. Answers given here that are due now go into `to_client`.
+    /// Returns the bytes sent.
+    pub async fn forward(
+        &mut self,
+        frames: &[Frame],
+        client: &mut ClientStatements,
+        naming: Naming,
+        pinned: bool,
+        to_client: &mut BytesMut,
+    ) -> Result<usize, ServerError> {
+        let mut to_server = std::mem::take(&mut self.out);
+        to_server.clear();
+        let mut sides = Sides {
+            client,
+            server: &mut self.statements,
+            naming,
+            pinned,
+        };
+        for frame in frames {
+            self.exchange
+                .client_message(frame, &mut sides, &mut to_server, to_client);
+        }
+        let sent = self.send(&to_server).await;
+        let len = to_server.len();
+        self.out = to_server;
+        sent.map(|()| len)
+    }
+
+    /// The next whole frames the server sent, appended to `to_client`;
+    /// returns how many bytes were appended.
+    pub async fn read_some(
+        &mut self,
+        client: &mut ClientStatements,
+        naming: Naming,
+        to_client: &mut BytesMut,
+    ) -> Result<usize, ServerError> {
+        loop {
+            let mut sides = Sides {
+                client: &mut *client,
+                server: &mut self.statements,
+                naming,
+                pinned: false,
+            };
+            let before = to_client.len();
+            // Frames are read in place: nothing is split off the buffer.
+            let mut consumed = 0;
+            while let Some(len) = complete_frame(&self.buf[consumed..], MAX_SERVER_MESSAGE)? {
+                let frame = &self.buf[consumed..consumed + len];
+                match frame[0] {
+                    back::PARAMETER_STATUS => {
+                        if let Some((name, value)) = note_parameter(&mut self.params, frame) {
+                            self.reports.push((name.to_string(), value.to_string()));
+                        }
+                    }
+                    // A notification this session sent itself names the
+                    // process id the client knows, so that a client can
+                    // tell its own (`n.pid == conn.info.backend_pid`).
+                    back::NOTIFICATION_RESPONSE if notifier(frame) == Some(self.backend_key.0) => {
+                        let mut own = frame.to_vec();
+                        own[5..9].copy_from_slice(&self.client_pid.to_be_bytes());
+                        self.exchange.server_message(&own, &mut sides, to_client);
+                        consumed += len;
+                        continue;
+                    }
+                    _ => {}
+                }
+                self.exchange.server_message(frame, &mut sides, to_client);
+                consumed += len;
+            }
+            self.buf.advance(consumed);
+            if to_client.len() > before {
+                return Ok(to_client.len() - before);
+            }
+            // Room for the rest of a partial frame, or the whole buffer back.
+            let wanted = announced_len(&self.buf).unwrap_or(8192);
+            self.buf.reserve(wanted.saturating_sub(self.buf.len()));
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                return Err(ServerError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+        }
+    }
+
+    /// Make the session as a new one, for the next client: `ROLLBACK` when
+    /// a transaction is open, then `DISCARD ALL`. False when that is not
+    /// possible (a reply or COPY in progress, extended-protocol messages
+    /// without their Sync, or the reset failed): the connection must close.
+    pub async fn reset(&mut self) -> bool {
+        match self.standing() {
+            Standing::Busy => return false,
+            Standing::InTransaction => {
+                if self.run("ROLLBACK").await.is_err() {
+                    return false;
+                }
+            }
+            Standing::Idle => {}
+        }
+        let reset = tokio::time::timeout(Duration::from_secs(5), self.run("DISCARD ALL")).await;
+        if !matches!(reset, Ok(Ok(()))) || self.standing() != Standing::Idle {
+            return false;
+        }
+        self.applied.clear();
+        self.settled = None;
+        self.statements.clear();
+        self.reports.clear();
+        true
     }
 
     /// The next whole frame from the server.
@@ -218,21 +482,21 @@ impl ServerConn {
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
-                b'R' => self.authenticate(&frame, login, &mut scram).await?,
-                b'S' => {
+                back::AUTHENTICATION => self.authenticate(&frame, login, &mut scram).await?,
+                back::PARAMETER_STATUS => {
                     note_parameter(&mut self.params, &frame.bytes);
                 }
-                b'K' => {
+                back::BACKEND_KEY_DATA => {
                     let mut body = frame.body();
                     if body.len() == 8 {
                         self.backend_key = (body.get_i32(), body.get_i32());
                     }
                 }
-                b'Z' => {
+                back::READY_FOR_QUERY => {
                     self.defaults = self.params.clone();
                     return Ok(());
                 }
-                b'E' => return Err(refused(&frame)),
+                back::ERROR_RESPONSE => return Err(refused(&frame)),
                 // NoticeResponse and anything else announced at login.
                 _ => {}
             }
@@ -302,6 +566,23 @@ impl ServerConn {
         }
         self.send(&out).await
     }
+}
+
+/// The largest message taken from a server.
+const MAX_SERVER_MESSAGE: usize = 1 << 30;
+
+/// The process id that sent a NotificationResponse (a whole frame).
+fn notifier(frame: &[u8]) -> Option<i32> {
+    let pid = frame.get(5..9)?;
+    Some(i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]))
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A ParameterStatus frame from the server, kept in `params`: the name and

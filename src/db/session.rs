@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
 use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_secret};
+use super::codec::tag::front;
 use super::codec::{
     CodecError, Frame, FrameCodec, Frontend, Startup, StartupCodec, error_response, frame,
     parameter_status,
@@ -241,7 +242,7 @@ where
     let mut hello = BytesMut::new();
     hello.extend_from_slice(&auth_request(0, &[]).bytes);
     if let Some(server) = &session.server {
-        session.told = server.conn().params.clone();
+        session.told = server.conn().params().to_vec();
         for (name, value) in &session.told {
             hello.extend_from_slice(&parameter_status(name, value).bytes);
         }
@@ -330,15 +331,22 @@ impl Session<'_> {
                     ));
                 }
             };
-            if let Err(e) = server.apply(&self.settings).await {
+            let timeout = server.statement_timeout();
+            let applied = match server.conn_mut() {
+                Ok(conn) => conn.apply(&self.settings, timeout).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = applied {
                 server.discard();
                 return Err(Refusal("08P01".into(), format!("startup parameters: {e}")));
             }
             self.point_cancel(Some(CancelTarget {
-                node: Arc::clone(&server.conn().node),
-                backend_key: server.conn().backend_key,
+                node: Arc::clone(server.conn().node()),
+                backend_key: server.conn().backend_key(),
             }));
-            server.lend_to(self.cancel.0.0);
+            if let Ok(conn) = server.conn_mut() {
+                conn.lend_to(self.cancel.0.0);
+            }
             self.server = Some(server);
         }
         Ok(())
@@ -419,7 +427,10 @@ impl Session<'_> {
         let Some(server) = self.server.as_mut() else {
             return;
         };
-        let events = server.take_events();
+        let Ok(conn) = server.conn_mut() else {
+            return;
+        };
+        let events = conn.take_events();
         self.shared
             .metrics
             .count_statements(server.pool_name(), events);
@@ -450,7 +461,11 @@ impl Session<'_> {
         let Some(server) = self.server.as_mut() else {
             return;
         };
-        let reports = server.take_reports();
+        let timeout = server.statement_timeout();
+        let Ok(conn) = server.conn_mut() else {
+            return;
+        };
+        let reports = conn.take_reports();
         if reports.is_empty() {
             return;
         }
@@ -465,7 +480,7 @@ impl Session<'_> {
             }
         }
         self.settings = self.shared.intern_settings(settings);
-        server.settle(known.then_some(&self.settings));
+        conn.settle(known.then_some(&self.settings), timeout);
     }
 
     /// The client is gone: return (or close) the server it held.
@@ -512,9 +527,12 @@ impl Session<'_> {
             let from_server = async {
                 match self.server.as_mut() {
                     Some(server) => {
-                        server
+                        let read = server
+                            .conn_mut()?
                             .read_some(&mut self.statements, self.naming, &mut to_client)
-                            .await
+                            .await?;
+                        server.metrics().bytes_to_client.inc_by(read as u64);
+                        Ok(())
                     }
                     None => std::future::pending().await,
                 }
@@ -528,12 +546,12 @@ impl Session<'_> {
                     let mut sync_points = 0;
                     let mut terminate = false;
                     while let Some(frame) = client.codec.decode(&mut client.buf)? {
-                        if frame.tag == b'X' {
+                        if frame.tag == front::TERMINATE {
                             terminate = true;
                             break;
                         }
                         // A Query or a Sync gets exactly one ReadyForQuery back.
-                        if frame.tag == b'Q' || frame.tag == b'S' {
+                        if frame.tag == front::QUERY || frame.tag == front::SYNC {
                             sync_points += 1;
                         }
                         self.before_database_change(&frame);
@@ -564,10 +582,13 @@ impl Session<'_> {
                                 self.pending.push_back((now, sql.clone()));
                             }
                         }
-                        server
+                        let sent = server
+                            .conn_mut()
+                            .map_err(server_gone)?
                             .forward(&frames, &mut self.statements, naming, pinned, &mut to_client)
                             .await
                             .map_err(server_gone)?;
+                        server.metrics().bytes_to_server.inc_by(sent as u64);
                         self.after_exchange();
                         if !to_client.is_empty() {
                             client.send(&to_client).await?;

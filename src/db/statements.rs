@@ -23,10 +23,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-use super::codec::{Frame, Frontend, error_response};
+use super::codec::tag::{self, back, front};
+use super::codec::{
+    CLOSE_COMPLETE, Frame, Frontend, PARSE_COMPLETE, TransactionStatus, command_complete,
+    error_response, put_frame, ready_for_query,
+};
 
 /// A statement's identity on server connections: a hash of what follows the
 /// name in its `Parse` (query text, parameter types).
@@ -55,7 +59,7 @@ impl Statement {
     }
 
     fn parse(&self, out: &mut BytesMut) {
-        put_frame(out, b'P', &[&self.name, &[0], &self.content]);
+        put_frame(out, front::PARSE, &[&self.name, &[0], &self.content]);
     }
 }
 
@@ -69,18 +73,6 @@ pub fn server_name(id: &StatementId) -> Vec<u8> {
     }
     name
 }
-
-fn put_frame(out: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    out.put_u8(tag);
-    out.put_i32((len + 4) as i32);
-    for part in parts {
-        out.put_slice(part);
-    }
-}
-
-const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
-const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 
 /// A client's named statements, by the names it gave them.
 #[derive(Debug, Default)]
@@ -107,7 +99,7 @@ impl ClientStatements {
     /// statement's text is therefore reported when it is first used.
     /// `None` when the messages need a server.
     pub fn answer_alone(&mut self, frames: &[Frame]) -> Option<BytesMut> {
-        if frames.first()?.tag != b'P' {
+        if frames.first()?.tag != front::PARSE {
             return None;
         }
         let mut names = Vec::new();
@@ -136,8 +128,8 @@ impl ClientStatements {
                     Arc::new(Statement::new(content)),
                 );
                 to_client.extend_from_slice(PARSE_COMPLETE);
-            } else if frame.tag == b'S' {
-                to_client.extend_from_slice(b"Z\0\0\0\x05I");
+            } else if frame.tag == front::SYNC {
+                to_client.extend_from_slice(&ready_for_query(TransactionStatus::Idle));
             }
         }
         Some(to_client)
@@ -240,19 +232,30 @@ enum Expect {
 /// `sent`. Errors are handled apart.
 fn ends_reply(sent: u8, tag: u8) -> bool {
     match sent {
-        b'P' => tag == b'1',
-        b'B' => tag == b'2',
-        b'C' => tag == b'3',
-        b'D' => tag == b'T' || tag == b'n',
-        b'E' => matches!(tag, b'C' | b'I' | b's'),
-        b'Q' | b'S' | b'F' => tag == b'Z',
+        front::PARSE => tag == back::PARSE_COMPLETE,
+        front::BIND => tag == back::BIND_COMPLETE,
+        front::CLOSE => tag == back::CLOSE_COMPLETE,
+        front::DESCRIBE => tag == back::ROW_DESCRIPTION || tag == back::NO_DATA,
+        front::EXECUTE => matches!(
+            tag,
+            back::COMMAND_COMPLETE | back::EMPTY_QUERY_RESPONSE | back::PORTAL_SUSPENDED
+        ),
+        front::QUERY | front::SYNC | front::FUNCTION_CALL => tag == back::READY_FOR_QUERY,
         _ => false,
     }
 }
 
+/// Client messages answered by a ReadyForQuery.
+fn is_sync_point(sent: u8) -> bool {
+    matches!(sent, front::QUERY | front::SYNC | front::FUNCTION_CALL)
+}
+
 /// Extended-protocol messages: after an error the server skips them until Sync.
 fn extended(sent: u8) -> bool {
-    matches!(sent, b'P' | b'B' | b'C' | b'D' | b'E')
+    matches!(
+        sent,
+        front::PARSE | front::BIND | front::CLOSE | front::DESCRIBE | front::EXECUTE
+    )
 }
 
 /// What `Exchange::translate` did with a client message.
@@ -302,8 +305,8 @@ pub struct Exchange {
     unsynced: bool,
     /// After an error given here: client messages are dropped until Sync.
     skipping: bool,
-    /// The last ReadyForQuery status: `I`, `T` or `E`.
-    pub status: u8,
+    /// The last ReadyForQuery status.
+    pub status: TransactionStatus,
     pub events: StatementEvents,
 }
 
@@ -313,7 +316,7 @@ impl Default for Exchange {
             expect: VecDeque::new(),
             unsynced: false,
             skipping: false,
-            status: b'I',
+            status: TransactionStatus::Idle,
             events: StatementEvents::default(),
         }
     }
@@ -329,22 +332,35 @@ pub struct Sides<'a> {
     pub pinned: bool,
 }
 
+/// Where a server connection stands between messages: the state machine,
+/// driven by the messages sent and the ReadyForQuery status received, that
+/// decides what may be done with the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Every reply in, no transaction open (status `I`): it may serve any
+    /// client, or go back to the pool.
+    Idle,
+    /// Every reply in, inside a transaction block (`T`) or a failed one
+    /// (`E`): its client keeps it; another gets it only after `ROLLBACK`.
+    InTransaction,
+    /// Replies still due, COPY in progress, or extended-protocol messages
+    /// sent without their Sync (an implicit transaction may be open): the
+    /// state is unknown until the server answers.
+    Busy,
+}
+
 impl Exchange {
-    /// Every reply in, no implicit transaction open, status `I`.
-    pub fn is_idle(&self) -> bool {
-        self.expect.is_empty() && !self.unsynced && !self.skipping && self.status == b'I'
-    }
-
-    /// Extended-protocol messages sent without their Sync.
-    pub fn unsynced(&self) -> bool {
-        self.unsynced || self.skipping
-    }
-
-    /// Replies still to come from the server.
-    pub fn awaiting(&self) -> bool {
-        self.expect
-            .iter()
-            .any(|e| !matches!(e, Expect::Answer { .. }))
+    pub fn standing(&self) -> Standing {
+        // Answers given here are sent as soon as nothing before them is
+        // awaited: with nothing awaited, nothing is queued.
+        let awaiting = !self.expect.is_empty();
+        if awaiting || self.unsynced || self.skipping {
+            return Standing::Busy;
+        }
+        match self.status {
+            TransactionStatus::Idle => Standing::Idle,
+            TransactionStatus::InBlock | TransactionStatus::Failed => Standing::InTransaction,
+        }
     }
 
     /// One client message: what goes to the server into `to_server`, answers
@@ -358,7 +374,7 @@ impl Exchange {
     ) {
         let tag = frame.tag;
         if self.skipping {
-            if tag != b'S' {
+            if tag != front::SYNC {
                 return;
             }
             self.skipping = false;
@@ -369,10 +385,10 @@ impl Exchange {
         };
         if handled == Handled::No {
             to_server.extend_from_slice(&frame.bytes);
-            if matches!(tag, b'P' | b'B' | b'C' | b'D' | b'E' | b'S' | b'Q' | b'F') {
+            if extended(tag) || is_sync_point(tag) {
                 self.expect.push_back(Expect::Reply(tag));
             }
-            if tag == b'Q' {
+            if tag == front::QUERY {
                 if let Ok(Frontend::Query { sql }) = frame.frontend() {
                     if super::classify::deallocates_all(sql) || super::classify::discards_all(sql) {
                         sides.client.by_name.clear();
@@ -384,7 +400,7 @@ impl Exchange {
         if handled != Handled::Answered {
             if extended(tag) {
                 self.unsynced = true;
-            } else if matches!(tag, b'S' | b'Q') {
+            } else if matches!(tag, front::SYNC | front::QUERY) {
                 self.unsynced = false;
             }
         }
@@ -401,12 +417,12 @@ impl Exchange {
     ) -> Handled {
         // Only these can name a statement; most messages stop here.
         let names = match frame.tag {
-            b'P' | b'B' | b'Q' => true,
-            b'D' | b'C' => frame.body().first() == Some(&b'S'),
+            front::PARSE | front::BIND | front::QUERY => true,
+            front::DESCRIBE | front::CLOSE => frame.body().first() == Some(&tag::STATEMENT),
             _ => false,
         };
         // An unnamed Parse (the body starts with the empty name).
-        let unnamed_parse = frame.tag == b'P' && frame.body().first() == Some(&0);
+        let unnamed_parse = frame.tag == front::PARSE && frame.body().first() == Some(&0);
         if !names || unnamed_parse {
             return Handled::No;
         }
@@ -456,20 +472,34 @@ impl Exchange {
                 };
                 self.ensure(&known, sides.server, max, to_server);
                 let rest = &frame.body()[portal.len() + 1 + statement.len() + 1..];
-                put_frame(to_server, b'B', &[portal, &[0], &known.name, &[0], rest]);
-                self.expect.push_back(Expect::Reply(b'B'));
+                put_frame(
+                    to_server,
+                    front::BIND,
+                    &[portal, &[0], &known.name, &[0], rest],
+                );
+                self.expect.push_back(Expect::Reply(front::BIND));
                 Handled::Sent
             }
-            Frontend::Describe { kind: b'S', name } if !name.is_empty() => {
+            Frontend::Describe {
+                kind: tag::STATEMENT,
+                name,
+            } if !name.is_empty() => {
                 let Some(known) = sides.client.by_name.get(name).cloned() else {
                     return Handled::No;
                 };
                 self.ensure(&known, sides.server, max, to_server);
-                put_frame(to_server, b'D', &[b"S", &known.name, &[0]]);
-                self.expect.push_back(Expect::Reply(b'D'));
+                put_frame(
+                    to_server,
+                    front::DESCRIBE,
+                    &[&[tag::STATEMENT], &known.name, &[0]],
+                );
+                self.expect.push_back(Expect::Reply(front::DESCRIBE));
                 Handled::Sent
             }
-            Frontend::Close { kind: b'S', name } if !name.is_empty() => {
+            Frontend::Close {
+                kind: tag::STATEMENT,
+                name,
+            } if !name.is_empty() => {
                 let name = Bytes::copy_from_slice(name);
                 let Some(known) = sides.client.by_name.remove(&name) else {
                     return Handled::No;
@@ -484,7 +514,7 @@ impl Exchange {
             Frontend::Query { sql } if !sides.pinned && super::classify::deallocates_all(sql) => {
                 // The server's statements serve other clients too.
                 sides.client.by_name.clear();
-                self.answer_command(b"DEALLOCATE ALL\0", Undo::Nothing);
+                self.answer_command("DEALLOCATE ALL", Undo::Nothing);
                 Handled::Answered
             }
             Frontend::Query { sql } => {
@@ -494,20 +524,18 @@ impl Exchange {
                 let Some(known) = sides.client.by_name.remove(name.as_slice()) else {
                     return Handled::No;
                 };
-                self.answer_command(b"DEALLOCATE\0", Undo::Restore(Bytes::from(name), known));
+                self.answer_command("DEALLOCATE", Undo::Restore(Bytes::from(name), known));
                 Handled::Answered
             }
             _ => Handled::No,
         }
     }
 
-    /// Answer a simple query here: CommandComplete with `tag`, then
+    /// Answer a simple query here: CommandComplete with `command`, then
     /// ReadyForQuery.
-    fn answer_command(&mut self, tag: &[u8], undo: Undo) {
-        let mut complete = BytesMut::new();
-        put_frame(&mut complete, b'C', &[tag]);
+    fn answer_command(&mut self, command: &str, undo: Undo) {
         self.expect.push_back(Expect::Answer {
-            frame: complete.freeze(),
+            frame: command_complete(command).bytes,
             ready: false,
             undo,
         });
@@ -539,7 +567,11 @@ impl Exchange {
     fn make_room(&mut self, server: &mut ServerStatements, max: usize, to_server: &mut BytesMut) {
         while let Some(id) = server.victim(max) {
             server.last_used.remove(&id);
-            put_frame(to_server, b'C', &[b"S", &server_name(&id), &[0]]);
+            put_frame(
+                to_server,
+                front::CLOSE,
+                &[&[tag::STATEMENT], &server_name(&id), &[0]],
+            );
             self.events.evicted += 1;
             self.expect.push_back(Expect::Evict { id });
         }
@@ -562,7 +594,7 @@ impl Exchange {
             if let Some(Expect::Answer { frame, ready, .. }) = self.expect.pop_front() {
                 if ready {
                     self.events.ready += 1;
-                    to_client.extend_from_slice(&[b'Z', 0, 0, 0, 5, self.status]);
+                    to_client.extend_from_slice(&ready_for_query(self.status));
                 } else {
                     to_client.extend_from_slice(&frame);
                 }
@@ -582,8 +614,10 @@ impl Exchange {
         let tag = frame[0];
         match tag {
             // NoticeResponse, ParameterStatus, NotificationResponse: any time.
-            b'N' | b'S' | b'A' => to_client.extend_from_slice(frame),
-            b'E' => {
+            back::NOTICE_RESPONSE | back::PARAMETER_STATUS | back::NOTIFICATION_RESPONSE => {
+                to_client.extend_from_slice(frame)
+            }
+            back::ERROR_RESPONSE => {
                 to_client.extend_from_slice(frame);
                 let extended_head = match self.expect.front() {
                     Some(Expect::Reply(sent)) => extended(*sent),
@@ -600,7 +634,7 @@ impl Exchange {
                     while self
                         .expect
                         .front()
-                        .is_some_and(|e| !matches!(e, Expect::Reply(b'S')))
+                        .is_some_and(|e| !matches!(e, Expect::Reply(front::SYNC)))
                     {
                         if let Some(skipped) = self.expect.pop_front() {
                             undone.push(skipped);
@@ -615,25 +649,34 @@ impl Exchange {
             _ => {
                 let (ends, dropped) = match self.expect.front() {
                     Some(Expect::Reply(sent)) => (ends_reply(*sent, tag), false),
-                    Some(Expect::Parse { .. }) => (tag == b'1', false),
-                    Some(Expect::Prepare { .. }) => (tag == b'1', tag == b'1'),
-                    Some(Expect::Evict { .. }) => (tag == b'3', tag == b'3'),
+                    Some(Expect::Parse { .. }) => (tag == back::PARSE_COMPLETE, false),
+                    Some(Expect::Prepare { .. }) => {
+                        let parsed = tag == back::PARSE_COMPLETE;
+                        (parsed, parsed)
+                    }
+                    Some(Expect::Evict { .. }) => {
+                        let closed = tag == back::CLOSE_COMPLETE;
+                        (closed, closed)
+                    }
                     _ => (false, false),
                 };
                 if !dropped {
                     to_client.extend_from_slice(frame);
                 }
-                if let (b'Z', &[.., status]) = (tag, frame) {
+                let status = (tag == back::READY_FOR_QUERY)
+                    .then(|| frame.last().copied().and_then(TransactionStatus::from_byte))
+                    .flatten();
+                if let Some(status) = status {
                     self.status = status;
                     self.events.ready += 1;
-                    if status == b'I' {
+                    if status == TransactionStatus::Idle {
                         self.events.transactions += 1;
                     }
                     // Whatever is still queued before the sync point it
                     // answers got no reply.
                     let mut undone = Vec::new();
                     while let Some(entry) = self.expect.pop_front() {
-                        if matches!(entry, Expect::Reply(b'S' | b'Q' | b'F')) {
+                        if matches!(entry, Expect::Reply(sent) if is_sync_point(sent)) {
                             break;
                         }
                         undone.push(entry);
@@ -641,7 +684,7 @@ impl Exchange {
                     for entry in undone.into_iter().rev() {
                         undo(entry, sides);
                     }
-                    if status == b'I' && self.expect.is_empty() {
+                    if status == TransactionStatus::Idle && self.expect.is_empty() {
                         sides.server.in_use.clear();
                     }
                 } else if ends {
@@ -650,7 +693,7 @@ impl Exchange {
             }
         }
         self.answer_due(to_client);
-        tag == b'Z'
+        tag == back::READY_FOR_QUERY
     }
 }
 

@@ -1,7 +1,7 @@
 use bytes::BytesMut;
 use tokio_util::codec::Decoder;
 
-use super::{ClientStatements, Exchange, Naming, ServerStatements, Sides, server_name};
+use super::{ClientStatements, Exchange, Naming, ServerStatements, Sides, Standing, server_name};
 use crate::db::codec::{Frame, FrameCodec, frame};
 
 fn cstring(parts: &[&[u8]]) -> Vec<u8> {
@@ -154,10 +154,10 @@ fn a_named_parse_goes_out_under_the_shared_name() {
         [('P', shared.clone()), ('S', String::new())]
     );
     assert!(to_client.is_empty());
-    assert!(!s.exchange.is_idle());
+    assert_ne!(s.exchange.standing(), Standing::Idle);
     let to_client = s.receive(&[reply(b'1'), ready(b'I')]);
     assert_eq!(tags(&to_client), "1Z");
-    assert!(s.exchange.is_idle());
+    assert_eq!(s.exchange.standing(), Standing::Idle);
     assert_eq!(s.client.len(), 1);
     assert_eq!(s.server.len(), 1);
 
@@ -205,7 +205,7 @@ fn a_statement_is_prepared_again_on_a_new_server_connection() {
         "2CZ",
         "the added ParseComplete is dropped"
     );
-    assert!(s.exchange.is_idle());
+    assert_eq!(s.exchange.standing(), Standing::Idle);
 }
 
 #[test]
@@ -243,7 +243,7 @@ fn an_error_skips_to_sync_and_undoes_what_was_skipped() {
     assert_eq!(tags(&to_server), "PBEPS");
     let to_client = s.receive(&[reply(b'1'), reply(b'2'), error(), ready(b'I')]);
     assert_eq!(tags(&to_client), "12EZ", "no answer for skipped messages");
-    assert!(s.exchange.is_idle());
+    assert_eq!(s.exchange.standing(), Standing::Idle);
     // q2 was never prepared; keep was never closed.
     assert_eq!(s.client.len(), 1);
     assert_eq!(s.server.len(), 1);
@@ -267,7 +267,7 @@ fn a_failed_prepare_reaches_the_client() {
     let to_client = s.receive(&[error(), ready(b'I')]);
     assert_eq!(tags(&to_client), "EZ");
     assert!(s.server.is_empty(), "not prepared there");
-    assert!(s.exchange.is_idle());
+    assert_eq!(s.exchange.standing(), Standing::Idle);
 }
 
 #[test]
@@ -317,7 +317,7 @@ fn deallocate_by_name_is_answered_here() {
     assert!(to_server.is_empty());
     assert_eq!(tags(&to_client), "CZ");
     assert!(s.client.is_empty());
-    assert!(s.exchange.is_idle());
+    assert_eq!(s.exchange.standing(), Standing::Idle);
     // DEALLOCATE ALL forgets the client's names; the server connection
     // keeps its statements for other clients.
     s.send(&[parse("q", "SELECT 2"), sync()]);
@@ -344,7 +344,7 @@ fn a_duplicate_name_fails_like_postgres() {
     assert_eq!(errors.len(), 1);
     let to_client = s.receive(&[ready(b'I')]);
     assert_eq!(tags(&to_client), "Z");
-    assert!(s.exchange.is_idle());
+    assert_eq!(s.exchange.standing(), Standing::Idle);
 }
 
 #[test]
@@ -390,10 +390,14 @@ fn an_unsynced_batch_is_not_idle() {
     // Parse, Bind, Execute and Flush, with the Sync still to come.
     s.send(&[parse("", "SELECT 1"), bind(""), execute(), frame(b'H', b"")]);
     s.receive(&[reply(b'1'), reply(b'2'), command_complete("SELECT 1")]);
-    assert!(!s.exchange.is_idle(), "inside an implicit transaction");
+    assert_eq!(
+        s.exchange.standing(),
+        Standing::Busy,
+        "inside an implicit transaction"
+    );
     s.send(&[sync()]);
     s.receive(&[ready(b'I')]);
-    assert!(s.exchange.is_idle());
+    assert_eq!(s.exchange.standing(), Standing::Idle);
 }
 
 #[test]
@@ -478,7 +482,7 @@ mod random {
             sync_points += 1;
             let readies: Vec<Frame> = (0..sync_points).map(|_| ready(b'I')).collect();
             s.receive(&readies);
-            prop_assert!(s.exchange.is_idle(), "{:?}", s.exchange);
+            prop_assert_eq!(s.exchange.standing(), Standing::Idle, "{:?}", s.exchange);
         }
     }
 }
