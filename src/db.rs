@@ -7,6 +7,8 @@
 //!
 //! - `codec`: protocol 3.0 framing; decodes only what pooling and routing read.
 //! - `auth`: client authentication, server side (SCRAM-SHA-256, md5).
+//! - `error`: what gatehouse tells a client it refuses, with SQLSTATE and
+//!   severity decided in one place.
 //! - `classify`: what a statement means for pooling (settings it changes,
 //!   session state that pins), on PostgreSQL's grammar.
 //! - `server`: connections to PostgreSQL and logging in.
@@ -28,6 +30,7 @@ pub mod admin;
 pub mod auth;
 pub mod classify;
 pub mod codec;
+pub mod error;
 pub mod metrics;
 pub mod pool;
 pub mod server;

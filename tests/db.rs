@@ -103,7 +103,10 @@ fn a_reply_in_the_old_protocol_is_refused_not_waited_on() {
     let _ = wire.stream.read_to_end(&mut reply);
     let mut buf = BytesMut::from(&reply[..]);
     let error = FrameCodec::new(1 << 20).decode(&mut buf).unwrap_err();
-    assert_eq!(error.sqlstate(), "54000");
+    assert_eq!(
+        gatehouse::db::error::DbError::from(error).sqlstate(),
+        "54000"
+    );
     assert!(String::from_utf8_lossy(&reply).contains("unsupported frontend protocol"));
 }
 

@@ -13,7 +13,7 @@ type HmacSha256 = Hmac<Sha256>;
 /// PostgreSQL's default iteration count for new verifiers.
 pub const SCRAM_ITERATIONS: u32 = 4096;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// Wrong password, or a peer not trusted: the client sees 28P01 and
     /// nothing more; the reason is for the server's log.
@@ -23,15 +23,6 @@ pub enum AuthError {
     Malformed(&'static str),
     #[error("SCRAM channel binding is not supported")]
     ChannelBinding,
-}
-
-impl AuthError {
-    pub fn sqlstate(&self) -> &'static str {
-        match self {
-            AuthError::Failed(_) => "28P01",
-            AuthError::Malformed(_) | AuthError::ChannelBinding => "08P01",
-        }
-    }
 }
 
 /// What PostgreSQL keeps for a SCRAM-SHA-256 password.

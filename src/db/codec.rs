@@ -59,6 +59,15 @@ pub mod tag {
         pub const PORTAL_SUSPENDED: u8 = b's';
     }
 
+    /// Fields of an ErrorResponse or NoticeResponse.
+    pub mod field {
+        pub const SEVERITY: u8 = b'S';
+        /// The severity, never localised.
+        pub const SEVERITY_NONLOCALIZED: u8 = b'V';
+        pub const SQLSTATE: u8 = b'C';
+        pub const MESSAGE: u8 = b'M';
+    }
+
     /// What a Describe or Close names.
     pub const STATEMENT: u8 = b'S';
     pub const PORTAL: u8 = b'P';
@@ -94,7 +103,7 @@ impl TransactionStatus {
     }
 }
 
-/// Why a stream could not be decoded, with the SQLSTATE the client is told.
+/// Why a stream could not be decoded (`DbError` says what the client is told).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
     #[error("invalid message length {0}")]
@@ -107,16 +116,6 @@ pub enum CodecError {
     Malformed { what: &'static str },
     #[error("i/o: {0}")]
     Io(String),
-}
-
-impl CodecError {
-    /// 08P01 protocol_violation, or 54000 program_limit_exceeded for size.
-    pub fn sqlstate(&self) -> &'static str {
-        match self {
-            CodecError::TooLarge { .. } => "54000",
-            _ => "08P01",
-        }
-    }
 }
 
 impl From<std::io::Error> for CodecError {
@@ -484,10 +483,10 @@ impl Frame {
 pub fn error_response(severity: &str, sqlstate: &str, message: &str) -> Frame {
     let mut body = Vec::with_capacity(message.len() + 32);
     for (code, value) in [
-        (b'S', severity),
-        (b'V', severity),
-        (b'C', sqlstate),
-        (b'M', message),
+        (tag::field::SEVERITY, severity),
+        (tag::field::SEVERITY_NONLOCALIZED, severity),
+        (tag::field::SQLSTATE, sqlstate),
+        (tag::field::MESSAGE, message),
     ] {
         body.push(code);
         body.extend_from_slice(value.as_bytes());

@@ -312,7 +312,7 @@ impl Pools {
                             .server_errors
                             .with_label_values(&[pool.name.as_str()])
                             .inc();
-                        if matches!(&e, ServerError::Refused { sqlstate, .. } if sqlstate == "3D000")
+                        if matches!(&e, ServerError::Refused { sqlstate, .. } if sqlstate == super::error::sqlstate::INVALID_CATALOG_NAME)
                         {
                             tracing::warn!(pool = %pool.name, "the database does not exist: the pool is warmed once a client connects to it");
                             pool.missing.store(true, Ordering::Relaxed);

@@ -609,7 +609,7 @@ pub fn refused(frame: &Frame) -> ServerError {
             .map_or_else(String::new, |(_, v)| (*v).to_string())
     };
     ServerError::Refused {
-        sqlstate: field(b'C'),
-        message: field(b'M'),
+        sqlstate: field(super::codec::tag::field::SQLSTATE),
+        message: field(super::codec::tag::field::MESSAGE),
     }
 }

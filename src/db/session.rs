@@ -8,16 +8,17 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
 use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_secret};
 use super::codec::tag::front;
 use super::codec::{
-    CodecError, Frame, FrameCodec, Frontend, Startup, StartupCodec, error_response, frame,
-    parameter_status,
+    CodecError, Frame, FrameCodec, Frontend, Startup, StartupCodec, TransactionStatus,
+    authentication, backend_key_data, parameter_status, ready_for_query,
 };
+use super::error::{DbError, sqlstate};
 use super::pool::{Checkout, PoolError};
 use super::server::ServerError;
 use super::settings::{SESSION_PARAMS, Settings, lookup, settings_of, tracked, upsert};
@@ -86,17 +87,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(())
     }
 
-    /// Report an error and end the session.
-    async fn fatal(&mut self, sqlstate: &str, message: &str) -> Result<(), SessionError> {
-        let error = error_response("FATAL", sqlstate, message);
-        self.send(&error.bytes).await
+    /// Report an error (a fatal one ends the session).
+    async fn fail(&mut self, error: &DbError) -> Result<(), SessionError> {
+        self.send(&error.frame().bytes).await
     }
-}
-
-fn auth_request(code: i32, extra: &[u8]) -> Frame {
-    let mut body = code.to_be_bytes().to_vec();
-    body.extend_from_slice(extra);
-    frame(b'R', &body)
 }
 
 /// Serve one client connection. `peer_uid` is the client's uid on the Unix
@@ -121,11 +115,11 @@ where
         Ok(()) | Err(SessionError::Gone) => {}
         Err(SessionError::Codec(e)) => {
             tracing::debug!(error = %e, "client protocol error");
-            let _ = client.fatal(e.sqlstate(), &e.to_string()).await;
+            let _ = client.fail(&DbError::Protocol(e)).await;
         }
         Err(SessionError::Io(e)) => tracing::debug!(error = %e, "client connection error"),
         Err(SessionError::LoginTimeout) => {
-            let _ = client.fatal("08P01", "login timeout").await;
+            let _ = client.fail(&DbError::LoginTimeout).await;
         }
     }
 }
@@ -161,21 +155,19 @@ where
             max = config.max_client_connections,
             "client refused: max_client_connections"
         );
-        return client
-            .fatal("53300", "sorry, too many clients already")
-            .await;
+        return client.fail(&DbError::TooManyClients).await;
     }
     let Some(user_name) = startup.param("user") else {
-        return client
-            .fatal("28000", "no user name in the startup packet")
-            .await;
+        return client.fail(&DbError::NoUser).await;
     };
     let database = startup.param("database").unwrap_or(user_name);
     // An unknown user fails like a wrong password: no user enumeration.
-    let failed = format!("password authentication failed for user \"{user_name}\"");
+    let failed = DbError::AuthenticationFailed {
+        user: user_name.to_string(),
+    };
     let Some(user) = config.users.iter().find(|u| u.name == user_name) else {
         tracing::info!(user = user_name, "login refused: no such user");
-        return client.fatal("28P01", &failed).await;
+        return client.fail(&failed).await;
     };
     let Some(mode) = config.database(database).map(|d| d.pool_mode) else {
         tracing::info!(
@@ -184,7 +176,7 @@ where
             "login refused: database not listed"
         );
         return client
-            .fatal("3D000", &format!("database \"{database}\" does not exist"))
+            .fail(&DbError::DatabaseNotListed(database.to_string()))
             .await;
     };
     let authenticated = authenticate(client, user, peer_uid).await?;
@@ -198,11 +190,11 @@ where
         Ok(()) => {}
         Err(AuthError::Failed(reason)) => {
             tracing::info!(user = user_name, database, reason, "login refused");
-            return client.fatal("28P01", &failed).await;
+            return client.fail(&failed).await;
         }
         Err(e) => {
             tracing::info!(user = user_name, database, error = %e, "login refused");
-            return client.fatal(e.sqlstate(), &e.to_string()).await;
+            return client.fail(&DbError::Authentication(e)).await;
         }
     }
 
@@ -236,22 +228,20 @@ where
     // The greeting needs a server's parameters: take one now.
     if let Err(refusal) = session.acquire().await {
         session.end(false).await;
-        return client.fatal(&refusal.0, &refusal.1).await;
+        return client.fail(&refusal).await;
     }
     client.login_deadline = None;
     let mut hello = BytesMut::new();
-    hello.extend_from_slice(&auth_request(0, &[]).bytes);
+    hello.extend_from_slice(&authentication(0, &[]).bytes);
     if let Some(server) = &session.server {
         session.told = server.conn().params().to_vec();
         for (name, value) in &session.told {
             hello.extend_from_slice(&parameter_status(name, value).bytes);
         }
     }
-    let mut key = BytesMut::new();
-    key.put_i32(session.cancel.0.0);
-    key.put_i32(session.cancel.0.1);
-    hello.extend_from_slice(&frame(b'K', &key).bytes);
-    hello.extend_from_slice(&frame(b'Z', b"I").bytes);
+    let (process_id, secret_key) = session.cancel.0;
+    hello.extend_from_slice(&backend_key_data(process_id, secret_key).bytes);
+    hello.extend_from_slice(&ready_for_query(TransactionStatus::Idle));
     session.between_transactions();
     if let Err(e) = client.send(&hello).await {
         session.end(false).await;
@@ -267,9 +257,6 @@ where
         other => other,
     }
 }
-
-/// A refusal to tell the client: SQLSTATE and message.
-struct Refusal(String, String);
 
 /// One logged-in client and the server connection it holds, if any.
 struct Session<'a> {
@@ -297,7 +284,7 @@ struct Session<'a> {
 
 impl Session<'_> {
     /// A server connection for the next messages, with this client's settings.
-    async fn acquire(&mut self) -> Result<(), Refusal> {
+    async fn acquire(&mut self) -> Result<(), DbError> {
         if self.server.is_none() {
             // The configuration as it is now: a reload reaches clients that
             // are already connected (timeouts, the primary).
@@ -310,25 +297,19 @@ impl Session<'_> {
             let mut server = match checkout {
                 Ok(server) => server,
                 Err(PoolError::Exhausted { pool, waited }) => {
-                    return Err(Refusal(
-                        "53300".into(),
-                        format!("no server connection free in pool {pool} within {waited:?}"),
-                    ));
+                    return Err(DbError::PoolExhausted { pool, waited });
                 }
                 // The server's own refusal of the database (3D000 and the
                 // like) is the client's answer; its refusal of gatehouse's
                 // credentials (class 28) is not the client's business.
                 Err(PoolError::Server(ServerError::Refused { sqlstate, message }))
-                    if !sqlstate.starts_with("28") =>
+                    if !sqlstate.starts_with(sqlstate::CLASS_INVALID_AUTHORIZATION) =>
                 {
-                    return Err(Refusal(sqlstate, message));
+                    return Err(DbError::Server { sqlstate, message });
                 }
                 Err(PoolError::Server(e)) => {
                     tracing::warn!(error = %e, "cannot reach the primary");
-                    return Err(Refusal(
-                        "08006".into(),
-                        "the database server could not be reached".into(),
-                    ));
+                    return Err(DbError::ServerUnreachable);
                 }
             };
             let timeout = server.statement_timeout();
@@ -338,7 +319,7 @@ impl Session<'_> {
             };
             if let Err(e) = applied {
                 server.discard();
-                return Err(Refusal("08P01".into(), format!("startup parameters: {e}")));
+                return Err(DbError::StartupParameters(e.to_string()));
             }
             self.point_cancel(Some(CancelTarget {
                 node: Arc::clone(server.conn().node()),
@@ -515,12 +496,7 @@ impl Session<'_> {
             if self.shared.draining.load(Ordering::Relaxed)
                 && self.server.as_ref().is_none_or(Checkout::is_idle)
             {
-                client
-                    .fatal(
-                        "57P01",
-                        "terminating connection due to administrator command",
-                    )
-                    .await?;
+                client.fail(&DbError::AdminShutdown).await?;
                 return Err(SessionError::Gone);
             }
             to_client.clear();
@@ -567,7 +543,7 @@ impl Session<'_> {
                         let naming = self.naming;
                         let pinned = self.pinned;
                         if let Err(refusal) = self.acquire().await {
-                            client.fatal(&refusal.0, &refusal.1).await?;
+                            client.fail(&refusal).await?;
                             return Err(SessionError::Gone);
                         }
                         let Some(server) = self.server.as_mut() else {
@@ -695,9 +671,9 @@ where
                 _ => return Ok(Err(AuthError::Failed("no md5 secret for the user"))),
             };
             let salt: [u8; 4] = rand::random();
-            client.send(&auth_request(5, &salt).bytes).await?;
+            client.send(&authentication(5, &salt).bytes).await?;
             let answer = client.frame().await?;
-            if answer.tag != b'p' {
+            if answer.tag != front::PASSWORD {
                 return Ok(Err(AuthError::Malformed("expected a password message")));
             }
             Ok(if md5_response_ok(&stored, salt, answer.body()) {
@@ -720,7 +696,7 @@ where
                 _ => return Ok(Err(AuthError::Failed("no SCRAM secret for the user"))),
             };
             client
-                .send(&auth_request(10, b"SCRAM-SHA-256\0\0").bytes)
+                .send(&authentication(10, b"SCRAM-SHA-256\0\0").bytes)
                 .await?;
             let initial = client.frame().await?;
             let mut body = initial.body();
@@ -729,7 +705,7 @@ where
                 return Ok(Err(AuthError::Malformed("SASLInitialResponse")));
             };
             body = rest;
-            if initial.tag != b'p' || mechanism != "SCRAM-SHA-256" || body.len() < 4 {
+            if initial.tag != front::PASSWORD || mechanism != "SCRAM-SHA-256" || body.len() < 4 {
                 return Ok(Err(AuthError::Malformed("SASLInitialResponse")));
             }
             let len = body.get_i32();
@@ -741,16 +717,16 @@ where
                 Err(e) => return Ok(Err(e)),
             };
             client
-                .send(&auth_request(11, server_first.as_bytes()).bytes)
+                .send(&authentication(11, server_first.as_bytes()).bytes)
                 .await?;
             let response = client.frame().await?;
-            if response.tag != b'p' {
+            if response.tag != front::PASSWORD {
                 return Ok(Err(AuthError::Malformed("expected SASLResponse")));
             }
             match exchange.finish(response.body()) {
                 Ok(server_final) => {
                     client
-                        .send(&auth_request(12, server_final.as_bytes()).bytes)
+                        .send(&authentication(12, server_final.as_bytes()).bytes)
                         .await?;
                     Ok(Ok(()))
                 }

@@ -29,8 +29,9 @@ use sha2::{Digest, Sha256};
 use super::codec::tag::{self, back, front};
 use super::codec::{
     CLOSE_COMPLETE, Frame, Frontend, PARSE_COMPLETE, TransactionStatus, command_complete,
-    error_response, put_frame, ready_for_query,
+    put_frame, ready_for_query,
 };
+use super::error::DbError;
 
 /// A statement's identity on server connections: a hash of what follows the
 /// name in its `Parse` (query text, parameter types).
@@ -435,11 +436,9 @@ impl Exchange {
                 // What follows the name: query, then parameter types.
                 let content = &frame.body()[statement.len() + 1..];
                 if sides.client.by_name.contains_key(&name) {
-                    let message = format!(
-                        "prepared statement \"{}\" already exists",
-                        String::from_utf8_lossy(statement)
-                    );
-                    self.fail("42P05", &message);
+                    self.fail(&DbError::DuplicatePreparedStatement(
+                        String::from_utf8_lossy(statement).into_owned(),
+                    ));
                     return Handled::Answered;
                 }
                 let statement = Arc::new(Statement::new(content));
@@ -579,9 +578,9 @@ impl Exchange {
 
     /// Refuse the current client message with an error, as the server would:
     /// the client's messages up to its next Sync are skipped.
-    pub fn fail(&mut self, sqlstate: &str, message: &str) {
+    pub fn fail(&mut self, error: &DbError) {
         self.expect.push_back(Expect::Answer {
-            frame: error_response("ERROR", sqlstate, message).bytes,
+            frame: error.frame().bytes,
             ready: false,
             undo: Undo::Nothing,
         });

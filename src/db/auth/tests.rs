@@ -28,7 +28,10 @@ fn wrong_password_fails_with_28p01() {
     let verifier = ScramVerifier::from_password("s3cret", b"salt", 4096);
     let error = exchange(&verifier, "guess").unwrap_err();
     assert!(matches!(error, AuthError::Failed(_)), "{error:?}");
-    assert_eq!(error.sqlstate(), "28P01");
+    assert_eq!(
+        crate::db::error::DbError::from(error.clone()).sqlstate(),
+        "28P01"
+    );
 }
 
 #[test]

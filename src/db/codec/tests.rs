@@ -57,13 +57,19 @@ fn special_startup_codes() {
 fn bad_startup_packets_are_errors_with_sqlstates() {
     let unknown = decode_startup(&startup_bytes(0x0002_0000, b"")).unwrap_err();
     assert_eq!(unknown, CodecError::UnknownStartupCode(0x0002_0000));
-    assert_eq!(unknown.sqlstate(), "08P01");
+    assert_eq!(
+        crate::db::error::DbError::from(unknown.clone()).sqlstate(),
+        "08P01"
+    );
     assert_eq!(
         decode_startup(&[0, 0, 0, 3, 0, 0, 0, 0]),
         Err(CodecError::BadLength(3))
     );
     let huge = decode_startup(&[0, 1, 0, 0]).unwrap_err();
-    assert_eq!(huge.sqlstate(), "54000");
+    assert_eq!(
+        crate::db::error::DbError::from(huge.clone()).sqlstate(),
+        "54000"
+    );
     // A parameter without its value, and garbage after the terminator.
     assert!(decode_startup(&startup_bytes(PROTOCOL_3_0, b"user\0")).is_err());
     assert!(decode_startup(&startup_bytes(PROTOCOL_3_0, b"user\0a\0\0x")).is_err());
@@ -125,10 +131,12 @@ fn frame_lengths_are_checked() {
         Err(CodecError::BadLength(2))
     );
     assert_eq!(
-        codec
-            .decode(&mut BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]))
-            .unwrap_err()
-            .sqlstate(),
+        crate::db::error::DbError::from(
+            codec
+                .decode(&mut BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]))
+                .unwrap_err()
+        )
+        .sqlstate(),
         "54000"
     );
     assert_eq!(
