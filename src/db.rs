@@ -12,7 +12,8 @@
 //! - `classify`: what a statement means for pooling (settings it changes,
 //!   session state that pins), on PostgreSQL's grammar.
 //! - `server`: connections to PostgreSQL and logging in.
-//! - `pool`: server connections per (database, user), reset between clients.
+//! - `pool`: server connections per (database, user), lent and taken back.
+//! - `router`: where a transaction goes (`pick_node`, once per transaction).
 //! - `session`: one client from startup to goodbye.
 //! - `statements`: the messages between a client and the server it holds,
 //!   with named prepared statements kept per client across transaction
@@ -23,8 +24,8 @@
 //!
 //! In transaction pooling (the default) a session holds a server connection
 //! for one transaction; in session pooling, from login to disconnect. One
-//! primary for now: "pick a node" is `pool::Pools::checkout`, where replicas
-//! and routing will go.
+//! primary for now: "pick a node" is `router::pick_node`, called once per
+//! transaction, where replicas and routing will go.
 
 pub mod admin;
 pub mod auth;
@@ -33,6 +34,7 @@ pub mod codec;
 pub mod error;
 pub mod metrics;
 pub mod pool;
+pub mod router;
 pub mod server;
 pub mod session;
 pub mod settings;

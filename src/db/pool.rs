@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::metrics::{DbMetrics, PoolMetrics};
 use super::server::{Login, ServerConn, ServerError};
 use super::statements::Standing;
-use crate::config::db::{DbConfig, DbUser};
+use crate::config::db::{DbConfig, DbUser, Node};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -160,11 +160,12 @@ impl Pools {
         stats
     }
 
-    /// A server connection for `user` on `database`: an idle one, or a new
-    /// one while the pool is below its size; else wait for one.
+    /// A server connection to `node` for `user` on `database`: an idle
+    /// one, or a new one while the pool is below its size; else wait for one.
     pub async fn checkout(
         &self,
         config: &DbConfig,
+        node: &Node,
         database: &str,
         user: &DbUser,
         metrics: &DbMetrics,
@@ -195,11 +196,11 @@ impl Pools {
             }
         };
         // Connections that died while idle (a restarted primary), lived
-        // too long, or lead to a primary no longer configured are dropped.
+        // too long, or lead to another node are dropped.
         let idle = loop {
             let next = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match next {
-                Some(conn) if !keep(&conn, config) => continue,
+                Some(conn) if !keep(&conn, config, node) => continue,
                 other => break other,
             }
         };
@@ -213,9 +214,7 @@ impl Pools {
                     params: &[],
                 };
                 {
-                    let opened =
-                        ServerConn::open(&config.primary, &login, config.pool.connect_timeout)
-                            .await;
+                    let opened = ServerConn::open(node, &login, config.pool.connect_timeout).await;
                     let label = [pool.name.as_str()];
                     match opened {
                         Ok(conn) => {
@@ -269,7 +268,9 @@ impl Pools {
                 idle.retain(|conn| {
                     let too_idle = conn.idle_since().elapsed() >= config.pool.idle_timeout
                         && lent + kept >= min;
-                    let keep = keep(conn, config) && !too_idle && lent + kept < max;
+                    let keep = keep(conn, config, super::router::warm_node(config))
+                        && !too_idle
+                        && lent + kept < max;
                     if keep {
                         kept += 1;
                     }
@@ -295,7 +296,8 @@ impl Pools {
                     password: user.server_password.as_deref(),
                     params: &[],
                 };
-                match ServerConn::open(&config.primary, &login, config.pool.connect_timeout).await {
+                let node = super::router::warm_node(config);
+                match ServerConn::open(node, &login, config.pool.connect_timeout).await {
                     Ok(conn) => {
                         *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
                         metrics
@@ -372,12 +374,10 @@ impl Pools {
     }
 }
 
-/// Whether an idle connection may be lent again under `config`: alive,
-/// younger than `max_lifetime`, and to the configured primary.
-fn keep(conn: &ServerConn, config: &DbConfig) -> bool {
-    conn.is_usable()
-        && conn.opened().elapsed() < config.pool.max_lifetime
-        && **conn.node() == config.primary
+/// Whether an idle connection may be lent again under `config` for a
+/// transaction on `node`: alive, younger than `max_lifetime`, to that node.
+fn keep(conn: &ServerConn, config: &DbConfig, node: &Node) -> bool {
+    conn.is_usable() && conn.opened().elapsed() < config.pool.max_lifetime && **conn.node() == *node
 }
 
 /// A server connection lent to one client.

@@ -289,10 +289,21 @@ impl Session<'_> {
             // The configuration as it is now: a reload reaches clients that
             // are already connected (timeouts, the primary).
             let config = self.shared.config.load_full();
+            // Pick a node: once per transaction, here.
+            let transaction = super::router::Transaction {
+                database: &self.database,
+            };
+            let node = super::router::pick_node(&config, transaction);
             let checkout = self
                 .shared
                 .pools
-                .checkout(&config, &self.database, &self.user, &self.shared.metrics)
+                .checkout(
+                    &config,
+                    node,
+                    &self.database,
+                    &self.user,
+                    &self.shared.metrics,
+                )
                 .await;
             let mut server = match checkout {
                 Ok(server) => server,
