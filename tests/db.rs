@@ -1799,3 +1799,126 @@ with psycopg.connect("", autocommit=True) as listener, psycopg.connect("", autoc
         output_text(&out)
     );
 }
+
+/// CPU seconds a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: utime and stime are fields
+    // 14 and 15 of the whole line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// Out of file descriptors, accepting fails (EMFILE): gatehouse waits
+/// between attempts instead of spinning, says so, and serves again once
+/// clients leave.
+#[test]
+fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let pg = TestPostgres::shared();
+    let (plain, _) = GatehouseDb::start_with_admin(pg, "max_connections = 2", "");
+    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
+    drop(plain);
+    let socket_dir = tempfile::tempdir().unwrap();
+    let port: u16 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("port = "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let old_dir = text
+        .lines()
+        .find(|l| l.starts_with("socket_dir = "))
+        .unwrap()
+        .to_string();
+    let config = text.replace(
+        &old_dir,
+        &format!("socket_dir = \"{}\"", socket_dir.path().display()),
+    );
+    let config_path = socket_dir.path().join("db.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let db = GatehouseDb::launch_limited(
+        socket_dir,
+        port,
+        &["--config".into(), config_path.display().to_string()],
+        Some(40),
+    );
+    let socket = db.socket_dir.path().join(format!(".s.PGSQL.{port}"));
+    // More connections than descriptors; none of them logs in.
+    let held: Vec<UnixStream> = (0..60)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(5), || db
+            .log()
+            .contains("accepting a client failed")),
+        "{}",
+        db.log()
+    );
+    let before = cpu_seconds(db.child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(db.child.id()) - before;
+    assert!(used < 0.5, "{used} CPU seconds in 2 s: spinning on accept");
+    drop(held);
+    assert!(
+        wait_for(Duration::from_secs(10), || db
+            .psql(APP_USER, APP_PASSWORD, "SELECT 'back'")
+            .is_ok_and(|out| out == "back")),
+        "serves again: {}",
+        db.log()
+    );
+}
+
+/// A listed database that does not exist is tried once when the pool is
+/// warmed, not every 30 seconds; a client asking for it gets the server's
+/// 3D000.
+#[test]
+fn a_missing_database_is_not_warmed_again_and_again() {
+    let pg = TestPostgres::shared();
+    let (plain, admin) = GatehouseDb::start_with_admin(pg, "min_connections = 2", "");
+    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
+    drop(plain);
+    let db = GatehouseDb::start_with_text(&format!(
+        "{text}\n[[databases]]\nname = \"not_there\"\npool_mode = \"transaction\"\n"
+    ));
+    let errors = || {
+        metric(
+            &admin,
+            "gatehouse_db_server_errors_total{pool=\"not_there/app\"}",
+        )
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || errors() == Some(1.0)),
+        "{:?}",
+        errors()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(errors(), Some(1.0), "{}", db.log());
+    let warned = db
+        .log()
+        .lines()
+        .filter(|l| l.contains("the database does not exist") && l.ends_with("pool=not_there/app"))
+        .count();
+    assert_eq!(warned, 1, "{}", db.log());
+    let out = std::process::Command::new("psql")
+        .arg("-h")
+        .arg(db.socket_dir.path())
+        .args([
+            "-p",
+            &db.port.to_string(),
+            "-U",
+            APP_USER,
+            "-d",
+            "not_there",
+        ])
+        .args(["-X", "-w", "-c", "SELECT 1"])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        output_text(&out).contains("database \"not_there\" does not exist"),
+        "{}",
+        output_text(&out)
+    );
+}

@@ -307,8 +307,27 @@ impl GatehouseDb {
         port: u16,
         args: &[String],
     ) -> GatehouseDb {
+        Self::launch_limited(socket_dir, port, args, None)
+    }
+
+    /// As `launch_with_args`, with the open-file limit set to `open_files`.
+    pub fn launch_limited(
+        socket_dir: tempfile::TempDir,
+        port: u16,
+        args: &[String],
+        open_files: Option<u32>,
+    ) -> GatehouseDb {
         let log = std::fs::File::create(socket_dir.path().join("gatehouse.log")).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        let mut command = match open_files {
+            Some(n) => {
+                let mut sh = std::process::Command::new("sh");
+                sh.args(["-c", "ulimit -n \"$0\" && exec \"$@\"", &n.to_string()])
+                    .arg(env!("CARGO_BIN_EXE_gatehouse"));
+                sh
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse")),
+        };
+        let child = command
             .arg("db")
             .args(args)
             .stdin(std::process::Stdio::null())
