@@ -11,6 +11,9 @@
 # Both poolers listen on a Unix socket and trust local clients, as Django on
 # the same host would use them.
 #
+# Also prints each pooler's CPU time per transaction (user + system, from
+# /proc), which the machine's noise moves far less than tps.
+#
 # Usage: loadtest/bench_db.sh [seconds-per-run=10] [rounds=2] [pool-size=20]
 # BASELINE=/path/to/another/gatehouse adds that build as a fourth target
 # ("baseline"), to compare two builds in one run; MODES="simple extended"
@@ -104,37 +107,53 @@ level = "warn"
 CONF
 "$GATEHOUSE" db --config "$dir/gh/db.toml" 2>"$dir/gh/log" &
 pids+=($!)
+gh_pid=$!
 for _ in $(seq 50); do [ -S "$dir/gh/.s.PGSQL.$GH" ] && break; sleep 0.1; done
 if [ -n "${BASELINE:-}" ]; then
   mkdir -p "$dir/gb"
   sed -e "s|$dir/gh|$dir/gb|" -e "s|^port = $GH|port = $GB|" "$dir/gh/db.toml" > "$dir/gb/db.toml"
   "$BASELINE" db --config "$dir/gb/db.toml" 2>"$dir/gb/log" &
   pids+=($!)
+  gb_pid=$!
   for _ in $(seq 50); do [ -S "$dir/gb/.s.PGSQL.$GB" ] && break; sleep 0.1; done
   targets="$targets baseline"
 fi
 
-# pgbench → "tps latency_ms"
+# CPU ticks (user + system, all threads) a process has used.
+ticks() { [ -n "$1" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
+
+# pgbench → "tps latency_ms pooler_cpu_us_per_transaction"; the pooler's
+# CPU per transaction is steadier than tps on a shared machine.
 measure() {
-  "$BIN/pgbench" -h "$1" -p "$2" -U postgres -n -S -c 50 -j 2 -T "$duration" -M "$3" bench 2>&1 | awk '
+  local before after
+  before=$(ticks "$4")
+  "$BIN/pgbench" -h "$1" -p "$2" -U postgres -n -S -c 50 -j 2 -T "$duration" -M "$3" bench > "$dir/pgbench.out" 2>&1 || true
+  after=$(ticks "$4")
+  awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v pooled="${4:+1}" '
     /^latency average/ { lat=$4 } /^tps = / { tps=$3 }
+    /actually processed/ { tx=$NF }
     /failed transactions: [1-9]/ || /aborted/ { failed=1 }
-    END { if (failed || tps == "") print "failed", "-"; else printf "%.0f %s\n", tps, lat }'
+    END {
+      if (failed || tps == "") { print "failed", "-", "-"; exit }
+      cpu = (pooled && tx) ? sprintf("%.2f", ticks / hz * 1e6 / tx) : "-"
+      printf "%.0f %s %s\n", tps, lat, cpu
+    }' "$dir/pgbench.out"
 }
 
-printf '%-9s %-10s %5s %10s %12s\n' mode target round tps latency_ms
+pgb_pid=$(cat "$dir/pgb/pgbouncer.pid")
+printf '%-9s %-10s %5s %10s %12s %14s\n' mode target round tps latency_ms pooler_cpu_us
 declare -A best
 for mode in $modes; do
   for round in $(seq "$rounds"); do
     for target in $targets; do
       case $target in
-        direct) host=$dir; port=$PG;;
-        pgbouncer) host=$dir/pgb; port=$PGB;;
-        gatehouse) host=$dir/gh; port=$GH;;
-        baseline) host=$dir/gb; port=$GB;;
+        direct) host=$dir; port=$PG; pid=;;
+        pgbouncer) host=$dir/pgb; port=$PGB; pid=$pgb_pid;;
+        gatehouse) host=$dir/gh; port=$GH; pid=$gh_pid;;
+        baseline) host=$dir/gb; port=$GB; pid=$gb_pid;;
       esac
-      read -r tps lat < <(measure "$host" "$port" "$mode")
-      printf '%-9s %-10s %5s %10s %12s\n' "$mode" "$target" "$round" "$tps" "$lat"
+      read -r tps lat cpu < <(measure "$host" "$port" "$mode" "$pid")
+      printf '%-9s %-10s %5s %10s %12s %14s\n' "$mode" "$target" "$round" "$tps" "$lat" "$cpu"
       key="$mode/$target"
       if [ "$tps" != failed ] && { [ -z "${best[$key]:-}" ] || [ "$tps" -gt "${best[$key]}" ]; }; then
         best[$key]=$tps

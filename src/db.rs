@@ -51,7 +51,7 @@ use bytes::BufMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::config::db::{DbConfig, DbOverrides, Node};
+use crate::config::db::{CpuScheduling, DbConfig, DbOverrides, Node};
 use server::ServerStream;
 
 /// Where a client's cancel key leads: the server it holds.
@@ -304,10 +304,28 @@ pub fn run(
     source: DbSource,
     control: crate::ControlReceiver,
 ) -> Result<(), DbStartError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(DbStartError::Runtime)?;
+    if config.cpu_scheduling == CpuScheduling::Batch {
+        // Threads made from here on inherit the policy.
+        match scheduler::set_self_policy(scheduler::Policy::Batch, 0) {
+            Ok(()) => tracing::info!("serving threads run with SCHED_BATCH"),
+            Err(()) => tracing::warn!("cpu_scheduling = \"batch\": the kernel refused SCHED_BATCH"),
+        }
+    }
+    // A thread per core by default; one event loop uses less CPU per
+    // transaction but did not pass more (docs/decisions.md).
+    let runtime = match config.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .map_err(DbStartError::Runtime)?;
     runtime.block_on(serve(listeners, config, source, control))
 }
 
@@ -331,11 +349,15 @@ pub fn reload(shared: &DbShared, source: &DbSource) {
     };
     let old = shared.config.load_full();
     if config.socket_path() != old.socket_path()
+        || config.threads != old.threads
+        || config.cpu_scheduling != old.cpu_scheduling
         || config.socket_mode != old.socket_mode
         || config.listen != old.listen
         || config.admin_listen != old.admin_listen
     {
-        tracing::warn!("the socket, listen addresses and admin listener change only on restart");
+        tracing::warn!(
+            "the socket, listen addresses, admin listener, threads and cpu_scheduling change only on restart"
+        );
     }
     if config.primary != old.primary {
         tracing::info!(from = %old.primary, to = %config.primary, "new primary; idle connections to the old one are closed");

@@ -1922,3 +1922,46 @@ fn a_missing_database_is_not_warmed_again_and_again() {
         output_text(&out)
     );
 }
+
+/// The serving threads as configured: `threads = 1` is one event loop (no
+/// worker threads), `threads = 2` two workers; `cpu_scheduling = "batch"`
+/// puts them under SCHED_BATCH. Clients are served either way.
+#[test]
+fn threads_and_cpu_scheduling_are_applied() {
+    let pg = TestPostgres::shared();
+    let threads_named = |pid: u32, name: &str| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter(|t| {
+                let comm = t.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).unwrap().trim() == name
+            })
+            .count()
+    };
+    // SCHED_BATCH is policy 3 in /proc/<pid>/task/<tid>/sched.
+    let batch_threads = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .filter(|t| {
+                let sched = t.as_ref().unwrap().path().join("sched");
+                std::fs::read_to_string(sched).unwrap().lines().any(|l| {
+                    l.starts_with("policy") && l.split(':').nth(1).map(str::trim) == Some("3")
+                })
+            })
+            .count()
+    };
+    for (lines, workers, batch) in [
+        ("threads = 1", 0, false),
+        ("threads = 2\ncpu_scheduling = \"batch\"", 2, true),
+    ] {
+        let (db, _) = GatehouseDb::start_with_admin(pg, "max_connections = 2", lines);
+        assert_eq!(db.wire().value("SELECT 'served'"), "served", "{lines}");
+        let pid = db.child.id();
+        assert_eq!(threads_named(pid, "tokio-rt-worker"), workers, "{lines}");
+        if batch {
+            assert!(batch_threads(pid) >= workers, "{lines}");
+        } else {
+            assert_eq!(batch_threads(pid), 0, "{lines}");
+        }
+    }
+}

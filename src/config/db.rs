@@ -68,6 +68,12 @@ pub struct RawDbServer {
     /// On SIGTERM, how long transactions in progress may take to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Threads serving clients: 0 for one per core, 1 for one event loop
+    /// (as PgBouncer), or that many.
+    pub threads: u32,
+    /// "normal", or "batch": the threads' wakeups do not preempt other
+    /// processes (Linux SCHED_BATCH).
+    pub cpu_scheduling: String,
 }
 
 impl Default for RawDbServer {
@@ -82,6 +88,8 @@ impl Default for RawDbServer {
             login_timeout: Duration::from_secs(60),
             max_client_connections: 1000,
             drain_timeout: Duration::from_secs(30),
+            threads: 0,
+            cpu_scheduling: "normal".into(),
         }
     }
 }
@@ -198,6 +206,9 @@ pub struct DbConfig {
     pub login_timeout: Duration,
     pub max_client_connections: usize,
     pub drain_timeout: Duration,
+    /// 0 = one per core.
+    pub threads: usize,
+    pub cpu_scheduling: CpuScheduling,
     pub admin_listen: Option<SocketAddr>,
     pub primary: Node,
     pub pool: PoolConfig,
@@ -265,6 +276,14 @@ pub struct PoolConfig {
     pub session_state: SessionState,
     /// Zero: no slow-query log.
     pub slow_query_threshold: Duration,
+}
+
+/// The scheduling policy of the threads that serve clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuScheduling {
+    Normal,
+    /// Linux `SCHED_BATCH`: waking up does not preempt other processes.
+    Batch,
 }
 
 /// What transaction pooling does with a client that sets session state.
@@ -812,6 +831,17 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
             "at least one [[users]] entry (or DB_USER) is needed".into(),
         ));
     }
+    let cpu_scheduling = match s.cpu_scheduling.as_str() {
+        "normal" => CpuScheduling::Normal,
+        "batch" => CpuScheduling::Batch,
+        other => {
+            problems.push((
+                "server.cpu_scheduling".into(),
+                format!("`{other}`: use \"normal\" or \"batch\""),
+            ));
+            CpuScheduling::Normal
+        }
+    };
     if s.max_client_connections == 0 {
         problems.push((
             "server.max_client_connections".into(),
@@ -884,6 +914,8 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
         socket_group: Some(s.socket_group.trim().to_string()).filter(|g| !g.is_empty()),
         max_client_connections: s.max_client_connections as usize,
         drain_timeout: s.drain_timeout,
+        threads: s.threads as usize,
+        cpu_scheduling,
         listen,
         max_message_size: usize::try_from(s.max_message_size.0).unwrap_or(usize::MAX),
         login_timeout: s.login_timeout,

@@ -96,34 +96,41 @@ const WORDS: [&[u8]; 11] = [
     b"set", b"listen", b"prepare", b"load", b"temp", b"hold", b"discard", b"do", b"call", b"into",
     b"(",
 ];
-static WORDS_FIRST: [bool; 256] = first_bytes(&WORDS);
+static WORDS_FIRST: [u16; 256] = first_bytes(&WORDS);
 
 const DATABASE: [&[u8]; 1] = [b"database"];
-static DATABASE_FIRST: [bool; 256] = first_bytes(&DATABASE);
+static DATABASE_FIRST: [u16; 256] = first_bytes(&DATABASE);
 
-/// The bytes the words (lowercase ASCII) start with, in either case.
-const fn first_bytes(words: &[&[u8]]) -> [bool; 256] {
-    let mut first = [false; 256];
+/// For each byte, the words (lowercase ASCII, at most 16) that start with
+/// it in either case, as a bit set of their indexes.
+const fn first_bytes(words: &[&[u8]]) -> [u16; 256] {
+    let mut first = [0u16; 256];
     let mut i = 0;
     while i < words.len() {
         let b = words[i][0];
-        first[b as usize] = true;
-        first[b.to_ascii_uppercase() as usize] = true;
+        first[b as usize] |= 1 << i;
+        first[b.to_ascii_uppercase() as usize] |= 1 << i;
         i += 1;
     }
     first
 }
 
-/// Whether any of `words` (lowercase ASCII, starting with the bytes in
-/// `first`) occurs in `text`, ignoring case: one pass, comparing only where
-/// a word's first letter is.
-fn mentions_any(text: &[u8], words: &[&[u8]], first: &[bool; 256]) -> bool {
+/// Whether any of `words` occurs in `text`, ignoring case: one pass, and
+/// at each byte only the words that start with it are compared.
+fn mentions_any(text: &[u8], words: &[&[u8]], first: &[u16; 256]) -> bool {
     text.iter().enumerate().any(|(i, &c)| {
-        first[usize::from(c)]
-            && words.iter().any(|word| {
-                text.get(i..i + word.len())
-                    .is_some_and(|w| w.eq_ignore_ascii_case(word))
-            })
+        let mut candidates = first[usize::from(c)];
+        while candidates != 0 {
+            let word = words[candidates.trailing_zeros() as usize];
+            if text
+                .get(i..i + word.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(word))
+            {
+                return true;
+            }
+            candidates &= candidates - 1;
+        }
+        false
     })
 }
 

@@ -362,6 +362,9 @@ impl Session<'_> {
     /// `DROP DATABASE x` and the like need nobody connected to `x`: the
     /// pools' idle connections to it are closed before the statement goes.
     fn before_database_change(&self, frame: &Frame) {
+        if frame.tag != front::QUERY && frame.tag != front::PARSE {
+            return;
+        }
         let sql = match frame.frontend() {
             Ok(Frontend::Query { sql } | Frontend::Parse { sql, .. }) => sql,
             _ => return,
@@ -381,6 +384,9 @@ impl Session<'_> {
     /// session state other than reported settings, and named prepared
     /// statements when they are not kept per client.
     fn pins(&self, frame: &Frame) -> bool {
+        if frame.tag != front::QUERY && frame.tag != front::PARSE {
+            return false;
+        }
         let sql = match frame.frontend() {
             Ok(Frontend::Query { sql }) => sql,
             Ok(Frontend::Parse { statement, sql }) => {
