@@ -214,25 +214,31 @@ pub fn bind(config: &DbConfig) -> Result<DbListeners, DbStartError> {
     let path = config.socket_path();
     let listen_error = |at: String| move |source| DbStartError::Listen { at, source };
     // A socket file left by a previous run that is not listening any more.
-    if path.exists() && std::os::unix::net::UnixStream::connect(&path).is_err() {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+            return Err(DbStartError::Listen {
+                at: path.display().to_string(),
+                source: io::ErrorKind::AddrInUse.into(),
+            });
+        }
         let _ = std::fs::remove_file(&path);
     }
-    let unix = std::os::unix::net::UnixListener::bind(&path)
+    // Made under another name and renamed once its mode and group are
+    // set: a client never finds the socket half set up.
+    let staging = dir.join(format!(
+        ".s.PGSQL.{}.{}.new",
+        config.port,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staging);
+    let unix = std::os::unix::net::UnixListener::bind(&staging)
         .map_err(listen_error(path.display().to_string()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(config.socket_mode))
-        .map_err(listen_error(path.display().to_string()))?;
-    if let Some(group) = &config.socket_group {
-        let refused = |reason: String| DbStartError::SocketGroup {
-            group: group.clone(),
-            reason,
-        };
-        let gid = group_id(group).ok_or_else(|| refused("no such group".into()))?;
-        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|e| {
-            refused(format!(
-                "cannot give the socket to it: {e} (run as root or as a member of the group, \
-                 or set socket_group = \"\")"
-            ))
-        })?;
+    let prepared = prepare_socket(&staging, config).and_then(|()| {
+        std::fs::rename(&staging, &path).map_err(listen_error(path.display().to_string()))
+    });
+    if let Err(e) = prepared {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
     }
     unix.set_nonblocking(true)
         .map_err(listen_error(path.display().to_string()))?;
@@ -278,6 +284,30 @@ impl AcceptBackoff {
         tracing::warn!(%error, retry_in = ?self.delay, "accepting a client failed");
         tokio::time::sleep(self.delay).await;
     }
+}
+
+/// The socket file's mode and group, as configured.
+fn prepare_socket(socket: &std::path::Path, config: &DbConfig) -> Result<(), DbStartError> {
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(config.socket_mode)).map_err(
+        |source| DbStartError::Listen {
+            at: socket.display().to_string(),
+            source,
+        },
+    )?;
+    if let Some(group) = &config.socket_group {
+        let refused = |reason: String| DbStartError::SocketGroup {
+            group: group.clone(),
+            reason,
+        };
+        let gid = group_id(group).ok_or_else(|| refused("no such group".into()))?;
+        std::os::unix::fs::chown(socket, None, Some(gid)).map_err(|e| {
+            refused(format!(
+                "cannot give the socket to it: {e} (run as root or as a member of the group, \
+                 or set socket_group = \"\")"
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// A group's id: a number, or a name in `/etc/group`.

@@ -77,8 +77,12 @@ impl Wire {
     }
 
     pub fn startup(&mut self, user: &str) {
+        self.startup_to(user, APP_DB);
+    }
+
+    pub fn startup_to(&mut self, user: &str, database: &str) {
         let mut buf = BytesMut::new();
-        frontend::startup_message([("user", user), ("database", APP_DB)], &mut buf).unwrap();
+        frontend::startup_message([("user", user), ("database", database)], &mut buf).unwrap();
         self.send(&buf);
     }
 
@@ -87,8 +91,12 @@ impl Wire {
         Wire::scram_login(Wire::connect(pg))
     }
 
-    pub fn scram_login(mut wire: Wire) -> Wire {
-        wire.startup(APP_USER);
+    pub fn scram_login(wire: Wire) -> Wire {
+        Wire::scram_login_to(wire, APP_DB)
+    }
+
+    pub fn scram_login_to(mut wire: Wire, database: &str) -> Wire {
+        wire.startup_to(APP_USER, database);
         let sasl = wire.frame();
         assert_eq!(sasl.tag, b'R');
         let mut scram = ScramSha256::new(APP_PASSWORD.as_bytes(), ChannelBinding::unsupported());
@@ -404,6 +412,11 @@ impl GatehouseDb {
 
     /// A raw client logged in through gatehouse with SCRAM.
     pub fn wire(&self) -> Wire {
+        self.wire_to(APP_DB)
+    }
+
+    /// A client of `database`, logged in as `app`.
+    pub fn wire_to(&self, database: &str) -> Wire {
         let socket = self
             .socket_dir
             .path()
@@ -412,13 +425,16 @@ impl GatehouseDb {
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
-        Wire::scram_login(Wire {
-            stream,
-            buf: BytesMut::new(),
-            codec: FrameCodec::new(1 << 20),
-            backend_key: (0, 0),
-            reported: Vec::new(),
-        })
+        Wire::scram_login_to(
+            Wire {
+                stream,
+                buf: BytesMut::new(),
+                codec: FrameCodec::new(1 << 20),
+                backend_key: (0, 0),
+                reported: Vec::new(),
+            },
+            database,
+        )
     }
 }
 
