@@ -57,7 +57,14 @@ impl Wire {
                 return frame;
             }
             let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).unwrap();
+            // A read with a timeout is not restarted after a signal (the
+            // test process reaps children on SIGCHLD): EINTR means again.
+            let n = loop {
+                match self.stream.read(&mut chunk) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    other => break other.unwrap(),
+                }
+            };
             assert!(n > 0, "server closed the connection");
             self.buf.extend_from_slice(&chunk[..n]);
         }
