@@ -26,8 +26,8 @@ use postgres::{APP_DB, APP_PASSWORD, APP_USER, TestPostgres};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use support::{
-    GatehouseDb, MD5_PASSWORD, MD5_USER, Wire, first_value, http_get, metric, output_text,
-    peak_rss_bytes, sqlstate_of, wait_for,
+    GatehouseDb, MD5_PASSWORD, MD5_USER, Wire, first_value, free_port, http_get, metric,
+    output_text, peak_rss_bytes, sqlstate_of, wait_for,
 };
 use tokio_util::codec::Decoder;
 
@@ -1209,10 +1209,12 @@ fn django_time_zones_follow_each_client_without_pinning() {
     pg.superuser_sql(&format!("CREATE DATABASE app_plain OWNER {APP_USER}"));
     pg.superuser_sql(&format!("CREATE DATABASE app_zoned OWNER {APP_USER}"));
     pg.superuser_sql("ALTER DATABASE app_zoned SET TimeZone = 'America/Sao_Paulo'");
-    let (plain, admin) =
-        GatehouseDb::start_with_admin(pg, "max_connections = 1\ncheckout_timeout = \"20s\"", "");
-    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
-    drop(plain);
+    let (text, admin) = GatehouseDb::config(
+        pg,
+        "max_connections = 1\ncheckout_timeout = \"20s\"",
+        "transaction",
+        "",
+    );
     let db = GatehouseDb::start_with_text(&format!(
         "{text}\n[[databases]]\nname = \"app_plain\"\npool_mode = \"transaction\"\n\n\
          [[databases]]\nname = \"app_zoned\"\npool_mode = \"transaction\"\n"
@@ -1398,10 +1400,12 @@ fn the_classifier_catches_every_session_state_change() {
 fn djangos_test_runner_creates_and_drops_its_database() {
     let pg = TestPostgres::shared();
     pg.superuser_sql(&format!("ALTER ROLE {APP_USER} CREATEDB"));
-    let (plain, admin) =
-        GatehouseDb::start_with_admin(pg, "max_connections = 4\nmin_connections = 2", "");
-    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
-    drop(plain);
+    let (text, admin) = GatehouseDb::config(
+        pg,
+        "max_connections = 4\nmin_connections = 2",
+        "transaction",
+        "",
+    );
     let db = GatehouseDb::start_with_text(&format!(
         "{text}\n[[databases]]\nname = \"*\"\npool_mode = \"transaction\"\n"
     ));
@@ -1448,14 +1452,6 @@ fn djangos_test_runner_creates_and_drops_its_database() {
         pools()
     );
     assert!(pools().contains(&"app/app".to_string()), "{:?}", pools());
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A primary given as a URI with a password, that cannot be reached: the
@@ -1627,10 +1623,12 @@ fn embedded_defaults_serve_www_data_on_the_socket() {
 #[test]
 fn clients_beyond_max_client_connections_are_refused() {
     let pg = TestPostgres::shared();
-    let (plain, _) =
-        GatehouseDb::start_with_admin(pg, "max_connections = 2", "max_client_connections = 2");
-    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
-    drop(plain);
+    let (text, _) = GatehouseDb::config(
+        pg,
+        "max_connections = 2",
+        "transaction",
+        "max_client_connections = 2",
+    );
     let db = GatehouseDb::start_with_text(&text);
     let first = db.wire();
     let _second = db.wire();
@@ -1651,10 +1649,12 @@ fn clients_beyond_max_client_connections_are_refused() {
 #[test]
 fn sigterm_lets_transactions_finish_then_closes() {
     let pg = TestPostgres::shared();
-    let (plain, _) =
-        GatehouseDb::start_with_admin(pg, "max_connections = 4", "drain_timeout = \"20s\"");
-    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
-    drop(plain);
+    let (text, _) = GatehouseDb::config(
+        pg,
+        "max_connections = 4",
+        "transaction",
+        "drain_timeout = \"20s\"",
+    );
     for cut in [false, true] {
         let text = if cut {
             text.replace("drain_timeout = \"20s\"", "drain_timeout = \"1s\"")
@@ -1716,18 +1716,12 @@ fn sigterm_lets_transactions_finish_then_closes() {
 fn transactions_and_query_durations_are_counted_in_every_mode() {
     let pg = TestPostgres::shared();
     for mode in ["transaction", "session"] {
-        let (plain, admin) = GatehouseDb::start_with_admin(
+        let (text, admin) = GatehouseDb::config(
             pg,
             "max_connections = 2\nslow_query_threshold = \"400ms\"",
+            mode,
             "",
         );
-        let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
-            .unwrap()
-            .replace(
-                "pool_mode = \"transaction\"",
-                &format!("pool_mode = \"{mode}\""),
-            );
-        drop(plain);
         let db = GatehouseDb::start_with_text(&text);
         let mut client = db.wire();
         for sql in ["SELECT 1", "SELECT 2", "BEGIN", "SELECT 3", "COMMIT"] {
@@ -1823,33 +1817,9 @@ fn cpu_seconds(pid: u32) -> f64 {
 #[test]
 fn running_out_of_file_descriptors_backs_off_and_recovers() {
     let pg = TestPostgres::shared();
-    let (plain, _) = GatehouseDb::start_with_admin(pg, "max_connections = 2", "");
-    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
-    drop(plain);
-    let socket_dir = tempfile::tempdir().unwrap();
-    let port: u16 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("port = "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let old_dir = text
-        .lines()
-        .find(|l| l.starts_with("socket_dir = "))
-        .unwrap()
-        .to_string();
-    let config = text.replace(
-        &old_dir,
-        &format!("socket_dir = \"{}\"", socket_dir.path().display()),
-    );
-    let config_path = socket_dir.path().join("db.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let db = GatehouseDb::launch_limited(
-        socket_dir,
-        port,
-        &["--config".into(), config_path.display().to_string()],
-        Some(40),
-    );
+    let (text, _) = GatehouseDb::config(pg, "max_connections = 2", "transaction", "");
+    let db = GatehouseDb::start_limited(&text, Some(40));
+    let port = db.port;
     let socket = db.socket_dir.path().join(format!(".s.PGSQL.{port}"));
     // More connections than descriptors; none of them logs in.
     let held: Vec<UnixStream> = (0..60)
@@ -1882,9 +1852,7 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
 #[test]
 fn a_missing_database_is_not_warmed_again_and_again() {
     let pg = TestPostgres::shared();
-    let (plain, admin) = GatehouseDb::start_with_admin(pg, "min_connections = 2", "");
-    let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml")).unwrap();
-    drop(plain);
+    let (text, admin) = GatehouseDb::config(pg, "min_connections = 2", "transaction", "");
     let db = GatehouseDb::start_with_text(&format!(
         "{text}\n[[databases]]\nname = \"not_there\"\npool_mode = \"transaction\"\n"
     ));

@@ -33,10 +33,15 @@ pub struct Wire {
 
 impl Wire {
     pub fn connect(pg: &TestPostgres) -> Wire {
-        let path = pg.socket_dir.join(format!(".s.PGSQL.{}", pg.port));
+        Wire::at(&pg.socket_dir.join(format!(".s.PGSQL.{}", pg.port)))
+    }
+
+    /// Connected to the socket at `path`, not logged in; reads give up
+    /// after 20 seconds.
+    pub fn at(path: &std::path::Path) -> Wire {
         let stream = UnixStream::connect(path).unwrap();
         stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
+            .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         Wire {
             stream,
@@ -237,58 +242,61 @@ pub struct GatehouseDb {
     pub port: u16,
 }
 
+/// A free TCP port on the loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl GatehouseDb {
-    /// With `pool` lines under `[pool]` and the database in `mode`.
-    pub fn start(pg: &TestPostgres, pool: &str, mode: &str) -> GatehouseDb {
+    /// A configuration in front of the test cluster: `pool` lines under
+    /// `[pool]`, `server` lines under `[server]`, the `app` database in
+    /// `mode`, the admin listener on. Returns it with the admin address.
+    /// The socket directory is set when it starts (`start_with_text`).
+    pub fn config(pg: &TestPostgres, pool: &str, mode: &str, server: &str) -> (String, String) {
         // No warm connections unless a test asks for them.
         let pool = if pool.contains("min_connections") {
             pool.to_string()
         } else {
             format!("min_connections = 0\n{pool}")
         };
-        let socket_dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let admin = format!("127.0.0.1:{}", free_port());
         let config = format!(
-            "[server]\nsocket_dir = \"{}\"\nport = {port}\n\n[admin]\nenabled = false\n\n\
+            "[server]\nsocket_dir = \"/set/at/start\"\nport = {port}\n{server}\n\n\
+             [admin]\nenabled = true\nlisten = \"{admin}\"\n\n\
              [primary]\nhost = \"{}\"\nport = {}\n\n[pool]\n{pool}\n\n\
              [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
              [[users]]\nname = \"{MD5_USER}\"\nauth = \"md5\"\npassword = \"{MD5_PASSWORD}\"\n\n\
              [[databases]]\nname = \"{APP_DB}\"\npool_mode = \"{mode}\"\n",
-            socket_dir.path().display(),
             pg.socket_dir.display(),
             pg.port,
+            port = free_port(),
         );
-        Self::launch(socket_dir, port, &config)
+        (config, admin)
     }
 
-    /// With the admin listener on; returns its address too.
+    /// With `pool` lines under `[pool]` and the database in `mode`.
+    pub fn start(pg: &TestPostgres, pool: &str, mode: &str) -> GatehouseDb {
+        Self::start_with_text(&Self::config(pg, pool, mode, "").0)
+    }
+
+    /// With `server` lines too; returns the admin address as well.
     pub fn start_with_admin(pg: &TestPostgres, pool: &str, server: &str) -> (GatehouseDb, String) {
-        let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let plain = GatehouseDb::start(pg, pool, "transaction");
-        let text = std::fs::read_to_string(plain.socket_dir.path().join("db.toml"))
-            .unwrap()
-            .replace(
-                "[admin]\nenabled = false",
-                &format!("[admin]\nenabled = true\nlisten = \"127.0.0.1:{admin_port}\""),
-            )
-            .replace("[server]\n", &format!("[server]\n{server}\n"));
-        drop(plain);
-        (
-            GatehouseDb::start_with_text(&text),
-            format!("127.0.0.1:{admin_port}"),
-        )
+        let (text, admin) = Self::config(pg, pool, "transaction", server);
+        (Self::start_with_text(&text), admin)
     }
 
-    /// With a whole config file (its socket directory and port are kept).
+    /// With a whole config file, in a socket directory of its own (the
+    /// file's port is kept).
     pub fn start_with_text(config: &str) -> GatehouseDb {
+        Self::start_limited(config, None)
+    }
+
+    /// As `start_with_text`, with the open-file limit set to `open_files`.
+    pub fn start_limited(config: &str, open_files: Option<u32>) -> GatehouseDb {
         let socket_dir = tempfile::tempdir().unwrap();
         let dir_line = config
             .lines()
@@ -305,14 +313,10 @@ impl GatehouseDb {
             &dir_line,
             &format!("socket_dir = \"{}\"", socket_dir.path().display()),
         );
-        Self::launch(socket_dir, port, &config)
-    }
-
-    pub fn launch(socket_dir: tempfile::TempDir, port: u16, config: &str) -> GatehouseDb {
         let config_path = socket_dir.path().join("db.toml");
         std::fs::write(&config_path, config).unwrap();
         let args = ["--config".to_string(), config_path.display().to_string()];
-        Self::launch_with_args(socket_dir, port, &args)
+        Self::launch_limited(socket_dir, port, &args, open_files)
     }
 
     /// `gatehouse db` with these arguments, its log in `gatehouse.log`
@@ -428,20 +432,7 @@ impl GatehouseDb {
             .socket_dir
             .path()
             .join(format!(".s.PGSQL.{}", self.port));
-        let stream = UnixStream::connect(socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        Wire::scram_login_to(
-            Wire {
-                stream,
-                buf: BytesMut::new(),
-                codec: FrameCodec::new(1 << 20),
-                backend_key: (0, 0),
-                reported: Vec::new(),
-            },
-            database,
-        )
+        Wire::scram_login_to(Wire::at(&socket), database)
     }
 }
 
