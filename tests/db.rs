@@ -1875,25 +1875,12 @@ fn a_missing_database_is_not_warmed_again_and_again() {
         .filter(|l| l.contains("the database does not exist") && l.ends_with("pool=not_there/app"))
         .count();
     assert_eq!(warned, 1, "{}", db.log());
-    let out = std::process::Command::new("psql")
-        .arg("-h")
-        .arg(db.socket_dir.path())
-        .args([
-            "-p",
-            &db.port.to_string(),
-            "-U",
-            APP_USER,
-            "-d",
-            "not_there",
-        ])
-        .args(["-X", "-w", "-c", "SELECT 1"])
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .unwrap();
+    let refused = db
+        .psql_to("not_there", APP_USER, APP_PASSWORD, "SELECT 1")
+        .unwrap_err();
     assert!(
-        output_text(&out).contains("database \"not_there\" does not exist"),
-        "{}",
-        output_text(&out)
+        refused.contains("database \"not_there\" does not exist"),
+        "{refused}"
     );
 }
 

@@ -381,10 +381,21 @@ impl GatehouseDb {
     }
 
     pub fn psql(&self, user: &str, password: &str, sql: &str) -> Result<String, String> {
+        self.psql_to(APP_DB, user, password, sql)
+    }
+
+    /// `psql -c sql` on `database`: its output, or its error text.
+    pub fn psql_to(
+        &self,
+        database: &str,
+        user: &str,
+        password: &str,
+        sql: &str,
+    ) -> Result<String, String> {
         let out = std::process::Command::new("psql")
             .arg("-h")
             .arg(self.socket_dir.path())
-            .args(["-p", &self.port.to_string(), "-U", user, "-d", APP_DB])
+            .args(["-p", &self.port.to_string(), "-U", user, "-d", database])
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
             .env("PGPASSWORD", password)
             .env("PGCONNECT_TIMEOUT", "10")
