@@ -1623,13 +1623,8 @@ fn embedded_defaults_serve_www_data_on_the_socket() {
 #[test]
 fn clients_beyond_max_client_connections_are_refused() {
     let pg = TestPostgres::shared();
-    let (text, _) = GatehouseDb::config(
-        pg,
-        "max_connections = 2",
-        "transaction",
-        "max_client_connections = 2",
-    );
-    let db = GatehouseDb::start_with_text(&text);
+    let (db, _) =
+        GatehouseDb::start_with_admin(pg, "max_connections = 2", "max_client_connections = 2");
     let first = db.wire();
     let _second = db.wire();
     let out = db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap_err();
