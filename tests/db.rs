@@ -1941,3 +1941,43 @@ fn a_socket_in_use_is_not_taken_over() {
     );
     assert_eq!(db.wire().value("SELECT 'still mine'"), "still mine");
 }
+
+/// With `"*"`, clients choose database names: a pool made for a name that
+/// does not exist goes once unused, and its metrics with it, so that such
+/// names cannot grow the metrics without bound.
+#[test]
+fn pools_of_unlisted_databases_leave_no_metrics_behind() {
+    let pg = TestPostgres::shared();
+    pg.superuser_sql(&format!("CREATE DATABASE app_passing OWNER {APP_USER}"));
+    let (text, admin) = GatehouseDb::config(
+        pg,
+        "max_connections = 2\nidle_timeout = \"1s\"",
+        "transaction",
+        "",
+    );
+    let db = GatehouseDb::start_with_text(&format!(
+        "{text}\n[[databases]]\nname = \"*\"\npool_mode = \"transaction\"\n"
+    ));
+    let series = |name: &str| http_get(&admin, "/metrics").1.contains(name);
+    // A pool in use keeps its series.
+    let mut client = db.wire_to("app_passing");
+    assert_eq!(client.value("SELECT current_database()"), "app_passing");
+    assert!(series("app_passing/app"));
+    for i in 0..5 {
+        let name = format!("made_up_{i}");
+        let refused = db
+            .psql_to(&name, APP_USER, APP_PASSWORD, "SELECT 1")
+            .unwrap_err();
+        assert!(refused.contains("does not exist"), "{refused}");
+    }
+    drop(client);
+    // Its idle connection closes after idle_timeout, then the pool goes.
+    assert!(
+        wait_for(Duration::from_secs(10), || !series("app_passing/app")
+            && !series("made_up_")),
+        "{}",
+        http_get(&admin, "/metrics").1
+    );
+    assert_eq!(db.wire().value("SELECT 'listed'"), "listed");
+    assert!(series("pool=\"app/app\""), "listed pools stay");
+}

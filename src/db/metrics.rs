@@ -184,6 +184,34 @@ impl DbMetrics {
         }
     }
 
+    /// Remove every series of a pool that no longer exists.
+    pub fn forget_pool(&self, pool: &str) {
+        for vec in [
+            &self.server_connects,
+            &self.server_errors,
+            &self.pinned,
+            &self.transactions,
+            &self.queries,
+            &self.refused,
+        ] {
+            let _ = vec.remove_label_values(&[pool]);
+        }
+        for vec in [&self.checkout_wait, &self.query_duration] {
+            let _ = vec.remove_label_values(&[pool]);
+        }
+        for direction in ["to_server", "to_client"] {
+            let _ = self.bytes.remove_label_values(&[pool, direction]);
+        }
+        for event in ["prepared", "reused", "evicted"] {
+            let _ = self.statements.remove_label_values(&[pool, event]);
+        }
+        for state in ["active", "idle"] {
+            let _ = self.pool_connections.remove_label_values(&[pool, state]);
+        }
+        let _ = self.pool_waiting.remove_label_values(&[pool]);
+        let _ = self.pool_max.remove_label_values(&[pool]);
+    }
+
     /// Count what happened to named statements in one exchange.
     pub fn count_statements(&self, pool: &str, events: super::statements::StatementEvents) {
         for (event, n) in [

@@ -278,7 +278,7 @@ impl Pools {
                 });
             }
             if !listed {
-                self.drop_if_unused(&pool);
+                self.drop_if_unused(&pool, metrics);
                 continue;
             }
             let retry = *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner());
@@ -340,13 +340,16 @@ impl Pools {
 
 impl Pools {
     /// Forget a pool nobody uses: no connection lent, idle or waited for.
-    fn drop_if_unused(&self, pool: &Arc<Pool>) {
+    /// Its metrics go too: clients choose these databases' names, and the
+    /// series must not grow without bound.
+    fn drop_if_unused(&self, pool: &Arc<Pool>, metrics: &DbMetrics) {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let unused = pool.lent() == 0
             && pool.waiting.load(Ordering::Relaxed) == 0
             && pool.idle.lock().map_or(true, |idle| idle.is_empty());
         if unused {
             pools.retain(|_, kept| !Arc::ptr_eq(kept, pool));
+            metrics.forget_pool(&pool.name);
         }
     }
 
