@@ -142,6 +142,10 @@ pub struct Classifier {
 
 /// How many texts the cache holds before it starts again.
 const CACHED: usize = 4096;
+/// Longer statements are not parsed (a tree of many megabytes, for one
+/// statement, is a cost a client could impose at will): they count as
+/// session state.
+const PARSED_LEN: usize = 256 * 1024;
 /// Longer texts are classified each time, not kept.
 const CACHED_LEN: usize = 4096;
 
@@ -196,6 +200,9 @@ impl Classifier {
 /// With `standard_strings` false, backslashes escape in `'...'` literals
 /// (`standard_conforming_strings = off`).
 pub fn effect(sql: &[u8], standard_strings: bool) -> Effect {
+    if sql.len() > PARSED_LEN {
+        return Effect::session("too long to read");
+    }
     let Ok(text) = std::str::from_utf8(sql) else {
         return Effect::session("not UTF-8");
     };
@@ -366,7 +373,7 @@ const OBJECT_DATABASE: i64 = 10;
 /// x`. Idle pooled connections to them are closed first, or the server
 /// refuses (Django's test runner creates and drops its test database).
 pub fn databases_needing_no_sessions(sql: &[u8]) -> Vec<String> {
-    if !mentions_any(sql, &DATABASE, &DATABASE_FIRST) {
+    if sql.len() > PARSED_LEN || !mentions_any(sql, &DATABASE, &DATABASE_FIRST) {
         return Vec::new();
     }
     let Some(tree) = std::str::from_utf8(sql)
@@ -618,6 +625,16 @@ mod tests {
         assert!(needing(b"CREATE DATABASE c").is_empty());
         assert!(needing(b"ALTER DATABASE a SET work_mem = '1MB'").is_empty());
         assert!(needing(b"SELECT 'DROP DATABASE x'").is_empty());
+    }
+
+    #[test]
+    fn very_long_statements_are_not_parsed_and_count_as_session_state() {
+        let long = format!("SELECT {}1", "1 + ".repeat(70_000));
+        assert!(long.len() > super::PARSED_LEN);
+        assert_eq!(
+            effect(long.as_bytes(), true).session,
+            Some("too long to read")
+        );
     }
 
     #[test]
