@@ -470,7 +470,6 @@ impl Checkout {
 mod tests {
     use super::Pools;
     use crate::config::db::{AuthMethod, DbUser};
-    use crate::db::settings::settings_of;
 
     #[tokio::test]
     async fn a_smaller_pool_takes_permits_back_as_clients_return_them() {
@@ -501,17 +500,5 @@ mod tests {
         assert_eq!(pool.permits.available_permits(), 2);
         pool.resize(5);
         assert_eq!(pool.permits.available_permits(), 5);
-    }
-
-    #[test]
-    fn options_settings() {
-        assert_eq!(
-            settings_of("-c statement_timeout=5000 --search-path=app -cwork_mem=64MB"),
-            [
-                ("statement_timeout".to_string(), "5000".to_string()),
-                ("search_path".to_string(), "app".to_string()),
-                ("work_mem".to_string(), "64MB".to_string()),
-            ]
-        );
     }
 }

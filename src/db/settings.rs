@@ -71,3 +71,32 @@ pub fn settings_of(options: &str) -> Vec<(String, String)> {
     }
     settings
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{lookup, settings_of, tracked, upsert};
+
+    #[test]
+    fn options_settings() {
+        assert_eq!(
+            settings_of("-c statement_timeout=5000 --search-path=app -cwork_mem=64MB"),
+            [
+                ("statement_timeout".to_string(), "5000".to_string()),
+                ("search_path".to_string(), "app".to_string()),
+                ("work_mem".to_string(), "64MB".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn settings_are_found_and_set_whatever_the_case() {
+        let mut list = vec![("TimeZone".to_string(), "UTC".to_string())];
+        upsert(&mut list, "timezone", "Asia/Tokyo");
+        upsert(&mut list, "DateStyle", "ISO, DMY");
+        assert_eq!(lookup(&list, "TIMEZONE"), Some("Asia/Tokyo"));
+        assert_eq!(list.len(), 2);
+        assert!(tracked("TimeZone") && tracked("application_name"));
+        assert!(!tracked("server_version") && !tracked("is_superuser"));
+        assert!(!tracked("session_authorization"));
+    }
+}
