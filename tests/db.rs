@@ -1128,10 +1128,7 @@ fn a_client_that_never_logs_in_is_cut_at_the_login_timeout() {
 fn psycopg_clients() {
     let pg = TestPostgres::shared();
     let (db, admin) = GatehouseDb::start_with_admin(pg, "max_connections = 4", "");
-    let venv = std::env::var_os("GATEHOUSE_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| harness::repo_root().join(".venv"));
-    let out = std::process::Command::new(venv.join("bin/python"))
+    let out = std::process::Command::new(venv_python())
         .arg(harness::repo_root().join("tests/clients/psycopg_clients.py"))
         .env("PGHOST", db.socket_dir.path())
         .env("PGPORT", db.port.to_string())
@@ -1162,6 +1159,14 @@ fn psycopg_clients() {
     );
     // Six statements, each prepared on at least one server connection.
     assert!(prepared.is_some_and(|n| n >= 6.0), "{prepared:?}");
+}
+
+/// The test virtualenv's python (`scripts/test.sh` makes it).
+fn venv_python() -> std::path::PathBuf {
+    std::env::var_os("GATEHOUSE_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| harness::repo_root().join(".venv"))
+        .join("bin/python")
 }
 
 /// One Gunicorn of the example app on `database` through `db`, keeping its
@@ -1409,11 +1414,8 @@ fn djangos_test_runner_creates_and_drops_its_database() {
     let db = GatehouseDb::start_with_text(&format!(
         "{text}\n[[databases]]\nname = \"*\"\npool_mode = \"transaction\"\n"
     ));
-    let venv = std::env::var_os("GATEHOUSE_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| harness::repo_root().join(".venv"));
     let run = || {
-        std::process::Command::new(venv.join("bin/python"))
+        std::process::Command::new(venv_python())
             .current_dir(harness::repo_root().join("examples/django"))
             .args(["manage.py", "test", "stories", "--noinput", "-v", "2"])
             .env("DB_NAME", APP_DB)
@@ -1761,9 +1763,6 @@ fn transactions_and_query_durations_are_counted_in_every_mode() {
 fn a_clients_own_notifications_carry_its_process_id() {
     let pg = TestPostgres::shared();
     let (db, _) = GatehouseDb::start_with_admin(pg, "max_connections = 4", "");
-    let venv = std::env::var_os("GATEHOUSE_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| harness::repo_root().join(".venv"));
     let script = r#"
 import psycopg
 with psycopg.connect("", autocommit=True) as listener, psycopg.connect("", autocommit=True) as other:
@@ -1778,7 +1777,7 @@ with psycopg.connect("", autocommit=True) as listener, psycopg.connect("", autoc
     assert seen["theirs"] != listener.info.backend_pid, seen
     print("ok", seen)
 "#;
-    let out = std::process::Command::new(venv.join("bin/python"))
+    let out = std::process::Command::new(venv_python())
         .args(["-c", script])
         .env("PGHOST", db.socket_dir.path())
         .env("PGPORT", db.port.to_string())

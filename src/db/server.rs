@@ -1,7 +1,8 @@
-//! Connections to PostgreSQL: open (TCP or Unix socket), log in as a
-//! configured user (SCRAM-SHA-256 through postgres-protocol's client, md5,
-//! cleartext or trust), and keep what the server announced: its parameters and
-//! its cancel key.
+//! Connections to PostgreSQL and everything one does: open (TCP or Unix
+//! socket), log in as a configured user (SCRAM-SHA-256 through
+//! postgres-protocol's client, md5, cleartext or trust), keep what the server
+//! announced (its parameters, its cancel key), apply a client's settings,
+//! relay messages both ways, and reset the session for the next client.
 
 use std::io;
 use std::pin::Pin;

@@ -1,5 +1,7 @@
 //! The messages between a client and the server connection it holds, with
-//! named protocol-level prepared statements kept across transaction pooling.
+//! named protocol-level prepared statements kept across transaction pooling,
+//! and where the connection stands (`Standing`: idle, in a transaction, or
+//! busy), which decides when it may serve another client.
 //!
 //! A transaction-pooled client may get a different server connection for
 //! each transaction, yet psycopg 3 (past `prepare_threshold`) and
