@@ -1214,16 +1214,11 @@ fn django_time_zones_follow_each_client_without_pinning() {
     pg.superuser_sql(&format!("CREATE DATABASE app_plain OWNER {APP_USER}"));
     pg.superuser_sql(&format!("CREATE DATABASE app_zoned OWNER {APP_USER}"));
     pg.superuser_sql("ALTER DATABASE app_zoned SET TimeZone = 'America/Sao_Paulo'");
-    let (text, admin) = GatehouseDb::config(
+    let (db, admin) = GatehouseDb::start_with_databases(
         pg,
         "max_connections = 1\ncheckout_timeout = \"20s\"",
-        "transaction",
-        "",
+        &["app_plain", "app_zoned"],
     );
-    let db = GatehouseDb::start_with_text(&format!(
-        "{text}\n[[databases]]\nname = \"app_plain\"\npool_mode = \"transaction\"\n\n\
-         [[databases]]\nname = \"app_zoned\"\npool_mode = \"transaction\"\n"
-    ));
     let server_zone = pg.superuser_sql("SHOW TimeZone");
     assert_ne!(
         server_zone, "UTC",
@@ -1405,15 +1400,8 @@ fn the_classifier_catches_every_session_state_change() {
 fn djangos_test_runner_creates_and_drops_its_database() {
     let pg = TestPostgres::shared();
     pg.superuser_sql(&format!("ALTER ROLE {APP_USER} CREATEDB"));
-    let (text, admin) = GatehouseDb::config(
-        pg,
-        "max_connections = 4\nmin_connections = 2",
-        "transaction",
-        "",
-    );
-    let db = GatehouseDb::start_with_text(&format!(
-        "{text}\n[[databases]]\nname = \"*\"\npool_mode = \"transaction\"\n"
-    ));
+    let (db, admin) =
+        GatehouseDb::start_with_databases(pg, "max_connections = 4\nmin_connections = 2", &["*"]);
     let run = || {
         std::process::Command::new(venv_python())
             .current_dir(harness::repo_root().join("examples/django"))
@@ -1846,10 +1834,7 @@ fn running_out_of_file_descriptors_backs_off_and_recovers() {
 #[test]
 fn a_missing_database_is_not_warmed_again_and_again() {
     let pg = TestPostgres::shared();
-    let (text, admin) = GatehouseDb::config(pg, "min_connections = 2", "transaction", "");
-    let db = GatehouseDb::start_with_text(&format!(
-        "{text}\n[[databases]]\nname = \"not_there\"\npool_mode = \"transaction\"\n"
-    ));
+    let (db, admin) = GatehouseDb::start_with_databases(pg, "min_connections = 2", &["not_there"]);
     let errors = || {
         metric(
             &admin,
@@ -1948,15 +1933,8 @@ fn a_socket_in_use_is_not_taken_over() {
 fn pools_of_unlisted_databases_leave_no_metrics_behind() {
     let pg = TestPostgres::shared();
     pg.superuser_sql(&format!("CREATE DATABASE app_passing OWNER {APP_USER}"));
-    let (text, admin) = GatehouseDb::config(
-        pg,
-        "max_connections = 2\nidle_timeout = \"1s\"",
-        "transaction",
-        "",
-    );
-    let db = GatehouseDb::start_with_text(&format!(
-        "{text}\n[[databases]]\nname = \"*\"\npool_mode = \"transaction\"\n"
-    ));
+    let (db, admin) =
+        GatehouseDb::start_with_databases(pg, "max_connections = 2\nidle_timeout = \"1s\"", &["*"]);
     let series = |name: &str| http_get(&admin, "/metrics").1.contains(name);
     // A pool in use keeps its series.
     let mut client = db.wire_to("app_passing");

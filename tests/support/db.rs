@@ -289,6 +289,22 @@ impl GatehouseDb {
         (Self::start_with_text(&text), admin)
     }
 
+    /// As `start_with_admin`, with more `[[databases]]` entries (transaction
+    /// pooling) after `app`.
+    pub fn start_with_databases(
+        pg: &TestPostgres,
+        pool: &str,
+        databases: &[&str],
+    ) -> (GatehouseDb, String) {
+        let (mut text, admin) = Self::config(pg, pool, "transaction", "");
+        for name in databases {
+            text.push_str(&format!(
+                "\n[[databases]]\nname = \"{name}\"\npool_mode = \"transaction\"\n"
+            ));
+        }
+        (Self::start_with_text(&text), admin)
+    }
+
     /// With a whole config file, in a socket directory of its own (the
     /// file's port is kept).
     pub fn start_with_text(config: &str) -> GatehouseDb {
