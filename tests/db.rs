@@ -448,6 +448,32 @@ fn a_full_pool_makes_clients_wait_then_fail_with_53300() {
     assert_eq!(db.psql(APP_USER, APP_PASSWORD, "SELECT 1").unwrap(), "1");
 }
 
+/// A pool at its size, with clients waiting for it, keeps its server
+/// connections through the pool's once-a-second upkeep: a connection handed
+/// to a waiting client that has not run yet is still the pool's, not one too
+/// many to be closed and opened again.
+#[test]
+fn a_busy_pool_keeps_its_connections() {
+    let pg = TestPostgres::shared();
+    let (db, admin) = GatehouseDb::start_with_admin(pg, "max_connections = 2", "");
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), "SELECT 1;\n").unwrap();
+    let script = script.path().to_str().unwrap();
+    // Eight clients on two connections for four upkeeps.
+    let text = db.pgbench(
+        APP_USER,
+        APP_PASSWORD,
+        &[],
+        &["-n", "-c", "8", "-j", "2", "-T", "4", "-f", script],
+    );
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    let opened = metric(
+        &admin,
+        &format!("gatehouse_db_server_connects_total{{pool=\"{APP_DB}/{APP_USER}\"}}"),
+    );
+    assert_eq!(opened, Some(2.0), "server connections opened: {text}");
+}
+
 #[test]
 fn a_cancel_reaches_only_its_own_query() {
     let pg = TestPostgres::shared();

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -31,6 +31,11 @@ struct Pool {
     /// As last configured: its server credentials open new connections.
     user: Mutex<DbUser>,
     idle: Mutex<Vec<ServerConn>>,
+    /// Server connections open for this pool, lent or idle: each holds a
+    /// `Tally` on it. Permits cannot say this: a permit handed to a waiter
+    /// that has not run yet is counted as lent while its connection is
+    /// still idle.
+    open: Arc<AtomicUsize>,
     permits: Arc<Semaphore>,
     size: Mutex<Size>,
     waiting: AtomicUsize,
@@ -56,7 +61,12 @@ impl Pool {
         *self.size.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Connections lent to clients now.
+    /// Server connections open for this pool, lent or idle.
+    fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Permits held by clients now.
     fn lent(&self) -> usize {
         let size = self.size();
         (size.max + size.excess).saturating_sub(self.permits.available_permits())
@@ -117,6 +127,7 @@ impl Pools {
                         database: database.to_string(),
                         user: Mutex::new(user.clone()),
                         idle: Mutex::new(Vec::new()),
+                        open: Arc::new(AtomicUsize::new(0)),
                         permits: Arc::new(Semaphore::new(max as usize)),
                         size: Mutex::new(Size {
                             max: max as usize,
@@ -178,7 +189,7 @@ impl Pools {
                 permit
             }
             Err(_) => {
-                let started = std::time::Instant::now();
+                let started = Instant::now();
                 pool.waiting.fetch_add(1, Ordering::Relaxed);
                 let permit =
                     tokio::time::timeout(waited, Arc::clone(&pool.permits).acquire_owned()).await;
@@ -197,10 +208,11 @@ impl Pools {
         };
         // Connections that died while idle (a restarted primary), lived
         // too long, or lead to another node are dropped.
+        let now = Instant::now();
         let idle = loop {
             let next = pool.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
             match next {
-                Some(conn) if !keep(&conn, config, node) => continue,
+                Some(conn) if !keep(&conn, config, node, now) => continue,
                 other => break other,
             }
         };
@@ -214,10 +226,14 @@ impl Pools {
                     params: &[],
                 };
                 {
-                    let opened = ServerConn::open(node, &login, config.pool.connect_timeout).await;
+                    // Boxed: opening is rare, and its large future would
+                    // otherwise be part of every checkout's.
+                    let opened =
+                        Box::pin(ServerConn::open(node, &login, config.pool.connect_timeout)).await;
                     let label = [pool.name.as_str()];
                     match opened {
-                        Ok(conn) => {
+                        Ok(mut conn) => {
+                            conn.count_in(Tally::new(&pool.open));
                             metrics.server_connects.with_label_values(&label).inc();
                             pool.missing.store(false, Ordering::Relaxed);
                             conn
@@ -258,36 +274,40 @@ impl Pools {
             // removed): no warm connections, and the pool goes once unused.
             let listed = config.lists(&pool.database);
             let min = if listed { min } else { 0 };
-            let lent = pool.lent();
             let max = pool.size().max;
             {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let lent = pool.open().saturating_sub(idle.len());
                 // Newest first: the oldest go when trimming to the minimum.
                 idle.sort_by_key(|c| std::cmp::Reverse(c.idle_since()));
                 let mut kept = 0;
+                let now = Instant::now();
                 idle.retain(|conn| {
-                    let too_idle = conn.idle_since().elapsed() >= config.pool.idle_timeout
+                    let too_idle = now.saturating_duration_since(conn.idle_since())
+                        >= config.pool.idle_timeout
                         && lent + kept >= min;
-                    let keep = keep(conn, config, super::router::warm_node(config))
-                        && !too_idle
-                        && lent + kept < max;
+                    let keep =
+                        keep(conn, config, super::router::warm_node(config), now) && !too_idle;
                     if keep {
                         kept += 1;
                     }
                     keep
                 });
+                // A pool made smaller by a reload: the oldest idle
+                // connections above its size go.
+                let surplus = pool.open().saturating_sub(max);
+                let keep = idle.len().saturating_sub(surplus);
+                idle.truncate(keep);
             }
             if !listed {
                 self.drop_if_unused(&pool, metrics);
                 continue;
             }
             let retry = *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner());
-            if retry.is_some_and(|at| std::time::Instant::now() < at)
-                || pool.missing.load(Ordering::Relaxed)
-            {
+            if retry.is_some_and(|at| Instant::now() < at) || pool.missing.load(Ordering::Relaxed) {
                 continue;
             }
-            let have = lent + pool.idle.lock().map_or(0, |idle| idle.len());
+            let have = pool.open();
             let user = pool.user.lock().unwrap_or_else(|e| e.into_inner()).clone();
             for _ in have..min.min(max) {
                 let login = Login {
@@ -297,8 +317,9 @@ impl Pools {
                     params: &[],
                 };
                 let node = super::router::warm_node(config);
-                match ServerConn::open(node, &login, config.pool.connect_timeout).await {
-                    Ok(conn) => {
+                match Box::pin(ServerConn::open(node, &login, config.pool.connect_timeout)).await {
+                    Ok(mut conn) => {
+                        conn.count_in(Tally::new(&pool.open));
                         *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
                         metrics
                             .server_connects
@@ -329,7 +350,7 @@ impl Pools {
                         };
                         tracing::warn!(pool = %pool.name, error = %e, retry_in = ?wait, "warming the pool");
                         *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(std::time::Instant::now() + wait);
+                            Some(Instant::now() + wait);
                         break;
                     }
                 }
@@ -369,7 +390,7 @@ impl Pools {
         let mut closed = 0;
         for pool in pools {
             *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(std::time::Instant::now() + Duration::from_secs(10));
+                Some(Instant::now() + Duration::from_secs(10));
             let idle = std::mem::take(&mut *pool.idle.lock().unwrap_or_else(|e| e.into_inner()));
             closed += idle.len();
         }
@@ -377,10 +398,29 @@ impl Pools {
     }
 }
 
+/// One open server connection, counted in its pool's `open` until the
+/// connection is dropped, whichever way it goes.
+pub struct Tally(Arc<AtomicUsize>);
+
+impl Tally {
+    fn new(open: &Arc<AtomicUsize>) -> Tally {
+        open.fetch_add(1, Ordering::Relaxed);
+        Tally(Arc::clone(open))
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Whether an idle connection may be lent again under `config` for a
 /// transaction on `node`: alive, younger than `max_lifetime`, to that node.
-fn keep(conn: &ServerConn, config: &DbConfig, node: &Node) -> bool {
-    conn.is_usable() && conn.opened().elapsed() < config.pool.max_lifetime && **conn.node() == *node
+fn keep(conn: &ServerConn, config: &DbConfig, node: &Node, now: Instant) -> bool {
+    conn.is_usable()
+        && now.saturating_duration_since(conn.opened()) < config.pool.max_lifetime
+        && (std::ptr::eq(&**conn.node(), node) || **conn.node() == *node)
 }
 
 /// A server connection lent to one client.
@@ -437,10 +477,11 @@ impl Checkout {
 
     fn return_to_pool(&mut self) {
         if let Some(mut conn) = self.conn.take() {
-            if conn.opened().elapsed() >= self.max_lifetime {
+            let now = Instant::now();
+            if now.saturating_duration_since(conn.opened()) >= self.max_lifetime {
                 return;
             }
-            conn.mark_idle();
+            conn.mark_idle(now);
             self.pool
                 .idle
                 .lock()

@@ -153,9 +153,16 @@ pub struct ServerConn {
     /// The process id its client was told: the client's own notifications
     /// carry it instead of the server's.
     client_pid: i32,
+    /// Counts it in its pool's open connections while it lives.
+    tally: Option<super::pool::Tally>,
 }
 
 impl ServerConn {
+    /// Count this connection in its pool until it is dropped.
+    pub fn count_in(&mut self, tally: super::pool::Tally) {
+        self.tally = Some(tally);
+    }
+
     pub async fn open(
         node: &Node,
         login: &Login<'_>,
@@ -185,6 +192,7 @@ impl ServerConn {
             settled: None,
             out: BytesMut::new(),
             client_pid: 0,
+            tally: None,
         };
         tokio::time::timeout(timeout, conn.login(login))
             .await
@@ -226,9 +234,9 @@ impl ServerConn {
         self.idle_since
     }
 
-    /// Back in its pool from now.
-    pub fn mark_idle(&mut self) {
-        self.idle_since = std::time::Instant::now();
+    /// Back in its pool from `now`.
+    pub fn mark_idle(&mut self, now: std::time::Instant) {
+        self.idle_since = now;
     }
 
     /// Where it stands between messages (the transaction-state machine
@@ -273,6 +281,15 @@ impl ServerConn {
         }
     }
 
+    /// Whether it is set up for this client already, or for one that asked
+    /// for the same (settings are interned: one copy of each): `apply`
+    /// would send nothing.
+    pub fn settled_for(&self, wanted: &Arc<Settings>, statement_timeout: Duration) -> bool {
+        self.settled.as_ref().is_some_and(|(settled, timeout)| {
+            Arc::ptr_eq(settled, wanted) && *timeout == statement_timeout
+        })
+    }
+
     /// Give the session what this client asked for: its reported settings
     /// (or the server's defaults for those it did not set), its `options`
     /// settings, and `statement_timeout` unless it set its own. Only what
@@ -282,12 +299,8 @@ impl ServerConn {
         wanted: &Arc<Settings>,
         statement_timeout: Duration,
     ) -> Result<(), ServerError> {
-        // Set up for this client, or one that asked for the same (settings
-        // are interned: one copy of each).
-        if let Some((settled, timeout)) = &self.settled {
-            if Arc::ptr_eq(settled, wanted) && *timeout == statement_timeout {
-                return Ok(());
-            }
+        if self.settled_for(wanted, statement_timeout) {
+            return Ok(());
         }
         // Every reported setting a client may change: its own value, else
         // the server's default, whatever an earlier client left.

@@ -325,7 +325,10 @@ impl Session<'_> {
             };
             let timeout = server.statement_timeout();
             let applied = match server.conn_mut() {
-                Ok(conn) => conn.apply(&self.settings, timeout).await,
+                Ok(conn) if conn.settled_for(&self.settings, timeout) => Ok(()),
+                // Boxed: its future would otherwise be part of every
+                // transaction's.
+                Ok(conn) => Box::pin(conn.apply(&self.settings, timeout)).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = applied {
