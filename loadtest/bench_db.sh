@@ -9,7 +9,11 @@
 # "failed" (PgBouncer before 1.21 cannot pool -M prepared in transaction
 # mode: its clients get "prepared statement does not exist").
 # Both poolers listen on a Unix socket and trust local clients, as Django on
-# the same host would use them.
+# the same host would use them. Each server runs in a session of its own, as
+# it does as a daemon or a systemd service: PgBouncer's -d and pg_ctl start
+# one, gatehouse is started with setsid. Sharing the shell's session would put
+# gatehouse in one scheduling group (autogroup) with pgbench, competing for
+# the group's share of the CPU while PgBouncer has a group to itself.
 #
 # Also prints each pooler's CPU time per transaction (user + system, from
 # /proc), which the machine's noise moves far less than tps.
@@ -17,7 +21,8 @@
 # Usage: loadtest/bench_db.sh [seconds-per-run=10] [rounds=2] [pool-size=20]
 # BASELINE=/path/to/another/gatehouse adds that build as a fourth target
 # ("baseline"), to compare two builds in one run; MODES="simple extended"
-# runs only those modes.
+# runs only those modes; GATEHOUSE_THREADS sets server.threads (0, the
+# default, is one per core).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
@@ -87,6 +92,7 @@ cat > "$dir/gh/db.toml" <<CONF
 [server]
 socket_dir = "$dir/gh"
 port = $GH
+${GATEHOUSE_THREADS:+threads = $GATEHOUSE_THREADS}
 [admin]
 enabled = false
 [primary]
@@ -105,14 +111,14 @@ pool_mode = "transaction"
 [log]
 level = "warn"
 CONF
-"$GATEHOUSE" db --config "$dir/gh/db.toml" 2>"$dir/gh/log" &
+setsid "$GATEHOUSE" db --config "$dir/gh/db.toml" 2>"$dir/gh/log" &
 pids+=($!)
 gh_pid=$!
 for _ in $(seq 50); do [ -S "$dir/gh/.s.PGSQL.$GH" ] && break; sleep 0.1; done
 if [ -n "${BASELINE:-}" ]; then
   mkdir -p "$dir/gb"
   sed -e "s|$dir/gh|$dir/gb|" -e "s|^port = $GH|port = $GB|" "$dir/gh/db.toml" > "$dir/gb/db.toml"
-  "$BASELINE" db --config "$dir/gb/db.toml" 2>"$dir/gb/log" &
+  setsid "$BASELINE" db --config "$dir/gb/db.toml" 2>"$dir/gb/log" &
   pids+=($!)
   gb_pid=$!
   for _ in $(seq 50); do [ -S "$dir/gb/.s.PGSQL.$GB" ] && break; sleep 0.1; done

@@ -51,13 +51,15 @@ CONF
 }
 
 # start_gatehouse NAME PORT UPSTREAM_PORT [ENV=VALUE ...]: access log off,
-# health checks on /small; waits until it answers.
+# health checks on /small; waits until it answers. It runs in a session of
+# its own (setsid), as nginx's daemon and a systemd service do: in the shell's
+# session it would share one scheduling group (autogroup) with wrk.
 start_gatehouse() {
   local name=$1 port=$2 upstream=$3
   shift 3
   env GATEHOUSE_LOG__ACCESS_LOG=false GATEHOUSE_LOG__LEVEL=warn \
     GATEHOUSE_UPSTREAM__HEALTH_CHECK__PATH=/small "$@" \
-    "$GATEHOUSE" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$(free_port)" \
+    setsid "$GATEHOUSE" proxy --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$(free_port)" \
     --upstream "http://127.0.0.1:$upstream" 2>"$dir/$name.log" &
   pids+=($!)
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/small" >/dev/null && return; sleep 0.1; done

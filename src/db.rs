@@ -341,8 +341,8 @@ pub fn run(
             Err(()) => tracing::warn!("cpu_scheduling = \"batch\": the kernel refused SCHED_BATCH"),
         }
     }
-    // A thread per core by default; one event loop uses less CPU per
-    // transaction but did not pass more (docs/decisions.md).
+    // One event loop by default: it uses the least CPU per transaction
+    // (docs/decisions.md).
     let runtime = match config.threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -68,8 +68,8 @@ pub struct RawDbServer {
     /// On SIGTERM, how long transactions in progress may take to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
-    /// Threads serving clients: 0 for one per core, 1 for one event loop
-    /// (as PgBouncer), or that many.
+    /// Threads serving clients: 1 for one event loop (as PgBouncer, the
+    /// default), 0 for one per core, or that many.
     pub threads: u32,
     /// "normal", or "batch": the threads' wakeups do not preempt other
     /// processes (Linux SCHED_BATCH).
@@ -88,7 +88,7 @@ impl Default for RawDbServer {
             login_timeout: Duration::from_secs(60),
             max_client_connections: 1000,
             drain_timeout: Duration::from_secs(30),
-            threads: 0,
+            threads: 1,
             cpu_scheduling: "normal".into(),
         }
     }

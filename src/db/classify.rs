@@ -92,46 +92,71 @@ const STATEFUL_BUILTINS: [&str; 15] = [
 
 /// Words without which a statement cannot change session state, unless it
 /// calls a function (`(`): most queries are cleared without a parse.
-const WORDS: [&[u8]; 11] = [
+static WORDS: Words = Words::new(&[
     b"set", b"listen", b"prepare", b"load", b"temp", b"hold", b"discard", b"do", b"call", b"into",
     b"(",
-];
-static WORDS_FIRST: [u16; 256] = first_bytes(&WORDS);
+]);
 
-const DATABASE: [&[u8]; 1] = [b"database"];
-static DATABASE_FIRST: [u16; 256] = first_bytes(&DATABASE);
+static DATABASE: Words = Words::new(&[b"database"]);
 
-/// For each byte, the words (lowercase ASCII, at most 16) that start with
-/// it in either case, as a bit set of their indexes.
-const fn first_bytes(words: &[&[u8]]) -> [u16; 256] {
-    let mut first = [0u16; 256];
-    let mut i = 0;
-    while i < words.len() {
-        let b = words[i][0];
-        first[b as usize] |= 1 << i;
-        first[b.to_ascii_uppercase() as usize] |= 1 << i;
-        i += 1;
-    }
-    first
+/// Up to 16 words of at most 8 bytes, looked for anywhere in a text,
+/// ignoring case. A prefilter: a false match only costs a parse.
+struct Words {
+    /// Each word as a little-endian integer of its bytes with bit 5 set,
+    /// and the mask of its length.
+    words: [(u64, u64); 16],
+    /// For each byte, the words that start with it in either case, as a
+    /// bit set of their indexes.
+    first: [u16; 256],
 }
 
-/// Whether any of `words` occurs in `text`, ignoring case: one pass, and
-/// at each byte only the words that start with it are compared.
-fn mentions_any(text: &[u8], words: &[&[u8]], first: &[u16; 256]) -> bool {
-    text.iter().enumerate().any(|(i, &c)| {
-        let mut candidates = first[usize::from(c)];
-        while candidates != 0 {
-            let word = words[candidates.trailing_zeros() as usize];
-            if text
-                .get(i..i + word.len())
-                .is_some_and(|w| w.eq_ignore_ascii_case(word))
-            {
-                return true;
+impl Words {
+    const fn new(list: &[&[u8]]) -> Words {
+        let mut words = [(0u64, 0u64); 16];
+        let mut first = [0u16; 256];
+        let mut i = 0;
+        while i < list.len() {
+            let word = list[i];
+            assert!(word.len() <= 8 && i < 16);
+            let mut j = 0;
+            while j < word.len() {
+                words[i].0 |= ((word[j] | 0x20) as u64) << (8 * j);
+                words[i].1 |= 0xff << (8 * j);
+                j += 1;
             }
-            candidates &= candidates - 1;
+            first[word[0] as usize] |= 1 << i;
+            first[word[0].to_ascii_uppercase() as usize] |= 1 << i;
+            i += 1;
         }
-        false
-    })
+        Words { words, first }
+    }
+
+    /// Whether any word occurs in `text`: one pass, and at each byte only
+    /// the words that start with it are compared, eight bytes at once with
+    /// bit 5 set in each (ASCII letters in lowercase).
+    fn in_text(&self, text: &[u8]) -> bool {
+        text.iter().enumerate().any(|(i, &c)| {
+            let mut candidates = self.first[usize::from(c)];
+            if candidates == 0 {
+                return false;
+            }
+            let mut window = [0u8; 8];
+            let rest = &text[i..];
+            let n = rest.len().min(8);
+            window[..n].copy_from_slice(&rest[..n]);
+            let window = u64::from_le_bytes(window) | 0x2020_2020_2020_2020;
+            while candidates != 0 {
+                let (word, mask) = self.words[candidates.trailing_zeros() as usize];
+                // A word longer than what is left meets bytes past the
+                // end, which became spaces: no letter matches them.
+                if window & mask == word {
+                    return true;
+                }
+                candidates &= candidates - 1;
+            }
+            false
+        })
+    }
 }
 
 /// Statements classified recently, by their text: clients repeat the same
@@ -167,7 +192,7 @@ impl Classifier {
         sql: &[u8],
         standard_strings: impl FnOnce() -> bool,
     ) -> Option<Arc<Effect>> {
-        if !mentions_any(sql, &WORDS, &WORDS_FIRST) {
+        if !WORDS.in_text(sql) {
             return None;
         }
         let standard_strings = standard_strings();
@@ -373,7 +398,7 @@ const OBJECT_DATABASE: i64 = 10;
 /// x`. Idle pooled connections to them are closed first, or the server
 /// refuses (Django's test runner creates and drops its test database).
 pub fn databases_needing_no_sessions(sql: &[u8]) -> Vec<String> {
-    if sql.len() > PARSED_LEN || !mentions_any(sql, &DATABASE, &DATABASE_FIRST) {
+    if sql.len() > PARSED_LEN || !DATABASE.in_text(sql) {
         return Vec::new();
     }
     let Some(tree) = std::str::from_utf8(sql)
@@ -488,8 +513,39 @@ pub fn discards_all(sql: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{deallocates, deallocates_all, discards_all, effect};
+    use super::{DATABASE, WORDS, deallocates, deallocates_all, discards_all, effect};
     use proptest::prelude::Strategy;
+
+    #[test]
+    fn the_prefilter_finds_its_words_in_any_case_anywhere() {
+        for text in [
+            &b"SET x = 1"[..],
+            b"select 1; reset all",
+            b"LiStEn ch",
+            b"select f(1)",
+            b"x(",
+            b"DISCARD",
+            b"abc do",
+        ] {
+            assert!(WORDS.in_text(text), "{}", String::from_utf8_lossy(text));
+        }
+        for text in [
+            &b"SELECT abalance FROM pgbench_accounts WHERE aid = 42"[..],
+            b"",
+            b"se",
+            b"UPDATE t SET", // "set" ends the text: found
+        ] {
+            let expected = text.ends_with(b"SET");
+            assert_eq!(
+                WORDS.in_text(text),
+                expected,
+                "{}",
+                String::from_utf8_lossy(text)
+            );
+        }
+        assert!(DATABASE.in_text(b"drop DataBase x"));
+        assert!(!DATABASE.in_text(b"drop databas"));
+    }
 
     #[test]
     fn deallocation() {

@@ -245,7 +245,7 @@ pub fn cstr(bytes: &[u8]) -> Option<(&str, &[u8])> {
 /// A NUL-terminated byte string and what follows it. Query text and names
 /// stay bytes: a client may use an encoding other than UTF-8.
 pub fn cbytes(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = bytes.iter().position(|b| *b == 0)?;
+    let end = memchr::memchr(0, bytes)?;
     Some((&bytes[..end], &bytes[end + 1..]))
 }
 
