@@ -31,8 +31,8 @@ struct Pool {
     /// As last configured: its server credentials open new connections.
     user: Mutex<DbUser>,
     idle: Mutex<Vec<ServerConn>>,
-    /// Server connections open for this pool, lent or idle: each holds a
-    /// `Tally` on it. Permits cannot say this: a permit handed to a waiter
+    /// Server connections open for this pool, lent or idle: each counts
+    /// itself in while it lives (`ServerConn::count_in`). Permits cannot say this: a permit handed to a waiter
     /// that has not run yet is counted as lent while its connection is
     /// still idle.
     open: Arc<AtomicUsize>,
@@ -233,7 +233,7 @@ impl Pools {
                     let label = [pool.name.as_str()];
                     match opened {
                         Ok(mut conn) => {
-                            conn.count_in(Tally::new(&pool.open));
+                            conn.count_in(&pool.open);
                             metrics.server_connects.with_label_values(&label).inc();
                             pool.missing.store(false, Ordering::Relaxed);
                             conn
@@ -319,7 +319,7 @@ impl Pools {
                 let node = super::router::warm_node(config);
                 match Box::pin(ServerConn::open(node, &login, config.pool.connect_timeout)).await {
                     Ok(mut conn) => {
-                        conn.count_in(Tally::new(&pool.open));
+                        conn.count_in(&pool.open);
                         *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
                         metrics
                             .server_connects
@@ -395,23 +395,6 @@ impl Pools {
             closed += idle.len();
         }
         closed
-    }
-}
-
-/// One open server connection, counted in its pool's `open` until the
-/// connection is dropped, whichever way it goes.
-pub struct Tally(Arc<AtomicUsize>);
-
-impl Tally {
-    fn new(open: &Arc<AtomicUsize>) -> Tally {
-        open.fetch_add(1, Ordering::Relaxed);
-        Tally(Arc::clone(open))
-    }
-}
-
-impl Drop for Tally {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

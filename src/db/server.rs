@@ -7,6 +7,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -116,6 +117,15 @@ pub struct Login<'a> {
     pub params: &'a [(String, String)],
 }
 
+/// One open connection in its pool's count, taken off when dropped.
+struct Tally(Arc<AtomicUsize>);
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A logged-in server connection, ready for a query. What it does between
 /// a client and PostgreSQL (relaying, applying a client's settings,
 /// resetting) is here; the pool only lends it out and takes it back.
@@ -154,13 +164,15 @@ pub struct ServerConn {
     /// carry it instead of the server's.
     client_pid: i32,
     /// Counts it in its pool's open connections while it lives.
-    tally: Option<super::pool::Tally>,
+    tally: Option<Tally>,
 }
 
 impl ServerConn {
-    /// Count this connection in its pool until it is dropped.
-    pub fn count_in(&mut self, tally: super::pool::Tally) {
-        self.tally = Some(tally);
+    /// Count this connection in `open` (its pool's open connections)
+    /// until it is dropped, whichever way it goes.
+    pub fn count_in(&mut self, open: &Arc<AtomicUsize>) {
+        open.fetch_add(1, Ordering::Relaxed);
+        self.tally = Some(Tally(Arc::clone(open)));
     }
 
     pub async fn open(
