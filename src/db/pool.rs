@@ -296,8 +296,8 @@ impl Pools {
                 // A pool made smaller by a reload: the oldest idle
                 // connections above its size go.
                 let surplus = pool.open().saturating_sub(max);
-                let keep = idle.len().saturating_sub(surplus);
-                idle.truncate(keep);
+                let remaining = idle.len().saturating_sub(surplus);
+                idle.truncate(remaining);
             }
             if !listed {
                 self.drop_if_unused(&pool, metrics);
