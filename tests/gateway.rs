@@ -8,6 +8,8 @@ mod harness;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -450,6 +452,219 @@ async fn only_idempotent_requests_are_retried() {
         .await
         .unwrap();
     assert!(retries >= 1.0, "GETs were retried: {retries}");
+}
+
+/// An upstream that answers each path with fixed bytes, to reach framings
+/// (RFC 9112 §6.3) and faults that a well-behaved server never sends. It
+/// counts the connections it accepts and those it closed after answering
+/// `/idle-close` (a server's keep-alive timeout, made short).
+async fn scripted_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let idle_closed = Arc::new(AtomicUsize::new(0));
+    let (counter, closer) = (Arc::clone(&accepted), Arc::clone(&idle_closed));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let closer = Arc::clone(&closer);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let head_end = loop {
+                        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break end + 4;
+                        }
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&pending[..head_end]).to_ascii_lowercase();
+                    pending.drain(..head_end);
+                    let length: usize = head
+                        .lines()
+                        .find_map(|line| line.strip_prefix("content-length:"))
+                        .map_or(0, |n| n.trim().parse().unwrap());
+                    while pending.len() < length {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    pending.drain(..length);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let (answer, close): (&[u8], bool) = match path.as_str() {
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                              5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+                            false,
+                        ),
+                        "/until-close" => (b"HTTP/1.0 200 OK\r\n\r\nread until close", true),
+                        "/early-hints" => (
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                              HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                            false,
+                        ),
+                        "/not-modified" => (
+                            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 100\r\nETag: \"v1\"\r\n\r\n",
+                            false,
+                        ),
+                        "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", false),
+                        "/conflicting-length" => (
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+                            true,
+                        ),
+                        "/cut" => (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", true),
+                        "/bad-chunk" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+                            true,
+                        ),
+                        "/idle-close" => (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nidle", true),
+                        _ => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi", false),
+                    };
+                    if path == "/idle-close" {
+                        // Keep-alive as far as the gateway knows; closed
+                        // a moment later, while the connection sits idle.
+                        let _ = stream.write_all(answer).await;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        drop(stream);
+                        closer.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    if stream.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted, idle_closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_response_framing_reaches_the_client_whole() {
+    let (addr, accepted, _) = scripted_upstream().await;
+    // Faults below would otherwise eject the only server (`max_fails`).
+    let gateway = Gatehouse::start(&config(
+        &[format!("http://{addr}")],
+        "",
+        "max_fails = 100",
+        "",
+    ));
+    let connections = || accepted.load(Ordering::SeqCst);
+
+    // Chunked, with extensions and trailers: de-chunked, and the connection
+    // is kept for the next request.
+    for _ in 0..5 {
+        let (status, _, body) = get(gateway.addr, "/chunked", &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, "hello world");
+    }
+    assert!(
+        connections() <= 2,
+        "chunked responses kept their connections: {}",
+        connections()
+    );
+
+    // An interim 103 is skipped; the final answer arrives.
+    let (status, _, body) = get(gateway.addr, "/early-hints", &[]).await.unwrap();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (StatusCode::OK, "ok")
+    );
+
+    // 304 and HEAD answers have no body whatever their Content-Length says,
+    // and the connection stays usable.
+    let before = connections();
+    let (status, headers, body) = get(gateway.addr, "/not-modified", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    assert_eq!(headers.get("etag").unwrap(), "\"v1\"");
+    assert!(body.is_empty());
+    let raw = raw_exchange(
+        gateway.addr,
+        b"HEAD /head HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    assert!(
+        raw.to_ascii_lowercase().contains("content-length: 10"),
+        "{raw}"
+    );
+    assert!(
+        raw.ends_with("\r\n\r\n"),
+        "a HEAD answer has no body: {raw:?}"
+    );
+    let (status, _, body) = get(gateway.addr, "/", &[]).await.unwrap();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (StatusCode::OK, "hi")
+    );
+    assert_eq!(
+        connections(),
+        before,
+        "no new connection after 304 and HEAD"
+    );
+
+    // Close-delimited (HTTP/1.0, no length): read to the end; never reused.
+    // Each closes its connection; two workers hold at most two pooled
+    // connections to start with, so five answers take at least three new.
+    let before = connections();
+    for _ in 0..5 {
+        let (status, _, body) = get(gateway.addr, "/until-close", &[]).await.unwrap();
+        assert_eq!(
+            (status, String::from_utf8_lossy(&body).as_ref()),
+            (StatusCode::OK, "read until close")
+        );
+    }
+    assert!(
+        connections() >= before + 3,
+        "close-delimited connections are never reused"
+    );
+
+    // Faults: conflicting lengths, a cut body, a bad chunk size are 502s,
+    // and the gateway keeps serving.
+    for path in ["/conflicting-length", "/cut", "/bad-chunk"] {
+        let (status, _, _) = get(gateway.addr, path, &[]).await.unwrap();
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{path}");
+    }
+    let (status, _, body) = get(gateway.addr, "/chunked", &[]).await.unwrap();
+    assert_eq!(
+        (status, String::from_utf8_lossy(&body).as_ref()),
+        (StatusCode::OK, "hello world")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_closed_is_not_used() {
+    let (addr, _, idle_closed) = scripted_upstream().await;
+    let gateway = Gatehouse::start(&config(&[format!("http://{addr}")], "", "retries = 0", ""));
+    for round in 1..=6 {
+        let (status, _, body) = get(gateway.addr, "/idle-close", &[]).await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"idle"[..]));
+        assert!(
+            eventually(Duration::from_secs(5), async || {
+                idle_closed.load(Ordering::SeqCst) >= round
+            })
+            .await
+        );
+        // A POST is never resent, so it must not be sent on the dead
+        // connection in the first place.
+        let request = Request::post("/")
+            .header("host", "x")
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap();
+        let (status, _, body) = send(gateway.addr, request).await.unwrap();
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"hi"[..]),
+            "round {round}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
@@ -67,21 +67,22 @@ pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListe
     Ok(listeners)
 }
 
-fn connection_builder(server: &ServerConfig, protocol: Protocol) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder = match protocol {
-        Protocol::Http1 => builder.http1_only(),
-        Protocol::Http2 => builder.http2_only(),
-    };
+/// HTTP/1.1 straight on hyper's own connection: the protocol is already
+/// sniffed (by peeking), so nothing needs the `auto` builder's replay layer.
+fn http1_builder(server: &ServerConfig) -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
         // Headers that do not fit get 431 from hyper.
         .max_buf_size(server.max_header_size)
         .max_headers(server.max_headers);
     builder
-        .http2()
+}
+
+fn http2_builder(server: &ServerConfig) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(server.max_header_size).unwrap_or(u32::MAX))
         // No keep-alive pings: the answers would keep an idle connection
@@ -228,10 +229,6 @@ async fn serve_connection(
         verdicts,
         activity: (protocol == Protocol::Http2).then(|| Arc::clone(&activity)),
     };
-    let connection = connection_builder(server, protocol)
-        .serve_connection(io, service)
-        .into_owned();
-    let connection = watcher.watch(connection);
     let send_timed_out = || {
         if activity
             .send_timed_out
@@ -246,12 +243,14 @@ async fn serve_connection(
     };
     if protocol == Protocol::Http1 {
         // hyper keeps the head deadline and the keep-alive idle time itself.
+        let connection = watcher.watch(http1_builder(server).serve_connection(io, service));
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, %peer, "client connection ended with an error");
         }
         send_timed_out();
         return;
     }
+    let connection = watcher.watch(http2_builder(server).serve_connection(io, service));
     let (header_timeout, idle_timeout) = (server.header_read_timeout, server.http2_idle_timeout);
     drop(live);
     tokio::pin!(connection);

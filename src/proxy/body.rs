@@ -4,22 +4,24 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use super::spool::SpoolReader;
+use super::upstream::h1::UpstreamBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-
-use super::spool::SpoolReader;
 
 pub enum ProxyBody {
     /// The whole body; `None` once sent.
     Full(Option<Bytes>),
     /// A response larger than the buffer: what was read, then the rest.
-    Streaming { head: Option<Bytes>, rest: Incoming },
+    Streaming {
+        head: Option<Bytes>,
+        rest: UpstreamBody,
+    },
     /// A response larger than the buffer, read whole into a temporary file;
     /// past `max_temp_file_size`, the rest still streams from Gunicorn.
     Spooled {
         file: SpoolReader,
-        rest: Option<Incoming>,
+        rest: Option<UpstreamBody>,
     },
 }
 
@@ -36,12 +38,12 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBody::Streaming { head, rest } => {

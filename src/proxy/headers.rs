@@ -2,6 +2,8 @@
 //! both directions (RFC 9110 §7.6.1, pingora #706) and the `X-Forwarded-*`
 //! fields set from what the `identify` phase decided.
 
+use std::net::IpAddr;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::identify::{Caller, X_FORWARDED_FOR, X_REQUEST_ID};
@@ -54,23 +56,44 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// Gunicorn refuses a request whose `X-Forwarded-Ssl` or
 /// `X-Forwarded-Protocol` contradicts the `X-Forwarded-Proto` set here
 /// ("Contradictory scheme headers").
-const PROXY_ONLY: [&str; 10] = [
-    "x-original-url",
-    "x-rewrite-url",
-    "x-real-ip",
-    "forwarded",
-    "true-client-ip",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-forwarded-ssl",
-    "x-forwarded-protocol",
-    "x-forwarded-scheme",
+const PROXY_ONLY: [HeaderName; 10] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-forwarded-protocol"),
+    HeaderName::from_static("x-forwarded-scheme"),
 ];
+
+/// An address as header text; IPv4, the common case, without `fmt`.
+fn address_value(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
 
 /// Set `X-Forwarded-For/Proto/Host` and `X-Request-ID` for Gunicorn. Values a
 /// client sent are kept only when its peer is a trusted proxy.
 pub fn set_forwarded(headers: &mut HeaderMap, caller: &Caller, host: Option<&HeaderValue>) {
-    let peer = caller.peer.to_string();
+    let peer = address_value(caller.peer);
     let xff = if caller.trusted_peer {
         let earlier: Vec<&str> = headers
             .get_all(X_FORWARDED_FOR)
@@ -101,8 +124,9 @@ pub fn set_forwarded(headers: &mut HeaderMap, caller: &Caller, host: Option<&Hea
             }
         }
     }
-    if !caller.trusted_peer {
-        for name in PROXY_ONLY {
+    // Most requests carry none: one pass of name comparisons first.
+    if !caller.trusted_peer && headers.keys().any(|name| PROXY_ONLY.contains(name)) {
+        for name in &PROXY_ONLY {
             headers.remove(name);
         }
     }
@@ -146,6 +170,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.99.100",
+            "255.255.255.255",
+            "192.168.1.10",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(address_value(ip), ip.to_string());
+        }
     }
 
     #[test]

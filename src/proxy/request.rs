@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
@@ -254,7 +254,7 @@ impl Exchange {
             parts.uri = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
         }
         parts.version = Version::HTTP_11;
-        let request = Request::from_parts(parts, Full::new(body));
+        let request = Request::from_parts(parts, body);
 
         let upstreams = Arc::clone(&self.live.upstreams);
         // Boxed for the same reason as the limiter's call.

@@ -2,6 +2,7 @@
 //! (passive ejection, active checks in `health`), per-worker keep-alive pools,
 //! and sending one buffered request with at most the configured retries.
 
+pub mod h1;
 pub mod health;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -10,24 +11,19 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use prometheus::IntGauge;
 use tokio::net::{TcpStream, UnixStream};
 
+use self::h1::{Conn, H1Error, ReadTimer, UpstreamBody};
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::spool::Spool;
 use crate::config::{UpstreamConfig, UpstreamTarget};
 use crate::telemetry::Metrics;
 
-type Sender = http1::SendRequest<Full<Bytes>>;
-
 /// One keep-alive connection waiting in a pool.
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -121,78 +117,57 @@ impl Server {
         }
     }
 
-    /// A pooled connection still open and not idle too long, if any.
-    fn checkout(&self, worker: usize, idle_timeout: Duration) -> Option<Sender> {
+    /// A pooled connection not idle too long, on which nothing arrived
+    /// while it waited (the server did not close it), if any.
+    fn checkout(&self, worker: usize, idle_timeout: Duration) -> Option<Conn> {
         let mut pool = self.idle.get(worker)?.lock().ok()?;
-        while let Some(idle) = pool.pop() {
-            if !idle.sender.is_closed() && idle.since.elapsed() < idle_timeout {
-                return Some(idle.sender);
+        while let Some(mut idle) = pool.pop() {
+            if idle.since.elapsed() < idle_timeout && idle.conn.is_clean() {
+                return Some(idle.conn);
             }
         }
         None
     }
 
-    fn checkin(&self, worker: usize, sender: Sender, max_idle: usize) {
-        if sender.is_closed() {
-            return;
-        }
+    fn checkin(&self, worker: usize, conn: Conn, max_idle: usize) {
         if let Some(Ok(mut pool)) = self.idle.get(worker).map(|p| p.lock()) {
             if pool.len() < max_idle {
                 pool.push(Idle {
-                    sender,
+                    conn,
                     since: Instant::now(),
                 });
             }
         }
     }
 
-    /// Open a new HTTP/1.1 connection; its driver task runs on this worker.
-    async fn connect(&self, timeout: Duration) -> Result<Sender, ProxyError> {
+    /// Open a new connection, registered with this worker's event loop.
+    async fn connect(&self, timeout: Duration) -> Result<Conn, ProxyError> {
         let unreachable = |e: std::io::Error| ProxyError::UpstreamUnreachable {
             addr: self.label.to_string(),
             reason: e.to_string(),
         };
-        let handshake = async {
+        let connect = async {
             match &self.target {
                 UpstreamTarget::Tcp { authority } => {
                     let stream = TcpStream::connect(authority.as_str())
                         .await
                         .map_err(unreachable)?;
                     let _ = stream.set_nodelay(true);
-                    handshake(TokioIo::new(stream), &self.label).await
+                    Ok(Conn::new(h1::Io::Tcp(stream)))
                 }
                 UpstreamTarget::Unix { path } => {
                     let stream = UnixStream::connect(path).await.map_err(unreachable)?;
-                    handshake(TokioIo::new(stream), &self.label).await
+                    Ok(Conn::new(h1::Io::Unix(stream)))
                 }
             }
         };
-        tokio::time::timeout(timeout, handshake)
+        tokio::time::timeout(timeout, connect)
             .await
             .map_err(|_| ProxyError::UpstreamTimeout {
                 addr: self.label.to_string(),
                 after: timeout,
             })?
     }
-}
-
-async fn handshake<T>(io: T, label: &str) -> Result<Sender, ProxyError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, conn) =
-        http1::handshake(io)
-            .await
-            .map_err(|e| ProxyError::UpstreamUnreachable {
-                addr: label.to_string(),
-                reason: e.to_string(),
-            })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended");
-        }
-    });
-    Ok(sender)
 }
 
 /// The servers of one configuration and how requests are spread over them.
@@ -242,11 +217,10 @@ impl UpstreamSet {
     pub async fn forward(
         &self,
         worker: usize,
-        request: Request<Full<Bytes>>,
+        request: Request<Bytes>,
         metrics: &Metrics,
     ) -> Result<Forwarded, ProxyError> {
         let retry_safe = is_idempotent(request.method());
-        let mut request = request;
         let mut tried: Vec<usize> = Vec::with_capacity(2);
         let mut last_error = None;
         for attempt in 0..=self.config.retries {
@@ -258,7 +232,7 @@ impl UpstreamSet {
                 metrics.upstream_retries.inc();
             }
             let started = Instant::now();
-            match self.attempt(worker, server, request).await {
+            match self.attempt(worker, server, &request).await {
                 Ok(response) => {
                     server.record_success();
                     let elapsed = started.elapsed();
@@ -279,10 +253,9 @@ impl UpstreamSet {
                     tracing::warn!(upstream = %server.label, error = %failure.error, "upstream attempt failed");
                     last_error = Some(failure.error);
                     // Pingora #979: never resend what a server may have acted
-                    // on; `unsent` is the request back only when no byte left.
-                    match failure.unsent {
-                        Some(unsent) if retry_safe => request = unsent,
-                        _ => break,
+                    // on; only a request no byte of which left may go again.
+                    if !(failure.unsent && retry_safe) {
+                        break;
                     }
                 }
             }
@@ -296,75 +269,86 @@ impl UpstreamSet {
         &self,
         worker: usize,
         server: &Server,
-        mut request: Request<Full<Bytes>>,
+        request: &Request<Bytes>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let cfg = &self.config;
-        if !cfg.preserve_host || !request.headers().contains_key(http::header::HOST) {
-            request
-                .headers_mut()
-                .insert(http::header::HOST, server.host_header());
-        }
+        let host = (!cfg.preserve_host || !request.headers().contains_key(http::header::HOST))
+            .then(|| server.host_header());
+        let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let method = request.method();
         let timeout = cfg.response_timeout;
         let timed_out = || ProxyError::UpstreamTimeout {
             addr: server.label.to_string(),
             after: timeout,
         };
-        let (sender, response) = loop {
-            let (mut sender, pooled) = match server.checkout(worker, cfg.idle_timeout) {
-                Some(sender) => (sender, true),
+        let sleep = tokio::time::sleep(timeout);
+        tokio::pin!(sleep);
+        let mut timer = ReadTimer::new(sleep, timeout);
+        let (conn, head) = loop {
+            let (mut conn, pooled) = match server.checkout(worker, cfg.idle_timeout) {
+                Some(conn) => (conn, true),
                 None => match server.connect(cfg.connect_timeout).await {
-                    Ok(sender) => (sender, false),
-                    Err(error) => return Err(Failure::unsent(error, request)),
+                    Ok(conn) => (conn, false),
+                    Err(error) => return Err(Failure::unsent(error)),
                 },
             };
-            // A pooled connection becomes ready once its previous response is
-            // fully read; one that closed meanwhile is simply dropped.
-            if pooled && sender.ready().await.is_err() {
-                continue;
+            let head = h1::encode_head(method, target, request.headers(), host.as_ref());
+            let sent = tokio::select! {
+                biased;
+                sent = conn.send(head, request.body()) => sent,
+                () = timer.sleep() => return Err(Failure::sent(timed_out())),
+            };
+            if let Err(e) = sent {
+                // A kept-alive connection the server had closed: it took no
+                // request, so any request may go on a fresh one.
+                if pooled {
+                    continue;
+                }
+                return Err(Failure::sent(broken(server, &H1Error::Io(e))));
             }
-            match tokio::time::timeout(timeout, sender.try_send_request(request)).await {
-                Err(_) => return Err(Failure::sent(timed_out())),
-                Ok(Ok(response)) => break (sender, response),
-                Ok(Err(mut e)) => match e.take_message() {
-                    // The connection closed before a byte of this request went
-                    // out: a kept-alive connection the server had closed.
-                    Some(back) if pooled => request = back,
-                    Some(back) => return Err(Failure::unsent(broken(server, e.error()), back)),
-                    None => return Err(Failure::sent(broken(server, e.error()))),
-                },
+            match conn.read_head(method, &mut timer).await {
+                Ok(head) => break (conn, head),
+                // Closed as the request arrived, before any byte of an
+                // answer: the server's keep-alive timeout raced this
+                // request. Only an idempotent request is safe to send again.
+                Err(H1Error::ClosedEarly) if pooled && is_idempotent(method) => continue,
+                Err(H1Error::TimedOut) => return Err(Failure::sent(timed_out())),
+                Err(e) => return Err(Failure::sent(broken(server, &e))),
             }
         };
-        let (parts, mut body) = response.into_parts();
+        let mut rest = UpstreamBody::new(conn, &head);
+        let parts = head.parts;
         let mut chunks: Vec<Bytes> = Vec::new();
         let mut buffered = 0usize;
         loop {
             if buffered > cfg.response_buffer_size {
                 let head = concat(chunks);
                 if cfg.max_temp_file_size > 0 {
-                    return self.spool(worker, server, sender, parts, head, body).await;
+                    return self
+                        .spool(worker, server, parts, head, rest, &mut timer)
+                        .await;
                 }
                 // Spooling off: send what we have, stream the rest. The
-                // connection is not pooled; hyper closes it when the body ends.
+                // connection is not pooled; it closes when the body ends.
                 let body = ProxyBody::Streaming {
                     head: (!head.is_empty()).then_some(head),
-                    rest: body,
+                    rest,
                 };
                 return Ok(Response::from_parts(parts, body));
             }
-            match tokio::time::timeout(timeout, body.frame()).await {
-                Err(_) => return Err(Failure::sent(timed_out())),
+            match rest.next_chunk(&mut timer).await {
+                Err(H1Error::TimedOut) => return Err(Failure::sent(timed_out())),
+                Err(e) => return Err(Failure::sent(broken(server, &e))),
                 Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(Failure::sent(broken(server, &e))),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        buffered += data.len();
-                        chunks.push(data);
-                    }
+                Ok(Some(data)) => {
+                    buffered += data.len();
+                    chunks.push(data);
                 }
             }
         }
-        drop(body);
-        server.checkin(worker, sender, cfg.max_idle_per_server);
+        if let Some(conn) = rest.into_reusable() {
+            server.checkin(worker, conn, cfg.max_idle_per_server);
+        }
         Ok(Response::from_parts(parts, ProxyBody::full(concat(chunks))))
     }
 }
@@ -378,10 +362,10 @@ impl UpstreamSet {
         &self,
         worker: usize,
         server: &Server,
-        sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
         parts: http::response::Parts,
         head: Bytes,
-        mut body: hyper::body::Incoming,
+        mut rest: UpstreamBody,
+        timer: &mut ReadTimer<'_>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let cfg = &self.config;
         let streamed = |head: Bytes, rest| ProxyBody::Streaming {
@@ -392,7 +376,7 @@ impl UpstreamSet {
             Ok(spool) => spool,
             Err(e) => {
                 tracing::warn!(error = %e, dir = %cfg.temp_path.display(), "cannot spool a large response; streaming it");
-                return Ok(Response::from_parts(parts, streamed(head, body)));
+                return Ok(Response::from_parts(parts, streamed(head, rest)));
             }
         };
         let failed = |e: std::io::Error| {
@@ -403,35 +387,31 @@ impl UpstreamSet {
             })
         };
         spool.write(&head).await.map_err(failed)?;
-        let timeout = cfg.response_timeout;
         let complete = loop {
             if spool.written() >= cfg.max_temp_file_size {
                 break false;
             }
-            match tokio::time::timeout(timeout, body.frame()).await {
-                Err(_) => {
+            match rest.next_chunk(timer).await {
+                Err(H1Error::TimedOut) => {
                     return Err(Failure::sent(ProxyError::UpstreamTimeout {
                         addr: server.label.to_string(),
-                        after: timeout,
+                        after: cfg.response_timeout,
                     }));
                 }
+                Err(e) => return Err(Failure::sent(broken(server, &e))),
                 Ok(None) => break true,
-                Ok(Some(Err(e))) => return Err(Failure::sent(broken(server, &e))),
-                Ok(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        spool.write(&data).await.map_err(failed)?;
-                    }
-                }
+                Ok(Some(data)) => spool.write(&data).await.map_err(failed)?,
             }
         };
         self.metrics_spooled.inc();
         let file = spool.into_reader().await.map_err(failed)?;
         let rest = if complete {
-            drop(body);
-            server.checkin(worker, sender, cfg.max_idle_per_server);
+            if let Some(conn) = rest.into_reusable() {
+                server.checkin(worker, conn, cfg.max_idle_per_server);
+            }
             None
         } else {
-            Some(body)
+            Some(rest)
         };
         Ok(Response::from_parts(
             parts,
@@ -447,30 +427,30 @@ pub struct Forwarded {
     pub upstream_time: Duration,
 }
 
-/// Why one attempt failed; the request comes back only when no byte of it
-/// reached the server, so it can safely go to another.
+/// Why one attempt failed, and whether the request may go to another
+/// server: only when no byte of it reached this one.
 struct Failure {
     error: ProxyError,
-    unsent: Option<Request<Full<Bytes>>>,
+    unsent: bool,
 }
 
 impl Failure {
-    fn unsent(error: ProxyError, request: Request<Full<Bytes>>) -> Self {
+    fn unsent(error: ProxyError) -> Self {
         Failure {
             error,
-            unsent: Some(request),
+            unsent: true,
         }
     }
 
     fn sent(error: ProxyError) -> Self {
         Failure {
             error,
-            unsent: None,
+            unsent: false,
         }
     }
 }
 
-fn broken(server: &Server, error: &hyper::Error) -> ProxyError {
+fn broken(server: &Server, error: &H1Error) -> ProxyError {
     ProxyError::UpstreamBroken {
         addr: server.label.to_string(),
         reason: error.to_string(),
@@ -521,11 +501,6 @@ fn interleave(servers: &[Arc<Server>]) -> Vec<usize> {
         order.push(best);
     }
     order
-}
-
-/// Read a whole body from a response (used by the health checker).
-pub async fn drain(body: Incoming) -> Result<usize, hyper::Error> {
-    Ok(body.collect().await?.to_bytes().len())
 }
 
 #[cfg(test)]

@@ -282,17 +282,17 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &polled {
-            if buf.filled().len() > before {
+            // Only HTTP/2 is watched for idleness here; hyper keeps
+            // HTTP/1.1's own timers, and a clock read per read is not free.
+            if buf.filled().len() > before && this.frames.is_some() {
                 this.activity.bytes_moved();
-                if this.frames.is_some() {
-                    let filled = &buf.filled()[before..];
-                    observe_frames(
-                        this.frames.as_mut(),
-                        &mut this.open_block,
-                        &this.activity,
-                        filled,
-                    );
-                }
+                let filled = &buf.filled()[before..];
+                observe_frames(
+                    this.frames.as_mut(),
+                    &mut this.open_block,
+                    &this.activity,
+                    filled,
+                );
             }
         }
         polled

@@ -4,32 +4,37 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{Request, header};
-use http_body_util::Full;
+use http::{HeaderMap, HeaderValue, Method, header};
 
-use super::{Server, UpstreamSet, drain};
+use super::h1::{self, ReadTimer};
+use super::{Server, UpstreamSet};
 use crate::config::HealthCheck;
 
 /// Probe one server once.
 pub async fn probe(server: &Server, check: &HealthCheck) -> Result<(), String> {
     let attempt = async {
-        let mut sender = server
+        let mut conn = server
             .connect(check.timeout)
             .await
             .map_err(|e| e.to_string())?;
-        let request = Request::get(check.path.as_str())
-            .header(header::HOST, server.host_header())
-            .header(header::USER_AGENT, "gatehouse-health-check")
-            .header(header::CONNECTION, "close")
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| e.to_string())?;
-        let response = sender
-            .send_request(request)
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, server.host_header());
+        headers.insert(
+            header::USER_AGENT,
+            HeaderValue::from_static("gatehouse-health-check"),
+        );
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let head = h1::encode_head(&Method::GET, &check.path, &headers, None);
+        conn.send(head, &[]).await.map_err(|e| e.to_string())?;
+        let sleep = tokio::time::sleep(check.timeout);
+        tokio::pin!(sleep);
+        let mut timer = ReadTimer::new(sleep, check.timeout);
+        let mut response = conn
+            .read_head(&Method::GET, &mut timer)
             .await
             .map_err(|e| e.to_string())?;
-        let status = response.status();
-        let _ = drain(response.into_body()).await;
+        let status = response.parts.status;
+        while let Ok(Some(_)) = conn.next_chunk(&mut response.body, &mut timer).await {}
         if status.is_server_error() {
             Err(format!("health check answered {status}"))
         } else {
