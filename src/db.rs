@@ -52,7 +52,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::config::db::{CpuScheduling, DbConfig, DbOverrides, Node};
-use server::ServerStream;
+use crate::net::Stream;
 
 /// Where a client's cancel key leads: the server it holds.
 #[derive(Debug, Clone)]
@@ -156,11 +156,11 @@ impl DbShared {
         let stream = match target.node.as_ref() {
             Node::Tcp { host, port } => tokio::net::TcpStream::connect((host.as_str(), *port))
                 .await
-                .map(ServerStream::Tcp),
+                .map(Stream::Tcp),
             Node::Socket { dir, port } => {
                 tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{port}")))
                     .await
-                    .map(ServerStream::Unix)
+                    .map(Stream::Unix)
             }
         };
         let Ok(mut stream) = stream else { return };

@@ -2,6 +2,10 @@
 //! address is trusted, and the client address that trusted proxies vouch
 //! for in `X-Forwarded-For` or RFC 7239 `Forwarded`.
 
+mod stream;
+
+pub use stream::Stream;
+
 use std::net::{IpAddr, SocketAddr};
 
 use http::HeaderMap;

@@ -170,6 +170,24 @@ pub struct PoolMetrics {
     pub transactions: prometheus::IntCounter,
     pub bytes_to_server: prometheus::IntCounter,
     pub bytes_to_client: prometheus::IntCounter,
+    /// Named statements prepared, reused and evicted on this pool's servers.
+    statements: [prometheus::IntCounter; 3],
+}
+
+impl PoolMetrics {
+    /// Count what happened to named statements in one exchange.
+    pub fn count_statements(&self, events: super::statements::StatementEvents) {
+        let [prepared, reused, evicted] = &self.statements;
+        for (counter, n) in [
+            (prepared, events.prepared),
+            (reused, events.reused),
+            (evicted, events.evicted),
+        ] {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
+    }
 }
 
 impl DbMetrics {
@@ -181,6 +199,8 @@ impl DbMetrics {
             transactions: self.transactions.with_label_values(&[pool]),
             bytes_to_server: self.bytes.with_label_values(&[pool, "to_server"]),
             bytes_to_client: self.bytes.with_label_values(&[pool, "to_client"]),
+            statements: ["prepared", "reused", "evicted"]
+                .map(|event| self.statements.with_label_values(&[pool, event])),
         }
     }
 
@@ -210,18 +230,5 @@ impl DbMetrics {
         }
         let _ = self.pool_waiting.remove_label_values(&[pool]);
         let _ = self.pool_max.remove_label_values(&[pool]);
-    }
-
-    /// Count what happened to named statements in one exchange.
-    pub fn count_statements(&self, pool: &str, events: super::statements::StatementEvents) {
-        for (event, n) in [
-            ("prepared", events.prepared),
-            ("reused", events.reused),
-            ("evicted", events.evicted),
-        ] {
-            if n > 0 {
-                self.statements.with_label_values(&[pool, event]).inc_by(n);
-            }
-        }
     }
 }

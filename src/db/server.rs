@@ -5,16 +5,15 @@
 //! relay messages both ways, and reset the session for the next client.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_util::codec::Decoder;
 
@@ -26,6 +25,7 @@ use super::codec::{
 use super::settings::{Settings, lookup, tracked};
 use super::statements::{ClientStatements, Exchange, Naming, Sides, Standing, StatementEvents};
 use crate::config::db::Node;
+use crate::net::Stream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -48,62 +48,16 @@ pub enum ServerError {
     Scram(String),
 }
 
-/// A Unix or TCP stream to a server.
-pub enum ServerStream {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl AsyncRead for ServerStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ServerStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ServerStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
 /// Open a stream to a node (no login).
-pub async fn reach(node: &Node) -> io::Result<ServerStream> {
+pub async fn reach(node: &Node) -> io::Result<Stream> {
     Ok(match node {
         Node::Tcp { host, port } => {
             let stream = TcpStream::connect((host.as_str(), *port)).await?;
             let _ = stream.set_nodelay(true);
-            ServerStream::Tcp(stream)
+            Stream::Tcp(stream)
         }
         Node::Socket { dir, port } => {
-            ServerStream::Unix(UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?)
+            Stream::Unix(UnixStream::connect(dir.join(format!(".s.PGSQL.{port}"))).await?)
         }
     })
 }
@@ -130,7 +84,7 @@ impl Drop for Tally {
 /// a client and PostgreSQL (relaying, applying a client's settings,
 /// resetting) is here; the pool only lends it out and takes it back.
 pub struct ServerConn {
-    stream: ServerStream,
+    stream: Stream,
     /// Bytes read from the server but not yet consumed.
     buf: BytesMut,
     codec: FrameCodec,
@@ -216,12 +170,7 @@ impl ServerConn {
     /// server sends nothing) and not closed. A server that shut down sends a
     /// FATAL and closes; either shows up here.
     pub fn is_usable(&self) -> bool {
-        let mut probe = [0u8; 1];
-        let read = match &self.stream {
-            ServerStream::Tcp(s) => s.try_read(&mut probe),
-            ServerStream::Unix(s) => s.try_read(&mut probe),
-        };
-        matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock) && self.buf.is_empty()
+        self.buf.is_empty() && self.stream.is_quiet()
     }
 
     /// ParameterStatus values as the server last reported them.

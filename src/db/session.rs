@@ -432,10 +432,8 @@ impl Session<'_> {
             return;
         };
         let events = conn.take_events();
-        self.shared
-            .metrics
-            .count_statements(server.pool_name(), events);
         let pool = server.metrics();
+        pool.count_statements(events);
         pool.transactions.inc_by(events.transactions);
         let threshold = self.shared.config.load().pool.slow_query_threshold;
         for _ in 0..events.ready {

@@ -19,6 +19,7 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::spool::Spool;
 use crate::config::{UpstreamConfig, UpstreamTarget};
+use crate::net::Stream;
 use crate::telemetry::Metrics;
 
 /// One keep-alive connection waiting in a pool.
@@ -121,7 +122,7 @@ impl Server {
     /// while it waited (the server did not close it), if any.
     fn checkout(&self, worker: usize, idle_timeout: Duration) -> Option<Conn> {
         let mut pool = self.idle.get(worker)?.lock().ok()?;
-        while let Some(mut idle) = pool.pop() {
+        while let Some(idle) = pool.pop() {
             if idle.since.elapsed() < idle_timeout && idle.conn.is_clean() {
                 return Some(idle.conn);
             }
@@ -153,11 +154,11 @@ impl Server {
                         .await
                         .map_err(unreachable)?;
                     let _ = stream.set_nodelay(true);
-                    Ok(Conn::new(h1::Io::Tcp(stream)))
+                    Ok(Conn::new(Stream::Tcp(stream)))
                 }
                 UpstreamTarget::Unix { path } => {
                     let stream = UnixStream::connect(path).await.map_err(unreachable)?;
-                    Ok(Conn::new(h1::Io::Unix(stream)))
+                    Ok(Conn::new(Stream::Unix(stream)))
                 }
             }
         };

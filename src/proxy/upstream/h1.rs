@@ -16,9 +16,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
+
+use crate::net::Stream;
 
 /// A response head larger than this is refused, as nginx refuses one larger
 /// than `proxy_buffer_size` ("upstream sent too big header").
@@ -57,68 +58,6 @@ impl H1Error {
             H1Error::Truncated => io::Error::new(io::ErrorKind::UnexpectedEof, self.to_string()),
             H1Error::TimedOut => io::Error::new(io::ErrorKind::TimedOut, self.to_string()),
             other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
-        }
-    }
-}
-
-/// A TCP or Unix-socket stream to one server.
-pub enum Io {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Io {
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            Io::Tcp(s) => s.poll_read_ready(cx),
-            Io::Unix(s) => s.poll_read_ready(cx),
-        }
-    }
-
-    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Io::Tcp(s) => s.try_read(buf),
-            Io::Unix(s) => s.try_read(buf),
-        }
-    }
-}
-
-impl AsyncRead for Io {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Io::Unix(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -162,7 +101,7 @@ impl<'a> ReadTimer<'a> {
 
 /// One connection and what has been read from it and not yet used.
 pub struct Conn {
-    io: Io,
+    io: Stream,
     buf: BytesMut,
 }
 
@@ -175,7 +114,7 @@ pub struct Head {
 }
 
 impl Conn {
-    pub fn new(io: Io) -> Self {
+    pub fn new(io: Stream) -> Self {
         Conn {
             io,
             buf: BytesMut::new(),
@@ -183,21 +122,9 @@ impl Conn {
     }
 
     /// Nothing arrived while the connection sat idle: the server has not
-    /// closed it and has sent nothing unasked. Costs a system call only
-    /// when the reactor saw the socket become readable.
-    pub fn is_clean(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match self.io.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+    /// closed it and has sent nothing unasked.
+    pub fn is_clean(&self) -> bool {
+        self.buf.is_empty() && self.io.is_quiet()
     }
 
     /// Write a request: its head and, when small, its body in one write.
