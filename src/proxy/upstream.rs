@@ -305,7 +305,9 @@ impl UpstreamSet {
                 if pooled {
                     continue;
                 }
-                return Err(Failure::sent(broken(server, &H1Error::Io(e))));
+                // Refused while being written: no whole request reached the
+                // server, so an idempotent one may go to another.
+                return Err(Failure::unsent(broken(server, &H1Error::Io(e))));
             }
             match conn.read_head(method, &mut timer).await {
                 Ok(head) => break (conn, head),
