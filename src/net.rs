@@ -1,6 +1,7 @@
-//! Peer addresses and trusted proxies, shared by both services: whether an
-//! address is trusted, and the client address that trusted proxies vouch
-//! for in `X-Forwarded-For` or RFC 7239 `Forwarded`.
+//! Networking shared by both services: whether a peer address is trusted,
+//! the client address that trusted proxies vouch for in `X-Forwarded-For`
+//! or RFC 7239 `Forwarded`, and the TCP-or-Unix stream each service uses
+//! to reach its backends ([`Stream`]).
 
 mod stream;
 
