@@ -446,6 +446,14 @@ fn positive(key: &str, value: Duration, problems: &mut Problems) {
     }
 }
 
+/// A host as the cache keys it: lower case, without a trailing dot or the
+/// default port.
+pub fn normalise_host(host: &str) -> String {
+    let host = host.trim().to_ascii_lowercase();
+    let host = host.strip_suffix(":80").unwrap_or(&host);
+    host.strip_suffix('.').unwrap_or(host).to_string()
+}
+
 /// `methods = [...]` of a route or rule at `key`.
 fn parse_methods(key: &str, raw: &[String], problems: &mut Problems) -> Vec<Method> {
     let mut methods = Vec::new();

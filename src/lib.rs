@@ -21,7 +21,8 @@
 //!   - [`proxy::route`]: the one route table, matched once per request on
 //!     the path as Gunicorn decodes it; the route carries its limits;
 //!   - limit: [`ratelimit`] decides, in [`proxy::request`];
-//!   - cache: not built yet; its place is marked in [`proxy::request`];
+//!   - [`proxy::cache`]: GET/HEAD answered from the store, misses of one key
+//!     made one fetch, revalidation, storing, and invalidation on writes;
 //!   - [`proxy::upstream`]: buffered forwarding to Gunicorn, keep-alive
 //!     pools, retries, passive ejection and active health checks; large
 //!     responses spooled to a file ([`proxy::spool`]);
@@ -29,6 +30,9 @@
 //!     [`proxy::headers`];
 //!   - log: request metrics, and the access-log line written once the body
 //!     is out ([`proxy::log`]).
+//! - [`cache`]: the response cache's store: RFC 9111 rules
+//!   ([`cache::policy`]), keys ([`cache::key`]), L1 in memory, tag versions
+//!   for invalidation ([`cache::tags`]) and per-key fetch locks.
 //! - [`ratelimit`]: global, per-user and endpoint sliding-window limits,
 //!   one atomic Lua call to Redis per request, a local fallback behind a
 //!   circuit breaker, and the `RateLimit` response fields.
@@ -43,6 +47,7 @@
 //! - [`telemetry`]: tracing setup and the Prometheus registry.
 
 pub mod admin;
+pub mod cache;
 pub mod config;
 pub mod db;
 pub mod net;

@@ -6,6 +6,7 @@
 pub mod accept;
 pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod error;
 pub mod headers;
 pub mod identify;
@@ -130,6 +131,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub workers: usize,
     pub limit_stores: LimitStores,
+    /// The response cache's store, kept across reloads.
+    pub cache: crate::cache::Cache,
     pub access_log: log::AccessLog,
     /// Client connections, all workers together (`server.max_connections`,
     /// within the open-file limit). Fixed at start.
@@ -217,12 +220,14 @@ pub fn run(
         path: config.log.access_log_path.clone().unwrap_or_default(),
         source,
     })?;
+    let cache = crate::cache::Cache::new(&config.cache, &metrics.registry)?;
     let live = Live::new(config, upstreams, &limit_stores, &metrics);
     let shared = Arc::new(Shared {
         live: ArcSwap::from_pointee(live),
         metrics,
         workers,
         limit_stores,
+        cache,
         access_log,
         connection_permits: Arc::new(tokio::sync::Semaphore::new(cap)),
     });
@@ -360,6 +365,7 @@ pub fn reload(shared: &Shared, source: &ConfigSource) {
             &shared.metrics,
         ))
     };
+    shared.cache.reconfigure(&config.cache);
     shared.live.store(Arc::new(Live::new(
         config,
         upstreams,

@@ -24,7 +24,8 @@ use harness::{
 
 /// A gateway config: `servers` as upstream URLs, extra lines for `[server]`
 /// and `[upstream]`, and `health` lines for `[upstream.health_check]` (empty:
-/// active checks off).
+/// active checks off). These tests are about forwarding, so every request
+/// must reach an upstream: the response cache is off (tests/cache.rs has it on).
 fn config(servers: &[String], server: &str, upstream: &str, health: &str) -> String {
     let health = if health.is_empty() {
         "enabled = false".to_string()
@@ -37,7 +38,8 @@ fn config(servers: &[String], server: &str, upstream: &str, health: &str) -> Str
         .collect();
     format!(
         "[server]\nworkers = 2\n{server}\n\n[upstream]\n{upstream}\n\n\
-         [upstream.health_check]\n{health}\n\n{servers}\n[log]\naccess_log = true\n"
+         [upstream.health_check]\n{health}\n\n{servers}\n[log]\naccess_log = true\n\n\
+         [cache]\nenabled = false\n"
     )
 }
 

@@ -31,7 +31,8 @@ fn prefix() -> String {
 }
 
 /// A gateway config with rate limits. `limits` goes under `[ratelimit]`,
-/// `rest` after everything (endpoint rules, identity).
+/// `rest` after everything (endpoint rules, identity). The tests count
+/// upstream hits, so the response cache is off.
 fn config(upstream: &str, redis: Option<&str>, limits: &str, rest: &str) -> String {
     let redis = redis
         .map(|url| format!("[redis]\nurl = \"{url}\"\n"))
@@ -46,6 +47,7 @@ fn config(upstream: &str, redis: Option<&str>, limits: &str, rest: &str) -> Stri
     format!(
         "{routes}[server]\nworkers = 2\nwatch_config = true\nconfig_watch_interval = \"1s\"\n\n[upstream.health_check]\nenabled = false\n\n\
          [[upstream.servers]]\nurl = \"{upstream}\"\n\n{redis}\n\
+         [cache]\nenabled = false\n\n\
          [identity.jwt]\nenabled = true\nsecret = \"{SECRET}\"\n\n\
          [ratelimit]\nkey_prefix = \"{}\"\n{limits}\n\n{rest}\n",
         prefix()

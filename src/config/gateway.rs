@@ -156,7 +156,16 @@ pub struct CacheConfig {
     pub enabled: bool,
     pub default_ttl: Duration,
     pub l1_max_entries: u64,
+    pub l1_max_bytes: u64,
     pub l1_ttl: Duration,
+    pub max_entry_size: usize,
+    /// Lower case, without a default port; empty: any host.
+    pub hosts: Vec<String>,
+    pub ignore_query_params: Vec<String>,
+    pub tag_header: http::HeaderName,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub lock_timeout: Duration,
 }
 
 impl Config {
@@ -507,20 +516,39 @@ impl TryFrom<&RawGateway> for Config {
                 }
             }
         }
-        // Until the cache lands, accepting `enabled = true` would promise
-        // caching the gateway does not do.
         let c = &raw.cache;
-        if c.enabled {
-            problems.push((
-                "cache.enabled".into(),
-                "response caching is not available in this build yet".into(),
-            ));
-        }
         positive("cache.default_ttl", c.default_ttl, &mut problems);
         positive("cache.l1_ttl", c.l1_ttl, &mut problems);
+        positive("cache.lock_timeout", c.lock_timeout, &mut problems);
+        if c.l1_max_entries == 0 {
+            problems.push((
+                "cache.l1_max_entries".into(),
+                "must be at least 1; set `enabled = false` to not cache".into(),
+            ));
+        }
+        if c.l1_max_bytes.0 < c.max_entry_size.0 {
+            problems.push((
+                "cache.l1_max_bytes".into(),
+                "must be at least max_entry_size".into(),
+            ));
+        }
+        let tag_header = http::HeaderName::from_bytes(c.tag_header.as_bytes())
+            .map_err(|_| {
+                problems.push((
+                    "cache.tag_header".into(),
+                    format!("`{}` is not a header name", c.tag_header),
+                ));
+            })
+            .ok();
+        let hosts: Vec<String> = c
+            .hosts
+            .iter()
+            .map(|h| crate::config::normalise_host(h))
+            .collect();
 
         // Every `None` above pushed a problem.
-        let Some(listen) = listen.filter(|_| problems.is_empty()) else {
+        let (Some(listen), Some(tag_header)) = (listen.filter(|_| problems.is_empty()), tag_header)
+        else {
             return Err(problems);
         };
         Ok(Config {
@@ -575,7 +603,15 @@ impl TryFrom<&RawGateway> for Config {
                 enabled: c.enabled,
                 default_ttl: c.default_ttl,
                 l1_max_entries: c.l1_max_entries,
+                l1_max_bytes: c.l1_max_bytes.0,
                 l1_ttl: c.l1_ttl,
+                max_entry_size: usize::try_from(c.max_entry_size.0).unwrap_or(usize::MAX),
+                hosts,
+                ignore_query_params: c.ignore_query_params.clone(),
+                tag_header,
+                stale_while_revalidate: c.stale_while_revalidate,
+                stale_if_error: c.stale_if_error,
+                lock_timeout: c.lock_timeout,
             },
         })
     }

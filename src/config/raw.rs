@@ -34,6 +34,12 @@ impl Default for RawGateway {
             path_pattern: None,
             methods: Vec::new(),
             cache_ttl: ttl.map(Duration::from_secs),
+            cache: true,
+            per_user: false,
+            tags: Vec::new(),
+            invalidates: None,
+            stale_while_revalidate: None,
+            stale_if_error: None,
             limits: vec![RawLimit {
                 name: None,
                 limit,
@@ -255,9 +261,28 @@ pub struct RawRoute {
     pub path_pattern: Option<String>,
     #[serde(default)]
     pub methods: Vec<String>,
-    /// Cache TTL for GET responses on this route (used by the cache).
+    /// Freshness of responses on this route that state none themselves;
+    /// unset: `cache.default_ttl`.
     #[serde(default, with = "humantime_serde")]
     pub cache_ttl: Option<Duration>,
+    /// Whether GET/HEAD responses on this route are cached at all.
+    #[serde(default = "yes")]
+    pub cache: bool,
+    /// Responses depend on who asks: requests with credentials are cached,
+    /// keyed on the verified subject.
+    #[serde(default)]
+    pub per_user: bool,
+    /// Tags stored entries of this route carry; `{name}` takes the path
+    /// segment `{name}` of `path_pattern`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Tags a successful write through this route invalidates; unset: `tags`.
+    #[serde(default)]
+    pub invalidates: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub stale_while_revalidate: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub stale_if_error: Option<Duration>,
     /// The route's rate limits (`[[routes.limits]]`).
     #[serde(default)]
     pub limits: Vec<RawLimit>,
@@ -503,17 +528,40 @@ pub struct RawCache {
     #[serde(with = "humantime_serde")]
     pub default_ttl: Duration,
     pub l1_max_entries: u64,
+    pub l1_max_bytes: ByteSize,
     #[serde(with = "humantime_serde")]
     pub l1_ttl: Duration,
+    pub max_entry_size: ByteSize,
+    pub hosts: Vec<String>,
+    pub ignore_query_params: Vec<String>,
+    pub tag_header: String,
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+    #[serde(with = "humantime_serde")]
+    pub lock_timeout: Duration,
 }
 
 impl Default for RawCache {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             default_ttl: Duration::from_secs(300),
             l1_max_entries: 1000,
+            l1_max_bytes: ByteSize(64 * 1024 * 1024),
             l1_ttl: Duration::from_secs(60),
+            max_entry_size: ByteSize(1024 * 1024),
+            hosts: Vec::new(),
+            ignore_query_params: Vec::new(),
+            tag_header: "Surrogate-Key".into(),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            lock_timeout: Duration::from_secs(5),
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }

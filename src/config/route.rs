@@ -22,13 +22,101 @@ pub struct Route {
     pub cache_ttl: Option<Duration>,
     /// This route's rules, as indexes into `RatelimitConfig::endpoints`.
     pub limits: Vec<usize>,
+    pub cache: RouteCache,
+}
+
+/// What the response cache does on a route.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteCache {
+    /// GET/HEAD responses are looked up and stored.
+    pub enabled: bool,
+    /// Credentialed requests are cached too, keyed on the verified subject.
+    pub per_user: bool,
+    /// Tags every entry stored from this route carries.
+    pub tags: Vec<TagTemplate>,
+    /// Tags a successful write through this route invalidates.
+    pub invalidates: Vec<TagTemplate>,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+}
+
+/// A tag with `{name}` holes filled from the matched path's segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagTemplate(Vec<TagPart>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TagPart {
+    Text(String),
+    /// The index of a `{name}` segment in the route's pattern.
+    Segment(usize),
+}
+
+impl TagTemplate {
+    fn parse(text: &str, path: &PathMatch) -> Result<TagTemplate, String> {
+        if text.is_empty() || text.contains(|c: char| c.is_whitespace() || c.is_control()) {
+            return Err(format!("`{text}`: a tag is not empty and has no spaces"));
+        }
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TagPart::Text(rest[..open].to_string()));
+            }
+            let Some(close) = rest[open..].find('}') else {
+                return Err(format!("`{text}`: `{{` without `}}`"));
+            };
+            let name = &rest[open + 1..open + close];
+            let index = match path {
+                PathMatch::Pattern(segments) => segments
+                    .iter()
+                    .position(|s| segment_name(s) == Some(name)),
+                PathMatch::Prefix(_) => None,
+            };
+            let Some(index) = index else {
+                return Err(format!(
+                    "`{text}`: the route's path_pattern has no segment `{{{name}}}`"
+                ));
+            };
+            parts.push(TagPart::Segment(index));
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(TagPart::Text(rest.to_string()));
+        }
+        Ok(TagTemplate(parts))
+    }
+
+    /// The tag for a request whose decoded path matched the route.
+    pub fn render(&self, path: &[u8]) -> String {
+        let mut out = String::new();
+        for part in &self.0 {
+            match part {
+                TagPart::Text(text) => out.push_str(text),
+                TagPart::Segment(i) => {
+                    let segment = path
+                        .strip_prefix(b"/")
+                        .unwrap_or(path)
+                        .split(|b| *b == b'/')
+                        .nth(*i)
+                        .unwrap_or_default();
+                    out.push_str(&String::from_utf8_lossy(segment));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `id` for a pattern segment `{id}`.
+fn segment_name(segment: &str) -> Option<&str> {
+    segment.strip_prefix('{')?.strip_suffix('}')
 }
 
 /// How a route matches the decoded path (the bytes Django sees).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathMatch {
     Prefix(String),
-    /// Segments; `*` matches one segment, a final `**` any rest.
+    /// Segments; `*` or `{name}` matches one segment, a final `**` any rest.
     Pattern(Vec<String>),
 }
 
@@ -44,7 +132,10 @@ impl PathMatch {
                         return true;
                     }
                     match parts.next() {
-                        Some(part) if segment == "*" || segment.as_bytes() == part => {}
+                        Some(part)
+                            if segment == "*"
+                                || segment.as_bytes() == part
+                                || segment_name(segment).is_some() && !part.is_empty() => {}
                         _ => return false,
                     }
                 }
@@ -148,12 +239,41 @@ pub fn validate(
             limits.push(ratelimit.endpoints.len());
             ratelimit.endpoints.push(rule);
         }
+        let templates = |field: &str, list: &[String], problems: &mut Problems| {
+            let mut out = Vec::new();
+            for (j, text) in list.iter().enumerate() {
+                match TagTemplate::parse(text, &path) {
+                    Ok(t) => out.push(t),
+                    Err(e) => problems.push((format!("{key}.{field}[{j}]"), e)),
+                }
+            }
+            out
+        };
+        let tags = templates("tags", &r.tags, problems);
+        let invalidates = match &r.invalidates {
+            Some(list) => templates("invalidates", list, problems),
+            None => tags.clone(),
+        };
+        if r.cache_ttl.is_some_and(|t| t.is_zero()) {
+            problems.push((
+                format!("{key}.cache_ttl"),
+                "must be greater than zero; set `cache = false` to not cache".into(),
+            ));
+        }
         routes.push(Route {
             name: r.name.clone(),
             path,
             methods,
             cache_ttl: r.cache_ttl,
             limits,
+            cache: RouteCache {
+                enabled: r.cache,
+                per_user: r.per_user,
+                tags,
+                invalidates,
+                stale_while_revalidate: r.stale_while_revalidate,
+                stale_if_error: r.stale_if_error,
+            },
         });
     }
     routes

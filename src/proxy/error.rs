@@ -38,6 +38,10 @@ pub enum ProxyError {
     },
     #[error("upstream {addr}: {reason}")]
     UpstreamBroken { addr: String, reason: String },
+
+    // Cache.
+    #[error("no stored response satisfies only-if-cached")]
+    NotCached,
 }
 
 impl ProxyError {
@@ -53,6 +57,8 @@ impl ProxyError {
             ProxyError::NoHealthyUpstream => StatusCode::SERVICE_UNAVAILABLE,
             // Pingora #980: a timeout is a 504, never a 502.
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            // RFC 9111 §5.2.1.7.
+            ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamUnreachable { .. } | ProxyError::UpstreamBroken { .. } => {
                 StatusCode::BAD_GATEWAY
             }
@@ -72,6 +78,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable { .. } => "upstream_unreachable",
             ProxyError::UpstreamTimeout { .. } => "upstream_timeout",
             ProxyError::UpstreamBroken { .. } => "upstream_broken",
+            ProxyError::NotCached => "not_cached",
         }
     }
 

@@ -5,8 +5,10 @@
 //! accept → identify → route → limit → cache → upstream → response → log
 //! ```
 //!
-//! `cache` is not built yet; its place is marked in [`Exchange::run`].
+//! The `cache` phase is [`super::cache`]: it may answer before `upstream`,
+//! and it sees the response before `response`.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +21,12 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::body::ProxyBody;
+use super::cache;
 use super::error::ProxyError;
 use super::headers::{combine_cookies, set_forwarded, strip_hop_by_hop};
 use super::identify::{Caller, Peer, X_REQUEST_ID};
 use super::log::{AccessRecord, LoggedBody};
 use super::route::wsgi_path;
-use super::upstream::Forwarded;
 use super::{Live, Shared};
 
 /// One request's journey and what the `log` phase reports about it.
@@ -112,11 +114,78 @@ impl Exchange {
         if req.uri().path() == self.live.config.server.health_path {
             return Ok(self.health(&caller));
         }
-        self.route(&req)?;
+        let path = self.route(&req)?;
         self.limit(&caller).await?;
-        // cache: GET/HEAD lookups in L1/L2 go here.
-        let forwarded = self.upstream(req, &caller).await?;
-        Ok(self.response(forwarded, &caller))
+
+        // cache: a write names what it invalidates; a read may be answered.
+        let live = Arc::clone(&self.live);
+        let config = &live.config;
+        let mut plan = None;
+        let mut bypass = None;
+        let mut write = None;
+        if config.cache.enabled {
+            let route = self.route.and_then(|i| live.routes.get(i));
+            write = cache::WriteTarget::new(
+                config,
+                route,
+                req.method(),
+                req.uri(),
+                req.headers(),
+                &path,
+            );
+            if write.is_none() {
+                let ask = cache::Ask {
+                    config,
+                    route,
+                    route_name: live.routes.name(self.route),
+                    method: req.method(),
+                    uri: req.uri(),
+                    headers: req.headers(),
+                    path: &path,
+                    caller: &caller,
+                };
+                match Box::pin(cache::lookup(&self.shared.cache, ask)).await? {
+                    cache::Lookup::Bypass(reason) => bypass = reason,
+                    cache::Lookup::Fetch(p) => plan = Some(*p),
+                    cache::Lookup::Answer(response, refresh) => {
+                        if let Some(refresh) = refresh {
+                            let request = self.prepare(req, &caller).await?;
+                            tokio::spawn(cache::refresh(
+                                Arc::clone(&self.shared),
+                                Arc::clone(&live),
+                                self.worker,
+                                request,
+                                refresh,
+                            ));
+                        }
+                        return Ok(self.response(response, &caller));
+                    }
+                }
+            }
+        }
+
+        let mut request = self.prepare(req, &caller).await?;
+        if let Some(plan) = &mut plan {
+            cache::add_validators(plan, request.headers_mut());
+        }
+        let result = self.send(request).await;
+        let mut response = match plan {
+            Some(plan) => cache::complete(&self.shared.cache, &config.cache, plan, result)?,
+            None => result?,
+        };
+        if let Some(reason) = bypass {
+            cache::bypass_status(response.headers_mut(), reason);
+        }
+        let status = response.status();
+        if let Some(write) = write {
+            write.invalidate(
+                &self.shared.cache,
+                &config.cache,
+                status,
+                response.headers_mut(),
+            );
+        }
+        Ok(self.response(response, &caller))
     }
 
     /// accept: refuse framing a next hop could read differently (RFC 9112 §6.1).
@@ -209,18 +278,19 @@ impl Exchange {
 
     /// route: match the one route table on the path Django will see; a path
     /// that cannot be decoded unambiguously is a 400 and never reaches Django.
-    fn route(&mut self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    /// The decoded path is what the cache keys and tags are made of.
+    fn route<'r>(&mut self, req: &'r Request<Incoming>) -> Result<Cow<'r, [u8]>, ProxyError> {
         let path = wsgi_path(req.uri().path()).map_err(ProxyError::BadPath)?;
         self.route = self.live.routes.find(req.method(), &path);
-        Ok(())
+        Ok(path)
     }
 
-    /// upstream: buffer the body, rewrite headers, send to a healthy Gunicorn.
-    async fn upstream(
+    /// upstream, first half: buffer the body and rewrite the headers.
+    async fn prepare(
         &mut self,
         req: Request<Incoming>,
         caller: &Caller,
-    ) -> Result<Forwarded, ProxyError> {
+    ) -> Result<Request<Bytes>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         let body = self.read_body(body).await?;
         self.request_bytes = body.len() as u64;
@@ -254,15 +324,18 @@ impl Exchange {
             parts.uri = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
         }
         parts.version = Version::HTTP_11;
-        let request = Request::from_parts(parts, body);
+        Ok(Request::from_parts(parts, body))
+    }
 
+    /// upstream, second half: send to a healthy Gunicorn.
+    async fn send(&mut self, request: Request<Bytes>) -> Result<Response<ProxyBody>, ProxyError> {
         let upstreams = Arc::clone(&self.live.upstreams);
         // Boxed for the same reason as the limiter's call.
         let forwarded =
             Box::pin(upstreams.forward(self.worker, request, &self.shared.metrics)).await?;
         self.upstream = Some(Arc::clone(&forwarded.upstream.label));
         self.upstream_time = Some(forwarded.upstream_time);
-        Ok(forwarded)
+        Ok(forwarded.response)
     }
 
     /// The whole request body, within `max_body_size` (else 413) and
@@ -288,11 +361,12 @@ impl Exchange {
         }
     }
 
-    /// response: strip hop-by-hop fields and tag the response with the request id.
-    fn response(&self, forwarded: Forwarded, caller: &Caller) -> Response<ProxyBody> {
-        let mut response = forwarded.response;
+    /// response: strip hop-by-hop and internal fields and tag the response
+    /// with the request id.
+    fn response(&self, mut response: Response<ProxyBody>, caller: &Caller) -> Response<ProxyBody> {
         let headers = response.headers_mut();
         strip_hop_by_hop(headers);
+        headers.remove(&self.live.config.cache.tag_header);
         headers.insert(X_REQUEST_ID, caller.request_id.clone());
         if let Some(report) = &self.limit_report {
             let legacy = self.live.limiter.config().legacy_headers;

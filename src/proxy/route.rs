@@ -179,6 +179,7 @@ mod tests {
             path: PathMatch::Prefix(prefix.into()),
             methods: methods.to_vec(),
             cache_ttl: None,
+            cache: Default::default(),
             limits: Vec::new(),
         }
     }

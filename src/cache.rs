@@ -1,0 +1,425 @@
+//! The response cache's store, apart from HTTP handling: entries and their
+//! variants in L1 (moka, in this process), tag versions for invalidation,
+//! and the per-key locks that make concurrent misses one upstream request.
+//! The gateway's `cache` phase (`proxy::cache`) decides what to look up,
+//! store and invalidate; [`policy`] holds RFC 9111, [`key`] the keys.
+
+pub mod key;
+pub mod policy;
+pub mod tags;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::StatusCode;
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::watch;
+
+use crate::config::CacheConfig;
+use policy::Freshness;
+use tags::{Stamp, TagVersions};
+
+/// Variants kept per key (per `Vary` combination); past this the oldest goes.
+const MAX_VARIANTS: usize = 16;
+
+/// A stored response.
+#[derive(Debug)]
+pub struct Entry {
+    pub status: StatusCode,
+    /// As sent to clients, without hop-by-hop or internal fields and without
+    /// `Age`, which is computed per answer.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// When the response arrived (monotonic).
+    pub stored: Instant,
+    /// Its age then (RFC 9111 §4.2.3 `corrected_initial_age`).
+    pub initial_age: Duration,
+    pub freshness: Freshness,
+    /// The request headers `Vary` names, as they were when stored.
+    pub vary: Vec<(String, Option<String>)>,
+    pub stamp: Stamp,
+    /// How long L1 keeps it.
+    pub keep: Duration,
+    size: usize,
+}
+
+impl Entry {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        freshness: Freshness,
+        vary: Vec<(String, Option<String>)>,
+        stamp: Stamp,
+        request_time: SystemTime,
+        response_time: SystemTime,
+        l1_ttl: Duration,
+    ) -> Entry {
+        let initial_age = policy::initial_age(&headers, request_time, response_time);
+        headers.remove(header::AGE);
+        // RFC 9110 §6.6.1: a cache stores a response without `Date` with
+        // the time it arrived, so the age it reports stays consistent.
+        if !headers.contains_key(header::DATE) {
+            if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(response_time)) {
+                headers.insert(header::DATE, date);
+            }
+        }
+        // Kept past freshness only to serve stale or to revalidate.
+        let stale = if policy::has_validators(&headers) {
+            l1_ttl
+        } else {
+            freshness.stale_while_revalidate.max(freshness.stale_if_error)
+        };
+        let keep = l1_ttl.min(
+            freshness
+                .lifetime
+                .saturating_sub(initial_age)
+                .saturating_add(stale),
+        );
+        let size = body.len()
+            + headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 32)
+                .sum::<usize>()
+            + stamp.versions.iter().map(|(t, _)| t.len() + 16).sum::<usize>()
+            + 256;
+        Entry {
+            status,
+            headers,
+            body,
+            stored: Instant::now(),
+            initial_age,
+            freshness,
+            vary,
+            stamp,
+            keep,
+            size,
+        }
+    }
+
+    /// RFC 9111 §4.2.3 `current_age`.
+    pub fn age(&self) -> Duration {
+        self.initial_age + self.stored.elapsed()
+    }
+
+    fn expired(&self) -> bool {
+        self.stored.elapsed() >= self.keep
+    }
+
+    /// Whether this variant was stored for a request with these headers.
+    pub fn selected_by(&self, request: &HeaderMap) -> bool {
+        self.vary
+            .iter()
+            .all(|(name, value)| key::vary_value(request, name) == *value)
+    }
+}
+
+/// The variants stored under one key.
+struct Slot {
+    variants: Vec<Arc<Entry>>,
+}
+
+impl Slot {
+    fn size(&self) -> usize {
+        self.variants.iter().map(|e| e.size).sum()
+    }
+
+    fn keep(&self) -> Duration {
+        self.variants
+            .iter()
+            .map(|e| e.keep.saturating_sub(e.stored.elapsed()))
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+}
+
+/// L1's expiry: each key lives as long as its longest-lived variant.
+struct SlotExpiry;
+
+impl moka::Expiry<Arc<str>, Arc<Slot>> for SlotExpiry {
+    fn expire_after_create(&self, _: &Arc<str>, slot: &Arc<Slot>, _: Instant) -> Option<Duration> {
+        Some(slot.keep())
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Arc<str>,
+        slot: &Arc<Slot>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(slot.keep())
+    }
+}
+
+/// L1 with the limits it was built with.
+struct L1 {
+    cache: moka::sync::Cache<Arc<str>, Arc<Slot>>,
+    limits: (u64, u64),
+}
+
+impl L1 {
+    /// Bounded by entries and by bytes at once: each entry weighs one unit
+    /// per `max_bytes / max_entries` bytes (at least one), and the capacity
+    /// is `max_entries` units.
+    fn new(max_entries: u64, max_bytes: u64, metrics: &CacheMetrics) -> L1 {
+        let unit = (max_bytes / max_entries.max(1)).max(1);
+        let evictions = metrics.evictions.clone();
+        let bytes = metrics.l1_bytes.clone();
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(max_entries)
+            .weigher(move |_: &Arc<str>, slot: &Arc<Slot>| {
+                let size = u64::try_from(slot.size()).unwrap_or(u64::MAX);
+                u32::try_from(size.div_ceil(unit).max(1)).unwrap_or(u32::MAX)
+            })
+            .expire_after(SlotExpiry)
+            .eviction_listener(move |_, slot: Arc<Slot>, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    evictions.inc();
+                }
+                bytes.sub(i64::try_from(slot.size()).unwrap_or(0));
+            })
+            .build();
+        L1 {
+            cache,
+            limits: (max_entries, max_bytes),
+        }
+    }
+}
+
+/// The cache's own metrics (`/metrics/json .cache`).
+#[derive(Clone)]
+pub struct CacheMetrics {
+    /// `{route, layer, result}`: result hit, stale, revalidated, miss, bypass.
+    pub lookups: IntCounterVec,
+    pub stores: IntCounter,
+    /// `{reason}`: why a response was not stored.
+    pub not_stored: IntCounterVec,
+    pub evictions: IntCounter,
+    /// `{kind}`: uri, tag, purge, all.
+    pub invalidations: IntCounterVec,
+    pub coalesced_waits: IntCounter,
+    pub background_refreshes: IntCounter,
+    pub l1_entries: IntGauge,
+    pub l1_bytes: IntGauge,
+}
+
+impl CacheMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("gatehouse");
+        let m = CacheMetrics {
+            lookups: IntCounterVec::new(
+                opts("cache_lookups_total", "Cacheable requests by route, layer and result"),
+                &["route", "layer", "result"],
+            )?,
+            stores: IntCounter::with_opts(opts("cache_stores_total", "Responses stored"))?,
+            not_stored: IntCounterVec::new(
+                opts("cache_not_stored_total", "Responses to cacheable requests not stored, by reason"),
+                &["reason"],
+            )?,
+            evictions: IntCounter::with_opts(opts(
+                "cache_evictions_total",
+                "L1 entries evicted for room",
+            ))?,
+            invalidations: IntCounterVec::new(
+                opts("cache_invalidations_total", "Invalidations by kind (uri, tag, purge, all)"),
+                &["kind"],
+            )?,
+            coalesced_waits: IntCounter::with_opts(opts(
+                "cache_coalesced_waits_total",
+                "Requests that waited for another request's fetch of the same key",
+            ))?,
+            background_refreshes: IntCounter::with_opts(opts(
+                "cache_background_refreshes_total",
+                "Refreshes made behind a stale-while-revalidate answer",
+            ))?,
+            l1_entries: IntGauge::with_opts(opts("cache_l1_entries", "Keys held in L1"))?,
+            l1_bytes: IntGauge::with_opts(opts("cache_l1_bytes", "Bytes held in L1"))?,
+        };
+        registry.register(Box::new(m.lookups.clone()))?;
+        registry.register(Box::new(m.stores.clone()))?;
+        registry.register(Box::new(m.not_stored.clone()))?;
+        registry.register(Box::new(m.evictions.clone()))?;
+        registry.register(Box::new(m.invalidations.clone()))?;
+        registry.register(Box::new(m.coalesced_waits.clone()))?;
+        registry.register(Box::new(m.background_refreshes.clone()))?;
+        registry.register(Box::new(m.l1_entries.clone()))?;
+        registry.register(Box::new(m.l1_bytes.clone()))?;
+        Ok(m)
+    }
+}
+
+/// Whether a request fetches a key itself or waits for the one that does.
+pub enum Turn {
+    Lead(Lead),
+    Wait(watch::Receiver<()>),
+}
+
+/// Held while fetching a key; dropping it (stored, not stored, failed or
+/// cancelled) lets the waiters look again.
+pub struct Lead {
+    locks: Arc<Mutex<HashMap<Arc<str>, watch::Sender<()>>>>,
+    key: Arc<str>,
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Dropping the sender wakes every waiter.
+        locks.remove(&self.key);
+    }
+}
+
+/// The store: L1, tag versions and fetch locks, shared by every worker and
+/// kept across reloads.
+pub struct Cache {
+    l1: ArcSwap<L1>,
+    pub tags: TagVersions,
+    locks: Arc<Mutex<HashMap<Arc<str>, watch::Sender<()>>>>,
+    pub metrics: CacheMetrics,
+}
+
+impl Cache {
+    pub fn new(config: &CacheConfig, registry: &Registry) -> Result<Cache, prometheus::Error> {
+        let metrics = CacheMetrics::new(registry)?;
+        Ok(Cache {
+            l1: ArcSwap::from_pointee(L1::new(
+                config.l1_max_entries,
+                config.l1_max_bytes,
+                &metrics,
+            )),
+            tags: TagVersions::default(),
+            locks: Arc::default(),
+            metrics,
+        })
+    }
+
+    /// Follow a reload: new L1 limits start an empty L1.
+    pub fn reconfigure(&self, config: &CacheConfig) {
+        let limits = (config.l1_max_entries, config.l1_max_bytes);
+        if self.l1.load().limits != limits {
+            tracing::info!(
+                entries = limits.0,
+                bytes = limits.1,
+                "cache: new L1 limits; starting it empty"
+            );
+            let old = self.l1.swap(Arc::new(L1::new(limits.0, limits.1, &self.metrics)));
+            old.cache.invalidate_all();
+        }
+    }
+
+    /// The variant of `key` stored for a request with `request`'s headers,
+    /// if it is still held and no write invalidated it.
+    pub fn get(&self, key: &str, request: &HeaderMap) -> Option<Arc<Entry>> {
+        let slot = self.l1.load().cache.get(key)?;
+        let entry = slot
+            .variants
+            .iter()
+            .find(|e| !e.expired() && e.selected_by(request))?;
+        self.tags.current(&entry.stamp).then(|| Arc::clone(entry))
+    }
+
+    /// Store `entry` under `key`, replacing the variant it matches.
+    pub fn insert(&self, key: &str, entry: Entry) {
+        if entry.keep.is_zero() {
+            return;
+        }
+        let l1 = self.l1.load();
+        let key: Arc<str> = Arc::from(key);
+        let mut variants: Vec<Arc<Entry>> = l1
+            .cache
+            .get(&key)
+            .map(|slot| {
+                slot.variants
+                    .iter()
+                    .filter(|v| !v.expired() && v.vary != entry.vary)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if variants.len() >= MAX_VARIANTS {
+            variants.remove(0);
+        }
+        variants.push(Arc::new(entry));
+        let slot = Slot { variants };
+        self.metrics
+            .l1_bytes
+            .add(i64::try_from(slot.size()).unwrap_or(0));
+        l1.cache.insert(key, Arc::new(slot));
+        self.metrics.stores.inc();
+    }
+
+    /// Drop what `key` holds (memory only: versions decide what is served).
+    pub fn remove(&self, key: &str) {
+        self.l1.load().cache.invalidate(key);
+    }
+
+    /// Invalidate `tags` everywhere in this process.
+    pub fn invalidate<'a>(&self, kind: &str, tags: impl IntoIterator<Item = &'a str>) {
+        let mut n = 0;
+        self.tags.bump(tags.into_iter().inspect(|_| n += 1));
+        self.metrics
+            .invalidations
+            .with_label_values(&[kind])
+            .inc_by(n);
+    }
+
+    /// Forget everything stored.
+    pub fn clear(&self) {
+        self.tags.bump_all();
+        self.l1.load().cache.invalidate_all();
+        self.metrics.invalidations.with_label_values(&["all"]).inc();
+    }
+
+    /// Become the one request that fetches `key`, or wait for it.
+    pub fn turn(&self, key: &str) -> Turn {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = locks.get(key) {
+            self.metrics.coalesced_waits.inc();
+            return Turn::Wait(sender.subscribe());
+        }
+        let key: Arc<str> = Arc::from(key);
+        locks.insert(Arc::clone(&key), watch::channel(()).0);
+        Turn::Lead(Lead {
+            locks: Arc::clone(&self.locks),
+            key,
+        })
+    }
+
+    /// Refresh the gauges before a scrape.
+    pub fn observe(&self) {
+        let l1 = self.l1.load();
+        l1.cache.run_pending_tasks();
+        self.metrics
+            .l1_entries
+            .set(i64::try_from(l1.cache.entry_count()).unwrap_or(i64::MAX));
+    }
+
+    /// The header that carries Django's tags (removed before clients see it).
+    pub fn tag_names(headers: &HeaderMap, name: &HeaderName) -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split([' ', ',']))
+            .filter(|t| !t.is_empty())
+            .map(|t| format!("tag:{t}"))
+            .collect()
+    }
+}
+
+/// The tag every entry of a URI carries: invalidating it reaches every
+/// variant and every user's copy.
+pub fn uri_tag(uri_key: &str) -> String {
+    format!("uri:{uri_key}")
+}
+
+/// A route or header tag as stored.
+pub fn named_tag(tag: &str) -> String {
+    format!("tag:{tag}")
+}

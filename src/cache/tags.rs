@@ -1,0 +1,168 @@
+//! Tag versions: how a write makes stored entries stale without finding
+//! them. Every invalidation gives each tag it names the next value of one
+//! counter (the generation). An entry remembers the generation when its
+//! fetch began and each of its tags' versions; it is served only while
+//! those versions are unchanged. A tag bumped after the fetch began has a
+//! version above that generation, so a response fetched before a write and
+//! stored after it is never stored at all. Versioned keys instead of
+//! scanning the cache for matches (moka predicates pile up, spiceai #11077).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Tags remembered at most; past this the older half is forgotten.
+const MAX_TAGS: usize = 1 << 16;
+
+pub struct TagVersions {
+    generation: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    versions: HashMap<String, u64>,
+    /// Entries whose fetch began before this generation may depend on a
+    /// forgotten version: none of them is served.
+    floor: u64,
+}
+
+/// What an entry remembers of the tags at its fetch.
+#[derive(Debug, Clone, Default)]
+pub struct Stamp {
+    pub generation: u64,
+    pub versions: Vec<(String, u64)>,
+}
+
+impl Default for TagVersions {
+    fn default() -> Self {
+        TagVersions {
+            generation: AtomicU64::new(1),
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+}
+
+impl TagVersions {
+    /// The generation now, read before a fetch begins.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The stamp for an entry whose fetch began at `since`; `None` when one
+    /// of `tags` was invalidated after that (the response may be older than
+    /// the write).
+    pub fn stamp(&self, since: u64, tags: Vec<String>) -> Option<Stamp> {
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.floor > since {
+            return None;
+        }
+        let mut versions = Vec::with_capacity(tags.len());
+        for tag in tags {
+            let version = inner.versions.get(&tag).copied().unwrap_or(0);
+            if version > since {
+                return None;
+            }
+            versions.push((tag, version));
+        }
+        Some(Stamp {
+            generation: since,
+            versions,
+        })
+    }
+
+    /// Whether no tag of the entry was invalidated since its fetch.
+    pub fn current(&self, stamp: &Stamp) -> bool {
+        // Nothing at all was invalidated since: no need to look.
+        if self.generation.load(Ordering::Acquire) == stamp.generation {
+            return true;
+        }
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.floor <= stamp.generation
+            && stamp
+                .versions
+                .iter()
+                .all(|(tag, v)| inner.versions.get(tag).copied().unwrap_or(0) == *v)
+    }
+
+    /// Invalidate `tags`: entries carrying any of them are stale from now.
+    pub fn bump<'a>(&self, tags: impl IntoIterator<Item = &'a str>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut generation = self.generation.load(Ordering::Acquire);
+        for tag in tags {
+            generation += 1;
+            inner.versions.insert(tag.to_string(), generation);
+        }
+        if inner.versions.len() > MAX_TAGS {
+            let mut all: Vec<u64> = inner.versions.values().copied().collect();
+            let middle = all.len() / 2;
+            let (_, cut, _) = all.select_nth_unstable(middle);
+            let cut = *cut;
+            inner.versions.retain(|_, v| *v > cut);
+            // An entry fetched before `cut` may have read a version now
+            // forgotten (read back as 0): it is not served again.
+            inner.floor = inner.floor.max(cut);
+        }
+        self.generation.store(generation, Ordering::Release);
+    }
+
+    /// Forget every entry: all fetched before now are stale.
+    pub fn bump_all(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        inner.versions.clear();
+        inner.floor = generation;
+        self.generation.store(generation, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bump_makes_older_stamps_stale_and_leaves_others() {
+        let tags = TagVersions::default();
+        let g = tags.generation();
+        let a = tags.stamp(g, vec!["stories".into()]).unwrap();
+        let b = tags.stamp(g, vec!["users".into()]).unwrap();
+        assert!(tags.current(&a) && tags.current(&b));
+        tags.bump(["stories"]);
+        assert!(!tags.current(&a));
+        assert!(tags.current(&b));
+        // Fetched after the write: fine.
+        let c = tags.stamp(tags.generation(), vec!["stories".into()]).unwrap();
+        assert!(tags.current(&c));
+    }
+
+    #[test]
+    fn a_fetch_that_raced_a_write_is_not_stored() {
+        let tags = TagVersions::default();
+        let began = tags.generation();
+        tags.bump(["stories"]);
+        assert!(tags.stamp(began, vec!["stories".into()]).is_none());
+        assert!(tags.stamp(began, vec!["users".into()]).is_some());
+    }
+
+    #[test]
+    fn forgetting_old_versions_never_revives_an_entry() {
+        let tags = TagVersions::default();
+        let old = tags.stamp(tags.generation(), vec!["t0".into()]).unwrap();
+        tags.bump(["t0"]);
+        for i in 1..=MAX_TAGS + 1 {
+            tags.bump([format!("t{i}").as_str()]);
+        }
+        // `t0`'s version was forgotten; the stamp that read 0 must not match.
+        assert!(!tags.current(&old));
+        let fresh = tags.stamp(tags.generation(), vec!["t0".into()]).unwrap();
+        assert!(tags.current(&fresh));
+    }
+
+    #[test]
+    fn bump_all_stales_everything() {
+        let tags = TagVersions::default();
+        let a = tags.stamp(tags.generation(), vec![]).unwrap();
+        tags.bump_all();
+        assert!(!tags.current(&a));
+    }
+}

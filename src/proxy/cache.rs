@@ -1,0 +1,629 @@
+//! The `cache` phase: GET and HEAD answered from the store when RFC 9111
+//! allows it, concurrent misses of one key made one fetch, stale entries
+//! revalidated with conditional requests, responses stored on the way back,
+//! and writes invalidating what they change. The store and the RFC rules
+//! live in `crate::cache`; this module speaks HTTP around them.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+
+use super::body::ProxyBody;
+use super::error::ProxyError;
+use super::identify::Caller;
+use super::route::wsgi_path;
+use crate::cache::policy::{self, NotStored, RequestDirectives, StoreRequest, Usable};
+use crate::cache::{self as store, Cache, Entry, Lead, Turn};
+use crate::config::{CacheConfig, Config, Route};
+
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// A cacheable request on its way to Gunicorn.
+pub struct Plan {
+    pub uri: String,
+    pub key: String,
+    pub head: bool,
+    directives: RequestDirectives,
+    credentialed: bool,
+    per_user: bool,
+    route_ttl: Duration,
+    route_stale: (Duration, Duration),
+    /// Route tags and the URI's own tag.
+    tags: Vec<String>,
+    /// The client's request headers: `Vary` values and conditionals.
+    request_headers: HeaderMap,
+    generation: u64,
+    request_time: SystemTime,
+    /// A stored response being revalidated (or kept for `stale-if-error`).
+    pub stale: Option<Arc<Entry>>,
+    /// The gateway added validators of `stale` to the request.
+    revalidating: bool,
+    /// `fwd=request`: a usable entry existed but the request refused it.
+    refused_by_request: bool,
+    _lead: Option<Lead>,
+    route: Arc<str>,
+}
+
+pub enum Lookup {
+    /// Not for the cache: forwarded as is. With a reason, say so in
+    /// `Cache-Status`.
+    Bypass(Option<&'static str>),
+    /// Answered from the store; with `Some`, refresh it behind the answer.
+    Answer(Response<ProxyBody>, Option<Plan>),
+    Fetch(Box<Plan>),
+}
+
+/// What of the request the lookup reads.
+pub struct Ask<'a> {
+    pub config: &'a Config,
+    pub route: Option<&'a Route>,
+    pub route_name: Arc<str>,
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    pub path: &'a [u8],
+    pub caller: &'a Caller,
+}
+
+/// Whether the request carries a credential: then a shared entry may not
+/// answer it, nor may its response become one.
+fn credentialed(config: &Config, headers: &HeaderMap) -> bool {
+    if headers.contains_key(header::AUTHORIZATION)
+        || headers.contains_key(&config.identity.api_key_header)
+    {
+        return true;
+    }
+    let Some(session) = &config.identity.session else {
+        return false;
+    };
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .any(|c| c.trim().split('=').next() == Some(session.cookie.as_str()))
+}
+
+/// The lookup: a fresh (or acceptable) stored answer, or the plan to fetch.
+pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
+    let config = &ask.config.cache;
+    let route_cache = ask.route.map(|r| &r.cache);
+    if !config.enabled || route_cache.is_some_and(|c| !c.enabled) {
+        return Ok(Lookup::Bypass(None));
+    }
+    let head = match *ask.method {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => return Ok(Lookup::Bypass(None)),
+    };
+    // Partial content is not combined from stored responses.
+    if ask.headers.contains_key(header::RANGE) {
+        return Ok(Lookup::Bypass(Some("range")));
+    }
+    let Some(host) = store::key::host(ask.headers, ask.uri.authority().map(|a| a.as_str()), &config.hosts)
+    else {
+        return Ok(Lookup::Bypass(Some("host")));
+    };
+    let per_user = route_cache.is_some_and(|c| c.per_user);
+    let credentialed = credentialed(ask.config, ask.headers);
+    let subject = match (credentialed, per_user) {
+        (false, _) => None,
+        // A shared entry must not answer for a user, nor a user's
+        // response become one unless it says it may (checked on store).
+        (true, false) => return Ok(Lookup::Bypass(Some("credentials"))),
+        // A credential the gateway could not verify gets nothing cached.
+        (true, true) if ask.caller.within.is_some() => {
+            return Ok(Lookup::Bypass(Some("unverified")));
+        }
+        (true, true) => Some(ask.caller.subject.as_str()),
+    };
+    let uri = store::key::uri_key(&host, ask.path, ask.uri.query(), &config.ignore_query_params);
+    let key = store::key::primary_key(&uri, ask.headers, subject);
+    let directives = RequestDirectives::parse(ask.headers);
+    let mut tags: Vec<String> = route_cache
+        .map(|c| c.tags.iter().map(|t| store::named_tag(&t.render(ask.path))).collect())
+        .unwrap_or_default();
+    tags.push(store::uri_tag(&uri));
+    let mut plan = Plan {
+        uri,
+        key,
+        head,
+        directives,
+        credentialed,
+        per_user,
+        route_ttl: ask.route.and_then(|r| r.cache_ttl).unwrap_or(config.default_ttl),
+        route_stale: (
+            route_cache
+                .and_then(|c| c.stale_while_revalidate)
+                .unwrap_or(config.stale_while_revalidate),
+            route_cache
+                .and_then(|c| c.stale_if_error)
+                .unwrap_or(config.stale_if_error),
+        ),
+        tags,
+        request_headers: HeaderMap::new(),
+        generation: 0,
+        request_time: SystemTime::now(),
+        stale: None,
+        revalidating: false,
+        refused_by_request: false,
+        _lead: None,
+        route: ask.route_name,
+    };
+    let mut waited = false;
+    loop {
+        if let Some(entry) = cache.get(&plan.key, ask.headers) {
+            let age = entry.age();
+            match policy::usable(age, &entry.freshness, &plan.directives) {
+                Usable::Fresh | Usable::StaleAccepted => {
+                    let detail = waited.then_some("coalesced");
+                    count(cache, &plan, "hit");
+                    return Ok(Lookup::Answer(
+                        answer(&entry, ask.headers, head, &hit_status(&entry, detail)),
+                        None,
+                    ));
+                }
+                Usable::StaleWhileRevalidate => {
+                    count(cache, &plan, "stale");
+                    let response = answer(
+                        &entry,
+                        ask.headers,
+                        head,
+                        &hit_status(&entry, Some("stale-while-revalidate")),
+                    );
+                    // One refresh per key at a time; others just answer.
+                    let refresh = match cache.turn(&plan.key) {
+                        Turn::Lead(lead) => {
+                            plan._lead = Some(lead);
+                            plan.stale = Some(entry);
+                            plan.head = false;
+                            plan.request_headers = ask.headers.clone();
+                            plan.generation = cache.tags.generation();
+                            Some(plan)
+                        }
+                        Turn::Wait(_) => None,
+                    };
+                    return Ok(Lookup::Answer(response, refresh));
+                }
+                Usable::Stale => {
+                    plan.refused_by_request = plan.directives.no_cache
+                        && policy::usable(age, &entry.freshness, &RequestDirectives::default())
+                            == Usable::Fresh;
+                    plan.stale = Some(entry);
+                }
+            }
+        }
+        if plan.directives.only_if_cached {
+            count(cache, &plan, "miss");
+            return Err(ProxyError::NotCached);
+        }
+        // A client that asks for a fresh copy gets its own fetch.
+        if waited || plan.directives.no_cache {
+            break;
+        }
+        match cache.turn(&plan.key) {
+            Turn::Lead(lead) => {
+                plan._lead = Some(lead);
+                break;
+            }
+            Turn::Wait(mut rx) => {
+                // The fetching request ends (stored or not) or the wait
+                // does; then look again, once.
+                let _ = tokio::time::timeout(config.lock_timeout, rx.changed()).await;
+                waited = true;
+            }
+        }
+    }
+    count(
+        cache,
+        &plan,
+        if plan.stale.is_some() { "stale" } else { "miss" },
+    );
+    plan.request_headers = ask.headers.clone();
+    plan.generation = cache.tags.generation();
+    plan.request_time = SystemTime::now();
+    Ok(Lookup::Fetch(Box::new(plan)))
+}
+
+fn count(cache: &Cache, plan: &Plan, result: &str) {
+    let layer = if result == "miss" { "none" } else { "l1" };
+    cache
+        .metrics
+        .lookups
+        .with_label_values(&[&*plan.route, layer, result])
+        .inc();
+}
+
+/// Add the stored response's validators to a revalidation, unless the
+/// client made the request conditional itself.
+pub fn add_validators(plan: &mut Plan, headers: &mut HeaderMap) {
+    let Some(stale) = &plan.stale else {
+        return;
+    };
+    if policy::is_conditional(headers) {
+        return;
+    }
+    if let Some(etag) = stale.headers.get(header::ETAG) {
+        headers.insert(header::IF_NONE_MATCH, etag.clone());
+        plan.revalidating = true;
+    }
+    if let Some(modified) = stale.headers.get(header::LAST_MODIFIED) {
+        headers.insert(header::IF_MODIFIED_SINCE, modified.clone());
+        plan.revalidating = true;
+    }
+}
+
+/// After the fetch: store what may be stored, answer a 304 to a
+/// revalidation from the store, and stand in for an error with a stale
+/// entry that allows it.
+pub fn complete(
+    cache: &Cache,
+    config: &CacheConfig,
+    mut plan: Plan,
+    result: Result<Response<ProxyBody>, ProxyError>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => {
+            let Some(response) = stale_for_error(cache, &plan, None) else {
+                return Err(error);
+            };
+            tracing::warn!(error = %error, "answering from the cache (stale-if-error)");
+            return Ok(response);
+        }
+    };
+    let status = response.status();
+    if status.is_server_error() {
+        if let Some(stale) = stale_for_error(cache, &plan, Some(status)) {
+            return Ok(stale);
+        }
+    }
+    let response_time = SystemTime::now();
+    if status == StatusCode::NOT_MODIFIED && plan.revalidating {
+        if let Some(stale) = plan.stale.take() {
+            return Ok(revalidated(cache, config, &plan, &stale, response.headers(), response_time));
+        }
+    }
+    let outcome = store(cache, config, &plan, &mut response, response_time);
+    let fwd = match (&plan.stale, plan.refused_by_request) {
+        (_, true) => "request",
+        (Some(_), false) => "stale",
+        (None, false) => "miss",
+    };
+    let value = match outcome {
+        Ok(()) => format!("gatehouse; fwd={fwd}; fwd-status={}; stored", status.as_u16()),
+        Err(reason) => format!(
+            "gatehouse; fwd={fwd}; fwd-status={}; detail={}",
+            status.as_u16(),
+            reason.as_str()
+        ),
+    };
+    set_status(response.headers_mut(), &value);
+    Ok(response)
+}
+
+/// Store the response of `plan`'s fetch, if RFC 9111 and the route allow.
+fn store(
+    cache: &Cache,
+    config: &CacheConfig,
+    plan: &Plan,
+    response: &mut Response<ProxyBody>,
+    response_time: SystemTime,
+) -> Result<(), NotStored> {
+    let status = response.status();
+    let header_tags = Cache::tag_names(response.headers(), &config.tag_header);
+    response.headers_mut().remove(&config.tag_header);
+    let method = if plan.head { Method::HEAD } else { Method::GET };
+    let request = StoreRequest {
+        method: &method,
+        directives: &plan.directives,
+        credentialed: plan.credentialed,
+        per_user: plan.per_user,
+    };
+    let decided = policy::storable(
+        &request,
+        status,
+        response.headers(),
+        plan.route_ttl,
+        plan.route_stale,
+    )
+    .and_then(|freshness| {
+        let ProxyBody::Full(body) = response.body() else {
+            return Err(NotStored::TooLarge);
+        };
+        let body = body.clone().unwrap_or_default();
+        if body.len() > config.max_entry_size {
+            return Err(NotStored::TooLarge);
+        }
+        Ok((freshness, body))
+    });
+    let (freshness, body) = match decided {
+        Ok(decided) => decided,
+        Err(reason) => {
+            cache
+                .metrics
+                .not_stored
+                .with_label_values(&[reason.as_str()])
+                .inc();
+            return Err(reason);
+        }
+    };
+    let mut tags = plan.tags.clone();
+    tags.extend(header_tags);
+    // A write invalidated one of the tags since the fetch began: this
+    // response may predate it. Not stored; the client still gets it.
+    let Some(stamp) = cache.tags.stamp(plan.generation, tags) else {
+        cache
+            .metrics
+            .not_stored
+            .with_label_values(&["raced-write"])
+            .inc();
+        return Ok(());
+    };
+    let mut headers = response.headers().clone();
+    if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    let vary = vary_values(&headers, &plan.request_headers);
+    let entry = Entry::new(
+        status,
+        headers,
+        body,
+        freshness,
+        vary,
+        stamp,
+        plan.request_time,
+        response_time,
+        config.l1_ttl,
+    );
+    cache.insert(&plan.key, entry);
+    Ok(())
+}
+
+fn vary_values(response: &HeaderMap, request: &HeaderMap) -> Vec<(String, Option<String>)> {
+    policy::vary_names(response)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|name| {
+            let value = store::key::vary_value(request, &name);
+            (name, value)
+        })
+        .collect()
+}
+
+/// A 304 to the gateway's revalidation: the stored response, its header
+/// fields updated from the 304 (RFC 9111 §4.3.4), stored again and served.
+fn revalidated(
+    cache: &Cache,
+    config: &CacheConfig,
+    plan: &Plan,
+    stale: &Entry,
+    fresh: &HeaderMap,
+    response_time: SystemTime,
+) -> Response<ProxyBody> {
+    let mut headers = stale.headers.clone();
+    for name in fresh.keys() {
+        if *name == header::CONTENT_LENGTH || *name == config.tag_header {
+            continue;
+        }
+        headers.remove(name);
+        for value in fresh.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let request = StoreRequest {
+        method: &Method::GET,
+        directives: &plan.directives,
+        credentialed: plan.credentialed,
+        per_user: plan.per_user,
+    };
+    let mut tags = plan.tags.clone();
+    tags.extend(Cache::tag_names(fresh, &config.tag_header));
+    let freshness = policy::storable(&request, stale.status, &headers, plan.route_ttl, plan.route_stale);
+    let status = "gatehouse; fwd=stale; fwd-status=304";
+    match (freshness, cache.tags.stamp(plan.generation, tags)) {
+        (Ok(freshness), Some(stamp)) => {
+            let entry = Entry::new(
+                stale.status,
+                headers,
+                stale.body.clone(),
+                freshness,
+                stale.vary.clone(),
+                stamp,
+                plan.request_time,
+                response_time,
+                config.l1_ttl,
+            );
+            let response = answer(&entry, &plan.request_headers, plan.head, &format!("{status}; stored"));
+            cache.insert(&plan.key, entry);
+            response
+        }
+        _ => {
+            // No longer storable, or a write raced: serve what was
+            // revalidated without keeping it.
+            let mut response = Response::new(if plan.head {
+                ProxyBody::empty()
+            } else {
+                ProxyBody::full(stale.body.clone())
+            });
+            *response.status_mut() = stale.status;
+            *response.headers_mut() = headers;
+            set_status(response.headers_mut(), status);
+            response
+        }
+    }
+}
+
+/// The stale entry standing in for an error, when `stale-if-error` allows.
+fn stale_for_error(cache: &Cache, plan: &Plan, status: Option<StatusCode>) -> Option<Response<ProxyBody>> {
+    let stale = plan.stale.as_ref()?;
+    if !policy::usable_on_error(stale.age(), &stale.freshness) || !cache.tags.current(&stale.stamp) {
+        return None;
+    }
+    let mut value = String::from("gatehouse; fwd=stale");
+    if let Some(status) = status {
+        value.push_str(&format!("; fwd-status={}", status.as_u16()));
+    }
+    value.push_str("; detail=stale-if-error");
+    Some(answer(stale, &plan.request_headers, plan.head, &value))
+}
+
+/// `Cache-Status` of an answer from the store, with its remaining freshness.
+fn hit_status(entry: &Entry, detail: Option<&str>) -> String {
+    let lifetime = i64::try_from(entry.freshness.lifetime.as_secs()).unwrap_or(i64::MAX);
+    let age = i64::try_from(entry.age().as_secs()).unwrap_or(i64::MAX);
+    let mut value = format!("gatehouse; hit; ttl={}", lifetime.saturating_sub(age));
+    if let Some(detail) = detail {
+        value.push_str("; detail=");
+        value.push_str(detail);
+    }
+    value
+}
+
+fn set_status(headers: &mut HeaderMap, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.append(CACHE_STATUS, value);
+    }
+}
+
+/// Fields a 304 carries from the response it stands for (RFC 9110 §15.4.5).
+const NOT_MODIFIED_FIELDS: [HeaderName; 7] = [
+    header::CACHE_CONTROL,
+    header::CONTENT_LOCATION,
+    header::DATE,
+    header::ETAG,
+    header::EXPIRES,
+    header::VARY,
+    header::LAST_MODIFIED,
+];
+
+/// The answer from a stored response: a 304 when the client's conditional
+/// request is satisfied, the headers only for HEAD, with `Age` and
+/// `Cache-Status`.
+pub fn answer(entry: &Entry, request: &HeaderMap, head: bool, status: &str) -> Response<ProxyBody> {
+    let mut response;
+    if entry.status == StatusCode::OK && policy::not_modified(request, &entry.headers) {
+        response = Response::new(ProxyBody::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        let headers = response.headers_mut();
+        for name in NOT_MODIFIED_FIELDS {
+            for value in entry.headers.get_all(&name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    } else {
+        response = Response::new(if head {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(entry.body.clone())
+        });
+        *response.status_mut() = entry.status;
+        *response.headers_mut() = entry.headers.clone();
+    }
+    let headers = response.headers_mut();
+    headers.insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+    set_status(headers, status);
+    response
+}
+
+/// `Cache-Status` for a request the cache let through.
+pub fn bypass_status(headers: &mut HeaderMap, reason: &str) {
+    set_status(headers, &format!("gatehouse; fwd=bypass; detail={reason}"));
+}
+
+/// The request a write was made to: what it invalidates.
+pub struct WriteTarget {
+    host: String,
+    uri: String,
+    tags: Vec<String>,
+}
+
+impl WriteTarget {
+    /// For an unsafe method, what it may invalidate; `None` otherwise.
+    pub fn new(config: &Config, route: Option<&Route>, method: &Method, uri: &Uri, headers: &HeaderMap, path: &[u8]) -> Option<WriteTarget> {
+        if method.is_safe() {
+            return None;
+        }
+        let cache = &config.cache;
+        let host = store::key::host(headers, uri.authority().map(|a| a.as_str()), &cache.hosts)?;
+        let tags = route
+            .map(|r| {
+                r.cache
+                    .invalidates
+                    .iter()
+                    .map(|t| store::named_tag(&t.render(path)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(WriteTarget {
+            uri: store::key::uri_key(&host, path, uri.query(), &cache.ignore_query_params),
+            host,
+            tags,
+        })
+    }
+
+    /// RFC 9111 §4.4: after a write that may have changed something (any
+    /// answer but a 4xx, which says nothing was done), the target URI, the
+    /// same-host `Location` and `Content-Location`, the route's tags and
+    /// the tags the application names are stale. Done before the client
+    /// hears of the write.
+    pub fn invalidate(self, cache: &Cache, config: &CacheConfig, status: StatusCode, response: &mut HeaderMap) {
+        let named = Cache::tag_names(response, &config.tag_header);
+        response.remove(&config.tag_header);
+        if status.is_client_error() {
+            return;
+        }
+        let mut uris = Vec::with_capacity(3);
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            if let Some(uri) = response.get(&name).and_then(|v| self.same_host(v, config)) {
+                uris.push(uri);
+            }
+        }
+        uris.push(self.uri);
+        for uri in &uris {
+            cache.remove(uri);
+        }
+        let uri_tags: Vec<String> = uris.iter().map(|u| store::uri_tag(u)).collect();
+        cache.invalidate("uri", uri_tags.iter().map(String::as_str));
+        cache.invalidate("tag", self.tags.iter().chain(&named).map(String::as_str));
+    }
+
+    /// The URI key of a `Location` on the same host; relative references
+    /// other than absolute paths are left alone.
+    fn same_host(&self, value: &HeaderValue, config: &CacheConfig) -> Option<String> {
+        let text = value.to_str().ok()?;
+        let uri: Uri = text.parse().ok()?;
+        if let Some(authority) = uri.authority() {
+            if crate::config::normalise_host(authority.as_str()) != self.host {
+                return None;
+            }
+        } else if !text.starts_with('/') || text.starts_with("//") {
+            return None;
+        }
+        let path = wsgi_path(uri.path()).ok()?;
+        Some(store::key::uri_key(&self.host, &path, uri.query(), &config.ignore_query_params))
+    }
+}
+
+/// Refresh a stale entry behind a `stale-while-revalidate` answer.
+pub async fn refresh(
+    shared: Arc<super::Shared>,
+    live: Arc<super::Live>,
+    worker: usize,
+    mut request: Request<Bytes>,
+    mut plan: Plan,
+) {
+    add_validators(&mut plan, request.headers_mut());
+    shared.cache.metrics.background_refreshes.inc();
+    let upstreams = Arc::clone(&live.upstreams);
+    let result = upstreams
+        .forward(worker, request, &shared.metrics)
+        .await
+        .map(|f| f.response);
+    if let Err(e) = complete(&shared.cache, &live.config.cache, plan, result) {
+        tracing::warn!(error = %e, "background refresh of a cached response failed");
+    }
+}
