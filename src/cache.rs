@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::watch;
 
@@ -73,7 +73,9 @@ impl Entry {
         let stale = if policy::has_validators(&headers) {
             l1_ttl
         } else {
-            freshness.stale_while_revalidate.max(freshness.stale_if_error)
+            freshness
+                .stale_while_revalidate
+                .max(freshness.stale_if_error)
         };
         let keep = l1_ttl.min(
             freshness
@@ -86,7 +88,11 @@ impl Entry {
                 .iter()
                 .map(|(n, v)| n.as_str().len() + v.len() + 32)
                 .sum::<usize>()
-            + stamp.versions.iter().map(|(t, _)| t.len() + 16).sum::<usize>()
+            + stamp
+                .versions
+                .iter()
+                .map(|(t, _)| t.len() + 16)
+                .sum::<usize>()
             + 256;
         Entry {
             status,
@@ -214,12 +220,18 @@ impl CacheMetrics {
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace("gatehouse");
         let m = CacheMetrics {
             lookups: IntCounterVec::new(
-                opts("cache_lookups_total", "Cacheable requests by route, layer and result"),
+                opts(
+                    "cache_lookups_total",
+                    "Cacheable requests by route, layer and result",
+                ),
                 &["route", "layer", "result"],
             )?,
             stores: IntCounter::with_opts(opts("cache_stores_total", "Responses stored"))?,
             not_stored: IntCounterVec::new(
-                opts("cache_not_stored_total", "Responses to cacheable requests not stored, by reason"),
+                opts(
+                    "cache_not_stored_total",
+                    "Responses to cacheable requests not stored, by reason",
+                ),
                 &["reason"],
             )?,
             evictions: IntCounter::with_opts(opts(
@@ -227,7 +239,10 @@ impl CacheMetrics {
                 "L1 entries evicted for room",
             ))?,
             invalidations: IntCounterVec::new(
-                opts("cache_invalidations_total", "Invalidations by kind (uri, tag, purge, all)"),
+                opts(
+                    "cache_invalidations_total",
+                    "Invalidations by kind (uri, tag, purge, all)",
+                ),
                 &["kind"],
             )?,
             coalesced_waits: IntCounter::with_opts(opts(
@@ -308,7 +323,9 @@ impl Cache {
                 bytes = limits.1,
                 "cache: new L1 limits; starting it empty"
             );
-            let old = self.l1.swap(Arc::new(L1::new(limits.0, limits.1, &self.metrics)));
+            let old = self
+                .l1
+                .swap(Arc::new(L1::new(limits.0, limits.1, &self.metrics)));
             old.cache.invalidate_all();
         }
     }

@@ -926,7 +926,7 @@ async fn django_crud_through_gunicorn() {
     let gateway = Gatehouse::start(&simple(&[gunicorn.upstream_url()]));
     let url = |p: &str| gateway.url(p);
 
-    let (status, headers, body) = curl(&[&url("/v1/stories/")]);
+    let (status, headers, body) = curl(&["-H", "x-app-echo: 1", &url("/v1/stories/")]);
     assert_eq!(status, 200, "{body}");
     let list = json(body.as_bytes());
     assert_eq!(list["count"], 30);

@@ -723,7 +723,9 @@ async fn undecodable_paths_get_400_and_never_reach_django() {
         "/v1/search/%00/",
         "/v1%00/search/",
     ] {
-        let (status, headers, _) = get(gateway.addr, path, &[]).await.unwrap();
+        let (status, headers, _) = get(gateway.addr, path, &[("x-app-echo", "1")])
+            .await
+            .unwrap();
         assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
         assert_eq!(
             headers["content-type"], "application/problem+json",
@@ -734,7 +736,9 @@ async fn undecodable_paths_get_400_and_never_reach_django() {
             "{path} reached Django"
         );
     }
-    let (status, headers, _) = get(gateway.addr, "/v1/search/?q=a", &[]).await.unwrap();
+    let (status, headers, _) = get(gateway.addr, "/v1/search/?q=a", &[("x-app-echo", "1")])
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
     assert!(headers.contains_key("x-app-request-id"));
 }

@@ -91,15 +91,13 @@ fn form_decode(text: &str) -> Vec<u8> {
     while i < bytes.len() {
         match bytes[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 2;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b => out.push(b),
         }
         i += 1;
@@ -108,7 +106,9 @@ fn form_decode(text: &str) -> Vec<u8> {
 }
 
 fn hex(b: u8) -> Option<u8> {
-    char::from(b).to_digit(16).and_then(|d| u8::try_from(d).ok())
+    char::from(b)
+        .to_digit(16)
+        .and_then(|d| u8::try_from(d).ok())
 }
 
 /// Bytes of a decoded query part, with the key's own separators escaped.
@@ -224,7 +224,10 @@ mod tests {
         headers.insert(header::HOST, "Example.COM:80".parse().unwrap());
         assert_eq!(host(&headers, None, &[]).as_deref(), Some("example.com"));
         let allowed = vec!["example.com".to_string()];
-        assert_eq!(host(&headers, None, &allowed).as_deref(), Some("example.com"));
+        assert_eq!(
+            host(&headers, None, &allowed).as_deref(),
+            Some("example.com")
+        );
         headers.insert(header::HOST, "other.example".parse().unwrap());
         assert_eq!(host(&headers, None, &allowed), None);
     }
@@ -236,7 +239,10 @@ mod tests {
         let mut b = HeaderMap::new();
         b.append(header::ACCEPT_ENCODING, "gzip".parse().unwrap());
         b.append(header::ACCEPT_ENCODING, "br".parse().unwrap());
-        assert_eq!(vary_value(&a, "accept-encoding"), vary_value(&b, "accept-encoding"));
+        assert_eq!(
+            vary_value(&a, "accept-encoding"),
+            vary_value(&b, "accept-encoding")
+        );
         assert_eq!(vary_value(&a, "cookie"), None);
     }
 }

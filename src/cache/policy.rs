@@ -121,13 +121,8 @@ impl RequestDirectives {
                 "only-if-cached" => d.only_if_cached = true,
                 // An invalid value is the strictest one.
                 "max-age" => d.max_age = d.max_age.or(Some(number.unwrap_or(0))),
-                "max-stale" => {
-                    if d.max_stale.is_none() {
-                        d.max_stale = Some(match value {
-                            None => None,
-                            Some(_) => Some(number.unwrap_or(0)),
-                        });
-                    }
+                "max-stale" if d.max_stale.is_none() => {
+                    d.max_stale = Some(value.map(|_| number.unwrap_or(0)));
                 }
                 "min-fresh" => d.min_fresh = d.min_fresh.or(Some(number.unwrap_or(MAX_DELTA))),
                 _ => {}
@@ -139,7 +134,10 @@ impl RequestDirectives {
                 .get_all(header::PRAGMA)
                 .iter()
                 .filter_map(|v| v.to_str().ok())
-                .any(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case("no-cache")))
+                .any(|v| {
+                    v.split(',')
+                        .any(|p| p.trim().eq_ignore_ascii_case("no-cache"))
+                })
         {
             d.no_cache = true;
         }
@@ -273,7 +271,8 @@ pub fn storable(
     if *request.method != Method::GET {
         return Err(NotStored::Method);
     }
-    if status.is_informational() || status == StatusCode::PARTIAL_CONTENT
+    if status.is_informational()
+        || status == StatusCode::PARTIAL_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         return Err(NotStored::Status);
@@ -374,7 +373,11 @@ pub fn vary_names(headers: &HeaderMap) -> Option<Vec<String>> {
 
 /// The age a response had when it arrived (RFC 9111 §4.2.3):
 /// `corrected_initial_age`.
-pub fn initial_age(headers: &HeaderMap, request_time: SystemTime, response_time: SystemTime) -> Duration {
+pub fn initial_age(
+    headers: &HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Duration {
     let date = headers.get(header::DATE).and_then(http_date);
     let apparent = date
         .and_then(|d| response_time.duration_since(d).ok())
@@ -407,7 +410,10 @@ pub fn usable(age: Duration, f: &Freshness, request: &RequestDirectives) -> Usab
     if request.no_cache {
         return Usable::Stale;
     }
-    if request.max_age.is_some_and(|max| age > Duration::from_secs(max)) {
+    if request
+        .max_age
+        .is_some_and(|max| age > Duration::from_secs(max))
+    {
         return Usable::Stale;
     }
     let remaining = f.lifetime.saturating_sub(age);

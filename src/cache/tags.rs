@@ -131,7 +131,9 @@ mod tests {
         assert!(!tags.current(&a));
         assert!(tags.current(&b));
         // Fetched after the write: fine.
-        let c = tags.stamp(tags.generation(), vec!["stories".into()]).unwrap();
+        let c = tags
+            .stamp(tags.generation(), vec!["stories".into()])
+            .unwrap();
         assert!(tags.current(&c));
     }
 

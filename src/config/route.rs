@@ -67,9 +67,9 @@ impl TagTemplate {
             };
             let name = &rest[open + 1..open + close];
             let index = match path {
-                PathMatch::Pattern(segments) => segments
-                    .iter()
-                    .position(|s| segment_name(s) == Some(name)),
+                PathMatch::Pattern(segments) => {
+                    segments.iter().position(|s| segment_name(s) == Some(name))
+                }
                 PathMatch::Prefix(_) => None,
             };
             let Some(index) = index else {

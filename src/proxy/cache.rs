@@ -47,12 +47,15 @@ pub struct Plan {
     route: Arc<str>,
 }
 
+// Returned once per request and matched at once: boxing the answer would
+// cost a hit an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Lookup {
     /// Not for the cache: forwarded as is. With a reason, say so in
     /// `Cache-Status`.
     Bypass(Option<&'static str>),
     /// Answered from the store; with `Some`, refresh it behind the answer.
-    Answer(Response<ProxyBody>, Option<Plan>),
+    Answer(Response<ProxyBody>, Option<Box<Plan>>),
     Fetch(Box<Plan>),
 }
 
@@ -103,8 +106,11 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
     if ask.headers.contains_key(header::RANGE) {
         return Ok(Lookup::Bypass(Some("range")));
     }
-    let Some(host) = store::key::host(ask.headers, ask.uri.authority().map(|a| a.as_str()), &config.hosts)
-    else {
+    let Some(host) = store::key::host(
+        ask.headers,
+        ask.uri.authority().map(|a| a.as_str()),
+        &config.hosts,
+    ) else {
         return Ok(Lookup::Bypass(Some("host")));
     };
     let per_user = route_cache.is_some_and(|c| c.per_user);
@@ -114,17 +120,28 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         // A shared entry must not answer for a user, nor a user's
         // response become one unless it says it may (checked on store).
         (true, false) => return Ok(Lookup::Bypass(Some("credentials"))),
-        // A credential the gateway could not verify gets nothing cached.
-        (true, true) if ask.caller.within.is_some() => {
+        // A credential the gateway could not verify (a forged token is no
+        // identity at all, the caller stays its address) gets nothing cached.
+        (true, true) if ask.caller.within.is_some() || ask.caller.subject.starts_with("ip:") => {
             return Ok(Lookup::Bypass(Some("unverified")));
         }
         (true, true) => Some(ask.caller.subject.as_str()),
     };
-    let uri = store::key::uri_key(&host, ask.path, ask.uri.query(), &config.ignore_query_params);
+    let uri = store::key::uri_key(
+        &host,
+        ask.path,
+        ask.uri.query(),
+        &config.ignore_query_params,
+    );
     let key = store::key::primary_key(&uri, ask.headers, subject);
     let directives = RequestDirectives::parse(ask.headers);
     let mut tags: Vec<String> = route_cache
-        .map(|c| c.tags.iter().map(|t| store::named_tag(&t.render(ask.path))).collect())
+        .map(|c| {
+            c.tags
+                .iter()
+                .map(|t| store::named_tag(&t.render(ask.path)))
+                .collect()
+        })
         .unwrap_or_default();
     tags.push(store::uri_tag(&uri));
     let mut plan = Plan {
@@ -134,7 +151,10 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         directives,
         credentialed,
         per_user,
-        route_ttl: ask.route.and_then(|r| r.cache_ttl).unwrap_or(config.default_ttl),
+        route_ttl: ask
+            .route
+            .and_then(|r| r.cache_ttl)
+            .unwrap_or(config.default_ttl),
         route_stale: (
             route_cache
                 .and_then(|c| c.stale_while_revalidate)
@@ -182,7 +202,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                             plan.head = false;
                             plan.request_headers = ask.headers.clone();
                             plan.generation = cache.tags.generation();
-                            Some(plan)
+                            Some(Box::new(plan))
                         }
                         Turn::Wait(_) => None,
                     };
@@ -220,7 +240,11 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
     count(
         cache,
         &plan,
-        if plan.stale.is_some() { "stale" } else { "miss" },
+        if plan.stale.is_some() {
+            "stale"
+        } else {
+            "miss"
+        },
     );
     plan.request_headers = ask.headers.clone();
     plan.generation = cache.tags.generation();
@@ -284,7 +308,14 @@ pub fn complete(
     let response_time = SystemTime::now();
     if status == StatusCode::NOT_MODIFIED && plan.revalidating {
         if let Some(stale) = plan.stale.take() {
-            return Ok(revalidated(cache, config, &plan, &stale, response.headers(), response_time));
+            return Ok(revalidated(
+                cache,
+                config,
+                &plan,
+                &stale,
+                response.headers(),
+                response_time,
+            ));
         }
     }
     let outcome = store(cache, config, &plan, &mut response, response_time);
@@ -294,7 +325,10 @@ pub fn complete(
         (None, false) => "miss",
     };
     let value = match outcome {
-        Ok(()) => format!("gatehouse; fwd={fwd}; fwd-status={}; stored", status.as_u16()),
+        Ok(()) => format!(
+            "gatehouse; fwd={fwd}; fwd-status={}; stored",
+            status.as_u16()
+        ),
         Err(reason) => format!(
             "gatehouse; fwd={fwd}; fwd-status={}; detail={}",
             status.as_u16(),
@@ -422,7 +456,13 @@ fn revalidated(
     };
     let mut tags = plan.tags.clone();
     tags.extend(Cache::tag_names(fresh, &config.tag_header));
-    let freshness = policy::storable(&request, stale.status, &headers, plan.route_ttl, plan.route_stale);
+    let freshness = policy::storable(
+        &request,
+        stale.status,
+        &headers,
+        plan.route_ttl,
+        plan.route_stale,
+    );
     let status = "gatehouse; fwd=stale; fwd-status=304";
     match (freshness, cache.tags.stamp(plan.generation, tags)) {
         (Ok(freshness), Some(stamp)) => {
@@ -437,7 +477,12 @@ fn revalidated(
                 response_time,
                 config.l1_ttl,
             );
-            let response = answer(&entry, &plan.request_headers, plan.head, &format!("{status}; stored"));
+            let response = answer(
+                &entry,
+                &plan.request_headers,
+                plan.head,
+                &format!("{status}; stored"),
+            );
             cache.insert(&plan.key, entry);
             response
         }
@@ -458,9 +503,14 @@ fn revalidated(
 }
 
 /// The stale entry standing in for an error, when `stale-if-error` allows.
-fn stale_for_error(cache: &Cache, plan: &Plan, status: Option<StatusCode>) -> Option<Response<ProxyBody>> {
+fn stale_for_error(
+    cache: &Cache,
+    plan: &Plan,
+    status: Option<StatusCode>,
+) -> Option<Response<ProxyBody>> {
     let stale = plan.stale.as_ref()?;
-    if !policy::usable_on_error(stale.age(), &stale.freshness) || !cache.tags.current(&stale.stamp) {
+    if !policy::usable_on_error(stale.age(), &stale.freshness) || !cache.tags.current(&stale.stamp)
+    {
         return None;
     }
     let mut value = String::from("gatehouse; fwd=stale");
@@ -543,7 +593,14 @@ pub struct WriteTarget {
 
 impl WriteTarget {
     /// For an unsafe method, what it may invalidate; `None` otherwise.
-    pub fn new(config: &Config, route: Option<&Route>, method: &Method, uri: &Uri, headers: &HeaderMap, path: &[u8]) -> Option<WriteTarget> {
+    pub fn new(
+        config: &Config,
+        route: Option<&Route>,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        path: &[u8],
+    ) -> Option<WriteTarget> {
         if method.is_safe() {
             return None;
         }
@@ -570,7 +627,13 @@ impl WriteTarget {
     /// same-host `Location` and `Content-Location`, the route's tags and
     /// the tags the application names are stale. Done before the client
     /// hears of the write.
-    pub fn invalidate(self, cache: &Cache, config: &CacheConfig, status: StatusCode, response: &mut HeaderMap) {
+    pub fn invalidate(
+        self,
+        cache: &Cache,
+        config: &CacheConfig,
+        status: StatusCode,
+        response: &mut HeaderMap,
+    ) {
         let named = Cache::tag_names(response, &config.tag_header);
         response.remove(&config.tag_header);
         if status.is_client_error() {
@@ -604,7 +667,12 @@ impl WriteTarget {
             return None;
         }
         let path = wsgi_path(uri.path()).ok()?;
-        Some(store::key::uri_key(&self.host, &path, uri.query(), &config.ignore_query_params))
+        Some(store::key::uri_key(
+            &self.host,
+            &path,
+            uri.query(),
+            &config.ignore_query_params,
+        ))
     }
 }
 
@@ -614,7 +682,7 @@ pub async fn refresh(
     live: Arc<super::Live>,
     worker: usize,
     mut request: Request<Bytes>,
-    mut plan: Plan,
+    mut plan: Box<Plan>,
 ) {
     add_validators(&mut plan, request.headers_mut());
     shared.cache.metrics.background_refreshes.inc();
@@ -623,7 +691,7 @@ pub async fn refresh(
         .forward(worker, request, &shared.metrics)
         .await
         .map(|f| f.response);
-    if let Err(e) = complete(&shared.cache, &live.config.cache, plan, result) {
+    if let Err(e) = complete(&shared.cache, &live.config.cache, *plan, result) {
         tracing::warn!(error = %e, "background refresh of a cached response failed");
     }
 }

@@ -200,7 +200,8 @@ fn listening(log: &str, service: &str) -> Option<SocketAddr> {
 /// A scriptable upstream standing in for Gunicorn where a test needs exact
 /// control (delays, failures, hop-by-hop headers). Paths:
 /// `/delay/<ms>`, `/status/<code>`, `/bytes/<n>`, `/hop`, anything else echoes
-/// the request as JSON.
+/// the request as JSON (under `/set-cookie/`, `/private/` and `/no-store/`
+/// with what makes it uncacheable).
 pub struct TestUpstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
@@ -322,8 +323,15 @@ async fn respond(
                 "headers": headers,
                 "body": String::from_utf8_lossy(&body),
             });
-            Response::builder()
-                .header("content-type", "application/json")
+            let mut response = Response::builder().header("content-type", "application/json");
+            // What a cache must never hand to another client.
+            response = match path.split('/').nth(1) {
+                Some("set-cookie") => response.header("set-cookie", "sessionid=new; HttpOnly"),
+                Some("private") => response.header("cache-control", "private, max-age=60"),
+                Some("no-store") => response.header("cache-control", "no-store"),
+                _ => response,
+            };
+            response
                 .body(Full::new(Bytes::from(echo.to_string())))
                 .unwrap()
         }

@@ -20,6 +20,9 @@ MIDDLEWARE = [
     "stories.middleware.RequestContextMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
+    # ETag on every response and 304 to If-None-Match: what the gateway's
+    # cache revalidates with.
+    "django.middleware.http.ConditionalGetMiddleware",
 ]
 
 # Sessions: in the database by default; DJANGO_SESSION_ENGINE picks another

@@ -6,6 +6,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse
 from django.shortcuts import get_object_or_404
+from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 
 from .models import Member, Story
@@ -29,6 +30,7 @@ def healthz(request):
     return JsonResponse({"status": "ok"})
 
 
+@never_cache
 def db_session(request):
     """What the database session is set to, read inside a transaction: the
     pooling tests check that each client keeps its own settings."""
@@ -119,6 +121,7 @@ def login(request):
     return JsonResponse({"member_id": member.id})
 
 
+@never_cache
 def whoami(request):
     """What Django made of the request: the session it read, the scheme and
     path it saw, and the forwarded address."""

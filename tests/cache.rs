@@ -1,0 +1,435 @@
+//! The response cache against real servers: the `gatehouse` binary in front
+//! of Gunicorn serving the example Django app, and of a scriptable upstream
+//! where a test needs to count requests or reflect headers exactly.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+#[allow(dead_code)]
+#[path = "support/harness.rs"]
+mod harness;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use jsonwebtoken::{EncodingKey, Header, encode};
+use serde_json::json;
+
+use harness::{Gatehouse, Gunicorn, TestUpstream, curl, get, header_line, send};
+
+const SECRET: &str = "integration-test-secret-of-enough-length";
+
+/// A gateway with the cache on, in front of `upstream`; `extra` is appended
+/// (routes, `[cache]` keys after a `[cache]` line already present).
+fn config(upstream: &str, cache: &str, extra: &str) -> String {
+    let routes = if extra.contains("[[routes]]") {
+        ""
+    } else {
+        "routes = []\n"
+    };
+    format!(
+        "{routes}[server]\nworkers = 2\n\n[upstream.health_check]\nenabled = false\n\n\
+         [[upstream.servers]]\nurl = \"{upstream}\"\n\n\
+         [identity.jwt]\nenabled = true\nsecret = \"{SECRET}\"\n\n\
+         [cache]\nenabled = true\n{cache}\n\n{extra}\n"
+    )
+}
+
+fn bearer(sub: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = encode(
+        &Header::default(),
+        &json!({"sub": sub, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    format!("Bearer {token}")
+}
+
+fn cache_status(headers: &http::HeaderMap) -> String {
+    headers
+        .get_all("cache-status")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn json_of(body: &[u8]) -> serde_json::Value {
+    harness::json(body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_then_hits_with_age_and_cache_status_and_one_upstream_request() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(&upstream.url(), "", ""));
+    let (status, headers, first) = get(gateway.addr, "/things/?b=2&a=1", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        cache_status(&headers).contains("fwd=miss") && cache_status(&headers).contains("stored"),
+        "{headers:?}"
+    );
+    // The same URI with its parameters in another order, twice.
+    for _ in 0..2 {
+        let (status, headers, body) = get(gateway.addr, "/things/?a=1&b=2", &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, first, "served the stored body");
+        assert!(
+            cache_status(&headers).starts_with("gatehouse; hit"),
+            "{headers:?}"
+        );
+        let age: u64 = headers["age"].to_str().unwrap().parse().unwrap();
+        assert!(age < 5);
+        // Each answer has its own request id, never the stored one.
+        assert_ne!(headers["x-request-id"], "");
+    }
+    assert_eq!(upstream.hits(), 1);
+    assert!(
+        gateway
+            .metric_reaches(
+                "gatehouse_cache_lookups_total{layer=\"l1\",result=\"hit\",route=\"default\"}",
+                2.0
+            )
+            .await
+    );
+    // HEAD is answered from the stored GET: its headers, no body.
+    let (status, headers, _) = curl(&["-sI", &gateway.url("/things/?a=1&b=2")]);
+    assert_eq!(status, 200);
+    assert_eq!(
+        header_line(&headers, "content-length"),
+        Some(first.len().to_string().as_str())
+    );
+    assert!(
+        header_line(&headers, "cache-status")
+            .unwrap()
+            .contains("hit")
+    );
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_misses_make_one_upstream_request() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(&upstream.url(), "", ""));
+    let addr = gateway.addr;
+    let requests: Vec<_> = (0..100)
+        .map(|_| tokio::spawn(async move { get(addr, "/delay/300", &[]).await.unwrap() }))
+        .collect();
+    for request in requests {
+        let (status, _, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"slow");
+    }
+    assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_for_one_client_are_never_served_to_another() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        "",
+        "[identity.session]\nenabled = true\ncookie = \"sessionid\"\n",
+    ));
+    let anonymous = async |path: &str| {
+        let (_, headers, body) = get(gateway.addr, path, &[]).await.unwrap();
+        (cache_status(&headers), json_of(&body))
+    };
+    // Authorization: the response is not stored, and no stored response
+    // answers it.
+    let (_, headers, _) = get(gateway.addr, "/auth/", &[("authorization", &bearer("7"))])
+        .await
+        .unwrap();
+    assert!(cache_status(&headers).contains("fwd=bypass"), "{headers:?}");
+    let (status, body) = anonymous("/auth/").await;
+    assert!(status.contains("fwd=miss"), "{status}");
+    assert!(body["headers"].get("authorization").is_none(), "{body}");
+    let (_, headers, body) = get(gateway.addr, "/auth/", &[("authorization", &bearer("7"))])
+        .await
+        .unwrap();
+    assert!(cache_status(&headers).contains("fwd=bypass"));
+    assert!(json_of(&body)["headers"]["authorization"].is_array());
+    // A session cookie: the same.
+    let (_, headers, _) = get(gateway.addr, "/session/", &[("cookie", "sessionid=abc")])
+        .await
+        .unwrap();
+    assert!(cache_status(&headers).contains("fwd=bypass"));
+    let (status, body) = anonymous("/session/").await;
+    assert!(status.contains("fwd=miss"), "{status}");
+    assert!(body["headers"].get("cookie").is_none());
+    // Gunicorn answering with Set-Cookie, private or no-store: never stored.
+    for path in ["/set-cookie/", "/private/", "/no-store/"] {
+        for _ in 0..2 {
+            let (status, _) = anonymous(path).await;
+            assert!(status.contains("fwd=miss"), "{path}: {status}");
+        }
+    }
+    // Three with credentials, two anonymous, six uncacheable.
+    assert_eq!(upstream.hits(), 3 + 2 + 6);
+}
+
+/// Unkeyed headers that Django may reflect cannot plant a response for
+/// requests without them: they are part of the key (and from untrusted
+/// peers they never reach Django at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflected_headers_cannot_poison_the_cache() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(&upstream.url(), "", "").replace(
+        "[server]\n",
+        "[server]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    ));
+    for (name, value) in [
+        ("x-forwarded-host", "evil.example"),
+        ("x-original-url", "/admin/"),
+        ("x-rewrite-url", "/admin/"),
+        ("x-forwarded-proto", "https"),
+    ] {
+        let path = format!("/page/{name}/");
+        let (_, _, poisoned) = get(gateway.addr, &path, &[(name, value)]).await.unwrap();
+        assert_eq!(json_of(&poisoned)["headers"][name][0], value);
+        let (_, headers, clean) = get(gateway.addr, &path, &[]).await.unwrap();
+        assert!(cache_status(&headers).contains("fwd=miss"), "{name}");
+        let body = json_of(&clean);
+        assert!(
+            body["headers"].get(name).is_none_or(|v| v[0] != value),
+            "{name}: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_routes_keep_each_users_copy_apart_and_ignore_forged_tokens() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        "",
+        "[[routes]]\nname = \"me\"\npath_prefix = \"/me/\"\nper_user = true\n",
+    ));
+    let ask = async |auth: Option<&str>| {
+        let headers: Vec<(&str, &str)> =
+            auth.map(|a| vec![("authorization", a)]).unwrap_or_default();
+        let (_, headers, body) = get(gateway.addr, "/me/", &headers).await.unwrap();
+        let seen = json_of(&body)["headers"]["authorization"][0]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        (cache_status(&headers), seen)
+    };
+    let (alice, bob) = (bearer("alice"), bearer("bob"));
+    assert!(ask(Some(&alice)).await.0.contains("stored"));
+    let (status, seen) = ask(Some(&alice)).await;
+    assert!(status.contains("hit"), "{status}");
+    assert_eq!(seen, alice);
+    let (status, seen) = ask(Some(&bob)).await;
+    assert!(status.contains("fwd=miss"), "{status}");
+    assert_eq!(seen, bob);
+    let (status, seen) = ask(None).await;
+    assert!(status.contains("fwd=miss"), "{status}");
+    assert_eq!(seen, "");
+    // A token the gateway cannot verify reads nothing and stores nothing.
+    let forged = format!("{}x", &alice);
+    for _ in 0..2 {
+        let (status, seen) = ask(Some(&forged)).await;
+        assert!(status.contains("detail=unverified"), "{status}");
+        assert_eq!(seen, forged);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_directives_are_honoured() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(&upstream.url(), "", ""));
+    // only-if-cached with nothing stored: 504, and nothing reaches Django.
+    let (status, _, _) = get(gateway.addr, "/d/", &[("cache-control", "only-if-cached")])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(upstream.hits(), 0);
+    get(gateway.addr, "/d/", &[]).await.unwrap();
+    let (status, headers, _) = get(gateway.addr, "/d/", &[("cache-control", "only-if-cached")])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(cache_status(&headers).contains("hit"));
+    // no-cache goes to the upstream, and what comes back is stored.
+    let (_, headers, _) = get(gateway.addr, "/d/", &[("cache-control", "no-cache")])
+        .await
+        .unwrap();
+    assert!(
+        cache_status(&headers).contains("fwd=request"),
+        "{headers:?}"
+    );
+    assert_eq!(upstream.hits(), 2);
+    let (_, headers, _) = get(gateway.addr, "/d/", &[("pragma", "no-cache")])
+        .await
+        .unwrap();
+    assert!(cache_status(&headers).contains("fwd=request"));
+    // max-age=0: too old for this client.
+    let (_, headers, _) = get(gateway.addr, "/d/", &[("cache-control", "max-age=0")])
+        .await
+        .unwrap();
+    assert!(!cache_status(&headers).contains("hit"), "{headers:?}");
+    assert_eq!(upstream.hits(), 4);
+}
+
+/// Django under Gunicorn: an ETag from `ConditionalGetMiddleware`, a 304
+/// from the cache for the client's `If-None-Match`, and a stale entry
+/// revalidated with a conditional request that Django answers with 304.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditional_requests_and_revalidation_with_django() {
+    let gunicorn = Gunicorn::start(2);
+    let gateway = Gatehouse::start(&config(
+        &gunicorn.upstream_url(),
+        "",
+        "[[routes]]\nname = \"users\"\npath_prefix = \"/v1/users/\"\ncache_ttl = \"1s\"\n",
+    ));
+    let (status, headers, body) = get(gateway.addr, "/v1/users/1/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let etag = headers["etag"].to_str().unwrap().to_string();
+    let (status, headers, empty) = get(gateway.addr, "/v1/users/1/", &[("if-none-match", &etag)])
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+    assert!(empty.is_empty());
+    assert_eq!(headers["etag"], etag.as_str());
+    assert!(cache_status(&headers).contains("hit"));
+    // Stale after a second: revalidated, Django says 304, the stored body
+    // is served with a fresh age.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, headers, again) = get(gateway.addr, "/v1/users/1/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again, body);
+    let value = cache_status(&headers);
+    assert!(
+        value.contains("fwd=stale; fwd-status=304; stored"),
+        "{value}"
+    );
+    let (_, headers, _) = get(gateway.addr, "/v1/users/1/", &[]).await.unwrap();
+    assert!(cache_status(&headers).contains("hit"));
+}
+
+/// A write through the gateway makes what it changed stale before its
+/// client hears back: the story list read right after a POST always holds
+/// the new story, with many writers and readers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_invalidates_its_uri_location_and_route_tags() {
+    let gunicorn = Gunicorn::start(2);
+    let gateway = Gatehouse::start(&config(
+        &gunicorn.upstream_url(),
+        "",
+        "[[routes]]\nname = \"story\"\npath_pattern = \"/v1/stories/{id}/\"\n\
+         tags = [\"story:{id}\"]\ninvalidates = [\"story:{id}\", \"stories\"]\n\n\
+         [[routes]]\nname = \"stories\"\npath_prefix = \"/v1/stories/\"\ntags = [\"stories\"]\n",
+    ));
+    let addr = gateway.addr;
+    let count = async || {
+        let (_, headers, body) = get(addr, "/v1/stories/", &[]).await.unwrap();
+        (
+            json_of(&body)["count"].as_i64().unwrap(),
+            cache_status(&headers),
+        )
+    };
+    let (before, _) = count().await;
+    assert!(count().await.1.contains("hit"));
+    let post = |title: String| {
+        Request::post("/v1/stories/")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                json!({"title": title, "author_id": 1}).to_string(),
+            )))
+            .unwrap()
+    };
+    let (status, headers, body) = send(addr, post("one".into())).await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    let id = json_of(&body)["id"].as_i64().unwrap();
+    assert_eq!(headers["location"], format!("/v1/stories/{id}/").as_str());
+    let (after, status) = count().await;
+    assert_eq!(after, before + 1, "{status}");
+
+    // A story's page: cached, then stale after its PATCH (route tag), and
+    // the list with it (the route's `invalidates`).
+    let detail = format!("/v1/stories/{id}/");
+    get(addr, &detail, &[]).await.unwrap();
+    assert!(cache_status(&get(addr, &detail, &[]).await.unwrap().1).contains("hit"));
+    assert!(count().await.1.contains("hit"));
+    let patch = Request::patch(detail.as_str())
+        .body(Full::new(Bytes::from("{\"title\": \"renamed\"}")))
+        .unwrap();
+    assert_eq!(send(addr, patch).await.unwrap().0, StatusCode::OK);
+    let (_, _, body) = get(addr, &detail, &[]).await.unwrap();
+    assert_eq!(json_of(&body)["title"], "renamed");
+    assert!(count().await.1.contains("fwd=miss"));
+    // A refused write (400) changed nothing: the list stays cached.
+    let bad = Request::post("/v1/stories/")
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap();
+    assert_eq!(send(addr, bad).await.unwrap().0, StatusCode::BAD_REQUEST);
+    assert!(count().await.1.contains("hit"));
+
+    // Writers and readers at once: a reader that starts after its writer's
+    // 201 always sees that story.
+    let rounds: Vec<_> = (0..16)
+        .map(|i| {
+            tokio::spawn(async move {
+                let (status, _, body) = send(addr, post(format!("race {i}"))).await.unwrap();
+                assert_eq!(status, StatusCode::CREATED);
+                let id = json_of(&body)["id"].as_i64().unwrap();
+                let (_, _, list) = get(addr, "/v1/stories/", &[]).await.unwrap();
+                let list = json_of(&list);
+                let total = list["count"].as_i64().unwrap();
+                // The list is ordered newest first or by id; count is exact.
+                (id, total)
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for round in rounds {
+        seen.push(round.await.unwrap());
+    }
+    // Every reader saw at least as many stories as existed when its own
+    // write completed: never a list from before its write.
+    let base = after;
+    let mut ids: Vec<i64> = seen.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    for (id, total) in &seen {
+        let position = ids.iter().position(|i| i == id).unwrap() as i64;
+        assert!(
+            *total > base + position,
+            "story {id}: list of {total} stories"
+        );
+    }
+}
+
+/// Gunicorn killed: an entry within `stale-if-error` is served, the rest
+/// gets 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_answers_while_gunicorn_is_down() {
+    let gunicorn = Gunicorn::start(1);
+    let gateway = Gatehouse::start(&config(
+        &gunicorn.upstream_url(),
+        "",
+        "[[routes]]\nname = \"users\"\npath_prefix = \"/v1/users/\"\ncache_ttl = \"1s\"\n\
+         stale_if_error = \"60s\"\n",
+    ));
+    let (status, _, body) = get(gateway.addr, "/v1/users/1/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    drop(gunicorn);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (status, headers, stale) = get(gateway.addr, "/v1/users/1/", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stale, body);
+    assert!(
+        cache_status(&headers).contains("detail=stale-if-error"),
+        "{headers:?}"
+    );
+    let (status, _, _) = get(gateway.addr, "/v1/users/2/", &[]).await.unwrap();
+    assert!(
+        status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+        "{status}"
+    );
+}
