@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::CacheConfig;
 use policy::Freshness;
-use tags::{Stamp, TagVersions};
+use tags::{Stamp, TagVersions, Validity};
 
 /// Variants kept per key (per `Vary` combination); past this the oldest goes.
 const MAX_VARIANTS: usize = 16;
@@ -91,7 +91,7 @@ impl Entry {
             + stamp
                 .versions
                 .iter()
-                .map(|(t, _)| t.len() + 16)
+                .map(|(t, _, _)| t.len() + 24)
                 .sum::<usize>()
             + 256;
         Entry {
@@ -331,14 +331,19 @@ impl Cache {
     }
 
     /// The variant of `key` stored for a request with `request`'s headers,
-    /// if it is still held and no write invalidated it.
-    pub fn get(&self, key: &str, request: &HeaderMap) -> Option<Arc<Entry>> {
+    /// if it is still held and no write invalidated it; `true` with it when
+    /// a soft purge made it stale.
+    pub fn get(&self, key: &str, request: &HeaderMap) -> Option<(Arc<Entry>, bool)> {
         let slot = self.l1.load().cache.get(key)?;
         let entry = slot
             .variants
             .iter()
             .find(|e| !e.expired() && e.selected_by(request))?;
-        self.tags.current(&entry.stamp).then(|| Arc::clone(entry))
+        match self.tags.validity(&entry.stamp) {
+            Validity::Current => Some((Arc::clone(entry), false)),
+            Validity::Stale => Some((Arc::clone(entry), true)),
+            Validity::Gone => None,
+        }
     }
 
     /// Store `entry` under `key`, replacing the variant it matches.
@@ -376,10 +381,16 @@ impl Cache {
         self.l1.load().cache.invalidate(key);
     }
 
-    /// Invalidate `tags` everywhere in this process.
-    pub fn invalidate<'a>(&self, kind: &str, tags: impl IntoIterator<Item = &'a str>) {
+    /// Invalidate `tags` everywhere in this process; `soft`: entries stay,
+    /// stale (revalidated before use, still good for `stale-if-error`).
+    pub fn invalidate<'a>(&self, kind: &str, tags: impl IntoIterator<Item = &'a str>, soft: bool) {
         let mut n = 0;
-        self.tags.bump(tags.into_iter().inspect(|_| n += 1));
+        let tags = tags.into_iter().inspect(|_| n += 1);
+        if soft {
+            self.tags.bump_soft(tags);
+        } else {
+            self.tags.bump(tags);
+        }
         self.metrics
             .invalidations
             .with_label_values(&[kind])
@@ -415,6 +426,84 @@ impl Cache {
         self.metrics
             .l1_entries
             .set(i64::try_from(l1.cache.entry_count()).unwrap_or(i64::MAX));
+    }
+
+    /// `/metrics/json .cache`: totals and hit ratios, overall, by route
+    /// and by layer, beside the raw counters.
+    pub fn summary(&self, config: &CacheConfig) -> serde_json::Value {
+        use prometheus::core::Collector;
+        self.observe();
+        #[derive(Default)]
+        struct Tally {
+            hits: u64,
+            stale: u64,
+            misses: u64,
+            bypass: u64,
+        }
+        let ratio = |t: &Tally| {
+            let looked = t.hits + t.stale + t.misses;
+            if looked == 0 {
+                0.0
+            } else {
+                (t.hits + t.stale) as f64 / looked as f64
+            }
+        };
+        let mut total = Tally::default();
+        let mut routes: std::collections::BTreeMap<String, Tally> = Default::default();
+        let mut layers: std::collections::BTreeMap<String, u64> = Default::default();
+        for family in self.metrics.lookups.collect() {
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                        .unwrap_or_default()
+                };
+                // Counters hold whole numbers.
+                let n = metric.get_counter().get_value() as u64;
+                let route = routes.entry(label("route")).or_default();
+                for tally in [&mut total, route] {
+                    match label("result").as_str() {
+                        "hit" => tally.hits += n,
+                        "stale" => tally.stale += n,
+                        "miss" => tally.misses += n,
+                        _ => tally.bypass += n,
+                    }
+                }
+                if label("result") == "hit" {
+                    *layers.entry(label("layer")).or_default() += n;
+                }
+            }
+        }
+        let tally_json = |t: &Tally| {
+            serde_json::json!({
+                "hits": t.hits,
+                "stale": t.stale,
+                "misses": t.misses,
+                "bypassed": t.bypass,
+                "hit_ratio": ratio(t),
+            })
+        };
+        let mut out = tally_json(&total);
+        let l1 = self.l1.load();
+        out["enabled"] = config.enabled.into();
+        out["by_route"] = routes
+            .iter()
+            .map(|(name, t)| (name.clone(), tally_json(t)))
+            .collect::<serde_json::Map<_, _>>()
+            .into();
+        out["hits_by_layer"] = serde_json::json!(layers);
+        out["l1"] = serde_json::json!({
+            "entries": l1.cache.entry_count(),
+            "bytes": self.metrics.l1_bytes.get(),
+            "max_entries": l1.limits.0,
+            "max_bytes": l1.limits.1,
+            "evictions": self.metrics.evictions.get(),
+        });
+        out["coalesced_waits"] = self.metrics.coalesced_waits.get().into();
+        out
     }
 
     /// The header that carries Django's tags (removed before clients see it).

@@ -433,3 +433,77 @@ async fn stale_if_error_answers_while_gunicorn_is_down() {
         "{status}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_need_the_token_and_drop_or_stale_what_they_name() {
+    const TOKEN: &str = "purge-token-of-enough-length";
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        &format!("purge_token = \"{TOKEN}\""),
+        "[[routes]]\nname = \"things\"\npath_prefix = \"/t/\"\ntags = [\"things\"]\n\n\
+         [[routes]]\nname = \"pages\"\npath_prefix = \"/p/\"\n",
+    ));
+    let status_of = async |path: &str| cache_status(&get(gateway.addr, path, &[]).await.unwrap().1);
+    let purge = async |query: &str, token: Option<&str>| {
+        let mut request = Request::post(format!("/cache/purge?{query}"));
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        send(
+            gateway.admin,
+            request.body(Full::new(Bytes::new())).unwrap(),
+        )
+        .await
+        .unwrap()
+    };
+    status_of("/p/1?x=1").await;
+    assert!(status_of("/p/1?x=1").await.contains("hit"));
+    let url = format!("url=http%3A%2F%2F{}%2Fp%2F1%3Fx%3D1", gateway.addr);
+    // Without the token, or with another: refused, nothing purged.
+    assert_eq!(purge(&url, None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        purge(&url, Some("purge-token-of-enough-lengtH")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert!(status_of("/p/1?x=1").await.contains("hit"));
+    let (status, _, body) = purge(&url, Some(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK, "{body:?}");
+    assert!(status_of("/p/1?x=1").await.contains("fwd=miss"));
+    // By tag, soft: the entry stays but is stale, so it is fetched again.
+    status_of("/t/a").await;
+    assert!(status_of("/t/a").await.contains("hit"));
+    assert_eq!(
+        purge("tag=things&soft=1", Some(TOKEN)).await.0,
+        StatusCode::OK
+    );
+    let after = status_of("/t/a").await;
+    assert!(
+        after.contains("fwd=stale") && after.contains("stored"),
+        "{after}"
+    );
+    assert!(status_of("/t/a").await.contains("hit"));
+    // Malformed purges say what is wrong.
+    assert_eq!(
+        purge("tag=things&bogus=1", Some(TOKEN)).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        purge("url=/relative", Some(TOKEN)).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(purge("", Some(TOKEN)).await.0, StatusCode::BAD_REQUEST);
+    // The token never shows in the log or the metrics.
+    let (_, _, metrics) = get(gateway.admin, "/metrics", &[]).await.unwrap();
+    assert!(!String::from_utf8_lossy(&metrics).contains(TOKEN));
+    assert!(!gateway.log().contains(TOKEN));
+    // `.cache` in /metrics/json: hit ratios by route.
+    let (_, _, body) = get(gateway.admin, "/metrics/json", &[]).await.unwrap();
+    let cache = &json_of(&body)["cache"];
+    assert!(cache["hits"].as_u64().unwrap() >= 3, "{cache}");
+    assert!(
+        cache["by_route"]["things"]["hit_ratio"].as_f64().unwrap() > 0.0,
+        "{cache}"
+    );
+    assert!(cache["l1"]["entries"].as_u64().unwrap() >= 1, "{cache}");
+}

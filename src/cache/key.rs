@@ -84,7 +84,7 @@ pub fn primary_key(uri_key: &str, headers: &HeaderMap, subject: Option<&str>) ->
 }
 
 /// `application/x-www-form-urlencoded` decoding, as Django reads a query.
-fn form_decode(text: &str) -> Vec<u8> {
+pub fn form_decode(text: &str) -> Vec<u8> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -22,16 +22,29 @@ pub struct TagVersions {
 #[derive(Default)]
 struct Inner {
     versions: HashMap<String, u64>,
+    /// Soft purges: entries carrying these stay, but count as stale (they
+    /// are revalidated, and may still stand in for an error).
+    soft: HashMap<String, u64>,
     /// Entries whose fetch began before this generation may depend on a
     /// forgotten version: none of them is served.
     floor: u64,
 }
 
-/// What an entry remembers of the tags at its fetch.
+/// What an entry remembers of the tags at its fetch: per tag, its version
+/// and its soft-purge version.
 #[derive(Debug, Clone, Default)]
 pub struct Stamp {
     pub generation: u64,
-    pub versions: Vec<(String, u64)>,
+    pub versions: Vec<(String, u64, u64)>,
+}
+
+/// Whether an entry may still be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validity {
+    Current,
+    /// Soft-purged: usable only as a stale response.
+    Stale,
+    Gone,
 }
 
 impl Default for TagVersions {
@@ -60,10 +73,11 @@ impl TagVersions {
         let mut versions = Vec::with_capacity(tags.len());
         for tag in tags {
             let version = inner.versions.get(&tag).copied().unwrap_or(0);
-            if version > since {
+            let soft = inner.soft.get(&tag).copied().unwrap_or(0);
+            if version > since || soft > since {
                 return None;
             }
-            versions.push((tag, version));
+            versions.push((tag, version, soft));
         }
         Some(Stamp {
             generation: since,
@@ -73,44 +87,75 @@ impl TagVersions {
 
     /// Whether no tag of the entry was invalidated since its fetch.
     pub fn current(&self, stamp: &Stamp) -> bool {
-        // Nothing at all was invalidated since: no need to look.
-        if self.generation.load(Ordering::Acquire) == stamp.generation {
-            return true;
-        }
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.floor <= stamp.generation
-            && stamp
-                .versions
-                .iter()
-                .all(|(tag, v)| inner.versions.get(tag).copied().unwrap_or(0) == *v)
+        self.validity(stamp) == Validity::Current
     }
 
-    /// Invalidate `tags`: entries carrying any of them are stale from now.
+    /// What the invalidations since the entry's fetch left of it.
+    pub fn validity(&self, stamp: &Stamp) -> Validity {
+        // Nothing at all was invalidated since: no need to look.
+        if self.generation.load(Ordering::Acquire) == stamp.generation {
+            return Validity::Current;
+        }
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner.floor > stamp.generation {
+            return Validity::Gone;
+        }
+        let mut validity = Validity::Current;
+        for (tag, version, soft) in &stamp.versions {
+            if inner.versions.get(tag).copied().unwrap_or(0) != *version {
+                return Validity::Gone;
+            }
+            if inner.soft.get(tag).copied().unwrap_or(0) != *soft {
+                validity = Validity::Stale;
+            }
+        }
+        validity
+    }
+
+    /// Invalidate `tags`: entries carrying any of them are gone from now.
     pub fn bump<'a>(&self, tags: impl IntoIterator<Item = &'a str>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.bump_in(tags, false);
+    }
+
+    /// Soft purge: entries carrying any of `tags` are stale from now.
+    pub fn bump_soft<'a>(&self, tags: impl IntoIterator<Item = &'a str>) {
+        self.bump_in(tags, true);
+    }
+
+    fn bump_in<'a>(&self, tags: impl IntoIterator<Item = &'a str>, soft: bool) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &mut *guard;
         let mut generation = self.generation.load(Ordering::Acquire);
+        let map = if soft {
+            &mut inner.soft
+        } else {
+            &mut inner.versions
+        };
         for tag in tags {
             generation += 1;
-            inner.versions.insert(tag.to_string(), generation);
+            map.insert(tag.to_string(), generation);
         }
-        if inner.versions.len() > MAX_TAGS {
-            let mut all: Vec<u64> = inner.versions.values().copied().collect();
-            let middle = all.len() / 2;
-            let (_, cut, _) = all.select_nth_unstable(middle);
-            let cut = *cut;
-            inner.versions.retain(|_, v| *v > cut);
-            // An entry fetched before `cut` may have read a version now
-            // forgotten (read back as 0): it is not served again.
-            inner.floor = inner.floor.max(cut);
+        for map in [&mut inner.versions, &mut inner.soft] {
+            if map.len() > MAX_TAGS {
+                let mut all: Vec<u64> = map.values().copied().collect();
+                let middle = all.len() / 2;
+                let (_, cut, _) = all.select_nth_unstable(middle);
+                let cut = *cut;
+                map.retain(|_, v| *v > cut);
+                // An entry fetched before `cut` may have read a version now
+                // forgotten (read back as 0): it is not served again.
+                inner.floor = inner.floor.max(cut);
+            }
         }
         self.generation.store(generation, Ordering::Release);
     }
 
-    /// Forget every entry: all fetched before now are stale.
+    /// Forget every entry: all fetched before now are gone.
     pub fn bump_all(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let generation = self.generation.load(Ordering::Acquire) + 1;
         inner.versions.clear();
+        inner.soft.clear();
         inner.floor = generation;
         self.generation.store(generation, Ordering::Release);
     }
@@ -158,6 +203,23 @@ mod tests {
         assert!(!tags.current(&old));
         let fresh = tags.stamp(tags.generation(), vec!["t0".into()]).unwrap();
         assert!(tags.current(&fresh));
+    }
+
+    #[test]
+    fn a_soft_purge_leaves_entries_stale_not_gone() {
+        let tags = TagVersions::default();
+        let a = tags
+            .stamp(tags.generation(), vec!["stories".into()])
+            .unwrap();
+        tags.bump_soft(["stories"]);
+        assert_eq!(tags.validity(&a), Validity::Stale);
+        tags.bump(["stories"]);
+        assert_eq!(tags.validity(&a), Validity::Gone);
+        // Stored again after the purge: current.
+        let b = tags
+            .stamp(tags.generation(), vec!["stories".into()])
+            .unwrap();
+        assert_eq!(tags.validity(&b), Validity::Current);
     }
 
     #[test]

@@ -166,6 +166,8 @@ pub struct CacheConfig {
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
     pub lock_timeout: Duration,
+    /// SHA-256 of the purge token: the token itself is kept nowhere.
+    pub purge_token: Option<[u8; 32]>,
 }
 
 impl Config {
@@ -520,6 +522,12 @@ impl TryFrom<&RawGateway> for Config {
         positive("cache.default_ttl", c.default_ttl, &mut problems);
         positive("cache.l1_ttl", c.l1_ttl, &mut problems);
         positive("cache.lock_timeout", c.lock_timeout, &mut problems);
+        if c.purge_token.as_ref().is_some_and(|t| t.len() < 16) {
+            problems.push((
+                "cache.purge_token".into(),
+                "use at least 16 characters".into(),
+            ));
+        }
         if c.l1_max_entries == 0 {
             problems.push((
                 "cache.l1_max_entries".into(),
@@ -612,6 +620,10 @@ impl TryFrom<&RawGateway> for Config {
                 stale_while_revalidate: c.stale_while_revalidate,
                 stale_if_error: c.stale_if_error,
                 lock_timeout: c.lock_timeout,
+                purge_token: c.purge_token.as_ref().map(|t| {
+                    use sha2::Digest;
+                    sha2::Sha256::digest(t.as_bytes()).into()
+                }),
             },
         })
     }

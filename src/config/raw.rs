@@ -541,6 +541,8 @@ pub struct RawCache {
     pub stale_if_error: Duration,
     #[serde(with = "humantime_serde")]
     pub lock_timeout: Duration,
+    /// Bearer token for purges on the admin listener; unset: no purges.
+    pub purge_token: Option<String>,
 }
 
 impl Default for RawCache {
@@ -558,6 +560,7 @@ impl Default for RawCache {
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             lock_timeout: Duration::from_secs(5),
+            purge_token: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The gateway's admin endpoints: `/health` (liveness), `/ready` (503 with a
 //! JSON reason while no upstream is healthy), `/metrics` (Prometheus text),
-//! `/metrics/json` (the same samples grouped by subsystem) and
-//! `/ratelimit/<subject>`; and the client `gatehouse ratelimit inspect` uses.
+//! `/metrics/json` (the same samples grouped by subsystem),
+//! `/ratelimit/<subject>` and `POST /cache/purge`; and the client
+//! `gatehouse ratelimit inspect` uses.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +24,9 @@ pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
 }
 
 async fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<AdminBody> {
+    if req.uri().path() == "/cache/purge" {
+        return purge(shared, req);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": "use GET"}));
     }
@@ -32,7 +36,10 @@ async fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<AdminBody>
     match req.uri().path() {
         "/health" => json_response(StatusCode::OK, &json!({"status": "ok"})),
         "/ready" => ready(shared),
-        "/metrics" => text_metrics(shared.metrics.render_text()),
+        "/metrics" => {
+            shared.cache.observe();
+            text_metrics(shared.metrics.render_text())
+        }
         "/metrics/json" => json_response(StatusCode::OK, &metrics_json(shared)),
         _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
     }
@@ -111,11 +118,140 @@ async fn inspect(shared: &Shared, subject: &str, query: Option<&str>) -> Respons
     json_response(StatusCode::OK, &json!(inspection))
 }
 
+/// `POST /cache/purge?url=URL&tag=TAG&all=1[&soft=1]` with the purge token:
+/// entries of each absolute URL (every variant, every user), of each tag,
+/// or all, dropped, or with `soft=1` made stale (revalidated before their
+/// next use, still good for `stale-if-error`). In this process; other
+/// gateways purge their own.
+fn purge(shared: &Shared, req: &Request<Incoming>) -> Response<AdminBody> {
+    let live = shared.live.load();
+    let config = &live.config.cache;
+    let Some(expected) = config.purge_token else {
+        return json_response(
+            StatusCode::FORBIDDEN,
+            &json!({"error": "purging is off: set cache.purge_token"}),
+        );
+    };
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compared as digests: the time taken says nothing of the token.
+    let valid = presented.is_some_and(|token| {
+        use sha2::Digest;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.trim().as_bytes()).into();
+        digest == expected
+    });
+    if !valid {
+        let mut response = json_response(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error": "a purge needs Authorization: Bearer <cache.purge_token>"}),
+        );
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
+    if req.method() != Method::POST {
+        return json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"error": "use POST"}),
+        );
+    }
+    let (mut urls, mut tags, mut all, mut soft) = (Vec::new(), Vec::new(), false, false);
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = String::from_utf8_lossy(&crate::cache::key::form_decode(value)).into_owned();
+        match name {
+            "url" => urls.push(value),
+            "tag" => tags.push(value),
+            "all" => all = value == "1" || value == "true",
+            "soft" => soft = value == "1" || value == "true",
+            _ => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": format!("unknown parameter `{name}`: use url, tag, all, soft")}),
+                );
+            }
+        }
+    }
+    let mut keys = Vec::with_capacity(urls.len());
+    for url in &urls {
+        match purge_key(url, config) {
+            Some(key) => keys.push(key),
+            None => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": format!("`{url}` is not an absolute http URL with a decodable path")}),
+                );
+            }
+        }
+    }
+    if !all && keys.is_empty() && tags.is_empty() {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "name what to purge: url=, tag= or all=1"}),
+        );
+    }
+    let cache = &shared.cache;
+    if all {
+        cache.clear();
+    }
+    if !soft {
+        for key in &keys {
+            cache.remove(key);
+        }
+    }
+    let uri_tags: Vec<String> = keys.iter().map(|k| crate::cache::uri_tag(k)).collect();
+    let named: Vec<String> = tags.iter().map(|t| crate::cache::named_tag(t)).collect();
+    cache.invalidate(
+        "purge",
+        uri_tags.iter().chain(&named).map(String::as_str),
+        soft,
+    );
+    tracing::info!(
+        urls = urls.len(),
+        tags = tags.len(),
+        all,
+        soft,
+        "cache purge"
+    );
+    json_response(
+        StatusCode::OK,
+        &json!({"purged": {"urls": urls, "tags": tags, "all": all}, "soft": soft}),
+    )
+}
+
+/// The URI key of an absolute URL, as the cache keys a request for it.
+fn purge_key(url: &str, config: &crate::config::CacheConfig) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    let host = crate::config::normalise_host(uri.authority()?.as_str());
+    let path = super::route::wsgi_path(uri.path()).ok()?;
+    Some(crate::cache::key::uri_key(
+        &host,
+        &path,
+        uri.query(),
+        &config.ignore_query_params,
+    ))
+}
+
 fn metrics_json(shared: &Shared) -> Value {
     let mut extra = Map::new();
     let mut upstream = Map::new();
     upstream.insert("servers".into(), upstream_states(shared));
     extra.insert("upstream".into(), Value::Object(upstream));
+    let live = shared.live.load();
+    if let Value::Object(cache) = shared.cache.summary(&live.config.cache) {
+        extra.insert("cache".into(), Value::Object(cache));
+    }
     crate::telemetry::json::render(&shared.metrics.registry.gather(), extra)
 }
 

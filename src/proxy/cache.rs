@@ -175,9 +175,14 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
     };
     let mut waited = false;
     loop {
-        if let Some(entry) = cache.get(&plan.key, ask.headers) {
+        if let Some((entry, purged)) = cache.get(&plan.key, ask.headers) {
             let age = entry.age();
-            match policy::usable(age, &entry.freshness, &plan.directives) {
+            let usable = if purged {
+                Usable::Stale
+            } else {
+                policy::usable(age, &entry.freshness, &plan.directives)
+            };
+            match usable {
                 Usable::Fresh | Usable::StaleAccepted => {
                     let detail = waited.then_some("coalesced");
                     count(cache, &plan, "hit");
@@ -210,6 +215,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                 }
                 Usable::Stale => {
                     plan.refused_by_request = plan.directives.no_cache
+                        && !purged
                         && policy::usable(age, &entry.freshness, &RequestDirectives::default())
                             == Usable::Fresh;
                     plan.stale = Some(entry);
@@ -509,7 +515,8 @@ fn stale_for_error(
     status: Option<StatusCode>,
 ) -> Option<Response<ProxyBody>> {
     let stale = plan.stale.as_ref()?;
-    if !policy::usable_on_error(stale.age(), &stale.freshness) || !cache.tags.current(&stale.stamp)
+    if !policy::usable_on_error(stale.age(), &stale.freshness)
+        || cache.tags.validity(&stale.stamp) == crate::cache::tags::Validity::Gone
     {
         return None;
     }
@@ -650,8 +657,12 @@ impl WriteTarget {
             cache.remove(uri);
         }
         let uri_tags: Vec<String> = uris.iter().map(|u| store::uri_tag(u)).collect();
-        cache.invalidate("uri", uri_tags.iter().map(String::as_str));
-        cache.invalidate("tag", self.tags.iter().chain(&named).map(String::as_str));
+        cache.invalidate("uri", uri_tags.iter().map(String::as_str), false);
+        cache.invalidate(
+            "tag",
+            self.tags.iter().chain(&named).map(String::as_str),
+            false,
+        );
     }
 
     /// The URI key of a `Location` on the same host; relative references
