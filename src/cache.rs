@@ -5,6 +5,7 @@
 //! store and invalidate; [`policy`] holds RFC 9111, [`key`] the keys.
 
 pub mod key;
+pub mod l2;
 pub mod policy;
 pub mod tags;
 
@@ -12,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -69,20 +70,50 @@ impl Entry {
                 headers.insert(header::DATE, date);
             }
         }
-        // Kept past freshness only to serve stale or to revalidate.
-        let stale = if policy::has_validators(&headers) {
-            l1_ttl
-        } else {
-            freshness
-                .stale_while_revalidate
-                .max(freshness.stale_if_error)
-        };
-        let keep = l1_ttl.min(
-            freshness
-                .lifetime
-                .saturating_sub(initial_age)
-                .saturating_add(stale),
-        );
+        Self::build(
+            status,
+            headers,
+            body,
+            freshness,
+            vary,
+            stamp,
+            initial_age,
+            l1_ttl,
+        )
+    }
+
+    /// An entry read from L2, `age` old now, stamped with this process's
+    /// tag versions.
+    pub fn restore(decoded: l2::Decoded, stamp: Stamp, l1_ttl: Duration) -> Entry {
+        Self::build(
+            decoded.status,
+            decoded.headers,
+            decoded.body,
+            decoded.freshness,
+            decoded.vary,
+            stamp,
+            decoded.age,
+            l1_ttl,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        freshness: Freshness,
+        vary: Vec<(String, Option<String>)>,
+        stamp: Stamp,
+        initial_age: Duration,
+        l1_ttl: Duration,
+    ) -> Entry {
+        let keep = l1_ttl.min(Self::worth_keeping(
+            &headers,
+            &freshness,
+            initial_age,
+            l1_ttl,
+        ));
         let size = body.len()
             + headers
                 .iter()
@@ -106,6 +137,34 @@ impl Entry {
             keep,
             size,
         }
+    }
+
+    /// How long from now a response of this age stays worth keeping: while
+    /// fresh, then while it may be served stale, or (with validators) for
+    /// `grace` more to be revalidated.
+    fn worth_keeping(
+        headers: &HeaderMap,
+        freshness: &Freshness,
+        age: Duration,
+        grace: Duration,
+    ) -> Duration {
+        let stale = if policy::has_validators(headers) {
+            grace.max(
+                freshness
+                    .stale_while_revalidate
+                    .max(freshness.stale_if_error),
+            )
+        } else {
+            freshness
+                .stale_while_revalidate
+                .max(freshness.stale_if_error)
+        };
+        freshness.lifetime.saturating_sub(age).saturating_add(stale)
+    }
+
+    /// How long L2 keeps it (Redis caps it at `l2_max_ttl`).
+    pub fn l2_ttl(&self, grace: Duration) -> Duration {
+        Self::worth_keeping(&self.headers, &self.freshness, self.age(), grace)
     }
 
     /// RFC 9111 §4.2.3 `current_age`.
@@ -213,6 +272,10 @@ pub struct CacheMetrics {
     pub background_refreshes: IntCounter,
     pub l1_entries: IntGauge,
     pub l1_bytes: IntGauge,
+    /// `{op}`: Redis calls of L2 that failed or timed out.
+    pub l2_errors: IntCounterVec,
+    /// 1 while L2's Redis answers.
+    pub l2_up: IntGauge,
 }
 
 impl CacheMetrics {
@@ -255,6 +318,14 @@ impl CacheMetrics {
             ))?,
             l1_entries: IntGauge::with_opts(opts("cache_l1_entries", "Keys held in L1"))?,
             l1_bytes: IntGauge::with_opts(opts("cache_l1_bytes", "Bytes held in L1"))?,
+            l2_errors: IntCounterVec::new(
+                opts(
+                    "cache_l2_errors_total",
+                    "L2 Redis calls that failed or timed out, by operation",
+                ),
+                &["op"],
+            )?,
+            l2_up: IntGauge::with_opts(opts("cache_l2_up", "1 while L2's Redis answers"))?,
         };
         registry.register(Box::new(m.lookups.clone()))?;
         registry.register(Box::new(m.stores.clone()))?;
@@ -265,6 +336,8 @@ impl CacheMetrics {
         registry.register(Box::new(m.background_refreshes.clone()))?;
         registry.register(Box::new(m.l1_entries.clone()))?;
         registry.register(Box::new(m.l1_bytes.clone()))?;
+        registry.register(Box::new(m.l2_errors.clone()))?;
+        registry.register(Box::new(m.l2_up.clone()))?;
         Ok(m)
     }
 }
@@ -294,6 +367,8 @@ impl Drop for Lead {
 /// kept across reloads.
 pub struct Cache {
     l1: ArcSwap<L1>,
+    /// L2 and the settings it was built with; `None` without Redis.
+    l2: ArcSwapOption<(String, Arc<l2::L2>)>,
     pub tags: TagVersions,
     locks: Arc<Mutex<HashMap<Arc<str>, watch::Sender<()>>>>,
     pub metrics: CacheMetrics,
@@ -311,7 +386,72 @@ impl Cache {
             tags: TagVersions::default(),
             locks: Arc::default(),
             metrics,
+            l2: ArcSwapOption::empty(),
         })
+    }
+
+    /// L2, when Redis is configured.
+    pub fn l2(&self) -> Option<Arc<l2::L2>> {
+        self.l2.load().as_ref().map(|pair| Arc::clone(&pair.1))
+    }
+
+    /// Use L2 in `redis` (or none); kept when the settings did not change.
+    /// Returns a new L2 whose invalidation channel must be followed.
+    pub fn set_l2(
+        &self,
+        redis: Option<&crate::config::RedisConfig>,
+        config: &CacheConfig,
+    ) -> Option<Arc<l2::L2>> {
+        let Some(redis) = redis.filter(|_| config.enabled && config.l2) else {
+            self.l2.store(None);
+            return None;
+        };
+        let settings = format!(
+            "{} {:?} {} {:?} {:?}",
+            redis.url,
+            redis.cluster_nodes,
+            config.key_prefix,
+            config.redis_timeout,
+            config.l2_max_ttl
+        );
+        if let Some(current) = self.l2.load().as_ref() {
+            if current.0 == settings {
+                return None;
+            }
+        }
+        match l2::L2::new(redis, config, &self.metrics) {
+            Ok(l2) => {
+                let l2 = Arc::new(l2);
+                self.l2.store(Some(Arc::new((settings, Arc::clone(&l2)))));
+                self.metrics.l2_up.set(1);
+                Some(l2)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cache: redis client; L1 only");
+                self.l2.store(None);
+                None
+            }
+        }
+    }
+
+    /// Whether `l2` is still the one in use (its subscriber stops otherwise).
+    pub fn uses(&self, l2: &Arc<l2::L2>) -> bool {
+        self.l2().is_some_and(|current| Arc::ptr_eq(&current, l2))
+    }
+
+    /// Empty L1: what it holds may have missed invalidations.
+    pub fn clear_local(&self) {
+        self.tags.bump_all();
+        self.l1.load().cache.invalidate_all();
+    }
+
+    /// Apply tags another gateway invalidated.
+    pub fn tags_bump(&self, tags: &[&str], soft: bool) {
+        if soft {
+            self.tags.bump_soft(tags.iter().copied());
+        } else {
+            self.tags.bump(tags.iter().copied());
+        }
     }
 
     /// Follow a reload: new L1 limits start an empty L1.
@@ -347,9 +487,10 @@ impl Cache {
     }
 
     /// Store `entry` under `key`, replacing the variant it matches.
-    pub fn insert(&self, key: &str, entry: Entry) {
+    pub fn insert(&self, key: &str, entry: Entry) -> Arc<Entry> {
+        let entry = Arc::new(entry);
         if entry.keep.is_zero() {
-            return;
+            return entry;
         }
         let l1 = self.l1.load();
         let key: Arc<str> = Arc::from(key);
@@ -367,13 +508,14 @@ impl Cache {
         if variants.len() >= MAX_VARIANTS {
             variants.remove(0);
         }
-        variants.push(Arc::new(entry));
+        variants.push(Arc::clone(&entry));
         let slot = Slot { variants };
         self.metrics
             .l1_bytes
             .add(i64::try_from(slot.size()).unwrap_or(0));
         l1.cache.insert(key, Arc::new(slot));
         self.metrics.stores.inc();
+        entry
     }
 
     /// Drop what `key` holds (memory only: versions decide what is served).
@@ -397,11 +539,35 @@ impl Cache {
             .inc_by(n);
     }
 
-    /// Forget everything stored.
-    pub fn clear(&self) {
-        self.tags.bump_all();
-        self.l1.load().cache.invalidate_all();
+    /// Invalidate in this process and, through L2, in every gateway: each
+    /// `(kind, tags)` group counted under its kind. Returns once Redis has
+    /// the new versions (or has failed: then only this process knows, and
+    /// L2 drops everything older once Redis answers again).
+    pub async fn invalidate_shared(&self, groups: &[(&str, Vec<String>)], soft: bool) {
+        let mut all = Vec::new();
+        for (kind, tags) in groups {
+            self.invalidate(kind, tags.iter().map(String::as_str), soft);
+            all.extend(tags.iter().cloned());
+        }
+        if all.is_empty() {
+            return;
+        }
+        if let Some(l2) = self.l2() {
+            if let Err(e) = l2.bump(&all, soft).await {
+                tracing::warn!(error = %e, "cache: invalidation not written to redis; other gateways learn of it when it answers again");
+            }
+        }
+    }
+
+    /// Forget everything stored, here and (through L2) in every gateway.
+    pub async fn clear(&self) {
+        self.clear_local();
         self.metrics.invalidations.with_label_values(&["all"]).inc();
+        if let Some(l2) = self.l2() {
+            if let Err(e) = l2.raise_floor().await {
+                tracing::warn!(error = %e, "cache: could not drop the L2 entries");
+            }
+        }
     }
 
     /// Become the one request that fetches `key`, or wait for it.

@@ -132,7 +132,7 @@ pub struct Shared {
     pub workers: usize,
     pub limit_stores: LimitStores,
     /// The response cache's store, kept across reloads.
-    pub cache: crate::cache::Cache,
+    pub cache: Arc<crate::cache::Cache>,
     pub access_log: log::AccessLog,
     /// Client connections, all workers together (`server.max_connections`,
     /// within the open-file limit). Fixed at start.
@@ -220,7 +220,8 @@ pub fn run(
         path: config.log.access_log_path.clone().unwrap_or_default(),
         source,
     })?;
-    let cache = crate::cache::Cache::new(&config.cache, &metrics.registry)?;
+    let cache = Arc::new(crate::cache::Cache::new(&config.cache, &metrics.registry)?);
+    let l2 = cache.set_l2(config.redis.as_ref(), &config.cache);
     let live = Live::new(config, upstreams, &limit_stores, &metrics);
     let shared = Arc::new(Shared {
         live: ArcSwap::from_pointee(live),
@@ -268,6 +269,9 @@ pub fn run(
             tokio::spawn(async move { admin::serve(listener, shared).await });
         }
         tokio::spawn(health_checks(Arc::clone(&shared)));
+        if let Some(l2) = l2 {
+            tokio::spawn(crate::cache::l2::subscribe(Arc::clone(&shared.cache), l2));
+        }
         controlled(&shared, &source, shutdown_tx, control).await;
     });
     for thread in threads {
@@ -366,6 +370,9 @@ pub fn reload(shared: &Shared, source: &ConfigSource) {
         ))
     };
     shared.cache.reconfigure(&config.cache);
+    if let Some(l2) = shared.cache.set_l2(config.redis.as_ref(), &config.cache) {
+        tokio::spawn(crate::cache::l2::subscribe(Arc::clone(&shared.cache), l2));
+    }
     shared.live.store(Arc::new(Live::new(
         config,
         upstreams,

@@ -7,6 +7,9 @@
 #[allow(dead_code)]
 #[path = "support/harness.rs"]
 mod harness;
+#[allow(dead_code)]
+#[path = "support/redis.rs"]
+mod redis;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,12 +19,13 @@ use http_body_util::Full;
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::json;
 
-use harness::{Gatehouse, Gunicorn, TestUpstream, curl, get, header_line, send};
+use harness::{Gatehouse, Gunicorn, TestUpstream, curl, eventually, get, header_line, send};
+use redis::TestRedis;
 
 const SECRET: &str = "integration-test-secret-of-enough-length";
 
-/// A gateway with the cache on, in front of `upstream`; `extra` is appended
-/// (routes, `[cache]` keys after a `[cache]` line already present).
+/// A gateway with the cache on (and rate limits off), in front of
+/// `upstream`; `cache` goes under `[cache]`, `extra` after everything.
 fn config(upstream: &str, cache: &str, extra: &str) -> String {
     let routes = if extra.contains("[[routes]]") {
         ""
@@ -31,6 +35,7 @@ fn config(upstream: &str, cache: &str, extra: &str) -> String {
     format!(
         "{routes}[server]\nworkers = 2\n\n[upstream.health_check]\nenabled = false\n\n\
          [[upstream.servers]]\nurl = \"{upstream}\"\n\n\
+         [ratelimit]\nenabled = false\n\n\
          [identity.jwt]\nenabled = true\nsecret = \"{SECRET}\"\n\n\
          [cache]\nenabled = true\n{cache}\n\n{extra}\n"
     )
@@ -506,4 +511,182 @@ async fn purges_need_the_token_and_drop_or_stale_what_they_name() {
         "{cache}"
     );
     assert!(cache["l1"]["entries"].as_u64().unwrap() >= 1, "{cache}");
+}
+
+/// A unique key prefix per test: tests share one Redis.
+fn prefix() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "c{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn with_redis(upstream: &str, redis: &str, prefix: &str, cache: &str, extra: &str) -> String {
+    config(
+        upstream,
+        &format!("key_prefix = \"{prefix}\"\n{cache}"),
+        &format!("[redis]\nurl = \"{redis}\"\n\n{extra}"),
+    )
+}
+
+const STORIES: &str =
+    "[[routes]]\nname = \"stories\"\npath_prefix = \"/v1/stories/\"\ntags = [\"stories\"]\n";
+
+/// The site's name, the same through every gateway (the test's gateways
+/// listen on different ports, which a client's `Host` would otherwise name).
+const SITE: &[(&str, &str)] = &[("host", "stories.example")];
+
+/// Two gateways on one Redis: the second answers from the first one's L2
+/// entry; when L1 lets an entry go, L2 still has it; and a story POSTed
+/// through one gateway is in the list read through the other right after,
+/// also with writers and readers running at once on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_share_l2_and_see_each_others_writes() {
+    let redis = TestRedis::shared();
+    let gunicorn = Gunicorn::start(2);
+    let prefix = prefix();
+    let toml = with_redis(
+        &gunicorn.upstream_url(),
+        &redis.url(),
+        &prefix,
+        "l1_ttl = \"1s\"",
+        STORIES,
+    );
+    let (a, b) = (Gatehouse::start(&toml), Gatehouse::start(&toml));
+    let l2_hits = "gatehouse_cache_lookups_total{layer=\"l2\",result=\"hit\",route=\"stories\"}";
+    let (status, headers, first) = get(a.addr, "/v1/stories/?page=2", SITE).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(cache_status(&headers).contains("stored"));
+    // The write to Redis happens behind the answer.
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            !redis
+                .cli(&["KEYS", &format!("{prefix}:c:e:*")])
+                .trim()
+                .is_empty()
+        })
+        .await
+    );
+    let (_, headers, body) = get(b.addr, "/v1/stories/?page=2", SITE).await.unwrap();
+    assert!(cache_status(&headers).contains("hit"), "{headers:?}");
+    assert_eq!(body, first);
+    assert_eq!(b.metric(l2_hits).await, Some(1.0));
+    // Out of A's L1 after l1_ttl, still in L2.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (_, headers, _) = get(a.addr, "/v1/stories/?page=2", SITE).await.unwrap();
+    assert!(cache_status(&headers).contains("hit"));
+    assert_eq!(a.metric(l2_hits).await, Some(1.0));
+
+    let count = async |gateway: &Gatehouse| {
+        let (_, _, body) = get(gateway.addr, "/v1/stories/", SITE).await.unwrap();
+        json_of(&body)["count"].as_i64().unwrap()
+    };
+    // Both gateways hold the list in L1.
+    let before = count(&a).await;
+    assert_eq!(count(&b).await, before);
+    for round in 0..10 {
+        let (writer, reader) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let post = Request::post("/v1/stories/")
+            .header("host", SITE[0].1)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                json!({"title": format!("round {round}"), "author_id": 1}).to_string(),
+            )))
+            .unwrap();
+        assert_eq!(
+            send(writer.addr, post).await.unwrap().0,
+            StatusCode::CREATED
+        );
+        assert_eq!(count(reader).await, before + round + 1, "round {round}");
+    }
+    // At once: each reader, started after its own writer's answer, sees at
+    // least every story written before.
+    let (a_addr, b_addr) = (a.addr, b.addr);
+    let rounds: Vec<_> = (0..12)
+        .map(|i| {
+            tokio::spawn(async move {
+                let (writer, reader) = if i % 2 == 0 {
+                    (a_addr, b_addr)
+                } else {
+                    (b_addr, a_addr)
+                };
+                let post = Request::post("/v1/stories/")
+                    .header("host", SITE[0].1)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(
+                        json!({"title": format!("race {i}"), "author_id": 1}).to_string(),
+                    )))
+                    .unwrap();
+                let (status, _, body) = send(writer, post).await.unwrap();
+                assert_eq!(status, StatusCode::CREATED);
+                let id = json_of(&body)["id"].as_i64().unwrap();
+                let (_, _, list) = get(reader, "/v1/stories/", SITE).await.unwrap();
+                (id, json_of(&list)["count"].as_i64().unwrap())
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for round in rounds {
+        seen.push(round.await.unwrap());
+    }
+    let base = before + 10;
+    let mut ids: Vec<i64> = seen.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    for (id, total) in &seen {
+        let rank = ids.iter().position(|i| i == id).unwrap() as i64;
+        assert!(*total > base + rank, "story {id}: a list of {total}");
+    }
+}
+
+/// Redis killed and started again while clients keep reading: no 5xx at
+/// any point; L1 and Gunicorn carry on, and L2 is used again afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_under_load_costs_no_errors() {
+    let mut redis = TestRedis::start();
+    let upstream = TestUpstream::start("a").await;
+    let prefix = prefix();
+    let gateway = Gatehouse::start(&with_redis(&upstream.url(), &redis.url(), &prefix, "", ""));
+    let addr = gateway.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|i| {
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let mut answers = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let path = format!("/load/{}/", answers % 7 + i);
+                    let (status, _, _) = get(addr, &path, &[]).await.unwrap();
+                    assert!(status.is_success(), "{path}: {status}");
+                    answers += 1;
+                }
+                answers
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(gateway.metric("gatehouse_cache_l2_up").await, Some(0.0));
+    redis.restart();
+    assert!(gateway.metric_reaches("gatehouse_cache_l2_up", 1.0).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        assert!(task.await.unwrap() > 0);
+    }
+    // Entries go to the restarted Redis again.
+    get(addr, "/after/", &[]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            !redis
+                .cli(&["KEYS", &format!("{prefix}:c:e:*")])
+                .trim()
+                .is_empty()
+        })
+        .await
+    );
+    assert!(gateway.log().contains("redis unavailable"));
 }

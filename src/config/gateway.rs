@@ -168,6 +168,11 @@ pub struct CacheConfig {
     pub lock_timeout: Duration,
     /// SHA-256 of the purge token: the token itself is kept nowhere.
     pub purge_token: Option<[u8; 32]>,
+    /// L2 in Redis: `[redis]` is configured and `cache.l2` is on.
+    pub l2: bool,
+    pub key_prefix: String,
+    pub redis_timeout: Duration,
+    pub l2_max_ttl: Duration,
 }
 
 impl Config {
@@ -495,6 +500,7 @@ impl TryFrom<&RawGateway> for Config {
         let log = log_config(&raw.log, &mut problems);
 
         let redis = redis(&raw.redis, &mut problems);
+        let has_redis = redis.is_some();
         let mut ratelimit = ratelimit::validate(&raw.ratelimit, &mut problems);
         let routes = route::validate(&raw.routes, &mut ratelimit, &mut problems);
         let identity = identity::validate(&raw.identity, &mut problems);
@@ -522,6 +528,9 @@ impl TryFrom<&RawGateway> for Config {
         positive("cache.default_ttl", c.default_ttl, &mut problems);
         positive("cache.l1_ttl", c.l1_ttl, &mut problems);
         positive("cache.lock_timeout", c.lock_timeout, &mut problems);
+        positive("cache.redis_timeout", c.redis_timeout, &mut problems);
+        positive("cache.l2_max_ttl", c.l2_max_ttl, &mut problems);
+        super::check_name("cache.key_prefix", &c.key_prefix, &mut problems);
         if c.purge_token.as_ref().is_some_and(|t| t.len() < 16) {
             problems.push((
                 "cache.purge_token".into(),
@@ -620,6 +629,10 @@ impl TryFrom<&RawGateway> for Config {
                 stale_while_revalidate: c.stale_while_revalidate,
                 stale_if_error: c.stale_if_error,
                 lock_timeout: c.lock_timeout,
+                l2: c.l2 && has_redis,
+                key_prefix: c.key_prefix.clone(),
+                redis_timeout: c.redis_timeout,
+                l2_max_ttl: c.l2_max_ttl,
                 purge_token: c.purge_token.as_ref().map(|t| {
                     use sha2::Digest;
                     sha2::Sha256::digest(t.as_bytes()).into()

@@ -543,6 +543,13 @@ pub struct RawCache {
     pub lock_timeout: Duration,
     /// Bearer token for purges on the admin listener; unset: no purges.
     pub purge_token: Option<String>,
+    /// L2 in the `[redis]` server, when one is configured.
+    pub l2: bool,
+    pub key_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub l2_max_ttl: Duration,
 }
 
 impl Default for RawCache {
@@ -561,6 +568,10 @@ impl Default for RawCache {
             stale_if_error: Duration::ZERO,
             lock_timeout: Duration::from_secs(5),
             purge_token: None,
+            l2: true,
+            key_prefix: "muejam".into(),
+            redis_timeout: Duration::from_millis(100),
+            l2_max_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }

@@ -25,7 +25,7 @@ pub async fn serve(listener: std::net::TcpListener, shared: Arc<Shared>) {
 
 async fn answer(shared: &Shared, req: &Request<Incoming>) -> Response<AdminBody> {
     if req.uri().path() == "/cache/purge" {
-        return purge(shared, req);
+        return purge(shared, req).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json_response(StatusCode::METHOD_NOT_ALLOWED, &json!({"error": "use GET"}));
@@ -123,7 +123,7 @@ async fn inspect(shared: &Shared, subject: &str, query: Option<&str>) -> Respons
 /// or all, dropped, or with `soft=1` made stale (revalidated before their
 /// next use, still good for `stale-if-error`). In this process; other
 /// gateways purge their own.
-fn purge(shared: &Shared, req: &Request<Incoming>) -> Response<AdminBody> {
+async fn purge(shared: &Shared, req: &Request<Incoming>) -> Response<AdminBody> {
     let live = shared.live.load();
     let config = &live.config.cache;
     let Some(expected) = config.purge_token else {
@@ -203,20 +203,16 @@ fn purge(shared: &Shared, req: &Request<Incoming>) -> Response<AdminBody> {
     }
     let cache = &shared.cache;
     if all {
-        cache.clear();
+        cache.clear().await;
     }
     if !soft {
         for key in &keys {
             cache.remove(key);
         }
     }
-    let uri_tags: Vec<String> = keys.iter().map(|k| crate::cache::uri_tag(k)).collect();
-    let named: Vec<String> = tags.iter().map(|t| crate::cache::named_tag(t)).collect();
-    cache.invalidate(
-        "purge",
-        uri_tags.iter().chain(&named).map(String::as_str),
-        soft,
-    );
+    let mut purged: Vec<String> = keys.iter().map(|k| crate::cache::uri_tag(k)).collect();
+    purged.extend(tags.iter().map(|t| crate::cache::named_tag(t)));
+    cache.invalidate_shared(&[("purge", purged)], soft).await;
     tracing::info!(
         urls = urls.len(),
         tags = tags.len(),

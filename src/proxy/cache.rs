@@ -15,6 +15,7 @@ use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::identify::Caller;
 use super::route::wsgi_path;
+use crate::cache::l2::{self, L2};
 use crate::cache::policy::{self, NotStored, RequestDirectives, StoreRequest, Usable};
 use crate::cache::{self as store, Cache, Entry, Lead, Turn};
 use crate::config::{CacheConfig, Config, Route};
@@ -45,6 +46,9 @@ pub struct Plan {
     refused_by_request: bool,
     _lead: Option<Lead>,
     route: Arc<str>,
+    l2: Option<Arc<L2>>,
+    /// L2's generation when the fetch began; `None`: not stored in L2.
+    redis_generation: Option<u64>,
 }
 
 // Returned once per request and matched at once: boxing the answer would
@@ -172,10 +176,20 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         refused_by_request: false,
         _lead: None,
         route: ask.route_name,
+        l2: cache.l2(),
+        redis_generation: None,
     };
     let mut waited = false;
     loop {
-        if let Some((entry, purged)) = cache.get(&plan.key, ask.headers) {
+        if let Some((entry, purged, layer)) = find(
+            cache,
+            plan.l2.as_ref(),
+            &plan.key,
+            ask.headers,
+            config.l1_ttl,
+        )
+        .await
+        {
             let age = entry.age();
             let usable = if purged {
                 Usable::Stale
@@ -185,14 +199,14 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
             match usable {
                 Usable::Fresh | Usable::StaleAccepted => {
                     let detail = waited.then_some("coalesced");
-                    count(cache, &plan, "hit");
+                    count(cache, &plan, layer, "hit");
                     return Ok(Lookup::Answer(
                         answer(&entry, ask.headers, head, &hit_status(&entry, detail)),
                         None,
                     ));
                 }
                 Usable::StaleWhileRevalidate => {
-                    count(cache, &plan, "stale");
+                    count(cache, &plan, layer, "stale");
                     let response = answer(
                         &entry,
                         ask.headers,
@@ -207,6 +221,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                             plan.head = false;
                             plan.request_headers = ask.headers.clone();
                             plan.generation = cache.tags.generation();
+                            plan.redis_generation = redis_generation(&plan).await;
                             Some(Box::new(plan))
                         }
                         Turn::Wait(_) => None,
@@ -223,7 +238,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
             }
         }
         if plan.directives.only_if_cached {
-            count(cache, &plan, "miss");
+            count(cache, &plan, "none", "miss");
             return Err(ProxyError::NotCached);
         }
         // A client that asks for a fresh copy gets its own fetch.
@@ -246,6 +261,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
     count(
         cache,
         &plan,
+        "none",
         if plan.stale.is_some() {
             "stale"
         } else {
@@ -254,12 +270,119 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
     );
     plan.request_headers = ask.headers.clone();
     plan.generation = cache.tags.generation();
+    plan.redis_generation = redis_generation(&plan).await;
     plan.request_time = SystemTime::now();
     Ok(Lookup::Fetch(Box::new(plan)))
 }
 
-fn count(cache: &Cache, plan: &Plan, result: &str) {
-    let layer = if result == "miss" { "none" } else { "l1" };
+/// L2's generation before a fetch, to tell whether a write overtook it.
+async fn redis_generation(plan: &Plan) -> Option<u64> {
+    plan.l2.as_ref()?.generation().await.ok()
+}
+
+/// The stored response for a request, with `true` when a soft purge made it
+/// stale, and the layer it came from. L1 first, when it is known to have
+/// every invalidation up to now (or Redis is down: L1 then stands alone);
+/// else L2, whose entry is checked against the tag versions in Redis and
+/// then kept in L1.
+async fn find(
+    cache: &Cache,
+    l2: Option<&Arc<L2>>,
+    key: &str,
+    headers: &HeaderMap,
+    l1_ttl: Duration,
+) -> Option<(Arc<Entry>, bool, &'static str)> {
+    if let Some((entry, purged)) = cache.get(key, headers) {
+        let trusted = match l2 {
+            None => true,
+            Some(l2) => match l2.generation().await {
+                Ok(generation) => l2.caught_up(generation),
+                Err(_) => true,
+            },
+        };
+        if trusted {
+            return Some((entry, purged, "l1"));
+        }
+    }
+    let l2 = l2.filter(|l2| l2.available())?;
+    let local = cache.tags.generation();
+    let bytes = l2.get(key).await.ok()??;
+    let Some(decoded) = l2::decode(&bytes) else {
+        tracing::warn!("cache: an L2 entry could not be read; fetching again");
+        return None;
+    };
+    if !decoded
+        .vary
+        .iter()
+        .all(|(name, value)| store::key::vary_value(headers, name) == *value)
+    {
+        return None;
+    }
+    let tags: Vec<String> = decoded
+        .stamp
+        .versions
+        .iter()
+        .map(|(tag, _, _)| tag.clone())
+        .collect();
+    let now = l2.versions(&tags).await.ok()?;
+    if now.floor > decoded.stamp.generation || now.tags.len() != tags.len() {
+        return None;
+    }
+    let mut purged = false;
+    for ((_, hard, soft), (now_hard, now_soft)) in decoded.stamp.versions.iter().zip(&now.tags) {
+        if now_hard != hard {
+            return None;
+        }
+        purged |= now_soft != soft;
+    }
+    let stamp = cache.tags.stamp(local, tags)?;
+    let entry = Entry::restore(decoded, stamp, l1_ttl);
+    let entry = if purged {
+        Arc::new(entry)
+    } else {
+        cache.insert(key, entry)
+    };
+    Some((entry, purged, "l2"))
+}
+
+/// Keep a stored entry in L2 too, unless a write overtook its fetch.
+fn store_l2(plan: &Plan, entry: Arc<Entry>, grace: Duration) {
+    let (Some(l2), Some(since)) = (plan.l2.clone(), plan.redis_generation) else {
+        return;
+    };
+    let key = plan.key.clone();
+    tokio::spawn(async move {
+        let tags: Vec<String> = entry
+            .stamp
+            .versions
+            .iter()
+            .map(|(tag, _, _)| tag.clone())
+            .collect();
+        let Ok(now) = l2.versions(&tags).await else {
+            return;
+        };
+        if now.floor > since
+            || now
+                .tags
+                .iter()
+                .any(|(hard, soft)| *hard > since || *soft > since)
+        {
+            return;
+        }
+        let stamp = crate::cache::tags::Stamp {
+            generation: since,
+            versions: tags
+                .into_iter()
+                .zip(now.tags)
+                .map(|(tag, (hard, soft))| (tag, hard, soft))
+                .collect(),
+        };
+        let bytes = l2::encode(&entry, &stamp);
+        let _ = l2.put(&key, bytes, entry.l2_ttl(grace)).await;
+    });
+}
+
+fn count(cache: &Cache, plan: &Plan, layer: &str, result: &str) {
     cache
         .metrics
         .lookups
@@ -419,7 +542,8 @@ fn store(
         response_time,
         config.l1_ttl,
     );
-    cache.insert(&plan.key, entry);
+    let entry = cache.insert(&plan.key, entry);
+    store_l2(plan, entry, config.l1_ttl);
     Ok(())
 }
 
@@ -489,7 +613,8 @@ fn revalidated(
                 plan.head,
                 &format!("{status}; stored"),
             );
-            cache.insert(&plan.key, entry);
+            let entry = cache.insert(&plan.key, entry);
+            store_l2(plan, entry, config.l1_ttl);
             response
         }
         _ => {
@@ -634,7 +759,7 @@ impl WriteTarget {
     /// same-host `Location` and `Content-Location`, the route's tags and
     /// the tags the application names are stale. Done before the client
     /// hears of the write.
-    pub fn invalidate(
+    pub async fn invalidate(
         self,
         cache: &Cache,
         config: &CacheConfig,
@@ -657,12 +782,11 @@ impl WriteTarget {
             cache.remove(uri);
         }
         let uri_tags: Vec<String> = uris.iter().map(|u| store::uri_tag(u)).collect();
-        cache.invalidate("uri", uri_tags.iter().map(String::as_str), false);
-        cache.invalidate(
-            "tag",
-            self.tags.iter().chain(&named).map(String::as_str),
-            false,
-        );
+        let mut tags = self.tags;
+        tags.extend(named);
+        cache
+            .invalidate_shared(&[("uri", uri_tags), ("tag", tags)], false)
+            .await;
     }
 
     /// The URI key of a `Location` on the same host; relative references

@@ -178,12 +178,13 @@ impl Exchange {
         }
         let status = response.status();
         if let Some(write) = write {
-            write.invalidate(
+            Box::pin(write.invalidate(
                 &self.shared.cache,
                 &config.cache,
                 status,
                 response.headers_mut(),
-            );
+            ))
+            .await;
         }
         Ok(self.response(response, &caller))
     }
