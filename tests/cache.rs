@@ -690,3 +690,50 @@ async fn redis_killed_and_restarted_under_load_costs_no_errors() {
     );
     assert!(gateway.log().contains("redis unavailable"));
 }
+
+/// The seed's 3+3 Redis Cluster: entries spread over the slots, tag
+/// versions and the generation in one slot, invalidations through the
+/// cluster's pub/sub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l2_and_invalidation_work_on_a_redis_cluster() {
+    let upstream = TestUpstream::start("a").await;
+    let cluster = redis::TestRedisCluster::start();
+    let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let toml = config(
+        &upstream.url(),
+        "key_prefix = \"cluster\"",
+        &format!(
+            "[redis]\ncluster_nodes = [{}]\n\n[[routes]]\nname = \"things\"\npath_prefix = \"/things/\"\ntags = [\"things\"]\n",
+            nodes.join(", ")
+        ),
+    );
+    let (a, b) = (Gatehouse::start(&toml), Gatehouse::start(&toml));
+    let l2_hits = "gatehouse_cache_lookups_total{layer=\"l2\",result=\"hit\",route=\"things\"}";
+    // Several keys, so that entries land on more than one master.
+    for i in 0..6 {
+        let path = format!("/things/{i}/");
+        assert!(cache_status(&get(a.addr, &path, SITE).await.unwrap().1).contains("stored"));
+    }
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            let mut found = 0;
+            for i in 0..6 {
+                let (_, headers, _) = get(b.addr, &format!("/things/{i}/"), SITE).await.unwrap();
+                found += usize::from(cache_status(&headers).contains("hit"));
+            }
+            found == 6
+        })
+        .await
+    );
+    assert!(b.metric(l2_hits).await.unwrap_or(0.0) >= 6.0);
+    // A write through A: B's copies of the route's entries are gone.
+    let post = Request::post("/things/0/")
+        .header("host", SITE[0].1)
+        .body(Full::new(Bytes::from("{}")))
+        .unwrap();
+    assert_eq!(send(a.addr, post).await.unwrap().0, StatusCode::OK);
+    for i in 0..6 {
+        let (_, headers, _) = get(b.addr, &format!("/things/{i}/"), SITE).await.unwrap();
+        assert!(cache_status(&headers).contains("fwd=miss"), "{i}: {headers:?}");
+    }
+}
