@@ -734,6 +734,79 @@ async fn l2_and_invalidation_work_on_a_redis_cluster() {
     assert_eq!(send(a.addr, post).await.unwrap().0, StatusCode::OK);
     for i in 0..6 {
         let (_, headers, _) = get(b.addr, &format!("/things/{i}/"), SITE).await.unwrap();
-        assert!(cache_status(&headers).contains("fwd=miss"), "{i}: {headers:?}");
+        assert!(
+            cache_status(&headers).contains("fwd=miss"),
+            "{i}: {headers:?}"
+        );
     }
+}
+
+/// Django names its tags with the helper package (`gatehouse_cache`): a
+/// PATCH's response makes the story's page and the lists stale, a member's
+/// page stays; `manage.py cache_invalidate` does the same from outside HTTP.
+/// The tag header never reaches a client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn django_tags_its_pages_and_invalidates_from_the_shell() {
+    let redis = TestRedis::shared();
+    let prefix = prefix();
+    // redis-py spells a Unix socket `unix://`.
+    let django_redis = redis.url().replace("redis+unix://", "unix://");
+    let env = [
+        ("GATEHOUSE_REDIS_URL", django_redis.as_str()),
+        ("GATEHOUSE_CACHE_PREFIX", prefix.as_str()),
+    ];
+    let gunicorn = Gunicorn::start_with_env(2, &env);
+    let gateway = Gatehouse::start(&with_redis(
+        &gunicorn.upstream_url(),
+        &redis.url(),
+        &prefix,
+        "",
+        "",
+    ));
+    let status_of = async |path: &str| {
+        let (status, headers, body) = get(gateway.addr, path, SITE).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(
+            !headers.contains_key("surrogate-key"),
+            "{path}: {headers:?}"
+        );
+        (cache_status(&headers), json_of(&body))
+    };
+    let (_, story) = status_of("/v1/stories/1/").await;
+    let author = story["author_id"].as_i64().unwrap();
+    let member = format!("/v1/users/{author}/");
+    status_of("/v1/stories/").await;
+    status_of(&member).await;
+    for path in ["/v1/stories/1/", "/v1/stories/", member.as_str()] {
+        assert!(status_of(path).await.0.contains("hit"), "{path}");
+    }
+    let patch = Request::patch("/v1/stories/1/")
+        .header("host", SITE[0].1)
+        .body(Full::new(Bytes::from("{\"title\": \"tagged\"}")))
+        .unwrap();
+    let (status, headers, _) = send(gateway.addr, patch).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(!headers.contains_key("surrogate-key"));
+    let (status, story) = status_of("/v1/stories/1/").await;
+    assert!(status.contains("fwd=miss"), "{status}");
+    assert_eq!(story["title"], "tagged");
+    assert!(status_of("/v1/stories/").await.0.contains("fwd=miss"));
+    assert!(status_of(&member).await.0.contains("hit"));
+
+    let venv = std::env::var_os("GATEHOUSE_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| harness::repo_root().join(".venv"));
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .current_dir(harness::repo_root().join("examples/django"))
+        .args(["manage.py", "cache_invalidate", &format!("member:{author}")])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(status_of(&member).await.0.contains("fwd=miss"));
+    assert!(status_of("/v1/stories/1/").await.0.contains("hit"));
 }

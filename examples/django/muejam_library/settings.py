@@ -14,7 +14,18 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "stories",
+    # Cache tags on responses and invalidation from outside HTTP
+    # (`manage.py cache_invalidate`): the gateway's Django helper.
+    "gatehouse_cache",
 ]
+
+# The gateway's Redis and key prefix, for `gatehouse_cache.invalidate`.
+GATEHOUSE_CACHE = {
+    "REDIS_URL": os.environ.get(
+        "GATEHOUSE_REDIS_URL", os.environ.get("DJANGO_REDIS_URL", "redis://localhost:6379/0")
+    ),
+    "KEY_PREFIX": os.environ.get("GATEHOUSE_CACHE_PREFIX", "muejam"),
+}
 
 MIDDLEWARE = [
     "stories.middleware.RequestContextMiddleware",

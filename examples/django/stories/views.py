@@ -8,6 +8,7 @@ from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse
 from django.shortcuts import get_object_or_404
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
+from gatehouse_cache import cache_tags, tag_response
 
 from .models import Member, Story
 
@@ -47,7 +48,13 @@ def _page(request):
         return 1
 
 
+# Cache tags (the gateway reads them, clients never see them): a list is
+# tagged `stories`, a story `story:<id>`, a member's page `member:<id>`. A
+# write's response names what it changed, and the gateway invalidates it.
+
+
 @csrf_exempt
+@cache_tags("stories")
 def story_list(request):
     if request.method in ("GET", "HEAD"):
         page = _page(request)
@@ -66,11 +73,12 @@ def story_list(request):
         story = Story.objects.create(title=data["title"], body=data.get("body", ""), author=author)
         response = JsonResponse(story.as_json(), status=201)
         response["Location"] = f"/v1/stories/{story.id}/"
-        return response
+        return tag_response(response, f"member:{author.id}")
     return HttpResponseNotAllowed(["GET", "HEAD", "POST"])
 
 
 @csrf_exempt
+@cache_tags("story:{story_id}")
 def story_detail(request, story_id):
     story = get_object_or_404(Story, id=story_id)
     if request.method in ("GET", "HEAD"):
@@ -85,10 +93,11 @@ def story_detail(request, story_id):
             if field in data:
                 setattr(story, field, data[field])
         story.save()
-        return JsonResponse(story.as_json())
+        return tag_response(JsonResponse(story.as_json()), "stories")
     if request.method == "DELETE":
+        author_id = story.author_id
         story.delete()
-        return HttpResponse(status=204)
+        return tag_response(HttpResponse(status=204), "stories", f"member:{author_id}")
     return HttpResponseNotAllowed(["GET", "HEAD", "PUT", "PATCH", "DELETE"])
 
 
@@ -100,6 +109,7 @@ def search(request):
     return JsonResponse({"q": q, "results": [s.as_json() for s in matches]})
 
 
+@cache_tags("member:{user_id}")
 def user_detail(request, user_id):
     member = get_object_or_404(Member, id=user_id)
     data = member.as_json()
