@@ -474,7 +474,11 @@ impl Cache {
     /// if it is still held and no write invalidated it; `true` with it when
     /// a soft purge made it stale.
     pub fn get(&self, key: &str, request: &HeaderMap) -> Option<(Arc<Entry>, bool)> {
-        let slot = self.l1.load().cache.get(key)?;
+        let l1 = self.l1.load();
+        if l1.limits.0 == 0 {
+            return None;
+        }
+        let slot = l1.cache.get(key)?;
         let entry = slot
             .variants
             .iter()
@@ -489,10 +493,10 @@ impl Cache {
     /// Store `entry` under `key`, replacing the variant it matches.
     pub fn insert(&self, key: &str, entry: Entry) -> Arc<Entry> {
         let entry = Arc::new(entry);
-        if entry.keep.is_zero() {
+        let l1 = self.l1.load();
+        if entry.keep.is_zero() || l1.limits.0 == 0 {
             return entry;
         }
-        let l1 = self.l1.load();
         let key: Arc<str> = Arc::from(key);
         let mut variants: Vec<Arc<Entry>> = l1
             .cache

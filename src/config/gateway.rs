@@ -537,10 +537,11 @@ impl TryFrom<&RawGateway> for Config {
                 "use at least 16 characters".into(),
             ));
         }
-        if c.l1_max_entries == 0 {
+        if c.l1_max_entries == 0 && !(c.l2 && redis.is_some()) {
             problems.push((
                 "cache.l1_max_entries".into(),
-                "must be at least 1; set `enabled = false` to not cache".into(),
+                "0 (no L1) needs L2: configure [redis], or set `enabled = false` to not cache"
+                    .into(),
             ));
         }
         if c.l1_max_bytes.0 < c.max_entry_size.0 {

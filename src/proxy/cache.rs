@@ -139,15 +139,6 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
     );
     let key = store::key::primary_key(&uri, ask.headers, subject);
     let directives = RequestDirectives::parse(ask.headers);
-    let mut tags: Vec<String> = route_cache
-        .map(|c| {
-            c.tags
-                .iter()
-                .map(|t| store::named_tag(&t.render(ask.path)))
-                .collect()
-        })
-        .unwrap_or_default();
-    tags.push(store::uri_tag(&uri));
     let mut plan = Plan {
         uri,
         key,
@@ -167,7 +158,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                 .and_then(|c| c.stale_if_error)
                 .unwrap_or(config.stale_if_error),
         ),
-        tags,
+        tags: Vec::new(),
         request_headers: HeaderMap::new(),
         generation: 0,
         request_time: SystemTime::now(),
@@ -220,6 +211,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                             plan.stale = Some(entry);
                             plan.head = false;
                             plan.request_headers = ask.headers.clone();
+                            plan.tags = entry_tags(route_cache, ask.path, &plan.uri);
                             plan.generation = cache.tags.generation();
                             plan.redis_generation = redis_generation(&plan).await;
                             Some(Box::new(plan))
@@ -269,10 +261,30 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         },
     );
     plan.request_headers = ask.headers.clone();
+    plan.tags = entry_tags(route_cache, ask.path, &plan.uri);
     plan.generation = cache.tags.generation();
     plan.redis_generation = redis_generation(&plan).await;
     plan.request_time = SystemTime::now();
     Ok(Lookup::Fetch(Box::new(plan)))
+}
+
+/// The tags an entry fetched for this request carries: the route's, and
+/// its URI's own.
+fn entry_tags(
+    route: Option<&crate::config::route::RouteCache>,
+    path: &[u8],
+    uri: &str,
+) -> Vec<String> {
+    let mut tags: Vec<String> = route
+        .map(|c| {
+            c.tags
+                .iter()
+                .map(|t| store::named_tag(&t.render(path)))
+                .collect()
+        })
+        .unwrap_or_default();
+    tags.push(store::uri_tag(uri));
+    tags
 }
 
 /// L2's generation before a fetch, to tell whether a write overtook it.
@@ -497,11 +509,13 @@ fn store(
         let ProxyBody::Full(body) = response.body() else {
             return Err(NotStored::TooLarge);
         };
-        let body = body.clone().unwrap_or_default();
+        let body = body.as_deref().unwrap_or_default();
         if body.len() > config.max_entry_size {
             return Err(NotStored::TooLarge);
         }
-        Ok((freshness, body))
+        // A copy of its own: the response's bytes may be a slice of a much
+        // larger read buffer, which the entry would keep alive.
+        Ok((freshness, Bytes::copy_from_slice(body)))
     });
     let (freshness, body) = match decided {
         Ok(decided) => decided,
@@ -526,7 +540,7 @@ fn store(
             .inc();
         return Ok(());
     };
-    let mut headers = response.headers().clone();
+    let mut headers = owned(response.headers());
     if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
@@ -545,6 +559,19 @@ fn store(
     let entry = cache.insert(&plan.key, entry);
     store_l2(plan, entry, config.l1_ttl);
     Ok(())
+}
+
+/// The header fields with values of their own: those parsed from
+/// Gunicorn's answer are slices of the connection's read buffer, which an
+/// entry would otherwise keep alive.
+fn owned(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+            out.append(name.clone(), value);
+        }
+    }
+    out
 }
 
 fn vary_values(response: &HeaderMap, request: &HeaderMap) -> Vec<(String, Option<String>)> {
@@ -575,7 +602,9 @@ fn revalidated(
         }
         headers.remove(name);
         for value in fresh.get_all(name) {
-            headers.append(name.clone(), value.clone());
+            if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+                headers.append(name.clone(), value);
+            }
         }
     }
     let request = StoreRequest {
