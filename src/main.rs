@@ -70,6 +70,32 @@ enum Command {
         #[command(subcommand)]
         command: RatelimitCommand,
     },
+    /// Response-cache tools for operators.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// GET every URL of lists or sitemaps through a gateway, so its cache
+    /// holds them (after a deploy, L1 starts empty).
+    Warm {
+        /// Files of URLs or paths, one per line, or sitemaps (files or
+        /// http:// URLs); `-` reads standard input.
+        #[arg(required = true)]
+        sources: Vec<String>,
+        /// The gateway's listener.
+        #[arg(long, default_value = "127.0.0.1:80")]
+        gateway: std::net::SocketAddr,
+        /// Host sent with lines that are paths only.
+        #[arg(long)]
+        host: Option<String>,
+        /// Requests at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -149,6 +175,15 @@ fn main() -> ExitCode {
                     json,
                 },
         } => inspect(admin, &subject, tier.as_deref(), json),
+        Command::Cache {
+            command:
+                CacheCommand::Warm {
+                    sources,
+                    gateway,
+                    host,
+                    concurrency,
+                },
+        } => warm(&sources, gateway, host, concurrency),
         Command::Proxy {
             config,
             listen,
@@ -261,6 +296,55 @@ fn check_config(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+fn warm(
+    sources: &[String],
+    gateway: std::net::SocketAddr,
+    host: Option<String>,
+    concurrency: usize,
+) -> ExitCode {
+    use gatehouse::proxy::warm;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("gatehouse: starting a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let mut urls = Vec::new();
+        for source in sources {
+            match warm::read_source(source).await {
+                Ok(text) => urls.extend(warm::parse_list(&text)),
+                Err(e) => {
+                    eprintln!("gatehouse: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        let host = host.unwrap_or_else(|| gateway.to_string());
+        let report = warm::warm(gateway, &host, &urls, concurrency).await;
+        println!(
+            "{} URLs: {} stored, {} already cached, {} not cacheable, {} failed",
+            urls.len(),
+            report.stored,
+            report.hits,
+            report.not_stored,
+            report.failed.len()
+        );
+        for (url, why) in &report.failed {
+            eprintln!("  {url}: {why}");
+        }
+        if report.failed.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
 }
 
 fn inspect(admin: std::net::SocketAddr, subject: &str, tier: Option<&str>, json: bool) -> ExitCode {

@@ -15,6 +15,7 @@ pub mod request;
 pub mod route;
 pub mod spool;
 pub mod upstream;
+pub mod warm;
 
 use std::io;
 use std::net::SocketAddr;
@@ -232,10 +233,9 @@ pub fn run(
         access_log,
         connection_permits: Arc::new(tokio::sync::Semaphore::new(cap)),
     });
-    if let Some(first) = listeners.first() {
-        if let Ok(addr) = first.local_addr() {
-            tracing::info!(service = "proxy", %addr, workers, "listening");
-        }
+    let first_addr = listeners.first().and_then(|l| l.local_addr().ok());
+    if let Some(addr) = first_addr {
+        tracing::info!(service = "proxy", %addr, workers, "listening");
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -271,6 +271,9 @@ pub fn run(
         tokio::spawn(health_checks(Arc::clone(&shared)));
         if let Some(l2) = l2 {
             tokio::spawn(crate::cache::l2::subscribe(Arc::clone(&shared.cache), l2));
+        }
+        if let Some(addr) = first_addr {
+            tokio::spawn(warm_at_start(Arc::clone(&shared), addr));
         }
         controlled(&shared, &source, shutdown_tx, control).await;
     });
@@ -380,6 +383,50 @@ pub fn reload(shared: &Shared, source: &ConfigSource) {
         &shared.metrics,
     )));
     crate::config::reload_applied(&shared.metrics.config_reloads, &file);
+}
+
+/// `cache.warm` and `cache.warm_file`: once a Gunicorn answers, fetch each
+/// URL through this gateway's own listener, so the cache holds them.
+async fn warm_at_start(shared: Arc<Shared>, listen: SocketAddr) {
+    let config = shared.live.load().config.cache.clone();
+    if !config.enabled || (config.warm.is_empty() && config.warm_file.is_none()) {
+        return;
+    }
+    let mut urls = config.warm.clone();
+    if let Some(file) = &config.warm_file {
+        match tokio::fs::read_to_string(file).await {
+            Ok(text) => urls.extend(warm::parse_list(&text)),
+            Err(e) => tracing::warn!(file = %file.display(), error = %e, "cache warm-up list"),
+        }
+    }
+    for _ in 0..300 {
+        if shared.live.load().upstreams.any_healthy() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ip = if listen.ip().is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        listen.ip()
+    };
+    let addr = SocketAddr::new(ip, listen.port());
+    let host = config
+        .hosts
+        .first()
+        .cloned()
+        .unwrap_or_else(|| addr.to_string());
+    let report = warm::warm(addr, &host, &urls, 4).await;
+    tracing::info!(
+        stored = report.stored,
+        hits = report.hits,
+        not_stored = report.not_stored,
+        failed = report.failed.len(),
+        "cache warmed at start"
+    );
+    for (url, why) in report.failed.iter().take(10) {
+        tracing::warn!(url, why, "cache warm-up");
+    }
 }
 
 /// Probe the upstreams of whatever configuration is live, forever.

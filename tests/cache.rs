@@ -810,3 +810,54 @@ async fn django_tags_its_pages_and_invalidates_from_the_shell() {
     assert!(status_of(&member).await.0.contains("fwd=miss"));
     assert!(status_of("/v1/stories/1/").await.0.contains("hit"));
 }
+
+/// `gatehouse cache warm` with a list and a sitemap, and `cache.warm` at
+/// start: afterwards those pages are answered from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warming_fills_the_cache_from_lists_sitemaps_and_at_start() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(&upstream.url(), "warm = [\"/at-start/\"]", ""));
+    assert!(
+        eventually(Duration::from_secs(10), async || upstream.hits() == 1).await,
+        "the start-up warm-up fetched its page"
+    );
+    let (_, headers, _) = get(gateway.addr, "/at-start/", &[]).await.unwrap();
+    assert!(cache_status(&headers).contains("hit"), "{headers:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("hot.txt");
+    std::fs::write(&list, "# hot pages\n/list/1/\n/list/2/?b=2&a=1\n").unwrap();
+    let sitemap = dir.path().join("sitemap.xml");
+    let host = gateway.addr.to_string();
+    std::fs::write(
+        &sitemap,
+        format!("<urlset><url><loc>http://{host}/map/1/</loc></url><url><loc>http://{host}/status/500</loc></url></urlset>"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["cache", "warm", "--gateway", &host])
+        .arg(&list)
+        .arg(&sitemap)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The 500 is reported and makes the command fail; the rest is stored.
+    assert!(!out.status.success());
+    assert!(stdout.contains("4 URLs: 3 stored"), "{stdout}");
+    assert!(stderr.contains("/status/500: status 500"), "{stderr}");
+    for path in ["/list/1/", "/list/2/?a=1&b=2", "/map/1/"] {
+        let (_, headers, _) = get(gateway.addr, path, &[]).await.unwrap();
+        assert!(
+            cache_status(&headers).contains("hit"),
+            "{path}: {headers:?}"
+        );
+    }
+    // A missing list is a clear error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"))
+        .args(["cache", "warm", "--gateway", &host, "/nonexistent/list.txt"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/list.txt"));
+}

@@ -173,6 +173,8 @@ pub struct CacheConfig {
     pub key_prefix: String,
     pub redis_timeout: Duration,
     pub l2_max_ttl: Duration,
+    pub warm: Vec<String>,
+    pub warm_file: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -634,6 +636,8 @@ impl TryFrom<&RawGateway> for Config {
                 key_prefix: c.key_prefix.clone(),
                 redis_timeout: c.redis_timeout,
                 l2_max_ttl: c.l2_max_ttl,
+                warm: c.warm.clone(),
+                warm_file: c.warm_file.clone(),
                 purge_token: c.purge_token.as_ref().map(|t| {
                     use sha2::Digest;
                     sha2::Sha256::digest(t.as_bytes()).into()

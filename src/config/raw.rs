@@ -550,6 +550,10 @@ pub struct RawCache {
     pub redis_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub l2_max_ttl: Duration,
+    /// Paths or URLs fetched through the gateway once it starts.
+    pub warm: Vec<String>,
+    /// A list (one per line) or sitemap of more of them.
+    pub warm_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RawCache {
@@ -572,6 +576,8 @@ impl Default for RawCache {
             key_prefix: "muejam".into(),
             redis_timeout: Duration::from_millis(100),
             l2_max_ttl: Duration::from_secs(24 * 3600),
+            warm: Vec::new(),
+            warm_file: None,
         }
     }
 }
