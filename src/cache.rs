@@ -558,7 +558,8 @@ impl Cache {
         }
         if let Some(l2) = self.l2() {
             if let Err(e) = l2.bump(&all, soft).await {
-                tracing::warn!(error = %e, "cache: invalidation not written to redis; other gateways learn of it when it answers again");
+                // The outage itself is logged once, where it is noticed.
+                tracing::debug!(error = %e, "cache: invalidation not written to redis; other gateways learn of it when it answers again");
             }
         }
     }

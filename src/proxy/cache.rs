@@ -571,6 +571,8 @@ fn owned(headers: &HeaderMap) -> HeaderMap {
             out.append(name.clone(), value);
         }
     }
+    // What described Gunicorn's connection is not part of the entry.
+    super::headers::strip_hop_by_hop(&mut out);
     out
 }
 
@@ -596,15 +598,14 @@ fn revalidated(
     response_time: SystemTime,
 ) -> Response<ProxyBody> {
     let mut headers = stale.headers.clone();
+    let fresh = &owned(fresh);
     for name in fresh.keys() {
         if *name == header::CONTENT_LENGTH || *name == config.tag_header {
             continue;
         }
         headers.remove(name);
         for value in fresh.get_all(name) {
-            if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
-                headers.append(name.clone(), value);
-            }
+            headers.append(name.clone(), value.clone());
         }
     }
     let request = StoreRequest {
