@@ -276,6 +276,8 @@ pub struct CacheMetrics {
     pub l2_errors: IntCounterVec,
     /// 1 while L2's Redis answers.
     pub l2_up: IntGauge,
+    /// Each L2 call to Redis, answered or not.
+    pub l2_duration: prometheus::Histogram,
 }
 
 impl CacheMetrics {
@@ -326,6 +328,16 @@ impl CacheMetrics {
                 &["op"],
             )?,
             l2_up: IntGauge::with_opts(opts("cache_l2_up", "1 while L2's Redis answers"))?,
+            l2_duration: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new(
+                    "cache_l2_duration_seconds",
+                    "Each L2 call to Redis",
+                )
+                .namespace("gatehouse")
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                ]),
+            )?,
         };
         registry.register(Box::new(m.lookups.clone()))?;
         registry.register(Box::new(m.stores.clone()))?;
@@ -338,6 +350,7 @@ impl CacheMetrics {
         registry.register(Box::new(m.l1_bytes.clone()))?;
         registry.register(Box::new(m.l2_errors.clone()))?;
         registry.register(Box::new(m.l2_up.clone()))?;
+        registry.register(Box::new(m.l2_duration.clone()))?;
         Ok(m)
     }
 }

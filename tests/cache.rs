@@ -861,3 +861,32 @@ async fn warming_fills_the_cache_from_lists_sitemaps_and_at_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/list.txt"));
 }
+
+/// With `l2_lock`, concurrent misses of one key through two gateways make
+/// one request to the upstream: the second gateway waits for the first
+/// one's entry in L2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_across_gateways_make_one_request_with_the_redis_lock() {
+    let redis = TestRedis::shared();
+    let upstream = TestUpstream::start("a").await;
+    let toml = with_redis(
+        &upstream.url(),
+        &redis.url(),
+        &prefix(),
+        "l2_lock = true",
+        "",
+    );
+    let (a, b) = (Gatehouse::start(&toml), Gatehouse::start(&toml));
+    let requests: Vec<_> = (0..40)
+        .map(|i| {
+            let addr = if i % 2 == 0 { a.addr } else { b.addr };
+            tokio::spawn(async move { get(addr, "/delay/400", SITE).await.unwrap() })
+        })
+        .collect();
+    for request in requests {
+        let (status, _, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"slow");
+    }
+    assert_eq!(upstream.hits(), 1);
+}

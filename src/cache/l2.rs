@@ -128,6 +128,7 @@ pub struct L2 {
     reader: GenerationReader,
     errors: prometheus::IntCounterVec,
     up: prometheus::IntGauge,
+    duration: prometheus::Histogram,
 }
 
 impl L2 {
@@ -173,6 +174,7 @@ impl L2 {
             reader: GenerationReader::default(),
             errors: metrics.l2_errors.clone(),
             up: metrics.l2_up.clone(),
+            duration: metrics.l2_duration.clone(),
         })
     }
 
@@ -209,10 +211,12 @@ impl L2 {
         if !self.available() {
             return Err(L2Error::Down);
         }
+        let started = Instant::now();
         let result = match tokio::time::timeout(self.timeout, run).await {
             Ok(result) => result,
             Err(_) => Err(L2Error::Timeout(self.timeout)),
         };
+        self.duration.observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(_) => self.succeeded().await,
             Err(e) => self.failed(op, e),
@@ -323,6 +327,54 @@ impl L2 {
             Ok(Versions { floor, tags: out })
         })
         .await
+    }
+
+    fn lock_key(&self, key: &str) -> String {
+        format!("{}:c:lock:{}", self.prefix, short_hash(key))
+    }
+
+    /// Take the fetch lock of `key` across gateways for at most `ttl`;
+    /// `false`: another gateway holds it.
+    pub async fn try_lock(&self, key: &str, ttl: Duration) -> Result<bool, L2Error> {
+        let key = self.lock_key(key);
+        self.call("lock", async {
+            let mut conn = self.conn().await?;
+            let taken: Option<String> = conn
+                .query(
+                    redis::cmd("SET")
+                        .arg(&key)
+                        .arg(self.instance)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)),
+                )
+                .await?;
+            Ok(taken.is_some())
+        })
+        .await
+    }
+
+    /// Whether another gateway still holds the fetch lock of `key`.
+    pub async fn locked(&self, key: &str) -> Result<bool, L2Error> {
+        let key = self.lock_key(key);
+        self.call("lock", async {
+            let mut conn = self.conn().await?;
+            let n: u64 = conn.query(redis::cmd("EXISTS").arg(&key)).await?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Give the fetch lock of `key` back (it expires anyway).
+    pub async fn unlock(&self, key: &str) {
+        let key = self.lock_key(key);
+        let _ = self
+            .call("lock", async {
+                let mut conn = self.conn().await?;
+                let _: u64 = conn.query(redis::cmd("DEL").arg(&key)).await?;
+                Ok(())
+            })
+            .await;
     }
 
     /// Store `bytes` under `key` for `ttl` (at most `l2_max_ttl`).

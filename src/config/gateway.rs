@@ -173,6 +173,7 @@ pub struct CacheConfig {
     pub key_prefix: String,
     pub redis_timeout: Duration,
     pub l2_max_ttl: Duration,
+    pub l2_lock: bool,
     pub warm: Vec<String>,
     pub warm_file: Option<std::path::PathBuf>,
 }
@@ -636,6 +637,7 @@ impl TryFrom<&RawGateway> for Config {
                 key_prefix: c.key_prefix.clone(),
                 redis_timeout: c.redis_timeout,
                 l2_max_ttl: c.l2_max_ttl,
+                l2_lock: c.l2_lock,
                 warm: c.warm.clone(),
                 warm_file: c.warm_file.clone(),
                 purge_token: c.purge_token.as_ref().map(|t| {

@@ -550,6 +550,8 @@ pub struct RawCache {
     pub redis_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub l2_max_ttl: Duration,
+    /// Concurrent misses of one key across gateways make one fetch too.
+    pub l2_lock: bool,
     /// Paths or URLs fetched through the gateway once it starts.
     pub warm: Vec<String>,
     /// A list (one per line) or sitemap of more of them.
@@ -576,6 +578,7 @@ impl Default for RawCache {
             key_prefix: "muejam".into(),
             redis_timeout: Duration::from_millis(100),
             l2_max_ttl: Duration::from_secs(24 * 3600),
+            l2_lock: false,
             warm: Vec::new(),
             warm_file: None,
         }

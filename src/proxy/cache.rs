@@ -49,6 +49,53 @@ pub struct Plan {
     l2: Option<Arc<L2>>,
     /// L2's generation when the fetch began; `None`: not stored in L2.
     redis_generation: Option<u64>,
+    /// The fetch lock across gateways, held until the entry is in L2.
+    redis_lock: std::sync::Mutex<Option<RedisLock>>,
+}
+
+/// The fetch lock of a key in Redis; given back when dropped.
+struct RedisLock {
+    l2: Arc<L2>,
+    key: String,
+}
+
+impl Drop for RedisLock {
+    fn drop(&mut self) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let (l2, key) = (Arc::clone(&self.l2), std::mem::take(&mut self.key));
+            handle.spawn(async move { l2.unlock(&key).await });
+        }
+    }
+}
+
+/// With `cache.l2_lock`: take the key's lock in Redis, or, when another
+/// gateway holds it, wait (within `limit`) until its entry is in L2 or the
+/// lock is gone. `true`: waited, look again.
+async fn wait_for_other_gateway(plan: &mut Plan, limit: Duration) -> bool {
+    let Some(l2) = plan.l2.clone().filter(|l2| l2.available()) else {
+        return false;
+    };
+    match l2.try_lock(&plan.key, limit).await {
+        Ok(true) => {
+            let lock = RedisLock {
+                l2,
+                key: plan.key.clone(),
+            };
+            *plan.redis_lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
+            false
+        }
+        Ok(false) => {
+            let deadline = tokio::time::Instant::now() + limit;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if !l2.locked(&plan.key).await.unwrap_or(false) {
+                    break;
+                }
+            }
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 // Returned once per request and matched at once: boxing the answer would
@@ -169,6 +216,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         route: ask.route_name,
         l2: cache.l2(),
         redis_generation: None,
+        redis_lock: std::sync::Mutex::new(None),
     };
     let mut waited = false;
     loop {
@@ -240,6 +288,12 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         match cache.turn(&plan.key) {
             Turn::Lead(lead) => {
                 plan._lead = Some(lead);
+                // Across gateways too, when configured: another one fetching
+                // this key means waiting for its entry in L2, then one more look.
+                if config.l2_lock && wait_for_other_gateway(&mut plan, config.lock_timeout).await {
+                    waited = true;
+                    continue;
+                }
                 break;
             }
             Turn::Wait(mut rx) => {
@@ -363,7 +417,14 @@ fn store_l2(plan: &Plan, entry: Arc<Entry>, grace: Duration) {
         return;
     };
     let key = plan.key.clone();
+    // Given back once the entry is in L2 (or not to be), when dropped.
+    let lock = plan
+        .redis_lock
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     tokio::spawn(async move {
+        let _lock = lock;
         let tags: Vec<String> = entry
             .stamp
             .versions
