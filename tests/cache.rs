@@ -69,6 +69,67 @@ fn json_of(body: &[u8]) -> serde_json::Value {
     harness::json(body)
 }
 
+/// A POST of a new story by member 1; `host` as `Host` when given.
+fn new_story(title: &str, host: Option<&str>) -> Request<Full<Bytes>> {
+    let mut request = Request::post("/v1/stories/").header("content-type", "application/json");
+    if let Some(host) = host {
+        request = request.header("host", host);
+    }
+    request
+        .body(Full::new(Bytes::from(
+            json!({"title": title, "author_id": 1}).to_string(),
+        )))
+        .unwrap()
+}
+
+/// `(story id, stories its writer then read in the list)` per writer: each
+/// reader started after its own writer's 201, so with ids given in commit
+/// order the writer of the story ranked `r` among them read more than
+/// `base + r` stories, never a list from before its write.
+fn assert_reads_follow_writes(seen: &[(i64, i64)], base: i64) {
+    let mut ids: Vec<i64> = seen.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    for (id, total) in seen {
+        let rank = ids.iter().position(|i| i == id).unwrap() as i64;
+        assert!(
+            *total > base + rank,
+            "story {id}: a list of {total} stories"
+        );
+    }
+}
+
+/// `n` GETs at once of one slow page (`/delay/400`), spread over `gateways`;
+/// every one gets the page.
+async fn slow_burst(
+    gateways: &[std::net::SocketAddr],
+    n: usize,
+    headers: &'static [(&'static str, &'static str)],
+) {
+    let requests: Vec<_> = (0..n)
+        .map(|i| {
+            let addr = gateways[i % gateways.len()];
+            tokio::spawn(async move { get(addr, "/delay/400", headers).await.unwrap() })
+        })
+        .collect();
+    for request in requests {
+        let (status, _, body) = request.await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"slow");
+    }
+}
+
+/// Whether entries under `prefix` reach Redis within five seconds (they are
+/// written behind the answer).
+async fn l2_holds_entries(redis: &TestRedis, prefix: &str) -> bool {
+    eventually(Duration::from_secs(5), async || {
+        !redis
+            .cli(&["KEYS", &format!("{prefix}:c:e:*")])
+            .trim()
+            .is_empty()
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_then_hits_with_age_and_cache_status_and_one_upstream_request() {
     let upstream = TestUpstream::start("a").await;
@@ -121,15 +182,7 @@ async fn a_miss_then_hits_with_age_and_cache_status_and_one_upstream_request() {
 async fn a_hundred_concurrent_misses_make_one_upstream_request() {
     let upstream = TestUpstream::start("a").await;
     let gateway = Gatehouse::start(&config(&upstream.url(), "", ""));
-    let addr = gateway.addr;
-    let requests: Vec<_> = (0..100)
-        .map(|_| tokio::spawn(async move { get(addr, "/delay/300", &[]).await.unwrap() }))
-        .collect();
-    for request in requests {
-        let (status, _, body) = request.await.unwrap();
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(&body[..], b"slow");
-    }
+    slow_burst(&[gateway.addr], 100, &[]).await;
     assert_eq!(upstream.hits(), 1);
 }
 
@@ -341,15 +394,7 @@ async fn a_write_invalidates_its_uri_location_and_route_tags() {
     };
     let (before, _) = count().await;
     assert!(count().await.1.contains("hit"));
-    let post = |title: String| {
-        Request::post("/v1/stories/")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                json!({"title": title, "author_id": 1}).to_string(),
-            )))
-            .unwrap()
-    };
-    let (status, headers, body) = send(addr, post("one".into())).await.unwrap();
+    let (status, headers, body) = send(addr, new_story("one", None)).await.unwrap();
     assert_eq!(status, StatusCode::CREATED);
     let id = json_of(&body)["id"].as_i64().unwrap();
     assert_eq!(headers["location"], format!("/v1/stories/{id}/").as_str());
@@ -381,14 +426,13 @@ async fn a_write_invalidates_its_uri_location_and_route_tags() {
     let rounds: Vec<_> = (0..16)
         .map(|i| {
             tokio::spawn(async move {
-                let (status, _, body) = send(addr, post(format!("race {i}"))).await.unwrap();
+                let (status, _, body) = send(addr, new_story(&format!("race {i}"), None))
+                    .await
+                    .unwrap();
                 assert_eq!(status, StatusCode::CREATED);
                 let id = json_of(&body)["id"].as_i64().unwrap();
                 let (_, _, list) = get(addr, "/v1/stories/", &[]).await.unwrap();
-                let list = json_of(&list);
-                let total = list["count"].as_i64().unwrap();
-                // The list is ordered newest first or by id; count is exact.
-                (id, total)
+                (id, json_of(&list)["count"].as_i64().unwrap())
             })
         })
         .collect();
@@ -396,18 +440,7 @@ async fn a_write_invalidates_its_uri_location_and_route_tags() {
     for round in rounds {
         seen.push(round.await.unwrap());
     }
-    // Every reader saw at least as many stories as existed when its own
-    // write completed: never a list from before its write.
-    let base = after;
-    let mut ids: Vec<i64> = seen.iter().map(|(id, _)| *id).collect();
-    ids.sort_unstable();
-    for (id, total) in &seen {
-        let position = ids.iter().position(|i| i == id).unwrap() as i64;
-        assert!(
-            *total > base + position,
-            "story {id}: list of {total} stories"
-        );
-    }
+    assert_reads_follow_writes(&seen, after);
 }
 
 /// Gunicorn killed: an entry within `stale-if-error` is served, the rest
@@ -561,15 +594,7 @@ async fn two_gateways_share_l2_and_see_each_others_writes() {
     assert_eq!(status, StatusCode::OK);
     assert!(cache_status(&headers).contains("stored"));
     // The write to Redis happens behind the answer.
-    assert!(
-        eventually(Duration::from_secs(5), async || {
-            !redis
-                .cli(&["KEYS", &format!("{prefix}:c:e:*")])
-                .trim()
-                .is_empty()
-        })
-        .await
-    );
+    assert!(l2_holds_entries(redis, &prefix).await);
     let (_, headers, body) = get(b.addr, "/v1/stories/?page=2", SITE).await.unwrap();
     assert!(cache_status(&headers).contains("hit"), "{headers:?}");
     assert_eq!(body, first);
@@ -589,13 +614,7 @@ async fn two_gateways_share_l2_and_see_each_others_writes() {
     assert_eq!(count(&b).await, before);
     for round in 0..10 {
         let (writer, reader) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let post = Request::post("/v1/stories/")
-            .header("host", SITE[0].1)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                json!({"title": format!("round {round}"), "author_id": 1}).to_string(),
-            )))
-            .unwrap();
+        let post = new_story(&format!("round {round}"), Some(SITE[0].1));
         assert_eq!(
             send(writer.addr, post).await.unwrap().0,
             StatusCode::CREATED
@@ -613,13 +632,7 @@ async fn two_gateways_share_l2_and_see_each_others_writes() {
                 } else {
                     (b_addr, a_addr)
                 };
-                let post = Request::post("/v1/stories/")
-                    .header("host", SITE[0].1)
-                    .header("content-type", "application/json")
-                    .body(Full::new(Bytes::from(
-                        json!({"title": format!("race {i}"), "author_id": 1}).to_string(),
-                    )))
-                    .unwrap();
+                let post = new_story(&format!("race {i}"), Some(SITE[0].1));
                 let (status, _, body) = send(writer, post).await.unwrap();
                 assert_eq!(status, StatusCode::CREATED);
                 let id = json_of(&body)["id"].as_i64().unwrap();
@@ -632,13 +645,7 @@ async fn two_gateways_share_l2_and_see_each_others_writes() {
     for round in rounds {
         seen.push(round.await.unwrap());
     }
-    let base = before + 10;
-    let mut ids: Vec<i64> = seen.iter().map(|(id, _)| *id).collect();
-    ids.sort_unstable();
-    for (id, total) in &seen {
-        let rank = ids.iter().position(|i| i == id).unwrap() as i64;
-        assert!(*total > base + rank, "story {id}: a list of {total}");
-    }
+    assert_reads_follow_writes(&seen, before + 10);
 }
 
 /// Redis killed and started again while clients keep reading: no 5xx at
@@ -679,15 +686,7 @@ async fn redis_killed_and_restarted_under_load_costs_no_errors() {
     }
     // Entries go to the restarted Redis again.
     get(addr, "/after/", &[]).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), async || {
-            !redis
-                .cli(&["KEYS", &format!("{prefix}:c:e:*")])
-                .trim()
-                .is_empty()
-        })
-        .await
-    );
+    assert!(l2_holds_entries(&redis, &prefix).await);
     assert!(gateway.log().contains("redis unavailable"));
 }
 
@@ -877,16 +876,6 @@ async fn concurrent_misses_across_gateways_make_one_request_with_the_redis_lock(
         "",
     );
     let (a, b) = (Gatehouse::start(&toml), Gatehouse::start(&toml));
-    let requests: Vec<_> = (0..40)
-        .map(|i| {
-            let addr = if i % 2 == 0 { a.addr } else { b.addr };
-            tokio::spawn(async move { get(addr, "/delay/400", SITE).await.unwrap() })
-        })
-        .collect();
-    for request in requests {
-        let (status, _, body) = request.await.unwrap();
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(&body[..], b"slow");
-    }
+    slow_burst(&[a.addr, b.addr], 40, SITE).await;
     assert_eq!(upstream.hits(), 1);
 }
