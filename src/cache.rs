@@ -260,7 +260,8 @@ impl L1 {
 /// The cache's own metrics (`/metrics/json .cache`).
 #[derive(Clone)]
 pub struct CacheMetrics {
-    /// `{route, layer, result}`: result hit, stale, revalidated, miss, bypass.
+    /// `{route, layer, result}`: result hit, stale (served stale), revalidate
+    /// (fetched with validators), miss, bypass (credentials, range, host).
     pub lookups: IntCounterVec,
     pub stores: IntCounter,
     /// `{reason}`: why a response was not stored.
@@ -652,7 +653,8 @@ impl Cache {
                     match label("result").as_str() {
                         "hit" => tally.hits += n,
                         "stale" => tally.stale += n,
-                        "miss" => tally.misses += n,
+                        // A revalidation went to Gunicorn too.
+                        "miss" | "revalidate" => tally.misses += n,
                         _ => tally.bypass += n,
                     }
                 }

@@ -344,7 +344,7 @@ async fn conditional_requests_and_revalidation_with_django() {
     let gateway = Gatehouse::start(&config(
         &gunicorn.upstream_url(),
         "",
-        "[[routes]]\nname = \"users\"\npath_prefix = \"/v1/users/\"\ncache_ttl = \"1s\"\n",
+        "[[routes]]\nname = \"users\"\npath_prefix = \"/v1/users/\"\ncache_ttl = \"2s\"\n",
     ));
     let (status, headers, body) = get(gateway.addr, "/v1/users/1/", &[]).await.unwrap();
     assert_eq!(status, StatusCode::OK);
@@ -356,9 +356,9 @@ async fn conditional_requests_and_revalidation_with_django() {
     assert!(empty.is_empty());
     assert_eq!(headers["etag"], etag.as_str());
     assert!(cache_status(&headers).contains("hit"));
-    // Stale after a second: revalidated, Django says 304, the stored body
+    // Stale after two seconds: revalidated, Django says 304, the stored body
     // is served with a fresh age.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let (status, headers, again) = get(gateway.addr, "/v1/users/1/", &[]).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again, body);
@@ -878,4 +878,47 @@ async fn concurrent_misses_across_gateways_make_one_request_with_the_redis_lock(
     let (a, b) = (Gatehouse::start(&toml), Gatehouse::start(&toml));
     slow_burst(&[a.addr, b.addr], 40, SITE).await;
     assert_eq!(upstream.hits(), 1);
+}
+
+/// `stale-while-revalidate`: a stale entry answers at once and one refresh
+/// runs behind it; a HEAD answered in that window refreshes nothing (it
+/// could not refill a GET's entry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(
+        &upstream.url(),
+        "",
+        "[[routes]]\nname = \"swr\"\npath_prefix = \"/swr/\"\ncache_ttl = \"3s\"\n\
+         stale_while_revalidate = \"30s\"\n",
+    ));
+    let (_, _, first) = get(gateway.addr, "/swr/a/", &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let head = Request::head("/swr/a/")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, headers, body) = send(gateway.addr, head).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.is_empty());
+    assert!(cache_status(&headers).contains("detail=stale-while-revalidate"));
+    let (_, headers, stale) = get(gateway.addr, "/swr/a/", &[]).await.unwrap();
+    assert_eq!(stale, first, "the stale entry answered");
+    assert!(cache_status(&headers).contains("detail=stale-while-revalidate"));
+    // The refresh stored a new response (the echo differs per request),
+    // fresh for three seconds.
+    assert!(
+        eventually(Duration::from_secs(3), async || {
+            let (_, headers, body) = get(gateway.addr, "/swr/a/", &[]).await.unwrap();
+            let status = cache_status(&headers);
+            body != first && status.contains("; hit; ttl=") && !status.contains("detail=")
+        })
+        .await
+    );
+    assert_eq!(upstream.hits(), 2);
+    assert_eq!(
+        gateway
+            .metric("gatehouse_cache_background_refreshes_total")
+            .await,
+        Some(1.0)
+    );
 }

@@ -130,15 +130,18 @@ fn credentialed(config: &Config, headers: &HeaderMap) -> bool {
     {
         return true;
     }
-    let Some(session) = &config.identity.session else {
-        return false;
-    };
+    // Django's session cookie, also when the gateway does not identify by it.
+    let session = config
+        .identity
+        .session
+        .as_ref()
+        .map_or("sessionid", |s| s.cookie.as_str());
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .any(|c| c.trim().split('=').next() == Some(session.cookie.as_str()))
+        .any(|c| c.trim().split('=').next() == Some(session))
 }
 
 /// The lookup: a fresh (or acceptable) stored answer, or the plan to fetch.
@@ -153,16 +156,24 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         Method::HEAD => true,
         _ => return Ok(Lookup::Bypass(None)),
     };
+    let bypass = |reason: &'static str| {
+        cache
+            .metrics
+            .lookups
+            .with_label_values(&[&*ask.route_name, "none", "bypass"])
+            .inc();
+        Ok(Lookup::Bypass(Some(reason)))
+    };
     // Partial content is not combined from stored responses.
     if ask.headers.contains_key(header::RANGE) {
-        return Ok(Lookup::Bypass(Some("range")));
+        return bypass("range");
     }
     let Some(host) = store::key::host(
         ask.headers,
         ask.uri.authority().map(|a| a.as_str()),
         &config.hosts,
     ) else {
-        return Ok(Lookup::Bypass(Some("host")));
+        return bypass("host");
     };
     let per_user = route_cache.is_some_and(|c| c.per_user);
     let credentialed = credentialed(ask.config, ask.headers);
@@ -170,11 +181,11 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         (false, _) => None,
         // A shared entry must not answer for a user, nor a user's
         // response become one unless it says it may (checked on store).
-        (true, false) => return Ok(Lookup::Bypass(Some("credentials"))),
+        (true, false) => return bypass("credentials"),
         // A credential the gateway could not verify (a forged token is no
         // identity at all, the caller stays its address) gets nothing cached.
         (true, true) if ask.caller.within.is_some() || ask.caller.subject.starts_with("ip:") => {
-            return Ok(Lookup::Bypass(Some("unverified")));
+            return bypass("unverified");
         }
         (true, true) => Some(ask.caller.subject.as_str()),
     };
@@ -252,19 +263,20 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                         head,
                         &hit_status(&entry, Some("stale-while-revalidate")),
                     );
-                    // One refresh per key at a time; others just answer.
-                    let refresh = match cache.turn(&plan.key) {
-                        Turn::Lead(lead) => {
+                    // One refresh per key at a time; others just answer. A
+                    // HEAD's request could not refresh a GET's entry.
+                    let turn = (!head).then(|| cache.turn(&plan.key));
+                    let refresh = match turn {
+                        Some(Turn::Lead(lead)) => {
                             plan._lead = Some(lead);
                             plan.stale = Some(entry);
-                            plan.head = false;
                             plan.request_headers = ask.headers.clone();
                             plan.tags = entry_tags(route_cache, ask.path, &plan.uri);
                             plan.generation = cache.tags.generation();
                             plan.redis_generation = redis_generation(&plan).await;
                             Some(Box::new(plan))
                         }
-                        Turn::Wait(_) => None,
+                        _ => None,
                     };
                     return Ok(Lookup::Answer(response, refresh));
                 }
@@ -309,7 +321,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         &plan,
         "none",
         if plan.stale.is_some() {
-            "stale"
+            "revalidate"
         } else {
             "miss"
         },
