@@ -557,10 +557,14 @@ fn prefix() -> String {
     )
 }
 
+/// A gateway with L2 in `redis` under `prefix`. Redis calls may take up to
+/// two seconds: these tests are about a Redis that answers, also on a
+/// machine whose CPU is saturated (a call past `redis_timeout` counts as
+/// Redis being down, when L1 answers alone).
 fn with_redis(upstream: &str, redis: &str, prefix: &str, cache: &str, extra: &str) -> String {
     config(
         upstream,
-        &format!("key_prefix = \"{prefix}\"\n{cache}"),
+        &format!("key_prefix = \"{prefix}\"\nredis_timeout = \"2s\"\n{cache}"),
         &format!("[redis]\nurl = \"{redis}\"\n\n{extra}"),
     )
 }
@@ -700,7 +704,7 @@ async fn l2_and_invalidation_work_on_a_redis_cluster() {
     let nodes: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
     let toml = config(
         &upstream.url(),
-        "key_prefix = \"cluster\"",
+        "key_prefix = \"cluster\"\nredis_timeout = \"2s\"",
         &format!(
             "[redis]\ncluster_nodes = [{}]\n\n[[routes]]\nname = \"things\"\npath_prefix = \"/things/\"\ntags = [\"things\"]\n",
             nodes.join(", ")
