@@ -59,7 +59,7 @@ fn the_services_never_import_each_other() {
 
 #[test]
 fn shared_leaves_import_no_service() {
-    for leaf in ["config", "admin", "net", "telemetry", "ratelimit"] {
+    for leaf in ["config", "admin", "net", "telemetry", "ratelimit", "cache"] {
         for service in ["proxy", "db"] {
             assert_eq!(
                 uses(&module(leaf), service),
