@@ -7,7 +7,8 @@
 # defaults; and a second gatehouse with L1 off and L2 in a Redis started
 # here, to show the cost of a hit from Redis). Both caches are warmed and
 # checked to answer hits before measuring; rounds alternate between the
-# targets. Gatehouse runs its defaults: an L1 entry is fetched again after
+# targets, and each run also reports the CPU the server spent per answer.
+# Gatehouse runs its defaults: an L1 entry is fetched again after
 # l1_ttl (60 s), nginx's after proxy_cache_valid (10 m): a handful of misses
 # in a run of hundreds of thousands of hits. Then gatehouse's memory for 10,000 L1 entries of 2 KiB.
 # Prints req/s, p50, p99 and the gatehouse/nginx ratios.
@@ -55,18 +56,38 @@ for size in small large; do
   done
 done
 
-printf '%-8s %-14s %5s %10s %9s %9s\n' size target round req/s p50_ms p99_ms
-declare -A best_rps best_p99
+# CPU the server spent per answer: user + system time of its processes
+# (nginx's workers; gatehouse's one process) over the run, from /proc. Less
+# noisy than req/s on a shared machine, where wrk takes its share too.
+gh_pid=${pids[-2]}; g2_pid=${pids[-1]}
+nginx_workers() { pgrep -P "$(cat "$dir/nc.pid")" | tr '\n' ' '; }
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
+
+printf '%-8s %-14s %5s %10s %9s %9s %12s\n' size target round req/s p50_ms p99_ms cpu_us/req
+declare -A best_rps best_p99 best_cpu
 targets="nginx gatehouse gatehouse-l2"
 for size in small large; do
   for round in $(seq "$rounds"); do
     for target in $targets; do
-      case $target in nginx) port=$NG;; gatehouse) port=$GH;; gatehouse-l2) port=$G2;; esac
+      case $target in
+        nginx) port=$NG; procs=$(nginx_workers);;
+        gatehouse) port=$GH; procs=$gh_pid;;
+        gatehouse-l2) port=$G2; procs=$g2_pid;;
+      esac
+      # shellcheck disable=SC2086
+      before=$(cpu_ticks $procs)
       read -r rps p50 p99 < <(measure "http://127.0.0.1:$port/$size" "$duration")
-      printf '%-8s %-14s %5s %10s %9s %9s\n' "$size" "$target" "$round" "$rps" "$p50" "$p99"
+      # shellcheck disable=SC2086
+      after=$(cpu_ticks $procs)
+      cpu=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v r="$rps" -v d="$duration" \
+        'BEGIN { printf "%.2f", t / hz * 1e6 / (r * d) }')
+      printf '%-8s %-14s %5s %10s %9s %9s %12s\n' "$size" "$target" "$round" "$rps" "$p50" "$p99" "$cpu"
       key="$size/$target"
       if [ -z "${best_rps[$key]:-}" ] || [ "$rps" -gt "${best_rps[$key]}" ]; then
         best_rps[$key]=$rps; best_p99[$key]=$p99
+      fi
+      if [ -z "${best_cpu[$key]:-}" ] || awk -v a="$cpu" -v b="${best_cpu[$key]}" 'BEGIN { exit !(a < b) }'; then
+        best_cpu[$key]=$cpu
       fi
     done
   done
@@ -81,6 +102,13 @@ for size in small large; do
   l2ratio=$(awk -v g="$l" -v n="$n" 'BEGIN { printf "%.2f", g/n }')
   dp99=$(awk -v g="${best_p99[$size/gatehouse]}" -v n="${best_p99[$size/nginx]}" 'BEGIN { printf "%+.3f", g-n }')
   printf '%-8s %12s %12s %14s %16s %18s %14s\n' "$size" "$n" "$g" "$l" "${ratio}x" "$dp99" "${l2ratio}x"
+done
+echo
+echo "CPU per answer (lowest of the rounds; user + system, the server's processes only):"
+printf '%-8s %12s %12s %14s %20s\n' size nginx gatehouse gatehouse-l2 "nginx/gatehouse"
+for size in small large; do
+  n=${best_cpu[$size/nginx]}; g=${best_cpu[$size/gatehouse]}; l=${best_cpu[$size/gatehouse-l2]}
+  printf '%-8s %10s us %10s us %12s us %19sx\n' "$size" "$n" "$g" "$l" "$(awk -v n="$n" -v g="$g" 'BEGIN { printf "%.2f", n/g }')"
 done
 
 # Memory for 10,000 L1 entries of 2 KiB: resident size before and after.
