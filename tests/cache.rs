@@ -926,3 +926,47 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_behind() {
         Some(1.0)
     );
 }
+
+/// A reload onto another key prefix starts following that prefix's
+/// invalidations: L1 answers again once it is caught up with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_another_prefix_follows_its_invalidations() {
+    let redis = TestRedis::shared();
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&with_redis(
+        &upstream.url(),
+        &redis.url(),
+        &prefix(),
+        "",
+        "",
+    ));
+    let l1_hits = "gatehouse_cache_lookups_total{layer=\"l1\",result=\"hit\",route=\"default\"}";
+    let second = prefix();
+    gateway.rewrite_config(&with_redis(&upstream.url(), &redis.url(), &second, "", ""));
+    gateway.signal("HUP");
+    assert!(
+        gateway
+            .metric_reaches("gatehouse_config_reloads_total{result=\"ok\"}", 1.0)
+            .await
+    );
+    get(gateway.addr, "/r/", &[]).await.unwrap();
+    assert!(l2_holds_entries(redis, &second).await);
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            get(gateway.addr, "/r/", &[]).await.unwrap();
+            gateway.metric(l1_hits).await.unwrap_or(0.0) >= 1.0
+        })
+        .await,
+        "L1 answers under the new prefix"
+    );
+    // A write under the new prefix, published by another gateway, reaches it.
+    let other = Gatehouse::start(&with_redis(&upstream.url(), &redis.url(), &second, "", ""));
+    // The site's name as the first gateway was asked it, so the key is one.
+    let post = Request::post("/r/")
+        .header("host", gateway.addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(other.addr, post).await.unwrap().0, StatusCode::OK);
+    let (_, headers, _) = get(gateway.addr, "/r/", &[]).await.unwrap();
+    assert!(cache_status(&headers).contains("fwd=miss"), "{headers:?}");
+}

@@ -519,13 +519,24 @@ pub async fn subscribe(cache: Arc<Cache>, l2: Arc<L2>) {
         l2.subscribed.store(true, Ordering::Release);
         tracing::info!("cache: following invalidations from other gateways");
         let mut stream = pubsub.on_message();
-        while let Some(message) =
-            std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut stream), cx))
-                .await
-        {
-            if !cache.uses(&l2) {
-                return;
-            }
+        loop {
+            let next = std::future::poll_fn(|cx| {
+                futures_core::Stream::poll_next(Pin::new(&mut stream), cx)
+            });
+            let message = tokio::select! {
+                message = next => message,
+                // A reload that replaced this L2 ends its subscriber, also
+                // when no message comes.
+                () = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if cache.uses(&l2) {
+                        continue;
+                    }
+                    return;
+                }
+            };
+            let Some(message) = message else {
+                break;
+            };
             let Ok(payload) = message.get_payload::<String>() else {
                 continue;
             };
