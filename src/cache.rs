@@ -461,11 +461,7 @@ impl Cache {
 
     /// Apply tags another gateway invalidated.
     pub fn tags_bump(&self, tags: &[&str], soft: bool) {
-        if soft {
-            self.tags.bump_soft(tags.iter().copied());
-        } else {
-            self.tags.bump(tags.iter().copied());
-        }
+        self.tags.bump_in(tags.iter().copied(), soft);
     }
 
     /// Follow a reload: new L1 limits start an empty L1.
@@ -545,12 +541,8 @@ impl Cache {
     /// stale (revalidated before use, still good for `stale-if-error`).
     pub fn invalidate<'a>(&self, kind: &str, tags: impl IntoIterator<Item = &'a str>, soft: bool) {
         let mut n = 0;
-        let tags = tags.into_iter().inspect(|_| n += 1);
-        if soft {
-            self.tags.bump_soft(tags);
-        } else {
-            self.tags.bump(tags);
-        }
+        self.tags
+            .bump_in(tags.into_iter().inspect(|_| n += 1), soft);
         self.metrics
             .invalidations
             .with_label_values(&[kind])

@@ -86,7 +86,8 @@ impl TagVersions {
     }
 
     /// Whether no tag of the entry was invalidated since its fetch.
-    pub fn current(&self, stamp: &Stamp) -> bool {
+    #[cfg(test)]
+    fn current(&self, stamp: &Stamp) -> bool {
         self.validity(stamp) == Validity::Current
     }
 
@@ -117,12 +118,8 @@ impl TagVersions {
         self.bump_in(tags, false);
     }
 
-    /// Soft purge: entries carrying any of `tags` are stale from now.
-    pub fn bump_soft<'a>(&self, tags: impl IntoIterator<Item = &'a str>) {
-        self.bump_in(tags, true);
-    }
-
-    fn bump_in<'a>(&self, tags: impl IntoIterator<Item = &'a str>, soft: bool) {
+    /// Invalidate `tags`; `soft`: entries carrying them stay, stale.
+    pub fn bump_in<'a>(&self, tags: impl IntoIterator<Item = &'a str>, soft: bool) {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *guard;
         let mut generation = self.generation.load(Ordering::Acquire);
@@ -211,7 +208,7 @@ mod tests {
         let a = tags
             .stamp(tags.generation(), vec!["stories".into()])
             .unwrap();
-        tags.bump_soft(["stories"]);
+        tags.bump_in(["stories"], true);
         assert_eq!(tags.validity(&a), Validity::Stale);
         tags.bump(["stories"]);
         assert_eq!(tags.validity(&a), Validity::Gone);

@@ -24,9 +24,9 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// A cacheable request on its way to Gunicorn.
 pub struct Plan {
-    pub uri: String,
-    pub key: String,
-    pub head: bool,
+    uri: String,
+    key: String,
+    head: bool,
     directives: RequestDirectives,
     credentialed: bool,
     per_user: bool,
@@ -39,7 +39,7 @@ pub struct Plan {
     generation: u64,
     request_time: SystemTime,
     /// A stored response being revalidated (or kept for `stale-if-error`).
-    pub stale: Option<Arc<Entry>>,
+    stale: Option<Arc<Entry>>,
     /// The gateway added validators of `stale` to the request.
     revalidating: bool,
     /// `fwd=request`: a usable entry existed but the request refused it.
