@@ -39,6 +39,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod statements;
+pub mod topology;
 
 use std::collections::HashMap;
 use std::io;
@@ -68,6 +69,13 @@ pub struct DbShared {
     pub metrics: metrics::DbMetrics,
     /// Statements' effects on the session, by text.
     pub classifier: classify::Classifier,
+    /// Statements' needs (a replica, or the primary), by shape.
+    pub shapes: classify::access::Shapes,
+    /// The nodes as the monitor last saw them.
+    pub topology: topology::Topology,
+    /// Per database: the WAL position of its last write and when it was
+    /// made (`read_your_writes = "database"`).
+    pub written: Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// True once SIGTERM asked for a drain: sessions end at their next
     /// transaction boundary. Read on every message, written once.
     pub draining: std::sync::atomic::AtomicBool,
@@ -94,6 +102,9 @@ impl DbShared {
             pools: pool::Pools::default(),
             metrics: metrics::DbMetrics::new()?,
             classifier: classify::Classifier::default(),
+            shapes: classify::access::Shapes::default(),
+            topology: topology::Topology::default(),
+            written: Mutex::new(HashMap::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
             drain_started: tokio::sync::Notify::new(),
             connected: std::sync::atomic::AtomicUsize::new(0),
@@ -389,8 +400,10 @@ pub fn reload(shared: &DbShared, source: &DbSource) {
             "the socket, listen addresses, admin listener, threads and cpu_scheduling change only on restart"
         );
     }
-    if config.primary != old.primary {
-        tracing::info!(from = %old.primary, to = %config.primary, "new primary; idle connections to the old one are closed");
+    if config.nodes != old.nodes {
+        let nodes: Vec<String> = config.nodes.iter().map(|n| n.node.to_string()).collect();
+        tracing::info!(?nodes, "new list of nodes; their roles are asked again");
+        shared.topology.recheck();
     }
     shared.pools.configure(&config, &shared.metrics);
     shared.config.store(Arc::new(config));
@@ -418,14 +431,23 @@ async fn serve(
     if let Some(listener) = admin {
         tokio::spawn(admin::serve(listener, Arc::clone(&shared)));
     }
-    tokio::spawn(admin::probe_primary(Arc::clone(&shared)));
+    tokio::spawn(topology::monitor(Arc::clone(&shared)));
     {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            // Warm the pools at once, then keep them every second.
+            // Warm the pools once the nodes were asked, then keep them
+            // every second.
+            shared
+                .topology
+                .next_round(std::time::Duration::from_secs(2))
+                .await;
             loop {
                 let config = shared.config.load_full();
-                shared.pools.maintain(&config, &shared.metrics).await;
+                let snapshot = shared.topology.snapshot();
+                shared
+                    .pools
+                    .maintain(&config, &snapshot, &shared.metrics)
+                    .await;
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
         });

@@ -24,6 +24,10 @@ pub struct RawDb {
     pub server: RawDbServer,
     pub admin: super::raw::RawAdmin,
     pub primary: RawNode,
+    /// More nodes: replicas, or nodes that may become the primary. Every
+    /// node's role is discovered, not configured.
+    pub nodes: Vec<RawNode>,
+    pub router: RawRouter,
     pub pool: RawPool,
     pub users: Vec<RawUser>,
     pub databases: Vec<RawDatabase>,
@@ -39,6 +43,8 @@ impl Default for RawDb {
                 listen: "127.0.0.1:9092".into(),
             },
             primary: RawNode::default(),
+            nodes: Vec::new(),
+            router: RawRouter::default(),
             pool: RawPool::default(),
             users: Vec::new(),
             databases: Vec::new(),
@@ -101,6 +107,8 @@ pub struct RawNode {
     /// (starts with `/`), or a `postgresql://` URI.
     pub host: String,
     pub port: u16,
+    /// Its share of the reads while it is a replica.
+    pub weight: u32,
 }
 
 impl Default for RawNode {
@@ -108,6 +116,62 @@ impl Default for RawNode {
         RawNode {
             host: "127.0.0.1".into(),
             port: 5432,
+            weight: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRouter {
+    /// How often every node is asked its role and WAL position.
+    #[serde(with = "humantime_serde")]
+    pub topology_interval: Duration,
+    /// A replica further behind the primary than this many bytes of WAL...
+    pub max_lag_bytes: ByteSize,
+    /// ...or than this long gets no reads.
+    #[serde(with = "humantime_serde")]
+    pub max_lag: Duration,
+    /// Consecutive connect or query failures that open a node's breaker.
+    pub failures_to_ban: u32,
+    /// How long an open breaker keeps a node out before a probe.
+    #[serde(with = "humantime_serde")]
+    pub ban_time: Duration,
+    /// How long a write waits for a primary when there is none.
+    #[serde(with = "humantime_serde")]
+    pub failover_timeout: Duration,
+    /// "connection" or "database".
+    pub read_your_writes: String,
+    /// With read_your_writes = "database": how long a write holds reads of
+    /// its database to replicas that replayed it.
+    #[serde(with = "humantime_serde")]
+    pub read_your_writes_window: Duration,
+    /// Functions besides PostgreSQL's immutable and stable ones that a
+    /// replica may run.
+    pub replica_functions: Vec<String>,
+    /// `<db>_replica` and `<db>_primary` for every listed database.
+    pub virtual_databases: bool,
+    /// Who the topology monitor logs in as, and where; empty = the first
+    /// user and the first listed database.
+    pub monitor_user: String,
+    pub monitor_database: String,
+}
+
+impl Default for RawRouter {
+    fn default() -> Self {
+        RawRouter {
+            topology_interval: Duration::from_secs(1),
+            max_lag_bytes: ByteSize(16 * 1024 * 1024),
+            max_lag: Duration::from_secs(5),
+            failures_to_ban: 3,
+            ban_time: Duration::from_secs(10),
+            failover_timeout: Duration::from_secs(30),
+            read_your_writes: "connection".into(),
+            read_your_writes_window: Duration::from_secs(5),
+            replica_functions: Vec::new(),
+            virtual_databases: true,
+            monitor_user: String::new(),
+            monitor_database: String::new(),
         }
     }
 }
@@ -211,6 +275,9 @@ pub struct DbConfig {
     pub cpu_scheduling: CpuScheduling,
     pub admin_listen: Option<SocketAddr>,
     pub primary: Node,
+    /// Every node, the `[primary]` first, each with its read weight.
+    pub nodes: Vec<WeightedNode>,
+    pub router: RouterConfig,
     pub pool: PoolConfig,
     pub users: Vec<DbUser>,
     pub databases: Vec<Database>,
@@ -234,6 +301,25 @@ impl DbConfig {
             .or_else(|| self.databases.iter().find(|d| d.name == ANY_DATABASE))
     }
 
+    /// A client's database name as the server knows it, with its routing:
+    /// `<db>_replica` and `<db>_primary` name a listed `<db>` (with
+    /// `router.virtual_databases`), unless they are listed themselves.
+    pub fn resolve<'n>(&self, name: &'n str) -> (&'n str, Routing) {
+        if self.router.virtual_databases && !self.lists(name) {
+            for (suffix, routing) in [
+                ("_replica", Routing::Replica),
+                ("_primary", Routing::Primary),
+            ] {
+                if let Some(base) = name.strip_suffix(suffix) {
+                    if self.lists(base) {
+                        return (base, routing);
+                    }
+                }
+            }
+        }
+        (name, Routing::Auto)
+    }
+
     /// Whether `name` has an entry of its own (its pools are kept and
     /// warmed); others are made on first use and dropped when idle.
     pub fn lists(&self, name: &str) -> bool {
@@ -241,7 +327,7 @@ impl DbConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Node {
     Tcp {
         host: String,
@@ -261,6 +347,50 @@ impl std::fmt::Display for Node {
             Node::Socket { dir, port } => write!(f, "{}/.s.PGSQL.{port}", dir.display()),
         }
     }
+}
+
+/// A node and its share of the reads while it is a replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightedNode {
+    pub node: std::sync::Arc<Node>,
+    pub weight: u32,
+}
+
+/// Whose reads a write holds to replicas that replayed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadYourWrites {
+    /// The writing client connection's own later reads.
+    Connection,
+    /// Every client of the database, for `read_your_writes_window`.
+    Database,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterConfig {
+    pub topology_interval: Duration,
+    pub max_lag_bytes: u64,
+    pub max_lag: Duration,
+    pub failures_to_ban: u32,
+    pub ban_time: Duration,
+    pub failover_timeout: Duration,
+    pub read_your_writes: ReadYourWrites,
+    pub read_your_writes_window: Duration,
+    /// Lower case.
+    pub replica_functions: Vec<String>,
+    pub virtual_databases: bool,
+    pub monitor_user: String,
+    pub monitor_database: String,
+}
+
+/// How a client's database name routes its transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// Reads that can go to a replica do; the rest to the primary.
+    Auto,
+    /// `<db>_replica`: every transaction to a replica.
+    Replica,
+    /// `<db>_primary`: every transaction to the primary.
+    Primary,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,6 +537,23 @@ fn apply_seed(raw: &mut RawDb, env: &dyn EnvSource) -> Result<(), ConfigError> {
                 format!("`{port}` is not a port"),
             )
         })?;
+    }
+    // DB_REPLICA_1_HOST, DB_REPLICA_2_HOST, ... until one is missing.
+    for n in 1.. {
+        let Some(host) = env.var(&format!("DB_REPLICA_{n}_HOST")) else {
+            break;
+        };
+        let listed = raw
+            .nodes
+            .iter()
+            .any(|node| node.host == host && node.port == raw.primary.port);
+        if !listed {
+            raw.nodes.push(RawNode {
+                host,
+                port: raw.primary.port,
+                weight: 1,
+            });
+        }
     }
     if let Some(name) = env.var("DB_NAME") {
         if !raw.databases.iter().any(|d| d.name == name) {
@@ -796,6 +943,75 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
             }
         }
     };
+    let mut nodes = vec![WeightedNode {
+        node: std::sync::Arc::new(primary.clone()),
+        weight: raw.primary.weight,
+    }];
+    for (i, node) in raw.nodes.iter().enumerate() {
+        let parsed = if node.host.contains("://") {
+            Err("give host:port or a socket directory; credentials go in [[users]]".to_string())
+        } else {
+            Primary::parse(&node.host, node.port).map(|p| p.node)
+        };
+        match parsed {
+            Ok(parsed) if nodes.iter().any(|n| *n.node == parsed) => problems.push((
+                format!("nodes[{i}].host"),
+                format!("{parsed} is listed twice"),
+            )),
+            Ok(parsed) => nodes.push(WeightedNode {
+                node: std::sync::Arc::new(parsed),
+                weight: node.weight,
+            }),
+            Err(message) => problems.push((format!("nodes[{i}].host"), message)),
+        }
+    }
+    let r = &raw.router;
+    for (key, value) in [
+        ("router.topology_interval", r.topology_interval),
+        ("router.ban_time", r.ban_time),
+    ] {
+        if value.is_zero() {
+            problems.push((key.into(), "must be greater than zero".into()));
+        }
+    }
+    if r.failures_to_ban == 0 {
+        problems.push(("router.failures_to_ban".into(), "must be at least 1".into()));
+    }
+    let read_your_writes = match r.read_your_writes.as_str() {
+        "connection" => ReadYourWrites::Connection,
+        "database" => ReadYourWrites::Database,
+        other => {
+            problems.push((
+                "router.read_your_writes".into(),
+                format!("`{other}`: use \"connection\" or \"database\""),
+            ));
+            ReadYourWrites::Connection
+        }
+    };
+    if !r.monitor_user.is_empty() && !raw.users.iter().any(|u| u.name == r.monitor_user) {
+        problems.push((
+            "router.monitor_user".into(),
+            format!("`{}` is not among [[users]]", r.monitor_user),
+        ));
+    }
+    let router = RouterConfig {
+        topology_interval: r.topology_interval,
+        max_lag_bytes: r.max_lag_bytes.0,
+        max_lag: r.max_lag,
+        failures_to_ban: r.failures_to_ban,
+        ban_time: r.ban_time,
+        failover_timeout: r.failover_timeout,
+        read_your_writes,
+        read_your_writes_window: r.read_your_writes_window,
+        replica_functions: r
+            .replica_functions
+            .iter()
+            .map(|f| f.to_ascii_lowercase())
+            .collect(),
+        virtual_databases: r.virtual_databases,
+        monitor_user: r.monitor_user.clone(),
+        monitor_database: r.monitor_database.clone(),
+    };
     let p = &raw.pool;
     if p.max_connections == 0 {
         problems.push(("pool.max_connections".into(), "must be at least 1".into()));
@@ -921,6 +1137,8 @@ fn validate(raw: &RawDb) -> Result<DbConfig, Problems> {
         login_timeout: s.login_timeout,
         admin_listen,
         primary,
+        nodes,
+        router,
         pool: PoolConfig {
             min_connections: p.min_connections,
             max_connections: p.max_connections,

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -45,16 +44,33 @@ fn metrics_json(shared: &DbShared) -> Value {
             json!({"pool": s.name, "active": s.active, "idle": s.idle, "waiting": s.waiting, "max": s.max})
         })
         .collect();
-    let config = shared.config.load();
+    let snapshot = shared.topology.snapshot();
+    let nodes: Vec<Value> = snapshot
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            json!({
+                "address": n.node.to_string(),
+                "role": if snapshot.primary == Some(i) { "primary" } else { n.role.name() },
+                "up": n.up,
+                "healthy": n.up && shared.topology.circuit(&n.health) == super::topology::Circuit::Closed,
+                "circuit": shared.topology.circuit(&n.health).name(),
+                "weight": n.weight,
+                "lsn": n.lsn,
+                "lag_bytes": n.lag_bytes,
+                "lag_seconds": n.lag_seconds.filter(|s| s.is_finite()),
+                "timeline": n.timeline,
+                "streaming": n.streaming,
+            })
+        })
+        .collect();
     let mut root =
         crate::telemetry::json::render(&shared.metrics.registry.gather(), serde_json::Map::new());
     root["database"] = json!({
         "connection_pool": pools,
-        "nodes": [{
-            "role": "primary",
-            "address": config.primary.to_string(),
-            "healthy": shared.metrics.primary_reachable.load(Ordering::Relaxed),
-        }],
+        "nodes": nodes,
+        "primary": snapshot.primary.map(|p| snapshot.nodes[p].node.to_string()),
     });
     root
 }
@@ -86,26 +102,4 @@ async fn answer(shared: Arc<DbShared>, req: Request<Incoming>) -> Response<Admin
 
 pub async fn serve(listener: std::net::TcpListener, shared: Arc<DbShared>) {
     crate::admin::serve_with(listener, move |req| answer(Arc::clone(&shared), req)).await;
-}
-
-/// Probe the primary every second: can a connection be opened?
-pub async fn probe_primary(shared: Arc<DbShared>) {
-    loop {
-        let node = shared.config.load().primary.clone();
-        let reachable = tokio::time::timeout(Duration::from_secs(1), super::server::reach(&node))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        let was = shared
-            .metrics
-            .primary_reachable
-            .swap(reachable, Ordering::Relaxed);
-        if was != reachable {
-            if reachable {
-                tracing::info!(primary = %node, "primary reachable again");
-            } else {
-                tracing::warn!(primary = %node, "primary unreachable");
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }

@@ -14,6 +14,8 @@
 //! negative leaks. Triggers, views and column defaults that call such
 //! functions are not seen here (docs/decisions.md).
 
+pub mod access;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
 

@@ -54,6 +54,7 @@ pub mod tag {
         pub const CLOSE_COMPLETE: u8 = b'3';
         pub const COMMAND_COMPLETE: u8 = b'C';
         pub const ROW_DESCRIPTION: u8 = b'T';
+        pub const DATA_ROW: u8 = b'D';
         pub const NO_DATA: u8 = b'n';
         pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
         pub const PORTAL_SUSPENDED: u8 = b's';

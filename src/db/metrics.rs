@@ -27,7 +27,20 @@ pub struct DbMetrics {
     pub(super) pool_waiting: IntGaugeVec,
     pub(super) pool_max: IntGaugeVec,
     pub(super) primary_up: IntGauge,
-    /// Whether the last probe reached the primary.
+    /// Transactions by where they went and why.
+    pub routed: IntCounterVec,
+    /// Times the primary changed to another node.
+    pub failovers: prometheus::IntCounter,
+    /// Reads retried on another node after theirs failed before answering.
+    pub read_retries: prometheus::IntCounter,
+    /// Transactions that waited for a primary, by outcome.
+    pub primary_waits: IntCounterVec,
+    node_up: IntGaugeVec,
+    node_primary: IntGaugeVec,
+    node_circuit_open: IntGaugeVec,
+    node_lag_bytes: IntGaugeVec,
+    node_lag_seconds: prometheus::GaugeVec,
+    /// Whether a primary was known and reachable at the last poll.
     pub primary_reachable: AtomicBool,
 }
 
@@ -138,6 +151,58 @@ impl DbMetrics {
                 "primary_up",
                 "1 while the primary accepts connections.",
             ))?,
+            routed: IntCounterVec::new(
+                opts(
+                    "routed_transactions_total",
+                    "Transactions by target (primary, replica) and reason (read, write, \
+                     in_transaction, read_your_writes, lag_fallback, forced, session).",
+                ),
+                &["target", "reason"],
+            )?,
+            failovers: prometheus::IntCounter::with_opts(opts(
+                "failovers_total",
+                "Times another node became the primary.",
+            ))?,
+            read_retries: prometheus::IntCounter::with_opts(opts(
+                "read_retries_total",
+                "Reads sent again to another node after theirs failed before answering.",
+            ))?,
+            primary_waits: IntCounterVec::new(
+                opts(
+                    "primary_waits_total",
+                    "Transactions that waited for a primary (failover), by outcome.",
+                ),
+                &["outcome"],
+            )?,
+            node_up: IntGaugeVec::new(
+                opts("node_up", "1 while the node answers the topology monitor."),
+                &["node"],
+            )?,
+            node_primary: IntGaugeVec::new(
+                opts("node_primary", "1 for the node that is the primary now."),
+                &["node"],
+            )?,
+            node_circuit_open: IntGaugeVec::new(
+                opts(
+                    "node_circuit_open",
+                    "1 while the node's circuit breaker keeps it out (open or half open).",
+                ),
+                &["node"],
+            )?,
+            node_lag_bytes: IntGaugeVec::new(
+                opts(
+                    "node_lag_bytes",
+                    "Bytes of WAL a replica is behind the primary.",
+                ),
+                &["node"],
+            )?,
+            node_lag_seconds: prometheus::GaugeVec::new(
+                opts(
+                    "node_lag_seconds",
+                    "How old a replica's last replayed commit is, while it is behind.",
+                ),
+                &["node"],
+            )?,
             primary_reachable: AtomicBool::new(true),
         };
         m.registry.register(Box::new(m.clients.clone()))?;
@@ -157,6 +222,15 @@ impl DbMetrics {
         m.registry.register(Box::new(m.pool_waiting.clone()))?;
         m.registry.register(Box::new(m.pool_max.clone()))?;
         m.registry.register(Box::new(m.primary_up.clone()))?;
+        m.registry.register(Box::new(m.routed.clone()))?;
+        m.registry.register(Box::new(m.failovers.clone()))?;
+        m.registry.register(Box::new(m.read_retries.clone()))?;
+        m.registry.register(Box::new(m.primary_waits.clone()))?;
+        m.registry.register(Box::new(m.node_up.clone()))?;
+        m.registry.register(Box::new(m.node_primary.clone()))?;
+        m.registry.register(Box::new(m.node_circuit_open.clone()))?;
+        m.registry.register(Box::new(m.node_lag_bytes.clone()))?;
+        m.registry.register(Box::new(m.node_lag_seconds.clone()))?;
         Ok(m)
     }
 }
@@ -230,5 +304,48 @@ impl DbMetrics {
         }
         let _ = self.pool_waiting.remove_label_values(&[pool]);
         let _ = self.pool_max.remove_label_values(&[pool]);
+    }
+}
+
+impl DbMetrics {
+    /// The node gauges as a round of the topology monitor found them.
+    pub fn record_topology(
+        &self,
+        snapshot: &super::topology::Snapshot,
+        topology: &super::topology::Topology,
+    ) {
+        for (i, node) in snapshot.nodes.iter().enumerate() {
+            let label = node.node.to_string();
+            let label = [label.as_str()];
+            self.node_up
+                .with_label_values(&label)
+                .set(i64::from(node.up));
+            self.node_primary
+                .with_label_values(&label)
+                .set(i64::from(snapshot.primary == Some(i)));
+            let open = topology.circuit(&node.health) != super::topology::Circuit::Closed;
+            self.node_circuit_open
+                .with_label_values(&label)
+                .set(i64::from(open));
+            match node.lag_bytes {
+                Some(lag) => self
+                    .node_lag_bytes
+                    .with_label_values(&label)
+                    .set(i64::try_from(lag).unwrap_or(i64::MAX)),
+                None => {
+                    let _ = self.node_lag_bytes.remove_label_values(&label);
+                }
+            }
+            match node.lag_seconds.filter(|s| s.is_finite()) {
+                Some(lag) => self.node_lag_seconds.with_label_values(&label).set(lag),
+                None => {
+                    let _ = self.node_lag_seconds.remove_label_values(&label);
+                }
+            }
+        }
+        let reachable = snapshot.primary.is_some_and(|p| snapshot.nodes[p].up);
+        self.primary_reachable
+            .store(reachable, std::sync::atomic::Ordering::Relaxed);
+        self.primary_up.set(i64::from(reachable));
     }
 }

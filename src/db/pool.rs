@@ -25,9 +25,11 @@ pub enum PoolError {
 }
 
 struct Pool {
-    /// `database/user`, as errors and metrics name it.
+    /// `database/user`, as errors and metrics name it; `database/user@node`
+    /// for a node other than the configured primary.
     name: String,
     database: String,
+    node: Arc<Node>,
     /// As last configured: its server credentials open new connections.
     user: Mutex<DbUser>,
     idle: Mutex<Vec<ServerConn>>,
@@ -99,32 +101,45 @@ pub struct PoolStats {
     pub max: usize,
 }
 
-/// Every pool, created on first use.
+/// Every pool, per (node, database, user), created on first use.
 #[derive(Default)]
 pub struct Pools {
-    pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
+    pools: Mutex<HashMap<(Node, String, String), Arc<Pool>>>,
 }
 
 impl Pools {
-    fn pool(&self, database: &str, user: &DbUser, max: u32, metrics: &DbMetrics) -> Arc<Pool> {
+    fn pool(
+        &self,
+        config: &DbConfig,
+        node: &Arc<Node>,
+        database: &str,
+        user: &DbUser,
+        metrics: &DbMetrics,
+    ) -> Arc<Pool> {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         // A few pools at most: found without building a key.
         if let Some(pool) = pools
             .iter()
-            .find(|((d, u), _)| d == database && *u == user.name)
+            .find(|((n, d, u), _)| d == database && *u == user.name && *n == **node)
             .map(|(_, pool)| pool)
         {
             return Arc::clone(pool);
         }
+        let max = config.pool.max_connections;
         Arc::clone(
             pools
-                .entry((database.to_string(), user.name.clone()))
+                .entry(((**node).clone(), database.to_string(), user.name.clone()))
                 .or_insert_with(|| {
-                    let name = format!("{database}/{}", user.name);
+                    let name = if *config.nodes[0].node == **node {
+                        format!("{database}/{}", user.name)
+                    } else {
+                        format!("{database}/{}@{node}", user.name)
+                    };
                     Arc::new(Pool {
                         metrics: metrics.for_pool(&name),
                         name,
                         database: database.to_string(),
+                        node: Arc::clone(node),
                         user: Mutex::new(user.clone()),
                         idle: Mutex::new(Vec::new()),
                         open: Arc::new(AtomicUsize::new(0)),
@@ -148,9 +163,11 @@ impl Pools {
     pub fn configure(&self, config: &DbConfig, metrics: &DbMetrics) {
         for database in config.databases.iter().filter(|d| config.lists(&d.name)) {
             for user in &config.users {
-                let pool = self.pool(&database.name, user, config.pool.max_connections, metrics);
-                *pool.user.lock().unwrap_or_else(|e| e.into_inner()) = user.clone();
-                pool.resize(config.pool.max_connections as usize);
+                for node in &config.nodes {
+                    let pool = self.pool(config, &node.node, &database.name, user, metrics);
+                    *pool.user.lock().unwrap_or_else(|e| e.into_inner()) = user.clone();
+                    pool.resize(config.pool.max_connections as usize);
+                }
             }
         }
     }
@@ -176,12 +193,12 @@ impl Pools {
     pub async fn checkout(
         &self,
         config: &DbConfig,
-        node: &Node,
+        node: &Arc<Node>,
         database: &str,
         user: &DbUser,
         metrics: &DbMetrics,
     ) -> Result<Checkout, PoolError> {
-        let pool = self.pool(database, user, config.pool.max_connections, metrics);
+        let pool = self.pool(config, node, database, user, metrics);
         let waited = config.pool.checkout_timeout;
         let permit = match Arc::clone(&pool.permits).try_acquire_owned() {
             Ok(permit) => {
@@ -258,7 +275,12 @@ impl Pools {
     /// Once a second: close idle connections past `idle_timeout` (down to
     /// `min_connections`) or past `max_lifetime`, and open connections up to
     /// `min_connections` in pools that have been used.
-    pub async fn maintain(&self, config: &DbConfig, metrics: &DbMetrics) {
+    pub async fn maintain(
+        &self,
+        config: &DbConfig,
+        snapshot: &super::topology::Snapshot,
+        metrics: &DbMetrics,
+    ) {
         let pools: Vec<Arc<Pool>> = self
             .pools
             .lock()
@@ -272,7 +294,13 @@ impl Pools {
             pool.resize(pool.size().max);
             // A database without an entry of its own (`"*"`, or one a reload
             // removed): no warm connections, and the pool goes once unused.
-            let listed = config.lists(&pool.database);
+            let listed =
+                config.lists(&pool.database) && config.nodes.iter().any(|n| *n.node == *pool.node);
+            // A node the monitor found down is not warmed (nor complained
+            // about every second); one it has not asked yet is.
+            let reachable = snapshot
+                .index_of(&pool.node)
+                .is_none_or(|i| snapshot.nodes[i].up);
             let min = if listed { min } else { 0 };
             let max = pool.size().max;
             {
@@ -286,8 +314,7 @@ impl Pools {
                     let too_idle = now.saturating_duration_since(conn.idle_since())
                         >= config.pool.idle_timeout
                         && lent + kept >= min;
-                    let keep =
-                        keep(conn, config, super::router::warm_node(config), now) && !too_idle;
+                    let keep = keep(conn, config, &pool.node, now) && !too_idle;
                     if keep {
                         kept += 1;
                     }
@@ -304,7 +331,10 @@ impl Pools {
                 continue;
             }
             let retry = *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner());
-            if retry.is_some_and(|at| Instant::now() < at) || pool.missing.load(Ordering::Relaxed) {
+            if retry.is_some_and(|at| Instant::now() < at)
+                || pool.missing.load(Ordering::Relaxed)
+                || !reachable
+            {
                 continue;
             }
             let have = pool.open();
@@ -316,8 +346,13 @@ impl Pools {
                     password: user.server_password.as_deref(),
                     params: &[],
                 };
-                let node = super::router::warm_node(config);
-                match Box::pin(ServerConn::open(node, &login, config.pool.connect_timeout)).await {
+                match Box::pin(ServerConn::open(
+                    &pool.node,
+                    &login,
+                    config.pool.connect_timeout,
+                ))
+                .await
+                {
                     Ok(mut conn) => {
                         conn.count_in(&pool.open);
                         *pool.warm_retry.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -495,6 +530,14 @@ mod tests {
     use super::Pools;
     use crate::config::db::{AuthMethod, DbUser};
 
+    struct NoEnv;
+
+    impl crate::config::EnvSource for NoEnv {
+        fn var(&self, _: &str) -> Option<String> {
+            None
+        }
+    }
+
     #[tokio::test]
     async fn a_smaller_pool_takes_permits_back_as_clients_return_them() {
         let user = DbUser {
@@ -506,7 +549,11 @@ mod tests {
             server_password: None,
         };
         let metrics = crate::db::metrics::DbMetrics::new().unwrap();
-        let pool = Pools::default().pool("d", &user, 4, &metrics);
+        let mut config =
+            crate::config::db::DbConfig::load(None, &Default::default(), &NoEnv).unwrap();
+        config.pool.max_connections = 4;
+        let node = std::sync::Arc::clone(&config.nodes[0].node);
+        let pool = Pools::default().pool(&config, &node, "d", &user, &metrics);
         let held: Vec<_> = (0..3)
             .map(|_| {
                 std::sync::Arc::clone(&pool.permits)

@@ -119,6 +119,9 @@ pub struct ServerConn {
     client_pid: i32,
     /// Counts it in its pool's open connections while it lives.
     tally: Option<Tally>,
+    /// The server refused a statement as read-only (SQLSTATE 25006) since
+    /// the last `take_read_only_refusal`.
+    read_only_refusal: bool,
 }
 
 impl ServerConn {
@@ -159,6 +162,7 @@ impl ServerConn {
             out: BytesMut::new(),
             client_pid: 0,
             tally: None,
+            read_only_refusal: false,
         };
         tokio::time::timeout(timeout, conn.login(login))
             .await
@@ -242,6 +246,39 @@ impl ServerConn {
         }
     }
 
+    /// Run one simple query and return its first row, each column as text
+    /// (`None` for NULL); `None` when it returned no row. For gatehouse's
+    /// own queries (the topology monitor, a write's WAL position).
+    pub async fn query_row(
+        &mut self,
+        sql: &str,
+    ) -> Result<Option<Vec<Option<String>>>, ServerError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.send(&out).await?;
+        let mut failure = None;
+        let mut row = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                back::ERROR_RESPONSE => failure = Some(refused(&frame)),
+                back::PARAMETER_STATUS => {
+                    note_parameter(&mut self.params, &frame.bytes);
+                }
+                back::DATA_ROW if row.is_none() => row = Some(data_row(frame.body())?),
+                back::READY_FOR_QUERY => {
+                    if let Some(status) =
+                        frame.ready_status().and_then(TransactionStatus::from_byte)
+                    {
+                        self.exchange.status = status;
+                    }
+                    return failure.map_or(Ok(row), Err);
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Whether it is set up for this client already, or for one that asked
     /// for the same (settings are interned: one copy of each): `apply`
     /// would send nothing.
@@ -316,6 +353,12 @@ impl ServerConn {
         std::mem::take(&mut self.reports)
     }
 
+    /// Whether the server refused a statement as read-only since the last
+    /// call: a node taken for the primary that is not (any more).
+    pub fn take_read_only_refusal(&mut self) -> bool {
+        std::mem::take(&mut self.read_only_refusal)
+    }
+
     /// What happened to statements since the last call, for metrics.
     pub fn take_events(&mut self) -> StatementEvents {
         std::mem::take(&mut self.exchange.events)
@@ -371,6 +414,9 @@ impl ServerConn {
             while let Some(len) = complete_frame(&self.buf[consumed..], MAX_SERVER_MESSAGE)? {
                 let frame = &self.buf[consumed..consumed + len];
                 match frame[0] {
+                    back::ERROR_RESPONSE if memchr::memmem::find(frame, b"C25006\0").is_some() => {
+                        self.read_only_refusal = true;
+                    }
                     back::PARAMETER_STATUS => {
                         if let Some((name, value)) = note_parameter(&mut self.params, frame) {
                             self.reports.push((name.to_string(), value.to_string()));
@@ -587,4 +633,30 @@ pub fn refused(frame: &Frame) -> ServerError {
         sqlstate: field(super::codec::tag::field::SQLSTATE),
         message: field(super::codec::tag::field::MESSAGE),
     }
+}
+
+/// A DataRow's columns as text.
+fn data_row(mut body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
+    let malformed = || ServerError::Codec(CodecError::Malformed { what: "DataRow" });
+    if body.len() < 2 {
+        return Err(malformed());
+    }
+    let columns = body.get_u16();
+    let mut row = Vec::with_capacity(usize::from(columns));
+    for _ in 0..columns {
+        if body.len() < 4 {
+            return Err(malformed());
+        }
+        let len = body.get_i32();
+        let Ok(len) = usize::try_from(len) else {
+            row.push(None);
+            continue;
+        };
+        if body.len() < len {
+            return Err(malformed());
+        }
+        row.push(Some(String::from_utf8_lossy(&body[..len]).into_owned()));
+        body.advance(len);
+    }
+    Ok(row)
 }

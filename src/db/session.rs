@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
 use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_secret};
+use super::classify::access::Access;
 use super::codec::tag::front;
 use super::codec::{
     CodecError, Frame, FrameCodec, Frontend, Startup, StartupCodec, TransactionStatus,
@@ -20,11 +21,14 @@ use super::codec::{
 };
 use super::error::{DbError, sqlstate};
 use super::pool::{Checkout, PoolError};
+use super::router::{Reason, Want};
 use super::server::ServerError;
 use super::settings::{SESSION_PARAMS, Settings, lookup, settings_of, tracked, upsert};
 use super::statements::{ClientStatements, Naming};
 use super::{CancelSlot, CancelTarget, DbShared};
-use crate::config::db::{AuthMethod, DbUser, PoolMode, Secret, SessionState};
+use crate::config::db::{
+    AuthMethod, DbConfig, DbUser, PoolMode, ReadYourWrites, Routing, Secret, SessionState,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -160,7 +164,9 @@ where
     let Some(user_name) = startup.param("user") else {
         return client.fail(&DbError::NoUser).await;
     };
-    let database = startup.param("database").unwrap_or(user_name);
+    let asked = startup.param("database").unwrap_or(user_name);
+    // `<db>_replica` / `<db>_primary` are `<db>` on the server.
+    let (database, routing) = config.resolve(asked);
     // An unknown user fails like a wrong password: no user enumeration.
     let failed = DbError::AuthenticationFailed {
         user: user_name.to_string(),
@@ -215,6 +221,11 @@ where
         }),
         pinned: mode == PoolMode::Session,
         mode,
+        routing,
+        written: 0,
+        transaction: None,
+        answered: false,
+        avoid: None,
         naming: match config.pool.max_prepared_statements {
             max if mode == PoolMode::Transaction && max > 0 => Naming::Client(max),
             _ => Naming::Server,
@@ -226,7 +237,7 @@ where
         pending: std::collections::VecDeque::new(),
     };
     // The greeting needs a server's parameters: take one now.
-    if let Err(refusal) = session.acquire().await {
+    if let Err(refusal) = session.acquire(&[]).await {
         session.end(false).await;
         return client.fail(&refusal).await;
     }
@@ -242,6 +253,7 @@ where
     let (process_id, secret_key) = session.cancel.0;
     hello.extend_from_slice(&backend_key_data(process_id, secret_key).bytes);
     hello.extend_from_slice(&ready_for_query(TransactionStatus::Idle));
+    session.transaction = None;
     session.between_transactions();
     if let Err(e) = client.send(&hello).await {
         session.end(false).await;
@@ -268,6 +280,18 @@ struct Session<'a> {
     /// set in transaction pooling.
     pinned: bool,
     mode: PoolMode,
+    /// What the database name the client asked for says of routing.
+    routing: Routing,
+    /// The WAL position of this client's last write (read-your-writes).
+    written: u64,
+    /// Where the transaction in progress went, when there are replicas.
+    transaction: Option<super::router::Choice>,
+    /// Whether anything reached the client since the transaction's server
+    /// was taken: a read that failed before can go to another node.
+    answered: bool,
+    /// A node that just failed this client's read, left out of the next
+    /// choice.
+    avoid: Option<Arc<crate::config::db::Node>>,
     /// Whose names a client's named statements go by on the server.
     naming: Naming,
     /// This client's named statements, when they are kept here.
@@ -283,46 +307,15 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// A server connection for the next messages, with this client's settings.
-    async fn acquire(&mut self) -> Result<(), DbError> {
+    /// A server connection for the next messages (`frames`, the first of a
+    /// transaction), with this client's settings, on the node the router
+    /// picks for them.
+    async fn acquire(&mut self, frames: &[Frame]) -> Result<(), DbError> {
         if self.server.is_none() {
             // The configuration as it is now: a reload reaches clients that
-            // are already connected (timeouts, the primary).
+            // are already connected (timeouts, the nodes).
             let config = self.shared.config.load_full();
-            // Pick a node: once per transaction, here.
-            let transaction = super::router::Transaction {
-                database: &self.database,
-            };
-            let node = super::router::pick_node(&config, transaction);
-            let checkout = self
-                .shared
-                .pools
-                .checkout(
-                    &config,
-                    node,
-                    &self.database,
-                    &self.user,
-                    &self.shared.metrics,
-                )
-                .await;
-            let mut server = match checkout {
-                Ok(server) => server,
-                Err(PoolError::Exhausted { pool, waited }) => {
-                    return Err(DbError::PoolExhausted { pool, waited });
-                }
-                // The server's own refusal of the database (3D000 and the
-                // like) is the client's answer; its refusal of gatehouse's
-                // credentials (class 28) is not the client's business.
-                Err(PoolError::Server(ServerError::Refused { sqlstate, message }))
-                    if !sqlstate.starts_with(sqlstate::CLASS_INVALID_AUTHORIZATION) =>
-                {
-                    return Err(DbError::Server { sqlstate, message });
-                }
-                Err(PoolError::Server(e)) => {
-                    tracing::warn!(error = %e, "cannot reach the primary");
-                    return Err(DbError::ServerUnreachable);
-                }
-            };
+            let mut server = self.checkout(&config, frames).await?;
             let timeout = server.statement_timeout();
             let applied = match server.conn_mut() {
                 Ok(conn) if conn.settled_for(&self.settings, timeout) => Ok(()),
@@ -345,6 +338,269 @@ impl Session<'_> {
             self.server = Some(server);
         }
         Ok(())
+    }
+
+    /// Pick a node (once per transaction, here) and take a connection to
+    /// it. A replica that cannot be reached is left out and another node
+    /// asked; with no primary, a transaction that needs one waits up to
+    /// `failover_timeout` for a promotion.
+    async fn checkout(
+        &mut self,
+        config: &DbConfig,
+        frames: &[Frame],
+    ) -> Result<super::pool::Checkout, DbError> {
+        let shared = self.shared;
+        if config.nodes.len() == 1 {
+            self.transaction = None;
+            let checkout = shared
+                .pools
+                .checkout(
+                    config,
+                    &config.nodes[0].node,
+                    &self.database,
+                    &self.user,
+                    &shared.metrics,
+                )
+                .await;
+            return checkout.map_err(|e| self.refusal(e));
+        }
+        let want = self.want(config, frames);
+        let mut excluded: Vec<Arc<crate::config::db::Node>> =
+            self.avoid.take().into_iter().collect();
+        let deadline = tokio::time::Instant::now() + config.router.failover_timeout;
+        let mut waited = false;
+        loop {
+            let snapshot = shared.topology.snapshot();
+            let choice =
+                super::router::choose(&snapshot, &shared.topology, config, want, &excluded);
+            let Some(choice) = choice else {
+                // No primary: wait for one (a promotion), then choose again.
+                if !waited {
+                    tracing::warn!("no primary: waiting for a failover");
+                }
+                waited = true;
+                if shared.topology.primary_by(deadline).await.is_none() {
+                    shared
+                        .metrics
+                        .primary_waits
+                        .with_label_values(&["timed_out"])
+                        .inc();
+                    return Err(DbError::ServerUnreachable);
+                }
+                continue;
+            };
+            let checkout = shared
+                .pools
+                .checkout(
+                    config,
+                    &choice.node,
+                    &self.database,
+                    &self.user,
+                    &shared.metrics,
+                )
+                .await;
+            match checkout {
+                Ok(server) => {
+                    if waited {
+                        shared
+                            .metrics
+                            .primary_waits
+                            .with_label_values(&["served"])
+                            .inc();
+                    }
+                    let target = if choice.replica { "replica" } else { "primary" };
+                    shared
+                        .metrics
+                        .routed
+                        .with_label_values(&[target, choice.reason.name()])
+                        .inc();
+                    self.transaction = Some(choice);
+                    self.answered = false;
+                    return Ok(server);
+                }
+                // Not reached, or shutting down / starting up (57P0x).
+                Err(PoolError::Server(e))
+                    if node_failure(&e) && tokio::time::Instant::now() < deadline =>
+                {
+                    if let Some(health) = &choice.health {
+                        shared.topology.failed(health, &choice.node, config);
+                    }
+                    tracing::warn!(node = %choice.node, error = %e, "node not reached; trying another");
+                    if choice.replica {
+                        shared.metrics.read_retries.inc();
+                        excluded.push(Arc::clone(&choice.node));
+                    } else {
+                        // The primary went away: ask every node now, and
+                        // wait for the next round before trying again.
+                        shared.topology.recheck();
+                        waited = true;
+                        shared
+                            .topology
+                            .next_round(config.router.topology_interval * 2)
+                            .await;
+                    }
+                }
+                Err(e) => return Err(self.refusal(e)),
+            }
+        }
+    }
+
+    /// What a pool's refusal tells the client.
+    fn refusal(&self, error: PoolError) -> DbError {
+        match error {
+            PoolError::Exhausted { pool, waited } => DbError::PoolExhausted { pool, waited },
+            // The server's own refusal of the database (3D000 and the
+            // like) is the client's answer; its refusal of gatehouse's
+            // credentials (class 28) is not the client's business.
+            PoolError::Server(ServerError::Refused { sqlstate, message })
+                if !sqlstate.starts_with(sqlstate::CLASS_INVALID_AUTHORIZATION) =>
+            {
+                DbError::Server { sqlstate, message }
+            }
+            PoolError::Server(e) => {
+                tracing::warn!(error = %e, "cannot reach the database server");
+                DbError::ServerUnreachable
+            }
+        }
+    }
+
+    /// What a transaction that starts with `frames` needs of a node.
+    fn want(&self, config: &DbConfig, frames: &[Frame]) -> Want {
+        let read = |forced| Want::Read {
+            after: self.must_have_seen(config),
+            forced,
+        };
+        match self.routing {
+            Routing::Primary => return Want::Primary(Reason::Forced),
+            Routing::Replica => return read(true),
+            Routing::Auto => {}
+        }
+        if self.pinned {
+            return Want::Primary(Reason::Session);
+        }
+        // The greeting: any node's parameters will do.
+        if frames.is_empty() {
+            return read(false);
+        }
+        match self.access(config, frames) {
+            Access::Read | Access::BeginReadOnly => read(false),
+            Access::Begin => Want::Primary(Reason::InTransaction),
+            Access::ForcedPrimary => Want::Primary(Reason::Forced),
+            Access::Write => Want::Primary(Reason::Write),
+        }
+    }
+
+    /// What the statement `frames` carry needs: one simple Query, or one
+    /// Parse/Bind/Describe/Execute ending with Sync; anything else is
+    /// written as a write.
+    fn access(&self, config: &DbConfig, frames: &[Frame]) -> Access {
+        let standard_strings = lookup(&self.told, "standard_conforming_strings") != Some("off");
+        let functions = &config.router.replica_functions;
+        let classify = |sql: &[u8]| self.shared.shapes.access(sql, standard_strings, functions);
+        if let [only] = frames {
+            return match only.frontend() {
+                Ok(Frontend::Query { sql }) => classify(sql),
+                _ => Access::Write,
+            };
+        }
+        if frames.last().is_none_or(|f| f.tag != front::SYNC) {
+            return Access::Write;
+        }
+        let mut parsed: Option<(&[u8], &[u8])> = None;
+        let mut executed: Option<&[u8]> = None;
+        for frame in &frames[..frames.len() - 1] {
+            match frame.frontend() {
+                Ok(Frontend::Parse { statement, sql }) if parsed.is_none() => {
+                    parsed = Some((statement, sql));
+                }
+                Ok(Frontend::Bind { statement, .. }) if executed.is_none() => {
+                    executed = Some(statement);
+                }
+                Ok(Frontend::Describe { .. } | Frontend::Execute { .. }) => {}
+                _ => return Access::Write,
+            }
+        }
+        let Some(statement) = executed else {
+            return Access::Write;
+        };
+        let sql = match parsed {
+            Some((name, sql)) if name == statement => Some(sql),
+            Some(_) => None,
+            None if !statement.is_empty() => self.statements.sql_of(statement),
+            None => None,
+        };
+        sql.map_or(Access::Write, classify)
+    }
+
+    /// The WAL position a replica must have replayed for this client's
+    /// reads: its own last write, and with `read_your_writes = "database"`
+    /// the database's last write within the window.
+    fn must_have_seen(&self, config: &DbConfig) -> u64 {
+        if config.router.read_your_writes == ReadYourWrites::Connection {
+            return self.written;
+        }
+        let written = self
+            .shared
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match written.get(&self.database) {
+            Some((lsn, at)) if at.elapsed() < config.router.read_your_writes_window => {
+                (*lsn).max(self.written)
+            }
+            _ => self.written,
+        }
+    }
+
+    /// A transaction ended: after one on the primary that may have written,
+    /// learn how far the primary's WAL goes, for this client's (or the
+    /// database's) later reads.
+    async fn transaction_ended(&mut self) {
+        let Some(choice) = &self.transaction else {
+            return;
+        };
+        let wrote = !choice.replica
+            && !matches!(choice.reason, Reason::ReadYourWrites | Reason::LagFallback);
+        if !wrote {
+            if !self.pinned {
+                self.transaction = None;
+            }
+            return;
+        }
+        let Some(server) = self.server.as_mut().filter(|s| s.is_idle()) else {
+            return;
+        };
+        let Ok(conn) = server.conn_mut() else {
+            return;
+        };
+        let lsn = match conn.query_row("SELECT pg_current_wal_insert_lsn()").await {
+            Ok(Some(row)) => row
+                .first()
+                .and_then(Option::as_deref)
+                .and_then(super::topology::parse_lsn)
+                .map(super::topology::replayable),
+            // On a node that is no longer the primary (25006 at the next
+            // write), or gone: the next transaction finds out.
+            _ => None,
+        };
+        let Some(lsn) = lsn else {
+            server.discard();
+            return;
+        };
+        self.written = self.written.max(lsn);
+        let mut written = self
+            .shared
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = written
+            .entry(self.database.clone())
+            .or_insert((0, std::time::Instant::now()));
+        *entry = (entry.0.max(lsn), std::time::Instant::now());
+        drop(written);
+        if !self.pinned {
+            self.transaction = None;
+        }
     }
 
     fn point_cancel(&self, target: Option<CancelTarget>) {
@@ -558,9 +814,7 @@ impl Session<'_> {
                     if let Some(answers) = alone {
                         client.send(&answers).await?;
                     } else if !frames.is_empty() {
-                        let naming = self.naming;
-                        let pinned = self.pinned;
-                        if let Err(refusal) = self.acquire().await {
+                        if let Err(refusal) = self.acquire(&frames).await {
                             client.fail(&refusal).await?;
                             return Err(SessionError::Gone);
                         }
@@ -576,17 +830,15 @@ impl Session<'_> {
                                 self.pending.push_back((now, sql.clone()));
                             }
                         }
-                        let sent = server
-                            .conn_mut()
-                            .map_err(server_gone)?
-                            .forward(&frames, &mut self.statements, naming, pinned, &mut to_client)
-                            .await
-                            .map_err(server_gone)?;
-                        server.metrics().bytes_to_server.inc_by(sent as u64);
+                        if let Err(e) = self.forward(&frames, &mut to_client).await {
+                            self.resend(&frames, &mut to_client, client, e).await?;
+                        }
                         self.after_exchange();
                         if !to_client.is_empty() {
+                            let early = self.before_reply().await;
                             client.send(&to_client).await?;
-                            self.between_transactions();
+                            self.answered = true;
+                            self.transaction_boundary(!early).await;
                         }
                     }
                     if terminate {
@@ -594,14 +846,146 @@ impl Session<'_> {
                     }
                 }
                 read = from_server => {
-                    read.map_err(server_gone)?;
+                    let read = read.and_then(|()| self.shut_down_unanswered(&to_client));
+                    if let Err(e) = read {
+                        self.resend(&frames, &mut to_client, client, e).await?;
+                    }
                     self.after_exchange();
-                    client.send(&to_client).await?;
-                    self.between_transactions();
+                    let early = self.before_reply().await;
+                    if !to_client.is_empty() {
+                        client.send(&to_client).await?;
+                        self.answered = true;
+                    }
+                    self.transaction_boundary(!early).await;
                 }
                 () = &mut drain_started, if !drain_seen => drain_seen = true,
             }
         }
+    }
+
+    /// A replica that is shutting down answers a read it has not begun
+    /// with 57P0x (FATAL, or a WARNING notice) and closes: before anything reached the client,
+    /// that is a failure of the node, not an answer for the client.
+    fn shut_down_unanswered(&self, to_client: &[u8]) -> Result<(), ServerError> {
+        if self.answered || !self.transaction.as_ref().is_some_and(|t| t.replica) {
+            return Ok(());
+        }
+        let mut rest = to_client;
+        while rest.len() >= 5 {
+            let len = super::codec::announced_len(rest)
+                .unwrap_or(rest.len())
+                .min(rest.len());
+            let frame = &rest[..len];
+            // FATAL, or WARNING as a notice (an immediate shutdown).
+            let report = [
+                super::codec::tag::back::ERROR_RESPONSE,
+                super::codec::tag::back::NOTICE_RESPONSE,
+            ];
+            if report.contains(&frame[0]) && memchr::memmem::find(frame, b"C57P0").is_some() {
+                return Err(ServerError::Io(
+                    std::io::ErrorKind::ConnectionAborted.into(),
+                ));
+            }
+            rest = &rest[len..];
+        }
+        Ok(())
+    }
+
+    /// Send `frames` to the server this client holds.
+    async fn forward(
+        &mut self,
+        frames: &[Frame],
+        to_client: &mut BytesMut,
+    ) -> Result<(), super::server::ServerError> {
+        let (naming, pinned) = (self.naming, self.pinned);
+        let Some(server) = self.server.as_mut() else {
+            return Err(ServerError::Io(std::io::ErrorKind::NotConnected.into()));
+        };
+        let sent = server
+            .conn_mut()?
+            .forward(frames, &mut self.statements, naming, pinned, to_client)
+            .await?;
+        server.metrics().bytes_to_server.inc_by(sent as u64);
+        Ok(())
+    }
+
+    /// The server failed (`error`) while it held `frames`, the client's
+    /// last messages. A read on a replica that has not answered anything
+    /// yet goes again to another node; anything else ends the session.
+    async fn resend<S>(
+        &mut self,
+        frames: &[Frame],
+        to_client: &mut BytesMut,
+        client: &mut Client<S>,
+        error: super::server::ServerError,
+    ) -> Result<(), SessionError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let named_parse = frames.iter().any(|f| {
+            matches!(f.frontend(), Ok(Frontend::Parse { statement, .. }) if !statement.is_empty())
+        });
+        let on_replica = self.transaction.as_ref().is_some_and(|t| t.replica);
+        if self.answered || !on_replica || frames.is_empty() || named_parse {
+            return Err(server_gone(error));
+        }
+        let config = self.shared.config.load_full();
+        if let Some(failed) = self.transaction.take() {
+            tracing::warn!(node = %failed.node, error = %error, "a read failed on a replica before answering; sent to another node");
+            if let Some(health) = &failed.health {
+                self.shared.topology.failed(health, &failed.node, &config);
+            }
+            self.avoid = Some(failed.node);
+        }
+        self.shared.metrics.read_retries.inc();
+        if let Some(mut server) = self.server.take() {
+            server.discard();
+        }
+        self.point_cancel(None);
+        to_client.clear();
+        if let Err(refusal) = self.acquire(frames).await {
+            client.fail(&refusal).await?;
+            return Err(SessionError::Gone);
+        }
+        self.forward(frames, to_client).await.map_err(server_gone)
+    }
+
+    /// After an answer reached the client: if the transaction ended, learn
+    /// what it wrote and (in transaction pooling) give the server back. A
+    /// server that refused a write as read-only is not the primary: every
+    /// node is asked again at once.
+    async fn transaction_boundary(&mut self, record: bool) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if server.conn_mut().is_ok_and(|c| c.take_read_only_refusal())
+            && self.transaction.as_ref().is_some_and(|t| !t.replica)
+        {
+            tracing::warn!("the primary refused a write as read-only: asking every node its role");
+            self.shared.topology.recheck();
+        }
+        if record && server.is_idle() {
+            self.transaction_ended().await;
+        }
+        self.between_transactions();
+    }
+
+    /// With `read_your_writes = "database"`, a write is recorded before
+    /// its client hears that it committed: another client may read at once
+    /// after that. True when it was (or nothing was to be).
+    async fn before_reply(&mut self) -> bool {
+        let config = self.shared.config.load();
+        if config.nodes.len() == 1 || config.router.read_your_writes != ReadYourWrites::Database {
+            return false;
+        }
+        if self
+            .server
+            .as_ref()
+            .is_some_and(super::pool::Checkout::is_idle)
+        {
+            self.transaction_ended().await;
+        }
+        true
     }
 
     /// A client message as it goes on: one that would set session state in
@@ -789,4 +1173,14 @@ fn loggable(sql: &[u8]) -> String {
 
 fn server_gone(e: super::server::ServerError) -> SessionError {
     SessionError::Io(std::io::Error::other(e.to_string()))
+}
+
+/// Whether a server error says the node cannot serve (not reached, or
+/// shutting down or starting up: 57P0x) rather than refusing the client.
+fn node_failure(error: &ServerError) -> bool {
+    match error {
+        ServerError::Connect { .. } | ServerError::Timeout(_) | ServerError::Io(_) => true,
+        ServerError::Refused { sqlstate, .. } => sqlstate.starts_with("57P0"),
+        _ => false,
+    }
 }

@@ -92,6 +92,12 @@ impl ClientStatements {
         self.by_name.is_empty()
     }
 
+    /// The query text of the statement the client named `name`.
+    pub fn sql_of(&self, name: &[u8]) -> Option<&[u8]> {
+        let content = &self.by_name.get(name)?.content;
+        super::codec::cbytes(content).map(|(sql, _)| sql)
+    }
+
     /// Answer a client that holds no server connection and only names
     /// statements (`Parse` with a name, then Sync or Flush), as `PQprepare`
     /// does: the statements are kept here and prepared on the server

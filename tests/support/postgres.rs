@@ -3,6 +3,8 @@
 //! directory, one per test binary. As root it runs as the `postgres` user,
 //! since PostgreSQL refuses to run as root.
 
+#![allow(dead_code)] // each test binary uses its own part
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -98,11 +100,69 @@ impl TestPostgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let postgres = TestPostgres::launch(bin, dir, "");
+        postgres.superuser_sql(&format!(
+            "CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'"
+        ));
+        postgres.superuser_sql(&format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"));
+        postgres
+    }
+
+    /// A streaming replica of this cluster (`pg_basebackup -R`), with
+    /// `extra` server options (e.g. `-c recovery_min_apply_delay=3s`).
+    pub fn replica(&self, extra: &str) -> TestPostgres {
+        let dir = tempfile::tempdir().expect("temp dir");
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success(), "chown of the replica directory failed");
+        }
+        let conninfo = format!(
+            "host={} port={} user=postgres password={SUPERUSER_PASSWORD}",
+            self.socket_dir.display(),
+            self.port
+        );
+        let out = as_owner(&self.bin.join("pg_basebackup"))
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-R", "-X", "stream", "-c", "fast", "-d", &conninfo])
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestPostgres::launch(self.bin.clone(), dir, extra)
+    }
+
+    /// Make a replica the primary (`pg_ctl promote`).
+    pub fn promote(&self) {
+        let out = as_owner(&self.bin.join("pg_ctl"))
+            .args(["promote", "-w", "-D"])
+            .arg(self.dir.path().join("data"))
+            .output()
+            .expect("pg_ctl promote");
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Start `postgres` on the cluster in `dir`/data, on a free port, with
+    /// its socket in `dir`, stopped by a watcher once the test process is
+    /// gone.
+    fn launch(bin: PathBuf, dir: tempfile::TempDir, extra: &str) -> TestPostgres {
+        let data = dir.path().join("data");
         let port = free_port();
         let log = dir.path().join("postgres.log");
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=200",
+             -c full_page_writes=off -c max_connections=200 -c wal_receiver_status_interval=1s {extra}",
             dir.path().display()
         );
         let pg_ctl = bin.join("pg_ctl");
@@ -151,10 +211,6 @@ impl TestPostgres {
             _watcher: watcher,
         };
         postgres.wait_ready();
-        postgres.superuser_sql(&format!(
-            "CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'"
-        ));
-        postgres.superuser_sql(&format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"));
         postgres
     }
 

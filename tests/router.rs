@@ -1,0 +1,505 @@
+//! `gatehouse db` as a router, against real streaming replication: a
+//! primary and replicas made with `pg_basebackup -R`. Reads land on
+//! replicas by weight and everything that may write on the primary; a
+//! client reads its own writes even from a delayed replica; a killed
+//! replica costs no transaction; a promoted replica becomes the primary
+//! and no acknowledged write is lost.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+#[allow(dead_code)]
+#[path = "support/harness.rs"]
+mod harness;
+#[path = "support/postgres.rs"]
+mod postgres;
+#[path = "support/db.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use postgres::{APP_DB, APP_PASSWORD, APP_USER, TestPostgres};
+use support::{GatehouseDb, Wire, free_port, http_get, metric, wait_for};
+
+/// The binary's replication: a primary, two replicas, and a replica that
+/// applies WAL three seconds late.
+struct Cluster {
+    primary: TestPostgres,
+    replicas: Vec<TestPostgres>,
+    delayed: TestPostgres,
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let primary = TestPostgres::start();
+        prepare(&primary);
+        let replicas = vec![primary.replica(""), primary.replica("")];
+        let delayed = primary.replica("-c recovery_min_apply_delay=3s");
+        for replica in replicas.iter().chain([&delayed]) {
+            assert!(
+                wait_for(Duration::from_secs(30), || app_sql(
+                    replica,
+                    "SELECT count(*) FROM items"
+                )
+                .is_ok()),
+                "the replica did not catch up"
+            );
+        }
+        Cluster {
+            primary,
+            replicas,
+            delayed,
+        }
+    })
+}
+
+/// The schema the tests use, made on a primary before its replicas.
+fn prepare(primary: &TestPostgres) {
+    primary.superuser_sql(&format!("GRANT pg_monitor TO {APP_USER}"));
+    app_sql(
+        primary,
+        "CREATE TABLE items (id serial PRIMARY KEY, note text); \
+         INSERT INTO items (note) VALUES ('first'), ('second'); \
+         CREATE TABLE counter (n int PRIMARY KEY); \
+         CREATE FUNCTION bump() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 1'",
+    )
+    .unwrap();
+}
+
+/// SQL as `app` straight to a node.
+fn app_sql(pg: &TestPostgres, sql: &str) -> Result<String, String> {
+    let out = std::process::Command::new("psql")
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string()])
+        .args(["-U", APP_USER, "-d", APP_DB, "-X", "-A", "-t"])
+        .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+/// `gatehouse db` routing over `nodes` (the first as `[primary]`), each
+/// `(node, weight)`, with `router` lines under `[router]`; with its admin
+/// address.
+fn router(nodes: &[(&TestPostgres, u32)], router: &str) -> (GatehouseDb, String) {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let (first, weight) = nodes[0];
+    let mut config = format!(
+        "[server]\nsocket_dir = \"/set/at/start\"\nport = {port}\n\n\
+         [admin]\nenabled = true\nlisten = \"{admin}\"\n\n\
+         [primary]\nhost = \"127.0.0.1\"\nport = {}\nweight = {weight}\n\n\
+         [router]\ntopology_interval = \"200ms\"\n{router}\n\n\
+         [pool]\nmin_connections = 0\nconnect_timeout = \"2s\"\n\n\
+         [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
+         [[databases]]\nname = \"{APP_DB}\"\n",
+        first.port,
+        port = free_port(),
+    );
+    for (node, weight) in &nodes[1..] {
+        config.push_str(&format!(
+            "\n[[nodes]]\nhost = \"127.0.0.1\"\nport = {}\nweight = {weight}\n",
+            node.port
+        ));
+    }
+    let db = GatehouseDb::start_with_text(&config);
+    (db, admin)
+}
+
+/// `/metrics/json .database.nodes`.
+fn nodes(admin: &str) -> Vec<serde_json::Value> {
+    let (_, body) = http_get(admin, "/metrics/json");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    json["database"]["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Wait until the monitor has found one primary and `replicas` replicas.
+fn wait_for_roles(admin: &str, replicas: usize) {
+    assert!(
+        wait_for(Duration::from_secs(15), || {
+            let nodes = nodes(admin);
+            let count = |role: &str| {
+                nodes
+                    .iter()
+                    .filter(|n| n["role"] == role && n["up"] == true)
+                    .count()
+            };
+            count("primary") == 1 && count("replica") == replicas
+        }),
+        "roles not found: {:?}",
+        nodes(admin)
+    );
+}
+
+fn port_of(wire: &mut Wire, sql: &str) -> u16 {
+    wire.value(sql).parse().unwrap()
+}
+
+#[test]
+fn reads_go_to_replicas_by_weight_and_the_rest_to_the_primary() {
+    let c = cluster();
+    let (a, b) = (&c.replicas[0], &c.replicas[1]);
+    let (db, admin) = router(&[(&c.primary, 1), (a, 3), (b, 1)], "max_lag = \"30s\"");
+    wait_for_roles(&admin, 2);
+    let mut wire = db.wire();
+    let mut landed: HashMap<u16, u32> = HashMap::new();
+    for _ in 0..400 {
+        *landed
+            .entry(port_of(&mut wire, "SELECT inet_server_port()"))
+            .or_default() += 1;
+    }
+    let on = |pg: &TestPostgres| landed.get(&pg.port).copied().unwrap_or(0);
+    assert_eq!(on(&c.primary), 0, "{landed:?}");
+    assert_eq!(on(a) + on(b), 400, "{landed:?}");
+    // Weights 3:1, roughly: 300 and 100 expected.
+    assert!(on(a) > 2 * on(b) && on(b) > 40, "{landed:?}");
+
+    // Extended protocol: a named statement, executed.
+    wire.prepare("where", "SELECT inet_server_port()");
+    let frames = wire.execute_prepared("where");
+    let port: u16 = support::first_value(&frames).unwrap().parse().unwrap();
+    assert_ne!(port, c.primary.port);
+
+    // A read-only transaction runs on one replica.
+    wire.query("BEGIN READ ONLY");
+    let first = port_of(&mut wire, "SELECT inet_server_port()");
+    assert_ne!(first, c.primary.port);
+    for _ in 0..5 {
+        assert_eq!(port_of(&mut wire, "SELECT inet_server_port()"), first);
+    }
+    wire.query("COMMIT");
+
+    // Everything that may write, and what asks for the primary.
+    for sql in [
+        "SELECT inet_server_port() FROM (SELECT nextval('items_id_seq')) s",
+        "SELECT inet_server_port() FROM items LIMIT 1 FOR UPDATE",
+        "SELECT inet_server_port() FROM items LIMIT 1 FOR NO KEY UPDATE SKIP LOCKED",
+        "WITH x AS (INSERT INTO items (note) VALUES ('cte') RETURNING id) SELECT inet_server_port() FROM x",
+        "SELECT inet_server_port(); SELECT 1",
+        "/* gatehouse:primary */ SELECT inet_server_port()",
+        // A function of the application's own: it may write (and may set
+        // session state, which pins this client to its primary connection).
+        "SELECT inet_server_port() + bump() - 1",
+    ] {
+        for _ in 0..3 {
+            assert_eq!(port_of(&mut wire, sql), c.primary.port, "{sql}");
+        }
+    }
+    wire.query("BEGIN");
+    assert_eq!(
+        port_of(&mut wire, "SELECT inet_server_port()"),
+        c.primary.port
+    );
+    wire.query("INSERT INTO items (note) VALUES ('in a transaction')");
+    wire.query("COMMIT");
+
+    // Virtual databases.
+    let mut primary_only = db.wire_to("app_primary");
+    let mut replicas_only = db.wire_to("app_replica");
+    for _ in 0..5 {
+        assert_eq!(
+            port_of(&mut primary_only, "SELECT inet_server_port()"),
+            c.primary.port
+        );
+        let port = port_of(
+            &mut replicas_only,
+            "SELECT inet_server_port() FROM (SELECT random()) s",
+        );
+        assert!(port == a.port || port == b.port, "{port}");
+    }
+    let reads = metric(
+        &admin,
+        "gatehouse_db_routed_transactions_total{reason=\"read\",target=\"replica\"}",
+    )
+    .unwrap();
+    let writes = metric(
+        &admin,
+        "gatehouse_db_routed_transactions_total{reason=\"write\",target=\"primary\"}",
+    )
+    .unwrap();
+    assert!(
+        reads >= 400.0 && writes >= 15.0,
+        "{reads} {writes}: {}",
+        http_get(&admin, "/metrics")
+            .1
+            .lines()
+            .filter(|l| l.contains("routed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let nodes = nodes(&admin);
+    assert!(nodes.iter().all(|n| n["circuit"] == "closed"), "{nodes:?}");
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["role"] == "replica" && n["lag_bytes"].is_u64()),
+        "{nodes:?}"
+    );
+}
+
+#[test]
+fn a_client_reads_its_own_writes_from_a_delayed_replica() {
+    let c = cluster();
+    // The delayed replica is within max_lag: other clients may read it.
+    let (db, admin) = router(&[(&c.primary, 1), (&c.delayed, 1)], "max_lag = \"60s\"");
+    wait_for_roles(&admin, 1);
+    let mut writer = db.wire();
+    let mut other = db.wire();
+    for round in 0..5 {
+        let note = format!("own-{round}-{}", free_port());
+        writer.query(&format!("INSERT INTO items (note) VALUES ('{note}')"));
+        let seen = writer.row(&format!(
+            "SELECT count(*), inet_server_port() FROM items WHERE note = '{note}'"
+        ));
+        assert_eq!(
+            seen[0], "1",
+            "the writer sees its row (read on {})",
+            seen[1]
+        );
+        // Another connection is not held to that write: it may read the
+        // replica, which has not applied it yet.
+        let stale = other.row(&format!(
+            "SELECT count(*), inet_server_port() FROM items WHERE note = '{note}'"
+        ));
+        assert_eq!(stale[1], c.delayed.port.to_string(), "{stale:?}");
+        assert_eq!(stale[0], "0", "{stale:?}");
+    }
+    let ryw = metric(
+        &admin,
+        "gatehouse_db_routed_transactions_total{reason=\"read_your_writes\",target=\"primary\"}",
+    )
+    .unwrap();
+    assert!(ryw >= 5.0, "{ryw}");
+
+    // Per database: every client's reads wait for the last write.
+    let (db, admin) = router(
+        &[(&c.primary, 1), (&c.delayed, 1)],
+        "max_lag = \"60s\"\nread_your_writes = \"database\"\nread_your_writes_window = \"10s\"",
+    );
+    wait_for_roles(&admin, 1);
+    let mut writer = db.wire();
+    let mut other = db.wire();
+    let note = format!("shared-{}", free_port());
+    writer.query(&format!("INSERT INTO items (note) VALUES ('{note}')"));
+    let seen = other.row(&format!("SELECT count(*) FROM items WHERE note = '{note}'"));
+    assert_eq!(seen[0], "1");
+
+    // Beyond max_lag, nobody reads the delayed replica.
+    let (db, admin) = router(&[(&c.primary, 1), (&c.delayed, 1)], "max_lag = \"1s\"");
+    wait_for_roles(&admin, 1);
+    let mut other = db.wire();
+    app_sql(&c.primary, "INSERT INTO items (note) VALUES ('lagging')").unwrap();
+    assert!(wait_for(Duration::from_secs(5), || {
+        nodes(&admin)
+            .iter()
+            .any(|n| n["role"] == "replica" && n["lag_bytes"].as_u64() > Some(0))
+    }));
+    // Let the replica fall a second behind.
+    std::thread::sleep(Duration::from_millis(1500));
+    let port = port_of(&mut other, "SELECT inet_server_port()");
+    assert_eq!(port, c.primary.port);
+    assert!(
+        metric(
+            &admin,
+            "gatehouse_db_routed_transactions_total{reason=\"lag_fallback\",target=\"primary\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
+}
+
+/// pgbench -S for `seconds` through `db` with `clients`; its output.
+fn pgbench_select(db: &GatehouseDb, seconds: u32, clients: u32) -> std::process::Output {
+    std::process::Command::new("pgbench")
+        .arg("-h")
+        .arg(db.socket_dir.path())
+        .args(["-p", &db.port.to_string(), "-U", APP_USER, "-n", "-S"])
+        .args(["-T", &seconds.to_string(), "-c", &clients.to_string()])
+        .arg(APP_DB)
+        .env("PGPASSWORD", APP_PASSWORD)
+        .output()
+        .expect("pgbench is installed (apt-get install postgresql)")
+}
+
+#[test]
+fn a_killed_replica_costs_no_transaction_and_comes_back() {
+    let primary = TestPostgres::start();
+    prepare(&primary);
+    let pgbench = std::process::Command::new("pgbench")
+        .args([
+            "-i",
+            "-s",
+            "1",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+        ])
+        .args(["-U", APP_USER, APP_DB])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(
+        pgbench.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pgbench.stderr)
+    );
+    let replicas = [primary.replica(""), primary.replica("")];
+    for replica in &replicas {
+        assert!(wait_for(Duration::from_secs(30), || app_sql(
+            replica,
+            "SELECT count(*) FROM pgbench_accounts"
+        )
+        .is_ok()));
+    }
+    let (db, admin) = router(
+        &[(&primary, 1), (&replicas[0], 1), (&replicas[1], 1)],
+        "failures_to_ban = 1\nban_time = \"1s\"",
+    );
+    wait_for_roles(&admin, 2);
+    let bench = std::thread::scope(|scope| {
+        let bench = scope.spawn(|| pgbench_select(&db, 6, 4));
+        std::thread::sleep(Duration::from_secs(2));
+        replicas[0].stop();
+        bench.join().unwrap()
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bench.stdout),
+        String::from_utf8_lossy(&bench.stderr)
+    );
+    assert!(
+        bench.status.success(),
+        "pgbench failed: {text}\n{}",
+        db.log()
+            .lines()
+            .filter(|l| !l.contains("DEBUG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(!text.contains("aborted"), "{text}");
+    assert!(text.contains("number of failed transactions: 0"), "{text}");
+    let down = nodes(&admin);
+    assert!(
+        down.iter()
+            .any(|n| n["up"] == false && n["circuit"] != "closed"),
+        "{down:?}"
+    );
+
+    // Back: reads reach it again.
+    replicas[0].restart();
+    wait_for_roles(&admin, 2);
+    let mut wire = db.wire();
+    assert!(
+        wait_for(Duration::from_secs(10), || port_of(
+            &mut wire,
+            "SELECT inet_server_port()"
+        ) == replicas[0].port),
+        "{:?}",
+        nodes(&admin)
+    );
+}
+
+#[test]
+fn a_promoted_replica_becomes_the_primary_and_no_acknowledged_write_is_lost() {
+    let primary = TestPostgres::start();
+    prepare(&primary);
+    let replicas = [primary.replica(""), primary.replica("")];
+    for replica in &replicas {
+        assert!(wait_for(Duration::from_secs(30), || app_sql(
+            replica,
+            "SELECT count(*) FROM counter"
+        )
+        .is_ok()));
+    }
+    // Acknowledged means on both replicas too: nothing a promotion loses.
+    primary.superuser_sql("ALTER SYSTEM SET synchronous_standby_names = 'ANY 2 (*)'");
+    primary.superuser_sql("SELECT pg_reload_conf()");
+    primary.superuser_sql(&format!(
+        "ALTER ROLE {APP_USER} SET synchronous_commit = on"
+    ));
+    let (db, admin) = router(
+        &[(&primary, 1), (&replicas[0], 1), (&replicas[1], 1)],
+        "failover_timeout = \"30s\"",
+    );
+    wait_for_roles(&admin, 2);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (acknowledged, promoted_at, resumed_at) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut acknowledged = Vec::new();
+            let mut times = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                if db
+                    .psql(
+                        APP_USER,
+                        APP_PASSWORD,
+                        &format!("INSERT INTO counter VALUES ({n})"),
+                    )
+                    .is_ok()
+                {
+                    acknowledged.push(n);
+                    times.push(Instant::now());
+                }
+            }
+            (acknowledged, times)
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        primary.stop();
+        std::thread::sleep(Duration::from_secs(1));
+        replicas[0].promote();
+        let promoted_at = Instant::now();
+        std::thread::sleep(Duration::from_secs(5));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (acknowledged, times) = writer.join().unwrap();
+        let resumed_at = times.iter().copied().find(|t| *t > promoted_at);
+        (acknowledged, promoted_at, resumed_at)
+    });
+    let resumed_at = resumed_at.expect("writes resumed after the promotion");
+    assert!(
+        resumed_at.duration_since(promoted_at) < Duration::from_secs(3),
+        "writes resumed {:?} after the promotion\n{}",
+        resumed_at.duration_since(promoted_at),
+        db.log()
+    );
+    let stored: Vec<i64> = app_sql(&replicas[0], "SELECT n FROM counter ORDER BY n")
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    for n in &acknowledged {
+        assert!(
+            stored.contains(&i64::from(*n)),
+            "write {n} acknowledged and lost"
+        );
+    }
+    assert!(acknowledged.len() > 10, "{acknowledged:?}");
+    let nodes = nodes(&admin);
+    let new_primary = nodes.iter().find(|n| n["role"] == "primary").unwrap();
+    assert_eq!(
+        new_primary["address"],
+        format!("127.0.0.1:{}", replicas[0].port)
+    );
+    assert!(metric(&admin, "gatehouse_db_failovers_total").unwrap() >= 1.0);
+    // The replica left on the old timeline gets no reads.
+    let mut wire = db.wire();
+    for _ in 0..20 {
+        assert_ne!(
+            port_of(&mut wire, "SELECT inet_server_port()"),
+            replicas[1].port,
+            "{nodes:?}"
+        );
+    }
+    assert!(db.log().contains("failover"), "{}", db.log());
+}
