@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use postgres::{APP_DB, APP_PASSWORD, APP_USER, TestPostgres};
 use support::{GatehouseDb, Wire, free_port, http_get, metric, wait_for};
 
+/// The example Django app's database.
+const DJANGO_DB: &str = "app_django";
+
 /// The binary's replication: a primary, two replicas, and a replica that
 /// applies WAL three seconds late.
 struct Cluster {
@@ -70,9 +73,13 @@ fn prepare(primary: &TestPostgres) {
 
 /// SQL as `app` straight to a node.
 fn app_sql(pg: &TestPostgres, sql: &str) -> Result<String, String> {
+    app_sql_on(pg, APP_DB, sql)
+}
+
+fn app_sql_on(pg: &TestPostgres, database: &str, sql: &str) -> Result<String, String> {
     let out = std::process::Command::new("psql")
         .args(["-h", "127.0.0.1", "-p", &pg.port.to_string()])
-        .args(["-U", APP_USER, "-d", APP_DB, "-X", "-A", "-t"])
+        .args(["-U", APP_USER, "-d", database, "-X", "-A", "-t"])
         .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
         .env("PGPASSWORD", APP_PASSWORD)
         .env("PGCONNECT_TIMEOUT", "5")
@@ -98,7 +105,7 @@ fn router(nodes: &[(&TestPostgres, u32)], router: &str) -> (GatehouseDb, String)
          [router]\ntopology_interval = \"200ms\"\n{router}\n\n\
          [pool]\nmin_connections = 0\nconnect_timeout = \"2s\"\n\n\
          [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
-         [[databases]]\nname = \"{APP_DB}\"\n",
+         [[databases]]\nname = \"{APP_DB}\"\n\n[[databases]]\nname = \"{DJANGO_DB}\"\n",
         first.port,
         port = free_port(),
     );
@@ -502,4 +509,113 @@ fn a_promoted_replica_becomes_the_primary_and_no_acknowledged_write_is_lost() {
         );
     }
     assert!(db.log().contains("failover"), "{}", db.log());
+}
+
+#[test]
+fn two_primaries_the_higher_timeline_wins_and_the_other_gets_nothing() {
+    let primary = TestPostgres::start();
+    prepare(&primary);
+    let replica = primary.replica("");
+    assert!(wait_for(Duration::from_secs(30), || app_sql(
+        &replica,
+        "SELECT count(*) FROM counter"
+    )
+    .is_ok()));
+    let (db, admin) = router(&[(&primary, 1), (&replica, 1)], "");
+    wait_for_roles(&admin, 1);
+    // Promoted while the old primary still runs: both accept writes.
+    replica.promote();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let nodes = nodes(&admin);
+            nodes.iter().any(|n| n["role"] == "refused")
+                && nodes.iter().any(|n| {
+                    n["role"] == "primary" && n["address"] == format!("127.0.0.1:{}", replica.port)
+                })
+        }),
+        "{:?}",
+        nodes(&admin)
+    );
+    let mut wire = db.wire();
+    for _ in 0..10 {
+        assert_eq!(
+            port_of(&mut wire, "SELECT inet_server_port()"),
+            replica.port
+        );
+        assert_eq!(
+            port_of(
+                &mut wire,
+                "SELECT inet_server_port() FROM (SELECT nextval('items_id_seq')) s"
+            ),
+            replica.port
+        );
+    }
+    assert!(db.log().contains("SPLIT BRAIN"), "{}", db.log());
+}
+
+/// Django answers a POST and the GET after it on different connections
+/// (`CONN_MAX_AGE = 0`, its default, opens one per request): with `read_your_writes = "database"` the GET sees the new story even
+/// with the only replica applying WAL three seconds late.
+#[test]
+fn django_reads_its_own_post_through_the_gateway_and_a_delayed_replica() {
+    let c = cluster();
+    c.primary
+        .superuser_sql(&format!("CREATE DATABASE {DJANGO_DB} OWNER {APP_USER}"));
+    assert!(wait_for(Duration::from_secs(15), || app_sql_on(
+        &c.delayed, DJANGO_DB, "SELECT 1"
+    )
+    .is_ok()));
+    let (db, admin) = router(
+        &[(&c.primary, 1), (&c.delayed, 1)],
+        "max_lag = \"60s\"\nread_your_writes = \"database\"\nread_your_writes_window = \"10s\"",
+    );
+    wait_for_roles(&admin, 1);
+    let host = db.socket_dir.path().display().to_string();
+    let port = db.port.to_string();
+    let gunicorn = harness::Gunicorn::start_with_env(
+        2,
+        &[
+            ("DB_NAME", DJANGO_DB),
+            ("DB_USER", APP_USER),
+            ("DB_PASSWORD", APP_PASSWORD),
+            ("DB_HOST", host.as_str()),
+            ("DB_PORT", port.as_str()),
+            ("DB_CONN_MAX_AGE", "0"),
+        ],
+    );
+    let gateway = harness::Gatehouse::start(&format!(
+        "routes = []\n[server]\nworkers = 2\n\n[upstream.health_check]\nenabled = false\n\n\
+         [[upstream.servers]]\nurl = \"{}\"\n\n[ratelimit]\nenabled = false\n",
+        gunicorn.upstream_url()
+    ));
+    // Past the seed data's writes: the replica is three seconds behind
+    // whatever is written next.
+    std::thread::sleep(Duration::from_secs(4));
+    for round in 0..6 {
+        let title = format!("read your own post {round}");
+        let body = format!("{{\"title\": \"{title}\", \"author_id\": 1}}");
+        let (status, headers, created) = harness::curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            &body,
+            &gateway.url("/v1/stories/"),
+        ]);
+        assert_eq!(status, 201, "{created}");
+        let location = harness::header_line(&headers, "location")
+            .unwrap()
+            .trim()
+            .to_string();
+        let (status, _, story) = harness::curl(&[&gateway.url(&location)]);
+        assert_eq!(status, 200, "{location}: {story}");
+        assert_eq!(harness::json(story.as_bytes())["title"], title.as_str());
+    }
+    let ryw = metric(
+        &admin,
+        "gatehouse_db_routed_transactions_total{reason=\"read_your_writes\",target=\"primary\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(ryw >= 6.0, "{ryw}");
 }

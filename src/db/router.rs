@@ -56,6 +56,10 @@ pub enum Want {
     /// A replica that replayed at least `after` (a WAL position), else the
     /// primary. `forced`: the client asked for replicas (`<db>_replica`).
     Read { after: u64, forced: bool },
+    /// Any node, the primary first: a new client's greeting needs a
+    /// server's parameters, and a client told `in_hot_standby = on` may
+    /// take itself for a standby's (libpq's `target_session_attrs`).
+    Greeting,
 }
 
 /// The node a transaction goes to.
@@ -128,6 +132,13 @@ pub fn choose(
     };
     let reason = match want {
         Want::Primary(reason) => reason,
+        Want::Greeting => {
+            if let Some(p) = snapshot.primary.filter(|p| snapshot.nodes[*p].up) {
+                return Some(on(p, false, Reason::Session));
+            }
+            let i = replica(snapshot, topology, config, 0, excluded)?;
+            return Some(on(i, true, Reason::Session));
+        }
         Want::Read { after, forced } => {
             if let Some(i) = replica(snapshot, topology, config, after, excluded) {
                 return Some(on(

@@ -365,6 +365,7 @@ impl Session<'_> {
             return checkout.map_err(|e| self.refusal(e));
         }
         let want = self.want(config, frames);
+        let greeting = want == Want::Greeting;
         let mut excluded: Vec<Arc<crate::config::db::Node>> =
             self.avoid.take().into_iter().collect();
         let deadline = tokio::time::Instant::now() + config.router.failover_timeout;
@@ -408,12 +409,14 @@ impl Session<'_> {
                             .with_label_values(&["served"])
                             .inc();
                     }
-                    let target = if choice.replica { "replica" } else { "primary" };
-                    shared
-                        .metrics
-                        .routed
-                        .with_label_values(&[target, choice.reason.name()])
-                        .inc();
+                    if !greeting {
+                        let target = if choice.replica { "replica" } else { "primary" };
+                        shared
+                            .metrics
+                            .routed
+                            .with_label_values(&[target, choice.reason.name()])
+                            .inc();
+                    }
                     self.transaction = Some(choice);
                     self.answered = false;
                     return Ok(server);
@@ -439,6 +442,13 @@ impl Session<'_> {
                             .next_round(config.router.topology_interval * 2)
                             .await;
                     }
+                }
+                // A replica that refuses (the database is not there yet,
+                // too many connections): the read goes elsewhere.
+                Err(PoolError::Server(e)) if choice.replica => {
+                    tracing::warn!(node = %choice.node, error = %e, "a replica refused; trying another node");
+                    shared.metrics.read_retries.inc();
+                    excluded.push(Arc::clone(&choice.node));
                 }
                 Err(e) => return Err(self.refusal(e)),
             }
@@ -475,12 +485,11 @@ impl Session<'_> {
             Routing::Replica => return read(true),
             Routing::Auto => {}
         }
+        if frames.is_empty() {
+            return Want::Greeting;
+        }
         if self.pinned {
             return Want::Primary(Reason::Session);
-        }
-        // The greeting: any node's parameters will do.
-        if frames.is_empty() {
-            return read(false);
         }
         match self.access(config, frames) {
             Access::Read | Access::BeginReadOnly => read(false),

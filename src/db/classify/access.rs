@@ -149,6 +149,9 @@ fn may_read(sql: &[u8]) -> bool {
         b"table",
         b"begin",
         b"start",
+        b"set",
+        b"reset",
+        b"show",
     ]
     .iter()
     .any(|w| word.eq_ignore_ascii_case(w))
@@ -303,6 +306,13 @@ pub fn shape(sql: &[u8], standard_strings: bool) -> Shape {
             None => Shape::Write,
         };
     }
+    // Settings write no WAL, and follow the client to any server (the
+    // session carries them): a replica may take them.
+    if node.get("VariableSetStmt").is_some() || node.get("VariableShowStmt").is_some() {
+        return Shape::Read {
+            functions: Box::new([]),
+        };
+    }
     if node.get("SelectStmt").is_none() {
         return Shape::Write;
     }
@@ -390,6 +400,9 @@ fn unsafe_function(call: &Value) -> Option<String> {
         .unwrap_or_default();
     match names.as_slice() {
         [name] | ["pg_catalog", name] if READ_ONLY_FUNCTIONS.contains(name) => None,
+        // Volatile, but it only changes a setting (Django's connection
+        // setup): as `SET`.
+        [name] | ["pg_catalog", name] if name.eq_ignore_ascii_case("set_config") => None,
         _ => Some(names.join(".").to_ascii_lowercase()),
     }
 }
@@ -417,6 +430,11 @@ mod tests {
             "/* a /* nested */ comment */ SELECT 1",
             "SELECT pg_catalog.upper('x')",
             "SELECT \"t\".\"id\" FROM \"t\" WHERE \"t\".\"id\" = $1 LIMIT 21",
+            // Django's connection setup, and settings: no WAL.
+            "SELECT set_config('TimeZone', 'UTC', false)",
+            "SET TimeZone TO 'UTC'",
+            "RESET statement_timeout",
+            "SHOW search_path",
         ] {
             assert_eq!(access(sql), Access::Read, "{sql}");
         }
@@ -442,12 +460,12 @@ mod tests {
             "SELECT random()",
             "SELECT setval('s', 1)",
             "SELECT * FROM generate_series(1, 3), nextval('s')",
+            "SELECT set_config('x', nextval('s')::text, false)",
             "SELEC 1",
             "BEGIN",
             "BEGIN READ WRITE",
             "BEGIN READ ONLY; SELECT 1",
             "COMMIT",
-            "SET x = 1",
             "EXPLAIN ANALYZE SELECT 1",
             "DELETE FROM t",
             "select 1 from t for key share",
