@@ -246,3 +246,63 @@ fn trust_for_everyone_is_refused_on_tcp_unless_asked_for() {
     let socket_only = base.replace("listen = \"127.0.0.1:6432\"", "listen = \"\"");
     assert!(load(&socket_only, &[]).is_ok());
 }
+
+#[test]
+fn nodes_come_from_the_file_and_the_seed_names() {
+    let config = load(
+        "[[users]]\nname = \"u\"\npassword = \"p\"\n[[databases]]\nname = \"d\"\n\
+         [[nodes]]\nhost = \"10.0.0.2\"\nweight = 3\n",
+        &[
+            ("DB_PRIMARY_HOST", "10.0.0.1"),
+            ("DB_PORT", "5433"),
+            ("DB_REPLICA_1_HOST", "10.0.0.3"),
+            ("DB_REPLICA_2_HOST", "10.0.0.4"),
+            // A gap ends the list.
+            ("DB_REPLICA_4_HOST", "10.0.0.9"),
+        ],
+    )
+    .unwrap();
+    let nodes: Vec<(String, u32)> = config
+        .nodes
+        .iter()
+        .map(|n| (n.node.to_string(), n.weight))
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("10.0.0.1:5433".to_string(), 1),
+            ("10.0.0.2:5432".to_string(), 3),
+            ("10.0.0.3:5433".to_string(), 1),
+            ("10.0.0.4:5433".to_string(), 1),
+        ]
+    );
+    assert_eq!(config.router.topology_interval, Duration::from_secs(1));
+    assert_eq!(config.router.failover_timeout, Duration::from_secs(30));
+    assert_eq!(config.router.read_your_writes, ReadYourWrites::Connection);
+    assert_eq!(config.resolve("d_replica"), ("d", Routing::Replica));
+    assert_eq!(config.resolve("d_primary"), ("d", Routing::Primary));
+    assert_eq!(config.resolve("d"), ("d", Routing::Auto));
+    assert_eq!(config.resolve("x_replica"), ("x_replica", Routing::Auto));
+}
+
+#[test]
+fn bad_nodes_and_router_settings_name_their_line() {
+    let text = "[[users]]\nname = \"u\"\npassword = \"p\"\n[[databases]]\nname = \"d\"\n\
+                [[nodes]]\nhost = \"postgresql://u:secret@h/d\"\n\
+                [[nodes]]\nhost = \"127.0.0.1\"\nport = 5432\n\
+                [router]\nread_your_writes = \"sometimes\"\nfailures_to_ban = 0\n\
+                monitor_user = \"nobody\"\n";
+    let message = load(text, &[]).unwrap_err().to_string();
+    for expected in [
+        ":7: `nodes[0].host`",
+        "nodes[1].host",
+        "listed twice",
+        "router.read_your_writes",
+        "`sometimes`",
+        "router.failures_to_ban",
+        "router.monitor_user",
+    ] {
+        assert!(message.contains(expected), "{expected}: {message}");
+    }
+    assert!(!message.contains("secret"), "{message}");
+}
