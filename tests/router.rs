@@ -299,6 +299,14 @@ fn a_client_reads_its_own_writes_from_a_delayed_replica() {
     writer.query(&format!("INSERT INTO items (note) VALUES ('{note}')"));
     let seen = other.row(&format!("SELECT count(*) FROM items WHERE note = '{note}'"));
     assert_eq!(seen[0], "1");
+    // A writer pinned to its server connection (LISTEN) marks its writes
+    // too.
+    let mut pinned = db.wire();
+    pinned.query("LISTEN nothing");
+    let note = format!("pinned-{}", free_port());
+    pinned.query(&format!("INSERT INTO items (note) VALUES ('{note}')"));
+    let seen = other.row(&format!("SELECT count(*) FROM items WHERE note = '{note}'"));
+    assert_eq!(seen[0], "1");
 
     // Beyond max_lag, nobody reads the delayed replica.
     let (db, admin) = router(&[(&c.primary, 1), (&c.delayed, 1)], "max_lag = \"1s\"");

@@ -565,11 +565,20 @@ impl Session<'_> {
     /// learn how far the primary's WAL goes, for this client's (or the
     /// database's) later reads.
     async fn transaction_ended(&mut self) {
-        let Some(choice) = &self.transaction else {
-            return;
+        let wrote = match &self.transaction {
+            Some(choice) => {
+                !choice.replica
+                    && !matches!(choice.reason, Reason::ReadYourWrites | Reason::LagFallback)
+            }
+            // A pinned client keeps the server it was given at login (the
+            // primary, unless it asked for replicas): any of its
+            // transactions may have written.
+            None => {
+                self.pinned
+                    && self.routing != Routing::Replica
+                    && self.shared.config.load().nodes.len() > 1
+            }
         };
-        let wrote = !choice.replica
-            && !matches!(choice.reason, Reason::ReadYourWrites | Reason::LagFallback);
         if !wrote {
             if !self.pinned {
                 self.transaction = None;
