@@ -155,7 +155,12 @@ fn port_of(wire: &mut Wire, sql: &str) -> u16 {
 fn reads_go_to_replicas_by_weight_and_the_rest_to_the_primary() {
     let c = cluster();
     let (a, b) = (&c.replicas[0], &c.replicas[1]);
-    let (db, admin) = router(&[(&c.primary, 1), (a, 3), (b, 1)], "max_lag = \"30s\"");
+    // Other tests write to the cluster meanwhile: lag limits that they
+    // cannot reach.
+    let (db, admin) = router(
+        &[(&c.primary, 1), (a, 3), (b, 1)],
+        "max_lag = \"30s\"\nmax_lag_bytes = \"1GiB\"",
+    );
     wait_for_roles(&admin, 2);
     let mut wire = db.wire();
     let mut landed: HashMap<u16, u32> = HashMap::new();
@@ -257,7 +262,11 @@ fn reads_go_to_replicas_by_weight_and_the_rest_to_the_primary() {
 fn a_client_reads_its_own_writes_from_a_delayed_replica() {
     let c = cluster();
     // The delayed replica is within max_lag: other clients may read it.
-    let (db, admin) = router(&[(&c.primary, 1), (&c.delayed, 1)], "max_lag = \"60s\"");
+    // (Other tests write to the cluster at the same time: no limit on bytes.)
+    let (db, admin) = router(
+        &[(&c.primary, 1), (&c.delayed, 1)],
+        "max_lag = \"60s\"\nmax_lag_bytes = \"1GiB\"",
+    );
     wait_for_roles(&admin, 1);
     let mut writer = db.wire();
     let mut other = db.wire();
@@ -312,16 +321,27 @@ fn a_client_reads_its_own_writes_from_a_delayed_replica() {
     let (db, admin) = router(&[(&c.primary, 1), (&c.delayed, 1)], "max_lag = \"1s\"");
     wait_for_roles(&admin, 1);
     let mut other = db.wire();
-    app_sql(&c.primary, "INSERT INTO items (note) VALUES ('lagging')").unwrap();
-    assert!(wait_for(Duration::from_secs(5), || {
-        nodes(&admin)
-            .iter()
-            .any(|n| n["role"] == "replica" && n["lag_bytes"].as_u64() > Some(0))
-    }));
-    // Let the replica fall a second behind.
-    std::thread::sleep(Duration::from_millis(1500));
-    let port = port_of(&mut other, "SELECT inet_server_port()");
-    assert_eq!(port, c.primary.port);
+    // Writes every 100 ms keep the replica three seconds behind.
+    let writing = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                app_sql(&c.primary, "INSERT INTO items (note) VALUES ('lagging')").unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let behind = wait_for(Duration::from_secs(10), || {
+            nodes(&admin)
+                .iter()
+                .any(|n| n["role"] == "replica" && n["lag_seconds"].as_f64() > Some(1.5))
+        });
+        let ports: Vec<u16> = (0..5)
+            .map(|_| port_of(&mut other, "SELECT inet_server_port()"))
+            .collect();
+        writing.store(false, std::sync::atomic::Ordering::Relaxed);
+        assert!(behind, "{:?}", nodes(&admin));
+        assert!(ports.iter().all(|p| *p == c.primary.port), "{ports:?}");
+    });
     assert!(
         metric(
             &admin,
@@ -471,8 +491,14 @@ fn a_promoted_replica_becomes_the_primary_and_no_acknowledged_write_is_lost() {
             (acknowledged, times)
         });
         std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(http_get(&admin, "/ready").0, 200);
         primary.stop();
-        std::thread::sleep(Duration::from_secs(1));
+        // No primary: not ready, and writes wait.
+        assert!(wait_for(Duration::from_secs(3), || http_get(
+            &admin, "/ready"
+        )
+        .0 == 503));
+        std::thread::sleep(Duration::from_millis(500));
         replicas[0].promote();
         let promoted_at = Instant::now();
         std::thread::sleep(Duration::from_secs(5));
@@ -507,6 +533,15 @@ fn a_promoted_replica_becomes_the_primary_and_no_acknowledged_write_is_lost() {
         format!("127.0.0.1:{}", replicas[0].port)
     );
     assert!(metric(&admin, "gatehouse_db_failovers_total").unwrap() >= 1.0);
+    assert_eq!(http_get(&admin, "/ready").0, 200);
+    assert!(
+        metric(
+            &admin,
+            "gatehouse_db_primary_waits_total{outcome=\"served\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
     // The replica left on the old timeline gets no reads.
     let mut wire = db.wire();
     for _ in 0..20 {

@@ -226,6 +226,7 @@ where
         transaction: None,
         answered: false,
         avoid: None,
+        record_before_reply: false,
         naming: match config.pool.max_prepared_statements {
             max if mode == PoolMode::Transaction && max > 0 => Naming::Client(max),
             _ => Naming::Server,
@@ -292,6 +293,9 @@ struct Session<'a> {
     /// A node that just failed this client's read, left out of the next
     /// choice.
     avoid: Option<Arc<crate::config::db::Node>>,
+    /// Writes are recorded before their reply (`read_your_writes =
+    /// "database"` with replicas), as configured when the server was taken.
+    record_before_reply: bool,
     /// Whose names a client's named statements go by on the server.
     naming: Naming,
     /// This client's named statements, when they are kept here.
@@ -350,6 +354,8 @@ impl Session<'_> {
         frames: &[Frame],
     ) -> Result<super::pool::Checkout, DbError> {
         let shared = self.shared;
+        self.record_before_reply =
+            config.nodes.len() > 1 && config.router.read_your_writes == ReadYourWrites::Database;
         if config.nodes.len() == 1 {
             self.transaction = None;
             let checkout = shared
@@ -380,7 +386,10 @@ impl Session<'_> {
                     tracing::warn!("no primary: waiting for a failover");
                 }
                 waited = true;
-                if shared.topology.primary_by(deadline).await.is_none() {
+                if Box::pin(shared.topology.primary_by(deadline))
+                    .await
+                    .is_none()
+                {
                     shared
                         .metrics
                         .primary_waits
@@ -437,10 +446,12 @@ impl Session<'_> {
                         // wait for the next round before trying again.
                         shared.topology.recheck();
                         waited = true;
-                        shared
-                            .topology
-                            .next_round(config.router.topology_interval * 2)
-                            .await;
+                        Box::pin(
+                            shared
+                                .topology
+                                .next_round(config.router.topology_interval * 2),
+                        )
+                        .await;
                     }
                 }
                 // A replica that refuses (the database is not there yet,
@@ -591,7 +602,9 @@ impl Session<'_> {
         let Ok(conn) = server.conn_mut() else {
             return;
         };
-        let lsn = match conn.query_row("SELECT pg_current_wal_insert_lsn()").await {
+        // Boxed, as the rare paths below: their futures would otherwise be
+        // part of every transaction's.
+        let lsn = match Box::pin(conn.query_row("SELECT pg_current_wal_insert_lsn()")).await {
             Ok(Some(row)) => row
                 .first()
                 .and_then(Option::as_deref)
@@ -849,7 +862,7 @@ impl Session<'_> {
                             }
                         }
                         if let Err(e) = self.forward(&frames, &mut to_client).await {
-                            self.resend(&frames, &mut to_client, client, e).await?;
+                            Box::pin(self.resend(&frames, &mut to_client, client, e)).await?;
                         }
                         self.after_exchange();
                         if !to_client.is_empty() {
@@ -866,7 +879,7 @@ impl Session<'_> {
                 read = from_server => {
                     let read = read.and_then(|()| self.shut_down_unanswered(&to_client));
                     if let Err(e) = read {
-                        self.resend(&frames, &mut to_client, client, e).await?;
+                        Box::pin(self.resend(&frames, &mut to_client, client, e)).await?;
                     }
                     self.after_exchange();
                     let early = self.before_reply().await;
@@ -992,8 +1005,7 @@ impl Session<'_> {
     /// its client hears that it committed: another client may read at once
     /// after that. True when it was (or nothing was to be).
     async fn before_reply(&mut self) -> bool {
-        let config = self.shared.config.load();
-        if config.nodes.len() == 1 || config.router.read_your_writes != ReadYourWrites::Database {
+        if !self.record_before_reply {
             return false;
         }
         if self
