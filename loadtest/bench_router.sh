@@ -23,18 +23,7 @@ duration=${1:-10}
 rounds=${2:-2}
 pool=${3:-20}
 
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
-missing=()
-command -v pgbouncer >/dev/null || missing+=(pgbouncer)
-command -v pgbench >/dev/null || missing+=(postgresql-contrib)
-ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
-if [ ${#missing[@]} -gt 0 ]; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
-fi
-cargo build --release --locked -q
-GATEHOUSE=$PWD/target/release/gatehouse
-BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+source loadtest/lib_pg.sh
 
 dir=$(mktemp -d)
 chmod 755 "$dir"
@@ -51,7 +40,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PG=$(free_port); R1=$(free_port); R2=$(free_port); PGB=$(free_port)
 modes=${MODES:-simple extended}
 targets="direct pgbouncer gh0 gh1 gh2"
@@ -116,23 +104,6 @@ for n in 0 1 2; do
   for _ in $(seq 50); do [ -S "$dir/gh$n/.s.PGSQL.${gh_port[$n]}" ] && break; sleep 0.1; done
 done
 sleep 2 # one topology round: the replicas are known
-
-ticks() { [ -n "$1" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
-measure() { # host port mode pid
-  local before after
-  before=$(ticks "$4")
-  "$BIN/pgbench" -h "$1" -p "$2" -U postgres -n -S -c 50 -j 2 -T "$duration" -M "$3" bench > "$dir/pgbench.out" 2>&1 || true
-  after=$(ticks "$4")
-  awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v pooled="${4:+1}" '
-    /^latency average/ { lat=$4 } /^tps = / { tps=$3 }
-    /actually processed/ { tx=$NF }
-    /failed transactions: [1-9]/ || /aborted/ { failed=1 }
-    END {
-      if (failed || tps == "") { print "failed", "-", "-"; exit }
-      cpu = (pooled && tx) ? sprintf("%.2f", ticks / hz * 1e6 / tx) : "-"
-      printf "%.0f %s %s\n", tps, lat, cpu
-    }' "$dir/pgbench.out"
-}
 
 pgb_pid=$(cat "$dir/pgb/pgbouncer.pid")
 printf '%-9s %-10s %5s %10s %12s %14s\n' mode target round tps latency_ms pooler_cpu_us

@@ -77,19 +77,8 @@ fn app_sql(pg: &TestPostgres, sql: &str) -> Result<String, String> {
 }
 
 fn app_sql_on(pg: &TestPostgres, database: &str, sql: &str) -> Result<String, String> {
-    let out = std::process::Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string()])
-        .args(["-U", APP_USER, "-d", database, "-X", "-A", "-t"])
-        .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
-        .env("PGPASSWORD", APP_PASSWORD)
-        .env("PGCONNECT_TIMEOUT", "5")
-        .output()
-        .unwrap();
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
+    let address = std::path::Path::new("127.0.0.1");
+    postgres::try_psql(address, pg.port, APP_USER, APP_PASSWORD, database, sql)
 }
 
 /// `gatehouse db` routing over `nodes` (the first as `[primary]`), each
@@ -102,12 +91,17 @@ fn router(nodes: &[(&TestPostgres, u32)], router: &str) -> (GatehouseDb, String)
         "[server]\nsocket_dir = \"/set/at/start\"\nport = {port}\n\n\
          [admin]\nenabled = true\nlisten = \"{admin}\"\n\n\
          [primary]\nhost = \"127.0.0.1\"\nport = {}\nweight = {weight}\n\n\
-         [router]\ntopology_interval = \"200ms\"\n{router}\n\n\
+         [router]\n{interval}{router}\n\n\
          [pool]\nmin_connections = 0\nconnect_timeout = \"2s\"\n\n\
          [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
          [[databases]]\nname = \"{APP_DB}\"\n\n[[databases]]\nname = \"{DJANGO_DB}\"\n",
         first.port,
         port = free_port(),
+        interval = if router.contains("topology_interval") {
+            ""
+        } else {
+            "topology_interval = \"200ms\"\n"
+        },
     );
     for (node, weight) in &nodes[1..] {
         config.push_str(&format!(
@@ -661,4 +655,46 @@ fn django_reads_its_own_post_through_the_gateway_and_a_delayed_replica() {
     )
     .unwrap_or(0.0);
     assert!(ryw >= 6.0, "{ryw}");
+}
+
+/// A write refused as read-only (25006) by the node taken for the primary
+/// makes the monitor ask every node at once, long before its next round.
+#[test]
+fn a_read_only_refusal_from_the_primary_finds_the_new_one_at_once() {
+    let primary = TestPostgres::start();
+    prepare(&primary);
+    let replica = primary.replica("");
+    assert!(wait_for(Duration::from_secs(30), || app_sql(
+        &replica,
+        "SELECT count(*) FROM counter"
+    )
+    .is_ok()));
+    let (db, admin) = router(
+        &[(&primary, 1), (&replica, 1)],
+        "topology_interval = \"60s\"",
+    );
+    wait_for_roles(&admin, 1);
+    let mut wire = db.wire();
+    assert_eq!(
+        port_of(
+            &mut wire,
+            "INSERT INTO counter VALUES (1) RETURNING inet_server_port()"
+        ),
+        primary.port
+    );
+    // Behind the monitor's back: the replica promoted, the old primary
+    // back as a standby.
+    replica.promote();
+    primary.restart_as_standby();
+    let refused = wire.query("INSERT INTO counter VALUES (2)");
+    assert_eq!(support::sqlstate_of(&refused).as_deref(), Some("25006"));
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let frames = wire.query("INSERT INTO counter VALUES (3) RETURNING inet_server_port()");
+            support::first_value(&frames) == Some(replica.port.to_string())
+        }),
+        "{:?}\n{}",
+        nodes(&admin),
+        db.log()
+    );
 }

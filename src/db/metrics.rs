@@ -35,11 +35,11 @@ pub struct DbMetrics {
     pub read_retries: prometheus::IntCounter,
     /// Transactions that waited for a primary, by outcome.
     pub primary_waits: IntCounterVec,
-    node_up: IntGaugeVec,
-    node_primary: IntGaugeVec,
-    node_circuit_open: IntGaugeVec,
-    node_lag_bytes: IntGaugeVec,
-    node_lag_seconds: prometheus::GaugeVec,
+    pub(super) node_up: IntGaugeVec,
+    pub(super) node_primary: IntGaugeVec,
+    pub(super) node_circuit_open: IntGaugeVec,
+    pub(super) node_lag_bytes: IntGaugeVec,
+    pub(super) node_lag_seconds: prometheus::GaugeVec,
     /// Whether a primary was known and reachable at the last poll.
     pub primary_reachable: AtomicBool,
 }
@@ -304,48 +304,5 @@ impl DbMetrics {
         }
         let _ = self.pool_waiting.remove_label_values(&[pool]);
         let _ = self.pool_max.remove_label_values(&[pool]);
-    }
-}
-
-impl DbMetrics {
-    /// The node gauges as a round of the topology monitor found them.
-    pub fn record_topology(
-        &self,
-        snapshot: &super::topology::Snapshot,
-        topology: &super::topology::Topology,
-    ) {
-        for (i, node) in snapshot.nodes.iter().enumerate() {
-            let label = node.node.to_string();
-            let label = [label.as_str()];
-            self.node_up
-                .with_label_values(&label)
-                .set(i64::from(node.up));
-            self.node_primary
-                .with_label_values(&label)
-                .set(i64::from(snapshot.primary == Some(i)));
-            let open = topology.circuit(&node.health) != super::topology::Circuit::Closed;
-            self.node_circuit_open
-                .with_label_values(&label)
-                .set(i64::from(open));
-            match node.lag_bytes {
-                Some(lag) => self
-                    .node_lag_bytes
-                    .with_label_values(&label)
-                    .set(i64::try_from(lag).unwrap_or(i64::MAX)),
-                None => {
-                    let _ = self.node_lag_bytes.remove_label_values(&label);
-                }
-            }
-            match node.lag_seconds.filter(|s| s.is_finite()) {
-                Some(lag) => self.node_lag_seconds.with_label_values(&label).set(lag),
-                None => {
-                    let _ = self.node_lag_seconds.remove_label_values(&label);
-                }
-            }
-        }
-        let reachable = snapshot.primary.is_some_and(|p| snapshot.nodes[p].up);
-        self.primary_reachable
-            .store(reachable, std::sync::atomic::Ordering::Relaxed);
-        self.primary_up.set(i64::from(reachable));
     }
 }

@@ -222,28 +222,7 @@ impl ServerConn {
     /// Run one simple query, keeping ParameterStatus updates; an error
     /// from the server is returned.
     async fn run(&mut self, sql: &str) -> Result<(), ServerError> {
-        let mut out = BytesMut::new();
-        frontend::query(sql, &mut out)?;
-        self.send(&out).await?;
-        let mut failure = None;
-        loop {
-            let frame = self.read_frame().await?;
-            match frame.tag {
-                back::ERROR_RESPONSE => failure = Some(refused(&frame)),
-                back::PARAMETER_STATUS => {
-                    note_parameter(&mut self.params, &frame.bytes);
-                }
-                back::READY_FOR_QUERY => {
-                    if let Some(status) =
-                        frame.ready_status().and_then(TransactionStatus::from_byte)
-                    {
-                        self.exchange.status = status;
-                    }
-                    return failure.map_or(Ok(()), Err);
-                }
-                _ => {}
-            }
-        }
+        self.query_row(sql).await.map(|_| ())
     }
 
     /// Run one simple query and return its first row, each column as text

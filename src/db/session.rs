@@ -604,18 +604,32 @@ impl Session<'_> {
         };
         // Boxed, as the rare paths below: their futures would otherwise be
         // part of every transaction's.
-        let lsn = match Box::pin(conn.query_row("SELECT pg_current_wal_insert_lsn()")).await {
+        let asked = Box::pin(conn.query_row("SELECT pg_current_wal_insert_lsn()")).await;
+        let lsn = match asked {
             Ok(Some(row)) => row
                 .first()
                 .and_then(Option::as_deref)
                 .and_then(super::topology::parse_lsn)
                 .map(super::topology::replayable),
-            // On a node that is no longer the primary (25006 at the next
-            // write), or gone: the next transaction finds out.
-            _ => None,
+            // A node that is no longer the primary ("recovery is in
+            // progress"): the connection is fine, and the next write finds
+            // out (25006).
+            Ok(None) | Err(ServerError::Refused { .. }) => None,
+            // Gone: closed, not lent again. A pinned client's session
+            // state went with it, and its next statement ends the session.
+            Err(_) => {
+                server.discard();
+                if !self.pinned {
+                    self.server = None;
+                    self.point_cancel(None);
+                }
+                None
+            }
         };
         let Some(lsn) = lsn else {
-            server.discard();
+            if !self.pinned {
+                self.transaction = None;
+            }
             return;
         };
         self.written = self.written.max(lsn);

@@ -482,7 +482,7 @@ pub async fn monitor(shared: Arc<super::DbShared>) {
         }
         measure_lag(&mut snapshot, &observations, &history);
         report_changes(&snapshot, &mut previous, &mut last_primary, &shared.metrics);
-        shared.metrics.record_topology(&snapshot, topology);
+        record(&shared.metrics, &snapshot, topology);
         topology.publish(snapshot);
         tokio::select! {
             () = tokio::time::sleep(config.router.topology_interval) => {}
@@ -646,6 +646,47 @@ fn report_changes(
         }
         _ => {}
     }
+}
+
+/// The node gauges as a round of the monitor found them.
+fn record(metrics: &super::metrics::DbMetrics, snapshot: &Snapshot, topology: &Topology) {
+    for (i, node) in snapshot.nodes.iter().enumerate() {
+        let label = node.node.to_string();
+        let label = [label.as_str()];
+        metrics
+            .node_up
+            .with_label_values(&label)
+            .set(i64::from(node.up));
+        metrics
+            .node_primary
+            .with_label_values(&label)
+            .set(i64::from(snapshot.primary == Some(i)));
+        let open = topology.circuit(&node.health) != Circuit::Closed;
+        metrics
+            .node_circuit_open
+            .with_label_values(&label)
+            .set(i64::from(open));
+        match node.lag_bytes {
+            Some(lag) => metrics
+                .node_lag_bytes
+                .with_label_values(&label)
+                .set(i64::try_from(lag).unwrap_or(i64::MAX)),
+            None => {
+                let _ = metrics.node_lag_bytes.remove_label_values(&label);
+            }
+        }
+        match node.lag_seconds.filter(|s| s.is_finite()) {
+            Some(lag) => metrics.node_lag_seconds.with_label_values(&label).set(lag),
+            None => {
+                let _ = metrics.node_lag_seconds.remove_label_values(&label);
+            }
+        }
+    }
+    let reachable = snapshot.primary.is_some_and(|p| snapshot.nodes[p].up);
+    metrics
+        .primary_reachable
+        .store(reachable, Ordering::Relaxed);
+    metrics.primary_up.set(i64::from(reachable));
 }
 
 #[cfg(test)]

@@ -408,20 +408,14 @@ impl GatehouseDb {
         password: &str,
         sql: &str,
     ) -> Result<String, String> {
-        let out = std::process::Command::new("psql")
-            .arg("-h")
-            .arg(self.socket_dir.path())
-            .args(["-p", &self.port.to_string(), "-U", user, "-d", database])
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).to_string())
-        }
+        crate::postgres::try_psql(
+            self.socket_dir.path(),
+            self.port,
+            user,
+            password,
+            database,
+            sql,
+        )
     }
 
     /// `pgbench` (a real client) through gatehouse; its output, which must

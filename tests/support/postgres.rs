@@ -58,6 +58,20 @@ fn as_owner(program: &Path) -> Command {
     }
 }
 
+/// A temporary directory the cluster's owner may write.
+fn owned_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown of the cluster directory failed");
+    }
+    dir
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -76,18 +90,10 @@ impl TestPostgres {
     /// A cluster of the test's own, to stop and start again.
     pub fn start() -> TestPostgres {
         let bin = bin_dir();
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = owned_dir();
         let data = dir.path().join("data");
         let pwfile = dir.path().join("pw");
         std::fs::write(&pwfile, SUPERUSER_PASSWORD).expect("password file");
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .expect("chown");
-            assert!(status.success(), "chown of the cluster directory failed");
-        }
         let out = as_owner(&bin.join("initdb"))
             .arg("-D")
             .arg(&data)
@@ -111,15 +117,7 @@ impl TestPostgres {
     /// A streaming replica of this cluster (`pg_basebackup -R`), with
     /// `extra` server options (e.g. `-c recovery_min_apply_delay=3s`).
     pub fn replica(&self, extra: &str) -> TestPostgres {
-        let dir = tempfile::tempdir().expect("temp dir");
-        if is_root() {
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .expect("chown");
-            assert!(status.success(), "chown of the replica directory failed");
-        }
+        let dir = owned_dir();
         let conninfo = format!(
             "host={} port={} user=postgres password={SUPERUSER_PASSWORD}",
             self.socket_dir.display(),
@@ -137,6 +135,14 @@ impl TestPostgres {
             String::from_utf8_lossy(&out.stderr)
         );
         TestPostgres::launch(self.bin.clone(), dir, extra)
+    }
+
+    /// Stop at once and start again as a standby that follows nobody: a
+    /// demoted primary, in recovery, answering reads and refusing writes.
+    pub fn restart_as_standby(&self) {
+        self.stop();
+        std::fs::write(self.dir.path().join("data/standby.signal"), "").expect("standby.signal");
+        self.restart();
     }
 
     /// Make a replica the primary (`pg_ctl promote`).
@@ -290,6 +296,20 @@ impl Drop for TestPostgres {
 
 /// `psql` (a real client) with `-c sql`; panics with its stderr on failure.
 pub fn psql(host: &Path, port: u16, user: &str, password: &str, db: &str, sql: &str) -> String {
+    try_psql(host, port, user, password, db, sql)
+        .unwrap_or_else(|stderr| panic!("psql -c {sql:?}: {stderr}"))
+}
+
+/// `psql -c sql` at `host` (a socket directory or an address): its output,
+/// or its error text.
+pub fn try_psql(
+    host: &Path,
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    sql: &str,
+) -> Result<String, String> {
     let out = Command::new("psql")
         .arg("-h")
         .arg(host)
@@ -299,10 +319,9 @@ pub fn psql(host: &Path, port: u16, user: &str, password: &str, db: &str, sql: &
         .env("PGCONNECT_TIMEOUT", "10")
         .output()
         .expect("psql is installed (apt-get install postgresql-client)");
-    assert!(
-        out.status.success(),
-        "psql -c {sql:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
 }

@@ -388,16 +388,7 @@ fn writes(value: &Value, functions: &mut Vec<String>) -> bool {
 /// A called function's name, unless it is one of PostgreSQL's read-only
 /// ones.
 fn unsafe_function(call: &Value) -> Option<String> {
-    let names: Vec<&str> = call
-        .get("funcname")
-        .and_then(Value::as_array)
-        .map(|names| {
-            names
-                .iter()
-                .filter_map(|n| n.pointer("/node/String/sval").and_then(Value::as_str))
-                .collect()
-        })
-        .unwrap_or_default();
+    let names = super::qualified_name(call.get("funcname"));
     match names.as_slice() {
         [name] | ["pg_catalog", name] if READ_ONLY_FUNCTIONS.contains(name) => None,
         // Volatile, but it only changes a setting (Django's connection
