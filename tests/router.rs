@@ -85,7 +85,10 @@ fn app_sql_on(pg: &TestPostgres, database: &str, sql: &str) -> Result<String, St
 /// `(node, weight)`, with `router` lines under `[router]`; with its admin
 /// address.
 fn router(nodes: &[(&TestPostgres, u32)], router: &str) -> (GatehouseDb, String) {
-    let admin = format!("127.0.0.1:{}", free_port());
+    // The admin listener on a port the kernel picks, read back from the
+    // log: a port found free beforehand may be taken by another test's
+    // server before gatehouse binds it.
+    let admin = "127.0.0.1:0";
     let (first, weight) = nodes[0];
     let mut config = format!(
         "[server]\nsocket_dir = \"/set/at/start\"\nport = {port}\n\n\
@@ -110,6 +113,15 @@ fn router(nodes: &[(&TestPostgres, u32)], router: &str) -> (GatehouseDb, String)
         ));
     }
     let db = GatehouseDb::start_with_text(&config);
+    let mut admin = None;
+    wait_for(Duration::from_secs(10), || {
+        admin = db.log().lines().find_map(|line| {
+            let rest = line.split_once("service=\"admin\" addr=")?.1;
+            Some(rest.split_whitespace().next()?.to_string())
+        });
+        admin.is_some()
+    });
+    let admin = admin.unwrap_or_else(|| panic!("no admin address in the log: {}", db.log()));
     (db, admin)
 }
 

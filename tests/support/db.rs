@@ -486,16 +486,27 @@ pub fn metric(admin: &str, sample: &str) -> Option<f64> {
 
 /// One GET over HTTP/1.0; (status, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    try_http_get(addr, path).unwrap_or_else(|e| panic!("GET {addr}{path}: {e}"))
+}
+
+/// One GET over HTTP/1.0; (status, body), or what went wrong.
+pub fn try_http_get(addr: &str, path: &str) -> Result<(u16, String), String> {
+    let mut stream = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        .map_err(|e| e.to_string())?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or("no head")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status")?;
+    Ok((status, body.to_string()))
 }
 
 pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
