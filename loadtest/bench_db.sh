@@ -55,26 +55,8 @@ targets="direct pgbouncer gatehouse"
 "$BIN/psql" -h "$dir" -p "$PG" -U postgres -qc "CREATE DATABASE bench" 
 "$BIN/pgbench" -h "$dir" -p "$PG" -U postgres -i -s 10 -q bench 2>/dev/null
 
-mkdir -p "$dir/pgb" "$dir/gh"
-if [ "$(id -u)" = 0 ]; then chown postgres "$dir/pgb"; fi
-cat > "$dir/pgb/pgbouncer.ini" <<CONF
-[databases]
-bench = host=$dir port=$PG dbname=bench user=postgres
-[pgbouncer]
-listen_addr =
-listen_port = $PGB
-unix_socket_dir = $dir/pgb
-auth_type = trust
-auth_file = $dir/pgb/users.txt
-pool_mode = transaction
-default_pool_size = $pool
-max_client_conn = 1000
-logfile = $dir/pgb/pgbouncer.log
-pidfile = $dir/pgb/pgbouncer.pid
-CONF
-echo '"postgres" ""' > "$dir/pgb/users.txt"
-if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir/pgb"; fi
-"${owner[@]}" pgbouncer -d "$dir/pgb/pgbouncer.ini"
+mkdir -p "$dir/gh"
+start_pgbouncer "$PGB" "$pool"
 
 cat > "$dir/gh/db.toml" <<CONF
 [server]
@@ -113,7 +95,6 @@ if [ -n "${BASELINE:-}" ]; then
   targets="$targets baseline"
 fi
 
-pgb_pid=$(cat "$dir/pgb/pgbouncer.pid")
 printf '%-9s %-10s %5s %10s %12s %14s\n' mode target round tps latency_ms pooler_cpu_us
 declare -A best
 for mode in $modes; do

@@ -64,26 +64,7 @@ for port in $R1 $R2; do
   done
 done
 
-mkdir -p "$dir/pgb"
-if [ "$(id -u)" = 0 ]; then chown postgres "$dir/pgb"; fi
-cat > "$dir/pgb/pgbouncer.ini" <<CONF
-[databases]
-bench = host=$dir port=$PG dbname=bench user=postgres
-[pgbouncer]
-listen_addr =
-listen_port = $PGB
-unix_socket_dir = $dir/pgb
-auth_type = trust
-auth_file = $dir/pgb/users.txt
-pool_mode = transaction
-default_pool_size = $pool
-max_client_conn = 1000
-logfile = $dir/pgb/pgbouncer.log
-pidfile = $dir/pgb/pgbouncer.pid
-CONF
-echo '"postgres" ""' > "$dir/pgb/users.txt"
-if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir/pgb"; fi
-"${owner[@]}" pgbouncer -d "$dir/pgb/pgbouncer.ini"
+start_pgbouncer "$PGB" "$pool"
 
 declare -A gh_port gh_pid gh_admin
 for n in 0 1 2; do
@@ -105,7 +86,6 @@ for n in 0 1 2; do
 done
 sleep 2 # one topology round: the replicas are known
 
-pgb_pid=$(cat "$dir/pgb/pgbouncer.pid")
 printf '%-9s %-10s %5s %10s %12s %14s\n' mode target round tps latency_ms pooler_cpu_us
 declare -A best cpu_best
 for mode in $modes; do

@@ -41,3 +41,30 @@ measure() {
       printf "%.0f %s %s\n", tps, lat, cpu
     }' "$dir/pgbench.out"
 }
+
+# start_pgbouncer PORT POOL: PgBouncer in transaction mode in front of the
+# bench database on $dir:$PG, listening on $dir/pgb/.s.PGSQL.PORT, trusting
+# local clients; its pid in $pgb_pid.
+start_pgbouncer() {
+  mkdir -p "$dir/pgb"
+  cat > "$dir/pgb/pgbouncer.ini" <<CONF
+[databases]
+bench = host=$dir port=$PG dbname=bench user=postgres
+[pgbouncer]
+listen_addr =
+listen_port = $1
+unix_socket_dir = $dir/pgb
+auth_type = trust
+auth_file = $dir/pgb/users.txt
+pool_mode = transaction
+default_pool_size = $2
+max_client_conn = 1000
+logfile = $dir/pgb/pgbouncer.log
+pidfile = $dir/pgb/pgbouncer.pid
+CONF
+  echo '"postgres" ""' > "$dir/pgb/users.txt"
+  if [ "$(id -u)" = 0 ]; then chown -R postgres "$dir/pgb"; fi
+  "${owner[@]}" pgbouncer -d "$dir/pgb/pgbouncer.ini"
+  for _ in $(seq 50); do [ -f "$dir/pgb/pgbouncer.pid" ] && break; sleep 0.1; done
+  pgb_pid=$(cat "$dir/pgb/pgbouncer.pid")
+}

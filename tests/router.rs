@@ -41,14 +41,7 @@ fn cluster() -> &'static Cluster {
         let replicas = vec![primary.replica(""), primary.replica("")];
         let delayed = primary.replica("-c recovery_min_apply_delay=3s");
         for replica in replicas.iter().chain([&delayed]) {
-            assert!(
-                wait_for(Duration::from_secs(30), || app_sql(
-                    replica,
-                    "SELECT count(*) FROM items"
-                )
-                .is_ok()),
-                "the replica did not catch up"
-            );
+            answering(replica);
         }
         Cluster {
             primary,
@@ -69,6 +62,34 @@ fn prepare(primary: &TestPostgres) {
          CREATE FUNCTION bump() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 1'",
     )
     .unwrap();
+}
+
+/// A primary of the test's own with the schema, set up further by `setup`,
+/// and `count` streaming replicas of it, answering.
+fn own_cluster(
+    count: usize,
+    setup: impl FnOnce(&TestPostgres),
+) -> (TestPostgres, Vec<TestPostgres>) {
+    let primary = TestPostgres::start();
+    prepare(&primary);
+    setup(&primary);
+    let replicas: Vec<TestPostgres> = (0..count).map(|_| primary.replica("")).collect();
+    for replica in &replicas {
+        answering(replica);
+    }
+    (primary, replicas)
+}
+
+/// Wait until a new replica answers queries (it reached consistency).
+fn answering(replica: &TestPostgres) {
+    assert!(
+        wait_for(Duration::from_secs(30), || app_sql(
+            replica,
+            "SELECT count(*) FROM items"
+        )
+        .is_ok()),
+        "the replica does not answer"
+    );
 }
 
 /// SQL as `app` straight to a node.
@@ -373,36 +394,28 @@ fn pgbench_select(db: &GatehouseDb, seconds: u32, clients: u32) -> std::process:
 
 #[test]
 fn a_killed_replica_costs_no_transaction_and_comes_back() {
-    let primary = TestPostgres::start();
-    prepare(&primary);
-    let pgbench = std::process::Command::new("pgbench")
-        .args([
-            "-i",
-            "-s",
-            "1",
-            "-q",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &primary.port.to_string(),
-        ])
-        .args(["-U", APP_USER, APP_DB])
-        .env("PGPASSWORD", APP_PASSWORD)
-        .output()
-        .unwrap();
-    assert!(
-        pgbench.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pgbench.stderr)
-    );
-    let replicas = [primary.replica(""), primary.replica("")];
-    for replica in &replicas {
-        assert!(wait_for(Duration::from_secs(30), || app_sql(
-            replica,
-            "SELECT count(*) FROM pgbench_accounts"
-        )
-        .is_ok()));
-    }
+    let (primary, replicas) = own_cluster(2, |primary| {
+        let pgbench = std::process::Command::new("pgbench")
+            .args([
+                "-i",
+                "-s",
+                "1",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+            ])
+            .args(["-U", APP_USER, APP_DB])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .output()
+            .unwrap();
+        assert!(
+            pgbench.status.success(),
+            "{}",
+            String::from_utf8_lossy(&pgbench.stderr)
+        );
+    });
     let (db, admin) = router(
         &[(&primary, 1), (&replicas[0], 1), (&replicas[1], 1)],
         "failures_to_ban = 1\nban_time = \"1s\"",
@@ -453,16 +466,7 @@ fn a_killed_replica_costs_no_transaction_and_comes_back() {
 
 #[test]
 fn a_promoted_replica_becomes_the_primary_and_no_acknowledged_write_is_lost() {
-    let primary = TestPostgres::start();
-    prepare(&primary);
-    let replicas = [primary.replica(""), primary.replica("")];
-    for replica in &replicas {
-        assert!(wait_for(Duration::from_secs(30), || app_sql(
-            replica,
-            "SELECT count(*) FROM counter"
-        )
-        .is_ok()));
-    }
+    let (primary, replicas) = own_cluster(2, |_| {});
     // Acknowledged means on both replicas too: nothing a promotion loses.
     primary.superuser_sql("ALTER SYSTEM SET synchronous_standby_names = 'ANY 2 (*)'");
     primary.superuser_sql("SELECT pg_reload_conf()");
@@ -562,14 +566,8 @@ fn a_promoted_replica_becomes_the_primary_and_no_acknowledged_write_is_lost() {
 
 #[test]
 fn two_primaries_the_higher_timeline_wins_and_the_other_gets_nothing() {
-    let primary = TestPostgres::start();
-    prepare(&primary);
-    let replica = primary.replica("");
-    assert!(wait_for(Duration::from_secs(30), || app_sql(
-        &replica,
-        "SELECT count(*) FROM counter"
-    )
-    .is_ok()));
+    let (primary, mut replicas) = own_cluster(1, |_| {});
+    let replica = replicas.remove(0);
     let (db, admin) = router(&[(&primary, 1), (&replica, 1)], "");
     wait_for_roles(&admin, 1);
     // Promoted while the old primary still runs: both accept writes.
@@ -673,14 +671,8 @@ fn django_reads_its_own_post_through_the_gateway_and_a_delayed_replica() {
 /// makes the monitor ask every node at once, long before its next round.
 #[test]
 fn a_read_only_refusal_from_the_primary_finds_the_new_one_at_once() {
-    let primary = TestPostgres::start();
-    prepare(&primary);
-    let replica = primary.replica("");
-    assert!(wait_for(Duration::from_secs(30), || app_sql(
-        &replica,
-        "SELECT count(*) FROM counter"
-    )
-    .is_ok()));
+    let (primary, mut replicas) = own_cluster(1, |_| {});
+    let replica = replicas.remove(0);
     let (db, admin) = router(
         &[(&primary, 1), (&replica, 1)],
         "topology_interval = \"60s\"",
