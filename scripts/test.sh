@@ -19,6 +19,8 @@ command -v cc >/dev/null || missing+=(build-essential)
 # pg_query (PostgreSQL's grammar, for the statement classifier) builds with bindgen.
 dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v python3 >/dev/null || missing+=(python3)
+# The systemd units are checked with systemd-analyze verify.
+command -v systemd-analyze >/dev/null || missing+=(systemd)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"

@@ -511,8 +511,8 @@ impl Session<'_> {
     }
 
     /// What the statement `frames` carry needs: one simple Query, or one
-    /// Parse/Bind/Describe/Execute ending with Sync; anything else is
-    /// written as a write.
+    /// Parse/Bind/Describe/Execute ending with Sync; anything else counts
+    /// as a write.
     fn access(&self, config: &DbConfig, frames: &[Frame]) -> Access {
         let standard_strings = lookup(&self.told, "standard_conforming_strings") != Some("off");
         let functions = &config.router.replica_functions;
