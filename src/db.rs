@@ -10,10 +10,14 @@
 //! - `error`: what gatehouse tells a client it refuses, with SQLSTATE and
 //!   severity decided in one place.
 //! - `classify`: what a statement means for pooling (settings it changes,
-//!   session state that pins), on PostgreSQL's grammar.
+//!   session state that pins) and, in `classify::access`, whether a replica
+//!   may run it; on PostgreSQL's grammar.
 //! - `server`: connections to PostgreSQL and logging in.
-//! - `pool`: server connections per (database, user), lent and taken back.
-//! - `router`: where a transaction goes (`pick_node`, once per transaction).
+//! - `pool`: server connections per (node, database, user), lent and taken
+//!   back.
+//! - `topology`: the nodes as observed (roles, WAL positions, lag, circuit
+//!   breakers), polled every `router.topology_interval`.
+//! - `router`: where a transaction goes (`choose`, once per transaction).
 //! - `session`: one client from startup to goodbye.
 //! - `statements`: the messages between a client and the server it holds,
 //!   with named prepared statements kept per client across transaction
@@ -23,9 +27,9 @@
 //! - `admin`: `/health`, `/ready`, `/metrics`, `/metrics/json`.
 //!
 //! In transaction pooling (the default) a session holds a server connection
-//! for one transaction; in session pooling, from login to disconnect. One
-//! primary for now: "pick a node" is `router::pick_node`, called once per
-//! transaction, where replicas and routing will go.
+//! for one transaction; in session pooling, from login to disconnect. With
+//! replicas, each transaction's node is chosen when it takes its server
+//! connection (`docs/router.md`).
 
 pub mod admin;
 pub mod auth;

@@ -1,4 +1,4 @@
-//! Server connections per (database, user), lent and taken back: at most
+//! Server connections per (node, database, user), lent and taken back: at most
 //! `max_connections`, a waiting client gives up after `checkout_timeout`
 //! with SQLSTATE 53300, and a connection a client kept goes back only after
 //! the connection reset itself (`ServerConn::reset`), so nothing one client

@@ -3,7 +3,10 @@
 //! authentication (SCRAM-SHA-256, md5, or trust limited to peer uids), a
 //! server connection from the pool with the client's startup parameters
 //! applied, then messages relayed frame by frame until the client leaves.
-//! The server goes back to the pool only after a clean reset.
+//! With replicas, each transaction's first messages choose its node, a write
+//! leaves its WAL position for read-your-writes, and a replica read that
+//! fails before answering goes to another node. The server goes back to the
+//! pool only after a clean reset.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
