@@ -157,12 +157,3 @@ pub fn choose(
     let primary = snapshot.primary?;
     Some(on(primary, false, reason))
 }
-
-/// The node pools are warmed against first: the primary as last seen, else
-/// the configured one.
-pub fn warm_node(config: &DbConfig, snapshot: &Snapshot) -> Arc<Node> {
-    snapshot
-        .primary
-        .map(|p| Arc::clone(&snapshot.nodes[p].node))
-        .unwrap_or_else(|| Arc::clone(&config.nodes[0].node))
-}

@@ -470,7 +470,6 @@ pub async fn monitor(shared: Arc<super::DbShared>) {
             &mut snapshot,
             &observations,
             last_primary.as_ref(),
-            &config,
             &mut conflict_logged,
         );
         if let Some(p) = snapshot.primary.filter(|p| observations[*p].is_some()) {
@@ -501,7 +500,6 @@ fn choose_primary(
     snapshot: &mut Snapshot,
     observations: &[Option<Observation>],
     last: Option<&Node>,
-    config: &DbConfig,
     conflict_logged: &mut Option<Vec<String>>,
 ) {
     if snapshot.nodes.len() == 1 {
@@ -566,7 +564,6 @@ fn choose_primary(
         snapshot.primary = Some(0);
         snapshot.nodes[0].role = Role::Primary;
     }
-    let _ = config;
 }
 
 /// Each replica's distance behind the primary: bytes of WAL against the
