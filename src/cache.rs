@@ -352,6 +352,10 @@ impl CacheMetrics {
         registry.register(Box::new(m.l2_errors.clone()))?;
         registry.register(Box::new(m.l2_up.clone()))?;
         registry.register(Box::new(m.l2_duration.clone()))?;
+        // Every reason reads 0 until it first happens, so a rate over it exists.
+        for reason in policy::NotStored::ALL {
+            m.not_stored.with_label_values(&[reason.as_str()]);
+        }
         Ok(m)
     }
 }

@@ -224,6 +224,18 @@ pub enum NotStored {
 }
 
 impl NotStored {
+    pub const ALL: [NotStored; 9] = [
+        NotStored::Method,
+        NotStored::Status,
+        NotStored::NoStore,
+        NotStored::Private,
+        NotStored::SetCookie,
+        NotStored::VaryStar,
+        NotStored::Credentials,
+        NotStored::NoFreshness,
+        NotStored::TooLarge,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             NotStored::Method => "method",

@@ -231,6 +231,14 @@ impl DbMetrics {
         m.registry.register(Box::new(m.node_circuit_open.clone()))?;
         m.registry.register(Box::new(m.node_lag_bytes.clone()))?;
         m.registry.register(Box::new(m.node_lag_seconds.clone()))?;
+        // Zero from the start, so that a rate over them exists before the
+        // first failover and alerts and dashboards can read it.
+        for outcome in ["served", "timed_out"] {
+            m.primary_waits.with_label_values(&[outcome]);
+        }
+        for result in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
         Ok(m)
     }
 }
@@ -266,6 +274,16 @@ impl PoolMetrics {
 
 impl DbMetrics {
     pub fn for_pool(&self, pool: &str) -> PoolMetrics {
+        // Counted where they happen; made here so that they read 0, not
+        // nothing, until then.
+        for vec in [
+            &self.server_connects,
+            &self.server_errors,
+            &self.pinned,
+            &self.refused,
+        ] {
+            vec.with_label_values(&[pool]);
+        }
         PoolMetrics {
             checkout_wait: self.checkout_wait.with_label_values(&[pool]),
             queries: self.queries.with_label_values(&[pool]),
