@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs what the tests
-# need (curl, redis-server, PostgreSQL, libclang, Python venv with Django and Gunicorn), then runs formatting,
+# need (curl, redis-server, PostgreSQL, libclang, Prometheus, docker-compose,
+# a Python venv with Django, Gunicorn and locust), then runs formatting,
 # lints and every test against real servers. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +20,12 @@ command -v cc >/dev/null || missing+=(build-essential)
 # pg_query (PostgreSQL's grammar, for the statement classifier) builds with bindgen.
 dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v python3 >/dev/null || missing+=(python3)
-# The systemd units are checked with systemd-analyze verify.
+# The systemd units are checked with systemd-analyze verify, the alert rules
+# with promtool, the dashboards against a real Prometheus, the compose file
+# with docker-compose config (no engine needed).
 command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v promtool >/dev/null || missing+=(prometheus)
+command -v docker-compose >/dev/null || missing+=(docker-compose)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
@@ -32,19 +37,22 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# The example Django app runs under real Gunicorn in the tests.
+# The example Django app runs under real Gunicorn in the tests, and locust
+# drives it (loadtest/run.sh's smoke run).
 venv=${GATEHOUSE_VENV:-.venv}
-if [ ! -x "$venv/bin/gunicorn" ] || ! cmp -s examples/django/requirements.txt "$venv/.requirements"; then
+requirements=(examples/django/requirements.txt loadtest/requirements.txt)
+if [ ! -x "$venv/bin/gunicorn" ] || [ ! -x "$venv/bin/locust" ] \
+  || ! cat "${requirements[@]}" | cmp -s - "$venv/.requirements"; then
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r examples/django/requirements.txt
-  cp examples/django/requirements.txt "$venv/.requirements"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${requirements[@]/#/-r}"
+  cat "${requirements[@]}" > "$venv/.requirements"
 fi
 export GATEHOUSE_VENV="$(cd "$venv" && pwd)"
 
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo build --locked --release
-./target/release/gatehouse check-config config/*.toml
+./target/release/gatehouse check-config config/*.toml docker/config/*.toml
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e

@@ -1,6 +1,7 @@
 //! The operator bundle, read by the tools that will read it in production:
 //! the systemd units by `systemd-analyze verify`, with their programs
-//! pointed at this build and the test virtualenv's Gunicorn.
+//! pointed at this build and the test virtualenv's Gunicorn; the alert rules
+//! by `promtool`; the compose file by `docker-compose config`.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -60,4 +61,97 @@ fn systemd_units_verify_cleanly() {
         let text = std::fs::read_to_string(repo().join("deploy/systemd").join(unit)).unwrap();
         assert!(text.contains(needs), "{unit}: {needs}");
     }
+}
+
+/// `tool args…` succeeds; what it said otherwise.
+fn run(tool: &str, package: &str, args: &[&str], dir: &std::path::Path) -> String {
+    let out = Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}: install it (apt-get install {package})"));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{tool} {args:?}: {said}");
+    said
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    let said = run(
+        "promtool",
+        "prometheus",
+        &["check", "rules", "prometheus/alerts.yml"],
+        &repo().join("docker"),
+    );
+    assert!(said.contains("SUCCESS: 10 rules found"), "{said}");
+    run(
+        "promtool",
+        "prometheus",
+        &[
+            "check",
+            "config",
+            "--syntax-only",
+            "prometheus/prometheus.yml",
+        ],
+        &repo().join("docker"),
+    );
+}
+
+/// No engine runs here: the compose file is checked as docker-compose reads
+/// it, and every file it mounts must exist.
+#[test]
+fn compose_file_is_valid_and_mounts_what_exists() {
+    let docker = repo().join("docker");
+    run(
+        "docker-compose",
+        "docker-compose",
+        &["-f", "docker-compose.yml", "config", "-q"],
+        &docker,
+    );
+    let config = run(
+        "docker-compose",
+        "docker-compose",
+        &["-f", "docker-compose.yml", "config"],
+        &docker,
+    );
+    let mut mounts = 0;
+    for line in config.lines() {
+        // `- /repo/docker/…:/in/container:ro`: a bind mount, as `config`
+        // resolves it.
+        let Some(mount) = line.trim().strip_prefix("- ") else {
+            continue;
+        };
+        if mount.starts_with(&*docker.to_string_lossy()) && mount.contains(':') {
+            let source = mount.split(':').next().unwrap();
+            assert!(
+                std::path::Path::new(source).exists(),
+                "compose mounts a missing file: {source}"
+            );
+            mounts += 1;
+        }
+    }
+    assert!(mounts >= 8, "{config}");
+    for service in [
+        "postgres-primary",
+        "postgres-replica",
+        "redis",
+        "db",
+        "app",
+        "proxy",
+        "prometheus",
+        "grafana",
+    ] {
+        assert!(config.contains(&format!("\n  {service}:\n")), "{service}");
+    }
+    // The configs the containers run with pass the binary's own check.
+    run(
+        env!("CARGO_BIN_EXE_gatehouse"),
+        "gatehouse",
+        &["check-config", "config/gateway.toml", "config/db.toml"],
+        &docker,
+    );
 }

@@ -106,9 +106,7 @@ fn app_sql_on(pg: &TestPostgres, database: &str, sql: &str) -> Result<String, St
 /// `(node, weight)`, with `router` lines under `[router]`; with its admin
 /// address.
 fn router(nodes: &[(&TestPostgres, u32)], router: &str) -> (GatehouseDb, String) {
-    // The admin listener on a port the kernel picks, read back from the
-    // log: a port found free beforehand may be taken by another test's
-    // server before gatehouse binds it.
+    // The admin listener on a port the kernel picks (`admin_address`).
     let admin = "127.0.0.1:0";
     let (first, weight) = nodes[0];
     let mut config = format!(
@@ -134,15 +132,7 @@ fn router(nodes: &[(&TestPostgres, u32)], router: &str) -> (GatehouseDb, String)
         ));
     }
     let db = GatehouseDb::start_with_text(&config);
-    let mut admin = None;
-    wait_for(Duration::from_secs(10), || {
-        admin = db.log().lines().find_map(|line| {
-            let rest = line.split_once("service=\"admin\" addr=")?.1;
-            Some(rest.split_whitespace().next()?.to_string())
-        });
-        admin.is_some()
-    });
-    let admin = admin.unwrap_or_else(|| panic!("no admin address in the log: {}", db.log()));
+    let admin = db.admin_address();
     (db, admin)
 }
 

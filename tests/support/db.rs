@@ -391,6 +391,21 @@ impl GatehouseDb {
         db
     }
 
+    /// The admin listener's address, read from the `listening` log line:
+    /// configured as port 0, the kernel picks it, so that no other test's
+    /// server can take it between a check and the bind.
+    pub fn admin_address(&self) -> String {
+        let mut admin = None;
+        wait_for(Duration::from_secs(10), || {
+            admin = self.log().lines().find_map(|line| {
+                let rest = line.split_once("service=\"admin\" addr=")?.1;
+                Some(rest.split_whitespace().next()?.to_string())
+            });
+            admin.is_some()
+        });
+        admin.unwrap_or_else(|| panic!("no admin address in the log: {}", self.log()))
+    }
+
     /// What it has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.socket_dir.path().join("gatehouse.log")).unwrap_or_default()
