@@ -214,13 +214,65 @@ pub struct DbSource {
 /// `gatehouse db`'s sockets, bound before the service runs.
 pub struct DbListeners {
     pub unix: std::os::unix::net::UnixListener,
+    /// The Unix socket came from systemd, which keeps its file: it is not
+    /// removed on the way out.
+    pub inherited: bool,
     pub tcp: Option<std::net::TcpListener>,
     pub admin: Option<std::net::TcpListener>,
 }
 
-/// Bind the Unix socket (its directory made, a stale socket file of an
-/// earlier run removed), the TCP listener and the admin listener.
-pub fn bind(config: &DbConfig) -> Result<DbListeners, DbStartError> {
+/// Bind the Unix socket (`bind_socket`), the TCP listener and the admin
+/// listener. A Unix socket from systemd (`inherited`) is used as it is, in
+/// place of `server.socket_dir`: its file, mode and group are the socket
+/// unit's.
+pub fn bind(
+    config: &DbConfig,
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> Result<DbListeners, DbStartError> {
+    let listen_error = |at: String| move |source| DbStartError::Listen { at, source };
+    let (unix, inherited) = match inherited {
+        Some(unix) => {
+            let at = unix
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+                .unwrap_or_else(|| "the socket from systemd".into());
+            unix.set_nonblocking(true)
+                .map_err(listen_error(at.clone()))?;
+            tracing::info!(service = "db", socket = %at, inherited = true, "listening");
+            (unix, true)
+        }
+        None => (bind_socket(config)?, false),
+    };
+    let tcp = match config.listen {
+        Some(addr) => {
+            let listener =
+                std::net::TcpListener::bind(addr).map_err(listen_error(addr.to_string()))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(listen_error(addr.to_string()))?;
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(service = "db", %addr, "listening");
+            }
+            Some(listener)
+        }
+        None => None,
+    };
+    let admin = match config.admin_listen {
+        Some(addr) => Some(crate::admin::bind(addr).map_err(listen_error(addr.to_string()))?),
+        None => None,
+    };
+    Ok(DbListeners {
+        unix,
+        inherited,
+        tcp,
+        admin,
+    })
+}
+
+/// The Unix socket in `server.socket_dir`: the directory made, a stale
+/// socket file of an earlier run removed.
+fn bind_socket(config: &DbConfig) -> Result<std::os::unix::net::UnixListener, DbStartError> {
     let dir = config.socket_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|source| DbStartError::SocketDir {
         dir: dir.display().to_string(),
@@ -258,25 +310,7 @@ pub fn bind(config: &DbConfig) -> Result<DbListeners, DbStartError> {
     unix.set_nonblocking(true)
         .map_err(listen_error(path.display().to_string()))?;
     tracing::info!(service = "db", socket = %path.display(), "listening");
-    let tcp = match config.listen {
-        Some(addr) => {
-            let listener =
-                std::net::TcpListener::bind(addr).map_err(listen_error(addr.to_string()))?;
-            listener
-                .set_nonblocking(true)
-                .map_err(listen_error(addr.to_string()))?;
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(service = "db", %addr, "listening");
-            }
-            Some(listener)
-        }
-        None => None,
-    };
-    let admin = match config.admin_listen {
-        Some(addr) => Some(crate::admin::bind(addr).map_err(listen_error(addr.to_string()))?),
-        None => None,
-    };
-    Ok(DbListeners { unix, tcp, admin })
+    Ok(unix)
 }
 
 /// Failed accepts (EMFILE, ENFILE, ENOBUFS) wait before the next attempt,
@@ -420,7 +454,8 @@ async fn serve(
     source: DbSource,
     mut control: crate::ControlReceiver,
 ) -> Result<(), DbStartError> {
-    let path = config.socket_path();
+    // Ours to remove on the way out; systemd's stays for the next process.
+    let own_socket = (!listeners.inherited).then(|| config.socket_path());
     let unix = UnixListener::from_std(listeners.unix).map_err(DbStartError::Runtime)?;
     let tcp = listeners
         .tcp
@@ -497,7 +532,9 @@ async fn serve(
     if let Some(task) = tcp_task {
         task.abort();
     }
-    let _ = std::fs::remove_file(&path);
+    if let Some(path) = &own_socket {
+        let _ = std::fs::remove_file(path);
+    }
     shared
         .draining
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -518,7 +555,9 @@ async fn serve(
             "drain timeout: closing the clients still in a transaction"
         );
     }
-    let _ = std::fs::remove_file(&path);
+    if let Some(path) = &own_socket {
+        let _ = std::fs::remove_file(path);
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -118,6 +118,14 @@ enum RatelimitCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: taking them clears LISTEN_FDS and LISTEN_PID.
+    let inherited = match gatehouse::net::Inherited::from_env() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("gatehouse: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { files } => check_config(&files),
@@ -154,10 +162,15 @@ fn main() -> ExitCode {
                 }
             };
             gatehouse::telemetry::init_tracing(&loaded.log);
-            let started = gatehouse::db::bind(&loaded).and_then(|listeners| {
-                // SIGINT stops `gatehouse db` as SIGTERM does: its socket file goes.
-                gatehouse::db::run(listeners, loaded, source, signals(false))
-            });
+            if !inherited.tcp.is_empty() {
+                tracing::warn!("systemd handed over a TCP socket; gatehouse db takes a Unix one");
+            }
+            let started = gatehouse::db::bind(&loaded, inherited.unix.into_iter().next()).and_then(
+                |listeners| {
+                    // SIGINT stops `gatehouse db` as SIGTERM does: its socket file goes.
+                    gatehouse::db::run(listeners, loaded, source, signals(false))
+                },
+            );
             match started {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -206,7 +219,12 @@ fn main() -> ExitCode {
                 }
             };
             gatehouse::telemetry::init_tracing(&loaded.log);
-            let started = proxy::bind(&loaded)
+            if !inherited.unix.is_empty() {
+                tracing::warn!(
+                    "systemd handed over a Unix socket; gatehouse proxy takes a TCP one"
+                );
+            }
+            let started = proxy::bind(&loaded, inherited.tcp.into_iter().next())
                 .and_then(|listeners| proxy::run(listeners, loaded, source, signals(true)));
             match started {
                 Ok(()) => ExitCode::SUCCESS,

@@ -1,10 +1,13 @@
 //! Networking shared by both services: whether a peer address is trusted,
 //! the client address that trusted proxies vouch for in `X-Forwarded-For`
-//! or RFC 7239 `Forwarded`, and the TCP-or-Unix stream each service uses
-//! to reach its backends ([`Stream`]).
+//! or RFC 7239 `Forwarded`, the TCP-or-Unix stream each service uses
+//! to reach its backends ([`Stream`]), and listening sockets systemd hands
+//! over ([`Inherited`]).
 
+mod activation;
 mod stream;
 
+pub use activation::Inherited;
 pub use stream::Stream;
 
 use std::net::{IpAddr, SocketAddr};

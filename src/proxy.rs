@@ -180,15 +180,42 @@ fn listen_error(addr: SocketAddr, source: io::Error) -> StartError {
 
 /// The gateway's sockets, bound before the service runs.
 pub struct Listeners {
-    /// One per worker, on the same address (`SO_REUSEPORT`).
+    /// One per worker: on the same address (`SO_REUSEPORT`), or copies of
+    /// the one socket systemd handed over.
     pub clients: Vec<std::net::TcpListener>,
     pub admin: Option<std::net::TcpListener>,
 }
 
-/// Bind the client listeners (one per worker) and the admin listener.
-pub fn bind(config: &Config) -> Result<Listeners, StartError> {
-    let clients = accept::bind(config.server.listen, config.server.workers)
-        .map_err(|e| listen_error(config.server.listen, e))?;
+/// Bind the client listeners (one per worker) and the admin listener. With
+/// a socket from systemd (`inherited`), the workers accept on it instead of
+/// binding `server.listen`.
+pub fn bind(
+    config: &Config,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<Listeners, StartError> {
+    let clients = match inherited {
+        Some(socket) => {
+            let addr = socket.local_addr().unwrap_or(config.server.listen);
+            if addr != config.server.listen {
+                tracing::info!(
+                    %addr,
+                    configured = %config.server.listen,
+                    "server.listen is not bound: systemd handed over a socket"
+                );
+            }
+            let copies = (1..config.server.workers.max(1))
+                .map(|_| socket.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .and_then(|mut copies| {
+                    socket.set_nonblocking(true)?;
+                    copies.insert(0, socket);
+                    Ok(copies)
+                });
+            copies.map_err(|e| listen_error(addr, e))?
+        }
+        None => accept::bind(config.server.listen, config.server.workers)
+            .map_err(|e| listen_error(config.server.listen, e))?,
+    };
     let admin = match config.admin_listen {
         Some(addr) => Some(crate::admin::bind(addr).map_err(|e| listen_error(addr, e))?),
         None => None,

@@ -21,9 +21,12 @@ fn systemd_units_verify_cleanly() {
     let units: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/systemd"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "service"))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "service" || e == "socket")
+        })
         .collect();
-    assert_eq!(units.len(), 3, "{units:?}");
+    assert_eq!(units.len(), 5, "{units:?}");
     let mut copies = Vec::new();
     for unit in &units {
         let text = std::fs::read_to_string(unit)
@@ -57,6 +60,13 @@ fn systemd_units_verify_cleanly() {
         ),
         ("gatehouse-db.service", "RuntimeDirectory=gatehouse"),
         ("gatehouse-db.service", "Group=www-data"),
+        ("gatehouse-db.service", "RuntimeDirectoryPreserve=yes"),
+        (
+            "gatehouse-db.socket",
+            "ListenStream=/run/gatehouse/.s.PGSQL.6432",
+        ),
+        ("gatehouse-db.socket", "SocketGroup=www-data"),
+        ("gatehouse-proxy.socket", "ListenStream=0.0.0.0:80"),
     ] {
         let text = std::fs::read_to_string(repo().join("deploy/systemd").join(unit)).unwrap();
         assert!(text.contains(needs), "{unit}: {needs}");

@@ -1504,7 +1504,7 @@ async fn the_gateway_runs_in_process_and_stops_when_told() {
         &gatehouse::config::ProcessEnv,
     )
     .unwrap();
-    let listeners = gatehouse::proxy::bind(&config).unwrap();
+    let listeners = gatehouse::proxy::bind(&config, None).unwrap();
     let addr = listeners.clients[0].local_addr().unwrap();
     let (control, receiver) = tokio::sync::mpsc::unbounded_channel();
     let source = gatehouse::proxy::ConfigSource {

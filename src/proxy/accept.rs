@@ -163,10 +163,11 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let shared = Arc::clone(&shared);
         let watcher = graceful.watcher();
+        let draining = shutdown.clone();
         shared.metrics.connections.inc();
         shared.metrics.active_connections.inc();
         tokio::spawn(async move {
-            serve_connection(stream, peer, worker, &shared, watcher).await;
+            serve_connection(stream, peer, worker, &shared, watcher, draining).await;
             shared.metrics.active_connections.dec();
             drop(permit);
         });
@@ -193,15 +194,22 @@ pub async fn serve(
     Ok(())
 }
 
+/// How long a drain waits for the first request of a connection that was
+/// accepted but has not sent one yet. Closing it at once would leave its
+/// client an empty reply it cannot safely retry, the one loss a restart on
+/// a socket held by systemd would otherwise still have.
+const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One client connection: sniff the protocol within the header deadline,
 /// then serve it; an HTTP/2 connection has a watchdog for its header blocks
-/// and idleness.
+/// and idleness. `draining` turns true when the worker drains.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     worker: usize,
     shared: &Arc<Shared>,
     watcher: hyper_util::server::graceful::Watcher,
+    mut draining: watch::Receiver<bool>,
 ) {
     let live = shared.live.load_full();
     let server = &live.config.server;
@@ -228,7 +236,9 @@ async fn serve_connection(
         peer,
         verdicts,
         activity: (protocol == Protocol::Http2).then(|| Arc::clone(&activity)),
+        begun: Arc::new(tokio::sync::Notify::new()),
     };
+    let begun = Arc::clone(&service.begun);
     let send_timed_out = || {
         if activity
             .send_timed_out
@@ -243,11 +253,29 @@ async fn serve_connection(
     };
     if protocol == Protocol::Http1 {
         // hyper keeps the head deadline and the keep-alive idle time itself.
-        let connection = watcher.watch(http1_builder(server).serve_connection(io, service));
-        if let Err(e) = connection.await {
+        let grace = FIRST_REQUEST_GRACE.min(server.header_read_timeout);
+        let connection = http1_builder(server).serve_connection(io, service);
+        tokio::pin!(connection);
+        let ended = tokio::select! {
+            ended = connection.as_mut() => ended,
+            _ = async { drop(draining.wait_for(|d| *d).await) } => {
+                // Idle between requests: closed now. Fresh: its first
+                // request is read and answered first, with `Connection:
+                // close`. In flight: finished, then closed.
+                tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    _ = tokio::time::timeout(grace, begun.notified()) => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, %peer, "client connection ended with an error");
         }
         send_timed_out();
+        drop(watcher);
         return;
     }
     let connection = watcher.watch(http2_builder(server).serve_connection(io, service));
@@ -316,6 +344,8 @@ struct ConnectionService {
     verdicts: Arc<FramingVerdicts>,
     /// HTTP/2 only: requests in flight keep the connection from idling out.
     activity: Option<Arc<Activity>>,
+    /// Holds a permit once a request has begun on the connection.
+    begun: Arc<tokio::sync::Notify>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionService {
@@ -332,6 +362,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             ambiguous_framing,
         );
         let in_flight = self.activity.as_ref().map(|a| a.request());
+        self.begun.notify_one();
         Box::pin(async move {
             let response = exchange.handle(req).await;
             drop(in_flight);
