@@ -229,6 +229,17 @@ impl Metrics {
         // Both results exist from the start, so a dashboard sees 0, not "no data".
         m.config_reloads.with_label_values(&["ok"]);
         m.config_reloads.with_label_values(&["error"]);
+        for reason in [
+            "sniff_timeout",
+            "send_timeout",
+            "header_timeout",
+            "idle_timeout",
+        ] {
+            m.connections_closed.with_label_values(&[reason]);
+        }
+        for stage in ["before_response", "during_response"] {
+            m.client_aborts.with_label_values(&[stage]);
+        }
         Ok(m)
     }
 

@@ -781,7 +781,7 @@ fn more_clients_than_connections_in_transaction_mode() {
             &admin,
             &format!("gatehouse_db_pinned_clients_total{{{pool}}}")
         ),
-        None,
+        Some(0.0),
         "no client was pinned"
     );
     // pgbench -M prepared names 7 statements per client: 8 clients on 2
@@ -1177,7 +1177,7 @@ fn psycopg_clients() {
             &admin,
             &format!("gatehouse_db_pinned_clients_total{{{pool}}}")
         ),
-        None
+        Some(0.0)
     );
     let prepared = metric(
         &admin,

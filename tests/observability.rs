@@ -248,13 +248,14 @@ fn dashboards_and_alerts_read_a_running_stack_under_locust() {
     let mut redis = TestRedis::start();
     let socket = redis.url().replace("redis+unix://", "");
 
-    // gatehouse db routing between them.
+    // gatehouse db routing between them, as Django needs it: a request's
+    // next request comes on another connection.
     let db = GatehouseDb::start_with_text(&format!(
         "[server]\nsocket_dir = \"/set/at/start\"\nport = {}\n\n\
          [admin]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\n\
          [primary]\nhost = \"127.0.0.1\"\nport = {}\n\n\
          [[nodes]]\nhost = \"127.0.0.1\"\nport = {}\n\n\
-         [router]\ntopology_interval = \"200ms\"\n\n\
+         [router]\ntopology_interval = \"200ms\"\nread_your_writes = \"database\"\n\n\
          [pool]\nmin_connections = 0\nconnect_timeout = \"2s\"\n\n\
          [[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n\
          [[databases]]\nname = \"{DJANGO_DB}\"\n",
