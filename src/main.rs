@@ -203,14 +203,14 @@ fn main() -> ExitCode {
             admin_listen,
             upstreams,
         } => {
-            let source = ConfigSource {
-                path: config,
-                overrides: Overrides {
+            let source = ConfigSource::new(
+                config,
+                Overrides {
                     listen,
                     admin_listen,
                     upstreams,
                 },
-            };
+            );
             let loaded = match Config::load(source.path.as_deref(), &source.overrides) {
                 Ok(config) => config,
                 Err(e) => {

@@ -145,6 +145,29 @@ pub struct Shared {
 pub struct ConfigSource {
     pub path: Option<PathBuf>,
     pub overrides: Overrides,
+    /// The file as it was before the first load. `watch_config` compares
+    /// with it, so a change made while the service starts is not missed.
+    first_seen: Option<FileStamp>,
+}
+
+impl ConfigSource {
+    /// Make it before loading the file the first time.
+    pub fn new(path: Option<PathBuf>, overrides: Overrides) -> ConfigSource {
+        let first_seen = path.as_deref().and_then(file_stamp);
+        ConfigSource {
+            path,
+            overrides,
+            first_seen,
+        }
+    }
+}
+
+/// What tells a changed config file: modification time and length.
+type FileStamp = (std::time::SystemTime, u64);
+
+fn file_stamp(path: &std::path::Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -319,7 +342,7 @@ async fn controlled(
     shutdown: watch::Sender<bool>,
     mut control: crate::ControlReceiver,
 ) {
-    let mut seen = fingerprint(source);
+    let mut seen = source.first_seen;
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut last_check = tokio::time::Instant::now();
     loop {
@@ -359,10 +382,8 @@ async fn controlled(
     }
 }
 
-/// What tells a changed config file: modification time and length.
-fn fingerprint(source: &ConfigSource) -> Option<(std::time::SystemTime, u64)> {
-    let meta = std::fs::metadata(source.path.as_ref()?).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
+fn fingerprint(source: &ConfigSource) -> Option<FileStamp> {
+    file_stamp(source.path.as_deref()?)
 }
 
 /// Load the configuration again; swap it in only when it is valid.

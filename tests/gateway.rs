@@ -1504,10 +1504,7 @@ async fn the_gateway_runs_in_process_and_stops_when_told() {
     let listeners = gatehouse::proxy::bind(&config, None).unwrap();
     let addr = listeners.clients[0].local_addr().unwrap();
     let (control, receiver) = tokio::sync::mpsc::unbounded_channel();
-    let source = gatehouse::proxy::ConfigSource {
-        path: None,
-        overrides: gatehouse::config::Overrides::default(),
-    };
+    let source = gatehouse::proxy::ConfigSource::new(None, gatehouse::config::Overrides::default());
     let service =
         std::thread::spawn(move || gatehouse::proxy::run(listeners, config, source, receiver));
     let (status, _, body) = get(addr, "/in-process", &[]).await.unwrap();
