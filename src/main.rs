@@ -167,7 +167,8 @@ fn main() -> ExitCode {
             }
             let started = gatehouse::db::bind(&loaded, inherited.unix.into_iter().next()).and_then(
                 |listeners| {
-                    // SIGINT stops `gatehouse db` as SIGTERM does: its socket file goes.
+                    // SIGINT stops `gatehouse db` as SIGTERM does: its socket file
+                    // goes, unless it is systemd's.
                     gatehouse::db::run(listeners, loaded, source, signals(false))
                 },
             );
