@@ -60,7 +60,8 @@ done
 # (nginx's workers; gatehouse's one process) over the run, from /proc. Less
 # noisy than req/s on a shared machine, where wrk takes its share too.
 gh_pid=${pids[-2]}; g2_pid=${pids[-1]}
-nginx_workers() { pgrep -P "$(cat "$dir/nc.pid")" | tr '\n' ' '; }
+# Workers only: the cache loader exits after its first minute.
+nginx_workers() { pgrep -P "$(cat "$dir/nc.pid")" -f 'worker process' | tr '\n' ' '; }
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
 
 printf '%-8s %-14s %5s %10s %9s %9s %12s\n' size target round req/s p50_ms p99_ms cpu_us/req

@@ -42,6 +42,7 @@ http { $nginx_log keepalive_requests 100000;
 CONF
 "$NGINX" -c "$dir/proxy.conf" -p "$dir"
 start_gatehouse gatehouse "$GH" "$UP" GATEHOUSE_SERVER__WORKERS="$gatehouse_workers" GATEHOUSE_RATELIMIT__ENABLED=false \
+  GATEHOUSE_CACHE__ENABLED=false \
   "${gatehouse_log[@]}"
 curl -sf "http://127.0.0.1:$NG/small" >/dev/null
 
