@@ -95,7 +95,7 @@ for size in small large; do
 done
 echo
 echo "best of $rounds rounds, ${duration}s each, 64 connections, $(nproc) cores; cache hits only;" \
-  "nginx worker_processes=auto, gatehouse workers=0 (2 per core)"
+  "nginx worker_processes=auto, gatehouse workers=0 (1 per core)"
 printf '%-8s %12s %12s %14s %16s %18s %14s\n' size nginx gatehouse gatehouse-l2 "gatehouse/nginx" "p99 gh-nginx (ms)" "l2-only/nginx"
 for size in small large; do
   n=${best_rps[$size/nginx]}; g=${best_rps[$size/gatehouse]}; l=${best_rps[$size/gatehouse-l2]}

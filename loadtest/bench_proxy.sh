@@ -4,7 +4,7 @@
 # Starts a fast upstream (nginx serving fixed bodies), nginx as a proxy
 # (proxy_pass, keep-alive upstream, `worker_processes auto`, its recommended
 # setting: one per core) and gatehouse (same upstream, its default worker count:
-# two per core), then drives each with wrk: 64 connections,
+# one per core as well), then drives each with wrk: 64 connections,
 # a small (2 KiB) and a large (64 KiB) response. Rounds alternate between the
 # two proxies so drift on a shared machine hits both. Prints req/s, p50, p99 and
 # the gatehouse/nginx ratios. Access logs are off for both, or with
@@ -65,7 +65,7 @@ done
 
 echo
 echo "best of $rounds rounds, ${duration}s each, 64 connections, $(nproc) cores;" \
-  "nginx worker_processes=$nginx_workers, gatehouse workers=$gatehouse_workers (0 = 2 per core);" \
+  "nginx worker_processes=$nginx_workers, gatehouse workers=$gatehouse_workers (0 = 1 per core);" \
   "access logs $access_log"
 if [ "$access_log" = on ]; then
   echo "access-log lines: nginx $(wc -l < "$dir/nginx-access.log"), gatehouse $(wc -l < "$dir/gatehouse-access.log")"

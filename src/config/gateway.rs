@@ -575,10 +575,10 @@ impl TryFrom<&RawGateway> for Config {
         Ok(Config {
             server: ServerConfig {
                 listen,
-                // Two per core: measured against nginx in docs/benchmarks.md,
-                // one per core left cores idle while a worker waited on Gunicorn.
+                // One per core, as nginx's `auto`: measured against two per
+                // core in docs/benchmarks.md (2026-12-06).
                 workers: if s.workers == 0 {
-                    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+                    std::thread::available_parallelism().map_or(1, |n| n.get())
                 } else {
                     s.workers
                 },
