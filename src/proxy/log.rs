@@ -94,7 +94,7 @@ impl AccessLog {
     }
 
     fn send(&self, lines: Vec<u8>) {
-        let count = lines.iter().filter(|b| **b == b'\n').count() as u64;
+        let count = memchr::memchr_iter(b'\n', &lines).count() as u64;
         match self.sender.try_send(Message::Lines(lines)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
@@ -180,7 +180,8 @@ pub struct AccessRecord {
     pub request_id: HeaderValue,
     pub client: IpAddr,
     pub method: Method,
-    pub target: String,
+    /// The request target; its path and query are logged.
+    pub target: http::Uri,
     pub version: Version,
     pub status: u16,
     pub route: Arc<str>,
@@ -213,38 +214,45 @@ impl AccessRecord {
         });
     }
 
+    fn path(&self) -> &str {
+        self.target.path_and_query().map_or("/", |p| p.as_str())
+    }
+
+    /// Written straight into the worker's buffer: no line of its own, the
+    /// date part of the timestamp made once a second, and quoting that only
+    /// escapes what needs it.
     fn text(&self, out: &mut Vec<u8>, bytes: u64, complete: bool, elapsed: Duration) {
-        use std::fmt::Write as _;
-        let mut line = String::with_capacity(256);
-        let _ = write!(
-            line,
-            "{}  INFO access: request_id={} client={} method={} path={:?} version={:?} status={} bytes={} route={:?} duration_ms={}",
-            humantime::format_rfc3339_micros(SystemTime::now()),
-            self.request_id.to_str().unwrap_or("-"),
-            self.client,
-            self.method,
-            self.target,
-            self.version,
-            self.status,
-            bytes,
-            &*self.route,
-            millis(elapsed),
-        );
+        use std::io::Write as _;
+        timestamp(out, SystemTime::now());
+        out.extend_from_slice(b"  INFO access: request_id=");
+        out.extend_from_slice(self.request_id.to_str().unwrap_or("-").as_bytes());
+        let _ = write!(out, " client={}", self.client);
+        out.extend_from_slice(b" method=");
+        out.extend_from_slice(self.method.as_str().as_bytes());
+        out.extend_from_slice(b" path=");
+        quoted(out, self.path());
+        out.extend_from_slice(b" version=");
+        out.extend_from_slice(version_name(self.version).as_bytes());
+        out.extend_from_slice(b" status=");
+        decimal(out, u64::from(self.status));
+        out.extend_from_slice(b" bytes=");
+        decimal(out, bytes);
+        out.extend_from_slice(b" route=");
+        quoted(out, &self.route);
+        out.extend_from_slice(b" duration_ms=");
+        milliseconds(out, elapsed);
         match (&self.upstream, self.upstream_time) {
             (Some(upstream), Some(time)) => {
-                let _ = write!(
-                    line,
-                    " upstream={:?} upstream_ms={}",
-                    &**upstream,
-                    millis(time)
-                );
+                out.extend_from_slice(b" upstream=");
+                quoted(out, upstream);
+                out.extend_from_slice(b" upstream_ms=");
+                milliseconds(out, time);
             }
-            _ => line.push_str(" upstream=\"-\""),
+            _ => out.extend_from_slice(b" upstream=\"-\""),
         }
         if !complete {
-            line.push_str(" completed=false");
+            out.extend_from_slice(b" completed=false");
         }
-        out.extend_from_slice(line.as_bytes());
     }
 
     fn json(&self, out: &mut Vec<u8>, bytes: u64, complete: bool, elapsed: Duration) {
@@ -255,7 +263,7 @@ impl AccessRecord {
             "request_id": self.request_id.to_str().unwrap_or("-"),
             "client": self.client.to_string(),
             "method": self.method.as_str(),
-            "path": self.target,
+            "path": self.path(),
             "version": format!("{:?}", self.version),
             "status": self.status,
             "bytes": bytes,
@@ -272,6 +280,101 @@ impl AccessRecord {
 /// Milliseconds with microsecond precision, as the access log shows them.
 pub fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// `millis` written as the text line shows it (`12`, `0.5`, `3.071`),
+/// without going through a float.
+fn milliseconds(out: &mut Vec<u8>, duration: Duration) {
+    let micros = (duration.as_nanos() + 500) / 1000;
+    let micros = u64::try_from(micros).unwrap_or(u64::MAX);
+    decimal(out, micros / 1000);
+    let mut fraction = micros % 1000;
+    if fraction != 0 {
+        out.push(b'.');
+        let mut digits = 3;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        let start = out.len();
+        decimal(out, fraction);
+        let leading = digits - (out.len() - start);
+        out.splice(start..start, std::iter::repeat_n(b'0', leading));
+    }
+}
+
+fn decimal(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// A string in double quotes, escaped as Rust's `{:?}` escapes it; the
+/// common case (printable ASCII, no quote or backslash) is copied as is.
+fn quoted(out: &mut Vec<u8>, value: &str) {
+    use std::io::Write as _;
+    if value
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = write!(out, "{value:?}");
+    }
+}
+
+fn version_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
+thread_local! {
+    /// The second the date part below was made for, and that part
+    /// (`2026-12-06T14:23:45.`).
+    static SECOND: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
+}
+
+/// RFC 3339 with microseconds, UTC, as the other log lines have it.
+fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with(|second| {
+        let mut second = second.borrow_mut();
+        if second.0 != since.as_secs() {
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs());
+            let formatted = humantime::format_rfc3339_seconds(whole).to_string();
+            second.1.clear();
+            second
+                .1
+                .extend_from_slice(formatted.trim_end_matches('Z').as_bytes());
+            second.1.push(b'.');
+            second.0 = since.as_secs();
+        }
+        out.extend_from_slice(&second.1);
+    });
+    let micros = since.subsec_micros();
+    let start = out.len();
+    decimal(out, u64::from(micros));
+    let leading = 6 - (out.len() - start);
+    out.splice(start..start, std::iter::repeat_n(b'0', leading));
+    out.push(b'Z');
 }
 
 /// The response body as sent: counts its bytes and finishes the access
@@ -342,5 +445,99 @@ impl Drop for LoggedBody {
             .is_some_and(|r| r.method == Method::HEAD);
         let complete = head || self.inner.is_end_stream();
         self.finish(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(f: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut out = Vec::new();
+        f(&mut out);
+        String::from_utf8(out).expect("UTF-8")
+    }
+
+    #[test]
+    fn milliseconds_read_as_the_float_they_stand_for() {
+        for nanos in [
+            0,
+            1,
+            499,
+            500,
+            999,
+            1_000,
+            1_500,
+            10_000,
+            100_000,
+            123_456,
+            999_499,
+            999_500,
+            1_000_000,
+            1_000_001,
+            12_000_000,
+            12_340_000,
+            3_071_000,
+            987_654_321_012,
+        ] {
+            let d = Duration::from_nanos(nanos);
+            assert_eq!(
+                written(|out| milliseconds(out, d)),
+                millis(d).to_string(),
+                "{nanos} ns"
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_match_rfc3339_with_microseconds() {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_562_225);
+        for offset in [
+            0,
+            1_000,
+            7_000,
+            999_999_000,
+            1_000_000_000,
+            86_400_000_001_000,
+        ] {
+            let at = base + Duration::from_nanos(offset);
+            assert_eq!(
+                written(|out| timestamp(out, at)),
+                humantime::format_rfc3339_micros(at).to_string(),
+                "{offset}"
+            );
+        }
+    }
+
+    #[test]
+    fn quoting_escapes_as_debug_does() {
+        for value in [
+            "/v1/stories/?page=3",
+            "",
+            "a\"b",
+            "back\\slash",
+            "tab\there",
+            "é/ü",
+            "\u{7f}",
+            "it's",
+        ] {
+            assert_eq!(written(|out| quoted(out, value)), format!("{value:?}"));
+        }
+    }
+
+    #[test]
+    fn decimals_and_versions() {
+        for value in [0, 7, 10, 499, 65_535, u64::MAX] {
+            assert_eq!(written(|out| decimal(out, value)), value.to_string());
+        }
+        for version in [
+            Version::HTTP_09,
+            Version::HTTP_10,
+            Version::HTTP_11,
+            Version::HTTP_2,
+            Version::HTTP_3,
+        ] {
+            assert_eq!(version_name(version), format!("{version:?}"));
+        }
     }
 }

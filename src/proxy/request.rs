@@ -83,10 +83,9 @@ impl Exchange {
     pub async fn handle(mut self, req: Request<Incoming>) -> Response<LoggedBody> {
         self.request = Some(RequestLine {
             method: req.method().clone(),
-            target: req
-                .uri()
-                .path_and_query()
-                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            // A clone shares the request's bytes; the text is read only if
+            // a line is written.
+            target: req.uri().clone(),
             version: req.version(),
         });
         let response = match self.run(req).await {
@@ -423,7 +422,7 @@ impl Drop for Exchange {
 /// What the access log says of the request itself.
 struct RequestLine {
     method: Method,
-    target: String,
+    target: Uri,
     version: Version,
 }
 
