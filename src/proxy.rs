@@ -105,6 +105,7 @@ impl Live {
         upstreams: Arc<UpstreamSet>,
         stores: &LimitStores,
         metrics: &Metrics,
+        cache_lookups: &prometheus::IntCounterVec,
     ) -> Self {
         let limiter = Limiter::new(
             &config.ratelimit,
@@ -113,7 +114,7 @@ impl Live {
             metrics,
         );
         Live {
-            routes: RouteTable::new(&config.routes, metrics),
+            routes: RouteTable::new(&config.routes, metrics, cache_lookups),
             identifier: Identifier::new(
                 &config.identity,
                 config.redis.as_ref().map(|r| r.url.as_str()),
@@ -273,7 +274,13 @@ pub fn run(
     })?;
     let cache = Arc::new(crate::cache::Cache::new(&config.cache, &metrics.registry)?);
     let l2 = cache.set_l2(config.redis.as_ref(), &config.cache);
-    let live = Live::new(config, upstreams, &limit_stores, &metrics);
+    let live = Live::new(
+        config,
+        upstreams,
+        &limit_stores,
+        &metrics,
+        &cache.metrics.lookups,
+    );
     let shared = Arc::new(Shared {
         live: ArcSwap::from_pointee(live),
         metrics,
@@ -429,6 +436,7 @@ pub fn reload(shared: &Shared, source: &ConfigSource) {
         upstreams,
         &shared.limit_stores,
         &shared.metrics,
+        &shared.cache.metrics.lookups,
     )));
     crate::config::reload_applied(&shared.metrics.config_reloads, &file);
 }

@@ -14,7 +14,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use super::body::ProxyBody;
 use super::error::ProxyError;
 use super::identify::Caller;
-use super::route::wsgi_path;
+use super::route::{RouteMetrics, wsgi_path};
 use crate::cache::l2::{self, L2};
 use crate::cache::policy::{self, NotStored, RequestDirectives, StoreRequest, Usable};
 use crate::cache::{self as store, Cache, Entry, Lead, Turn};
@@ -45,7 +45,6 @@ pub struct Plan {
     /// `fwd=request`: a usable entry existed but the request refused it.
     refused_by_request: bool,
     _lead: Option<Lead>,
-    route: Arc<str>,
     l2: Option<Arc<L2>>,
     /// L2's generation when the fetch began; `None`: not stored in L2.
     redis_generation: Option<u64>,
@@ -114,7 +113,8 @@ pub enum Lookup {
 pub struct Ask<'a> {
     pub config: &'a Config,
     pub route: Option<&'a Route>,
-    pub route_name: Arc<str>,
+    /// The route's metrics (`default` when none matched).
+    pub route_metrics: &'a RouteMetrics,
     pub method: &'a Method,
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
@@ -157,11 +157,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         _ => return Ok(Lookup::Bypass(None)),
     };
     let bypass = |reason: &'static str| {
-        cache
-            .metrics
-            .lookups
-            .with_label_values(&[&*ask.route_name, "none", "bypass"])
-            .inc();
+        ask.route_metrics.count_cache_lookup("none", "bypass");
         Ok(Lookup::Bypass(Some(reason)))
     };
     // Partial content is not combined from stored responses.
@@ -224,7 +220,6 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         revalidating: false,
         refused_by_request: false,
         _lead: None,
-        route: ask.route_name,
         l2: cache.l2(),
         redis_generation: None,
         redis_lock: std::sync::Mutex::new(None),
@@ -249,14 +244,14 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
             match usable {
                 Usable::Fresh | Usable::StaleAccepted => {
                     let detail = waited.then_some("coalesced");
-                    count(cache, &plan, layer, "hit");
+                    ask.route_metrics.count_cache_lookup(layer, "hit");
                     return Ok(Lookup::Answer(
                         answer(&entry, ask.headers, head, &hit_status(&entry, detail)),
                         None,
                     ));
                 }
                 Usable::StaleWhileRevalidate => {
-                    count(cache, &plan, layer, "stale");
+                    ask.route_metrics.count_cache_lookup(layer, "stale");
                     let response = answer(
                         &entry,
                         ask.headers,
@@ -290,7 +285,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
             }
         }
         if plan.directives.only_if_cached {
-            count(cache, &plan, "none", "miss");
+            ask.route_metrics.count_cache_lookup("none", "miss");
             return Err(ProxyError::NotCached);
         }
         // A client that asks for a fresh copy gets its own fetch.
@@ -316,9 +311,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
             }
         }
     }
-    count(
-        cache,
-        &plan,
+    ask.route_metrics.count_cache_lookup(
         "none",
         if plan.stale.is_some() {
             "revalidate"
@@ -465,14 +458,6 @@ fn store_l2(plan: &Plan, entry: Arc<Entry>, grace: Duration) {
         let bytes = l2::encode(&entry, &stamp);
         let _ = l2.put(&key, bytes, entry.l2_ttl(grace)).await;
     });
-}
-
-fn count(cache: &Cache, plan: &Plan, layer: &str, result: &str) {
-    cache
-        .metrics
-        .lookups
-        .with_label_values(&[&*plan.route, layer, result])
-        .inc();
 }
 
 /// Add the stored response's validators to a revalidation, unless the

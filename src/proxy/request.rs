@@ -136,7 +136,7 @@ impl Exchange {
                 let ask = cache::Ask {
                     config,
                     route,
-                    route_name: live.routes.name(self.route),
+                    route_metrics: live.routes.metrics(self.route),
                     method: req.method(),
                     uri: req.uri(),
                     headers: req.headers(),

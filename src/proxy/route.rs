@@ -33,15 +33,34 @@ pub struct RouteMetrics {
     pub duration: prometheus::Histogram,
     requests: prometheus::IntCounterVec,
     counters: [[OnceLock<prometheus::IntCounter>; 5]; 8],
+    /// `gatehouse_cache_lookups_total`, and its `{layer="l1", result="hit"}`
+    /// counter for this route, the one every L1 hit counts.
+    cache_lookups: prometheus::IntCounterVec,
+    l1_hits: OnceLock<prometheus::IntCounter>,
 }
 
 impl RouteMetrics {
-    fn new(name: &str, metrics: &Metrics) -> Self {
+    fn new(name: &str, metrics: &Metrics, cache_lookups: &prometheus::IntCounterVec) -> Self {
         RouteMetrics {
             name: Arc::from(name),
             duration: metrics.request_duration.with_label_values(&[name]),
             requests: metrics.requests.clone(),
             counters: Default::default(),
+            cache_lookups: cache_lookups.clone(),
+            l1_hits: OnceLock::new(),
+        }
+    }
+
+    /// Count one `gatehouse_cache_lookups_total{route, layer, result}`.
+    pub fn count_cache_lookup(&self, layer: &str, result: &str) {
+        let by_label = || {
+            self.cache_lookups
+                .with_label_values(&[&*self.name, layer, result])
+        };
+        if (layer, result) == ("l1", "hit") {
+            self.l1_hits.get_or_init(by_label).inc();
+        } else {
+            by_label().inc();
         }
     }
 
@@ -79,7 +98,11 @@ pub enum PathError {
 }
 
 impl RouteTable {
-    pub fn new(routes: &[Route], metrics: &Metrics) -> Self {
+    pub fn new(
+        routes: &[Route],
+        metrics: &Metrics,
+        cache_lookups: &prometheus::IntCounterVec,
+    ) -> Self {
         let mut routes = routes.to_vec();
         // Stable: patterns keep their file order.
         routes.sort_by(|a, b| {
@@ -92,7 +115,7 @@ impl RouteTable {
             .iter()
             .map(|r| r.name.as_str())
             .chain(std::iter::once(DEFAULT_ROUTE))
-            .map(|name| RouteMetrics::new(name, metrics))
+            .map(|name| RouteMetrics::new(name, metrics, cache_lookups))
             .collect();
         RouteTable { routes, metrics }
     }
@@ -173,6 +196,14 @@ mod tests {
     use crate::config::route::PathMatch;
     use proptest::prelude::*;
 
+    fn lookups() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(
+            prometheus::Opts::new("lookups", "test"),
+            &["route", "layer", "result"],
+        )
+        .unwrap()
+    }
+
     fn route(name: &str, prefix: &str, methods: &[Method]) -> Route {
         Route {
             name: name.into(),
@@ -198,6 +229,7 @@ mod tests {
                 route("stories-write", "/v1/stories/", &[Method::POST]),
             ],
             &Metrics::new().unwrap(),
+            &lookups(),
         );
         assert_eq!(&*name_of(&table, &Method::GET, "/v1/stories/3/"), "stories");
         assert_eq!(
@@ -216,6 +248,7 @@ mod tests {
                 route("login", "/v1/auth/login/", &[Method::POST]),
             ],
             &Metrics::new().unwrap(),
+            &lookups(),
         );
         for path in [
             "/v1/%73earch/",
