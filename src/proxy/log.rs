@@ -264,7 +264,7 @@ impl AccessRecord {
             "client": self.client.to_string(),
             "method": self.method.as_str(),
             "path": self.path(),
-            "version": format!("{:?}", self.version),
+            "version": version_name(self.version),
             "status": self.status,
             "bytes": bytes,
             "route": &*self.route,
@@ -296,25 +296,24 @@ fn milliseconds(out: &mut Vec<u8>, duration: Duration) {
             fraction /= 10;
             digits -= 1;
         }
-        let start = out.len();
-        decimal(out, fraction);
-        let leading = digits - (out.len() - start);
-        out.splice(start..start, std::iter::repeat_n(b'0', leading));
+        padded(out, fraction, digits);
     }
 }
 
-fn decimal(out: &mut Vec<u8>, mut value: u64) {
-    let mut digits = [0u8; 20];
+fn decimal(out: &mut Vec<u8>, value: u64) {
+    padded(out, value, 1);
+}
+
+/// `value` in decimal, with leading zeros to at least `width` digits (≤ 20).
+fn padded(out: &mut Vec<u8>, mut value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
     let mut at = digits.len();
-    loop {
+    while value != 0 {
         at -= 1;
         digits[at] = b'0' + (value % 10) as u8;
         value /= 10;
-        if value == 0 {
-            break;
-        }
     }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(&digits[at.min(digits.len() - width)..]);
 }
 
 /// A string in double quotes, escaped as Rust's `{:?}` escapes it; the
@@ -369,11 +368,7 @@ fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
         }
         out.extend_from_slice(&second.1);
     });
-    let micros = since.subsec_micros();
-    let start = out.len();
-    decimal(out, u64::from(micros));
-    let leading = 6 - (out.len() - start);
-    out.splice(start..start, std::iter::repeat_n(b'0', leading));
+    padded(out, u64::from(since.subsec_micros()), 6);
     out.push(b'Z');
 }
 
@@ -468,6 +463,8 @@ mod tests {
             999,
             1_000,
             1_500,
+            7_000,
+            50_000,
             10_000,
             100_000,
             123_456,
