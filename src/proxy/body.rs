@@ -13,15 +13,17 @@ pub enum ProxyBody {
     /// The whole body; `None` once sent.
     Full(Option<Bytes>),
     /// A response larger than the buffer: what was read, then the rest.
+    /// Boxed, as below: every response, and every request's future, is as
+    /// large as the largest variant, and the common one is `Full`.
     Streaming {
         head: Option<Bytes>,
-        rest: UpstreamBody,
+        rest: Box<UpstreamBody>,
     },
     /// A response larger than the buffer, read whole into a temporary file;
     /// past `max_temp_file_size`, the rest still streams from Gunicorn.
     Spooled {
-        file: SpoolReader,
-        rest: Option<UpstreamBody>,
+        file: Box<SpoolReader>,
+        rest: Option<Box<UpstreamBody>>,
     },
 }
 

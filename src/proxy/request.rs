@@ -145,7 +145,9 @@ impl Exchange {
                 };
                 match Box::pin(cache::lookup(&self.shared.cache, ask)).await? {
                     cache::Lookup::Bypass(reason) => bypass = reason,
-                    cache::Lookup::Fetch(p) => plan = Some(*p),
+                    // Kept boxed: it lives across the upstream call, in
+                    // this request's future.
+                    cache::Lookup::Fetch(p) => plan = Some(p),
                     cache::Lookup::Answer(response, refresh) => {
                         if let Some(refresh) = refresh {
                             let request = self.prepare(req, &caller).await?;
@@ -169,7 +171,7 @@ impl Exchange {
         }
         let result = self.send(request).await;
         let mut response = match plan {
-            Some(plan) => cache::complete(&self.shared.cache, &config.cache, plan, result)?,
+            Some(plan) => cache::complete(&self.shared.cache, &config.cache, *plan, result)?,
             None => result?,
         };
         if let Some(reason) = bypass {
@@ -292,7 +294,13 @@ impl Exchange {
         caller: &Caller,
     ) -> Result<Request<Bytes>, ProxyError> {
         let (mut parts, body) = req.into_parts();
-        let body = self.read_body(body).await?;
+        // Boxed, and only when there is a body: its timer and buffers would
+        // otherwise make every request's future larger.
+        let body = if body.is_end_stream() {
+            Bytes::new()
+        } else {
+            Box::pin(self.read_body(body)).await?
+        };
         self.request_bytes = body.len() as u64;
 
         let host = parts.headers.get(header::HOST).cloned().or_else(|| {

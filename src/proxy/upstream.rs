@@ -335,7 +335,7 @@ impl UpstreamSet {
                 // connection is not pooled; it closes when the body ends.
                 let body = ProxyBody::Streaming {
                     head: (!head.is_empty()).then_some(head),
-                    rest,
+                    rest: Box::new(rest),
                 };
                 return Ok(Response::from_parts(parts, body));
             }
@@ -373,7 +373,7 @@ impl UpstreamSet {
         let cfg = &self.config;
         let streamed = |head: Bytes, rest| ProxyBody::Streaming {
             head: (!head.is_empty()).then_some(head),
-            rest,
+            rest: Box::new(rest),
         };
         let mut spool = match Spool::create(&cfg.temp_path).await {
             Ok(spool) => spool,
@@ -418,7 +418,10 @@ impl UpstreamSet {
         };
         Ok(Response::from_parts(
             parts,
-            ProxyBody::Spooled { file, rest },
+            ProxyBody::Spooled {
+                file: Box::new(file),
+                rest: rest.map(Box::new),
+            },
         ))
     }
 }
