@@ -355,9 +355,6 @@ impl Exchange {
         if body.size_hint().lower() > limit {
             return Err(ProxyError::BodyTooLarge { limit });
         }
-        if body.is_end_stream() {
-            return Ok(Bytes::new());
-        }
         let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
         match tokio::time::timeout(server.body_read_timeout, limited.collect()).await {
             Err(_) => Err(ProxyError::BodyTimeout(server.body_read_timeout)),
