@@ -143,7 +143,7 @@ async fn per_user_limit_allows_exactly_n_then_429_with_fields() {
     let key = key.as_str();
     let ttl: i64 = redis.cli(&["PTTL", key]).trim().parse().unwrap();
     assert!((1..=120_000).contains(&ttl), "every key expires: {ttl}");
-    assert_eq!(counted(&redis, key), 5);
+    assert_eq!(counted(redis, key), 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
