@@ -29,6 +29,28 @@ pub fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
     trusted.iter().any(|net| net.contains(&ip))
 }
 
+/// The rate-limit and cache subject of a caller known only by its address:
+/// `ip:` and the address as `Display` writes it. An IPv4 address, the common
+/// case, is written without the formatting machinery: this runs once per
+/// request.
+pub fn ip_subject(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut subject = String::with_capacity(18);
+            subject.push_str("ip:");
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    subject.push('.');
+                }
+                subject.push_str(digits.format(octet));
+            }
+            subject
+        }
+        IpAddr::V6(_) => format!("ip:{ip}"),
+    }
+}
+
 /// `::ffff:10.0.0.1` is 10.0.0.1 for trust decisions.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -254,6 +276,14 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn ip_subjects_are_written_as_display_writes_them(octets in any::<[u8; 4]>(), v6 in any::<u128>()) {
+            let v4 = IpAddr::from(octets);
+            prop_assert_eq!(ip_subject(v4), format!("ip:{v4}"));
+            let v6 = IpAddr::from(v6.to_be_bytes());
+            prop_assert_eq!(ip_subject(v6), format!("ip:{v6}"));
+        }
+
         #[test]
         fn parsing_never_panics(text in "[ -~]{0,60}") {
             let _ = node(&text);

@@ -223,7 +223,7 @@ impl Limiter {
         let scope = match rule.scope {
             Scope::User => id,
             Scope::Ip => {
-                ip_scope = format!("ip:{}", subject.client);
+                ip_scope = crate::net::ip_subject(subject.client);
                 ip_scope.as_str()
             }
             Scope::Global => "global",

@@ -361,12 +361,17 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
             self.peer,
             ambiguous_framing,
         );
-        let in_flight = self.activity.as_ref().map(|a| a.request());
         self.begun.notify_one();
+        // HTTP/1.1, the common case, needs nothing around the exchange: the
+        // future is built once, and its size is copied once, into its box.
+        let Some(activity) = &self.activity else {
+            return Box::pin(exchange.handle(req));
+        };
+        let in_flight = activity.request();
         Box::pin(async move {
             let response = exchange.handle(req).await;
             drop(in_flight);
-            Ok(response)
+            response
         })
     }
 }

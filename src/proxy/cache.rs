@@ -215,7 +215,9 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         tags: Vec::new(),
         request_headers: HeaderMap::new(),
         generation: 0,
-        request_time: SystemTime::now(),
+        // Set when a fetch or a refresh is planned, below; a hit never
+        // reads it.
+        request_time: SystemTime::UNIX_EPOCH,
         stale: None,
         revalidating: false,
         refused_by_request: false,
@@ -246,7 +248,13 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                     let detail = waited.then_some("coalesced");
                     ask.route_metrics.count_cache_lookup(layer, "hit");
                     return Ok(Lookup::Answer(
-                        answer(&entry, ask.headers, head, &hit_status(&entry, detail)),
+                        answer(
+                            &entry,
+                            age,
+                            ask.headers,
+                            head,
+                            &hit_status(&entry, age, detail),
+                        ),
                         None,
                     ));
                 }
@@ -254,9 +262,10 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                     ask.route_metrics.count_cache_lookup(layer, "stale");
                     let response = answer(
                         &entry,
+                        age,
                         ask.headers,
                         head,
-                        &hit_status(&entry, Some("stale-while-revalidate")),
+                        &hit_status(&entry, age, Some("stale-while-revalidate")),
                     );
                     // One refresh per key at a time; others just answer. A
                     // HEAD's request could not refresh a GET's entry.
@@ -269,6 +278,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
                             plan.tags = entry_tags(route_cache, ask.path, &plan.uri);
                             plan.generation = cache.tags.generation();
                             plan.redis_generation = redis_generation(&plan).await;
+                            plan.request_time = SystemTime::now();
                             Some(Box::new(plan))
                         }
                         _ => None,
@@ -697,6 +707,7 @@ fn revalidated(
             );
             let response = answer(
                 &entry,
+                entry.age(),
                 &plan.request_headers,
                 plan.head,
                 &format!("{status}; stored"),
@@ -728,7 +739,8 @@ fn stale_for_error(
     status: Option<StatusCode>,
 ) -> Option<Response<ProxyBody>> {
     let stale = plan.stale.as_ref()?;
-    if !policy::usable_on_error(stale.age(), &stale.freshness)
+    let age = stale.age();
+    if !policy::usable_on_error(age, &stale.freshness)
         || cache.tags.validity(&stale.stamp) == crate::cache::tags::Validity::Gone
     {
         return None;
@@ -738,14 +750,17 @@ fn stale_for_error(
         value.push_str(&format!("; fwd-status={}", status.as_u16()));
     }
     value.push_str("; detail=stale-if-error");
-    Some(answer(stale, &plan.request_headers, plan.head, &value))
+    Some(answer(stale, age, &plan.request_headers, plan.head, &value))
 }
 
 /// `Cache-Status` of an answer from the store, with its remaining freshness.
-fn hit_status(entry: &Entry, detail: Option<&str>) -> String {
+/// Written without the formatting machinery: this runs on every hit.
+fn hit_status(entry: &Entry, age: Duration, detail: Option<&str>) -> String {
     let lifetime = i64::try_from(entry.freshness.lifetime.as_secs()).unwrap_or(i64::MAX);
-    let age = i64::try_from(entry.age().as_secs()).unwrap_or(i64::MAX);
-    let mut value = format!("gatehouse; hit; ttl={}", lifetime.saturating_sub(age));
+    let age = i64::try_from(age.as_secs()).unwrap_or(i64::MAX);
+    let mut value = String::with_capacity(64);
+    value.push_str("gatehouse; hit; ttl=");
+    value.push_str(itoa::Buffer::new().format(lifetime.saturating_sub(age)));
     if let Some(detail) = detail {
         value.push_str("; detail=");
         value.push_str(detail);
@@ -773,7 +788,14 @@ const NOT_MODIFIED_FIELDS: [HeaderName; 7] = [
 /// The answer from a stored response: a 304 when the client's conditional
 /// request is satisfied, the headers only for HEAD, with `Age` and
 /// `Cache-Status`.
-pub fn answer(entry: &Entry, request: &HeaderMap, head: bool, status: &str) -> Response<ProxyBody> {
+/// `age` is the entry's, read once by the caller.
+pub fn answer(
+    entry: &Entry,
+    age: Duration,
+    request: &HeaderMap,
+    head: bool,
+    status: &str,
+) -> Response<ProxyBody> {
     let mut response;
     if entry.status == StatusCode::OK && policy::not_modified(request, &entry.headers) {
         response = Response::new(ProxyBody::empty());
@@ -794,7 +816,7 @@ pub fn answer(entry: &Entry, request: &HeaderMap, head: bool, status: &str) -> R
         *response.headers_mut() = entry.headers.clone();
     }
     let headers = response.headers_mut();
-    headers.insert(header::AGE, HeaderValue::from(entry.age().as_secs()));
+    headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
     set_status(headers, status);
     response
 }

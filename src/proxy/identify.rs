@@ -114,7 +114,7 @@ impl Identifier {
             client,
             trusted_peer,
             request_id,
-            subject: format!("ip:{client}"),
+            subject: net::ip_subject(client),
             within: None,
             tier: None,
             admin: false,

@@ -79,8 +79,13 @@ impl Exchange {
     /// Run the phases, turn an error into its problem response, and hand
     /// the response to the `log` phase, which writes its line once the body
     /// is out. Dropped before that (the client went away), the exchange logs
-    /// a 499 itself.
-    pub async fn handle(mut self, req: Request<Incoming>) -> Response<LoggedBody> {
+    /// a 499 itself. It never fails: the `Result` is the one hyper's
+    /// service wants, so that this future is the boxed one, not wrapped in
+    /// another that would hold the exchange and the request twice.
+    pub async fn handle(
+        mut self,
+        req: Request<Incoming>,
+    ) -> Result<Response<LoggedBody>, std::convert::Infallible> {
         self.request = Some(RequestLine {
             method: req.method().clone(),
             // A clone shares the request's bytes; the text is read only if
@@ -104,7 +109,7 @@ impl Exchange {
         };
         let (parts, body) = response.into_parts();
         let record = self.log(parts.status);
-        Response::from_parts(parts, LoggedBody::new(body, record))
+        Ok(Response::from_parts(parts, LoggedBody::new(body, record)))
     }
 
     async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
@@ -143,7 +148,11 @@ impl Exchange {
                     path: &path,
                     caller: &caller,
                 };
-                match Box::pin(cache::lookup(&self.shared.cache, ask)).await? {
+                // Bound first: a temporary of the `match` line would live to
+                // the end of the match, across the awaits in its arms, and
+                // the unboxed lookup future would take room in this one.
+                let lookup = Box::pin(cache::lookup(&self.shared.cache, ask)).await?;
+                match lookup {
                     cache::Lookup::Bypass(reason) => bypass = reason,
                     // Kept boxed: it lives across the upstream call, in
                     // this request's future.
