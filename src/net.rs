@@ -30,24 +30,28 @@ pub fn is_trusted(trusted: &[IpNet], ip: IpAddr) -> bool {
 }
 
 /// The rate-limit and cache subject of a caller known only by its address:
-/// `ip:` and the address as `Display` writes it. An IPv4 address, the common
-/// case, is written without the formatting machinery: this runs once per
-/// request.
+/// `ip:` and the address.
 pub fn ip_subject(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut subject = String::with_capacity(18);
-            subject.push_str("ip:");
-            let mut digits = itoa::Buffer::new();
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    subject.push('.');
-                }
-                subject.push_str(digits.format(octet));
-            }
-            subject
+    let mut subject = String::with_capacity(18);
+    subject.push_str("ip:");
+    write_ip(&mut subject, ip);
+    subject
+}
+
+/// `ip` appended as `Display` writes it. IPv4, the common case, is written
+/// without the formatting machinery: this runs more than once per request.
+pub fn write_ip(out: &mut String, ip: IpAddr) {
+    let IpAddr::V4(v4) = ip else {
+        use std::fmt::Write as _;
+        let _ = write!(out, "{ip}");
+        return;
+    };
+    let mut digits = itoa::Buffer::new();
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
         }
-        IpAddr::V6(_) => format!("ip:{ip}"),
+        out.push_str(digits.format(octet));
     }
 }
 

@@ -69,24 +69,10 @@ const PROXY_ONLY: [HeaderName; 10] = [
     HeaderName::from_static("x-forwarded-scheme"),
 ];
 
-/// An address as header text; IPv4, the common case, without `fmt`.
+/// An address as header text.
 fn address_value(ip: IpAddr) -> String {
-    let IpAddr::V4(v4) = ip else {
-        return ip.to_string();
-    };
     let mut text = String::with_capacity(15);
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            text.push('.');
-        }
-        if octet >= 100 {
-            text.push(char::from(b'0' + octet / 100));
-        }
-        if octet >= 10 {
-            text.push(char::from(b'0' + octet / 10 % 10));
-        }
-        text.push(char::from(b'0' + octet % 10));
-    }
+    crate::net::write_ip(&mut text, ip);
     text
 }
 
