@@ -36,6 +36,14 @@ impl ProxyBody {
     pub fn empty() -> Self {
         ProxyBody::Full(None)
     }
+
+    /// What was read (`head`, possibly nothing), then the rest from Gunicorn.
+    pub fn streaming(head: Bytes, rest: UpstreamBody) -> Self {
+        ProxyBody::Streaming {
+            head: (!head.is_empty()).then_some(head),
+            rest: Box::new(rest),
+        }
+    }
 }
 
 impl Body for ProxyBody {

@@ -301,7 +301,7 @@ fn milliseconds(out: &mut Vec<u8>, duration: Duration) {
 }
 
 fn decimal(out: &mut Vec<u8>, value: u64) {
-    padded(out, value, 1);
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// `value` in decimal, with leading zeros to at least `width` digits (≤ 20).

@@ -333,11 +333,10 @@ impl UpstreamSet {
                 }
                 // Spooling off: send what we have, stream the rest. The
                 // connection is not pooled; it closes when the body ends.
-                let body = ProxyBody::Streaming {
-                    head: (!head.is_empty()).then_some(head),
-                    rest: Box::new(rest),
-                };
-                return Ok(Response::from_parts(parts, body));
+                return Ok(Response::from_parts(
+                    parts,
+                    ProxyBody::streaming(head, rest),
+                ));
             }
             match rest.next_chunk(&mut timer).await {
                 Err(H1Error::TimedOut) => return Err(Failure::sent(timed_out())),
@@ -371,15 +370,14 @@ impl UpstreamSet {
         timer: &mut ReadTimer<'_>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let cfg = &self.config;
-        let streamed = |head: Bytes, rest| ProxyBody::Streaming {
-            head: (!head.is_empty()).then_some(head),
-            rest: Box::new(rest),
-        };
         let mut spool = match Spool::create(&cfg.temp_path).await {
             Ok(spool) => spool,
             Err(e) => {
                 tracing::warn!(error = %e, dir = %cfg.temp_path.display(), "cannot spool a large response; streaming it");
-                return Ok(Response::from_parts(parts, streamed(head, rest)));
+                return Ok(Response::from_parts(
+                    parts,
+                    ProxyBody::streaming(head, rest),
+                ));
             }
         };
         let failed = |e: std::io::Error| {
