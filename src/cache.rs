@@ -21,11 +21,17 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tokio::sync::watch;
 
 use crate::config::CacheConfig;
+use crate::net::FileCopy;
 use policy::Freshness;
 use tags::{Stamp, TagVersions, Validity};
 
 /// Variants kept per key (per `Vary` combination); past this the oldest goes.
 const MAX_VARIANTS: usize = 16;
+/// An L1 body this large is also kept in a memory file, sent from there
+/// without a copy (nginx's `sendfile`): it saves more than the second copy
+/// of the bytes costs. Smaller ones are cheaper to copy than to send apart
+/// from their head.
+const FILE_COPY_MIN: usize = 48 * 1024;
 
 /// A stored response.
 #[derive(Debug)]
@@ -45,6 +51,8 @@ pub struct Entry {
     pub stamp: Stamp,
     /// How long L1 keeps it.
     pub keep: Duration,
+    /// The body in a memory file, for an L1 entry of `FILE_COPY_MIN` or more.
+    pub copy: Option<Arc<FileCopy>>,
     size: usize,
 }
 
@@ -135,6 +143,7 @@ impl Entry {
             vary,
             stamp,
             keep,
+            copy: None,
             size,
         }
     }
@@ -273,6 +282,10 @@ pub struct CacheMetrics {
     pub background_refreshes: IntCounter,
     pub l1_entries: IntGauge,
     pub l1_bytes: IntGauge,
+    /// L1 bodies also held in a memory file, sent without a copy.
+    pub l1_files: IntGauge,
+    /// Bytes of those bodies sent from their files.
+    pub l1_file_sent: IntCounter,
     /// `{op}`: Redis calls of L2 that failed or timed out.
     pub l2_errors: IntCounterVec,
     /// 1 while L2's Redis answers.
@@ -321,6 +334,14 @@ impl CacheMetrics {
             ))?,
             l1_entries: IntGauge::with_opts(opts("cache_l1_entries", "Keys held in L1"))?,
             l1_bytes: IntGauge::with_opts(opts("cache_l1_bytes", "Bytes held in L1"))?,
+            l1_files: IntGauge::with_opts(opts(
+                "cache_l1_files",
+                "L1 bodies also held in a memory file and sent from it without a copy",
+            ))?,
+            l1_file_sent: IntCounter::with_opts(opts(
+                "cache_l1_file_sent_bytes_total",
+                "Bytes of L1 bodies sent from their memory files",
+            ))?,
             l2_errors: IntCounterVec::new(
                 opts(
                     "cache_l2_errors_total",
@@ -349,6 +370,8 @@ impl CacheMetrics {
         registry.register(Box::new(m.background_refreshes.clone()))?;
         registry.register(Box::new(m.l1_entries.clone()))?;
         registry.register(Box::new(m.l1_bytes.clone()))?;
+        registry.register(Box::new(m.l1_files.clone()))?;
+        registry.register(Box::new(m.l1_file_sent.clone()))?;
         registry.register(Box::new(m.l2_errors.clone()))?;
         registry.register(Box::new(m.l2_up.clone()))?;
         registry.register(Box::new(m.l2_duration.clone()))?;
@@ -505,12 +528,18 @@ impl Cache {
     }
 
     /// Store `entry` under `key`, replacing the variant it matches.
-    pub fn insert(&self, key: &str, entry: Entry) -> Arc<Entry> {
-        let entry = Arc::new(entry);
+    pub fn insert(&self, key: &str, mut entry: Entry) -> Arc<Entry> {
         let l1 = self.l1.load();
         if entry.keep.is_zero() || l1.limits.0 == 0 {
-            return entry;
+            return Arc::new(entry);
         }
+        if entry.body.len() >= FILE_COPY_MIN {
+            entry.copy = FileCopy::new(&entry.body);
+            if entry.copy.is_some() {
+                entry.size += entry.body.len();
+            }
+        }
+        let entry = Arc::new(entry);
         let key: Arc<str> = Arc::from(key);
         let mut variants: Vec<Arc<Entry>> = l1
             .cache
@@ -607,6 +636,13 @@ impl Cache {
         self.metrics
             .l1_entries
             .set(i64::try_from(l1.cache.entry_count()).unwrap_or(i64::MAX));
+        self.metrics
+            .l1_files
+            .set(i64::try_from(crate::net::memory_files()).unwrap_or(i64::MAX));
+        let sent = crate::net::sent_from_files();
+        self.metrics
+            .l1_file_sent
+            .inc_by(sent.saturating_sub(self.metrics.l1_file_sent.get()));
     }
 
     /// `/metrics/json .cache`: totals and hit ratios, overall, by route
@@ -680,6 +716,7 @@ impl Cache {
         out["l1"] = serde_json::json!({
             "entries": l1.cache.entry_count(),
             "bytes": self.metrics.l1_bytes.get(),
+            "files": crate::net::memory_files(),
             "max_entries": l1.limits.0,
             "max_bytes": l1.limits.1,
             "evictions": self.metrics.evictions.get(),

@@ -1,13 +1,16 @@
 //! Networking shared by both services: whether a peer address is trusted,
 //! the client address that trusted proxies vouch for in `X-Forwarded-For`
 //! or RFC 7239 `Forwarded`, the TCP-or-Unix stream each service uses
-//! to reach its backends ([`Stream`]), and listening sockets systemd hands
-//! over ([`Inherited`]).
+//! to reach its backends ([`Stream`]), listening sockets systemd hands
+//! over ([`Inherited`]), and large stored bodies sent from memory files
+//! without a copy ([`ZeroCopy`]).
 
 mod activation;
+mod sendfile;
 mod stream;
 
 pub use activation::Inherited;
+pub use sendfile::{FileCopy, ZeroCopy, files as memory_files, offer, sent as sent_from_files};
 pub use stream::Stream;
 
 use std::net::{IpAddr, SocketAddr};

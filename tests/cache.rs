@@ -19,7 +19,9 @@ use http_body_util::Full;
 use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::json;
 
-use harness::{Gatehouse, Gunicorn, TestUpstream, curl, eventually, get, header_line, send};
+use harness::{
+    Gatehouse, Gunicorn, TestUpstream, curl, eventually, get, header_line, pattern, send,
+};
 use redis::TestRedis;
 
 const SECRET: &str = "integration-test-secret-of-enough-length";
@@ -176,6 +178,108 @@ async fn a_miss_then_hits_with_age_and_cache_status_and_one_upstream_request() {
             .contains("hit")
     );
     assert_eq!(upstream.hits(), 1);
+}
+
+/// Large stored bodies go out from memory files (`sendfile`): every client
+/// still gets every byte at its place, one answer after another on a
+/// kept-alive connection, many at once, to a reader that reads slowly, and
+/// over HTTP/2, which sends them by copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_hits_sent_from_memory_files_arrive_byte_for_byte() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = TestUpstream::start("a").await;
+    let gateway = Gatehouse::start(&config(&upstream.url(), "", ""));
+    let (large, slow) = (pattern(300_000), pattern(1_000_000));
+    for (path, expected) in [("/pattern/300000", &large), ("/pattern/1000000", &slow)] {
+        let (status, headers, body) = get(gateway.addr, path, &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(cache_status(&headers).contains("stored"), "{headers:?}");
+        assert!(body == expected, "the miss's body differs");
+    }
+    let l1_files = "gatehouse_cache_l1_files";
+    assert!(gateway.metric(l1_files).await >= Some(2.0));
+    let sent = "gatehouse_cache_l1_file_sent_bytes_total";
+    let sent_before = gateway.metric(sent).await.unwrap();
+
+    // Three answers on one kept-alive connection.
+    let dir = tempfile::tempdir().unwrap();
+    let url = gateway.url("/pattern/300000");
+    let outs: Vec<_> = (0..3).map(|i| dir.path().join(format!("out{i}"))).collect();
+    let mut args = vec!["-s", "--http1.1"];
+    for out in &outs {
+        args.extend(["-o", out.to_str().unwrap(), &url]);
+    }
+    let (status, headers, _) = curl(&args);
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.matches("cache-status: gatehouse; hit").count(),
+        3,
+        "{headers}"
+    );
+    for out in &outs {
+        assert!(
+            std::fs::read(out).unwrap() == large,
+            "a kept-alive answer differs"
+        );
+    }
+
+    // Sixteen at once.
+    let mut answers = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let addr = gateway.addr;
+        answers.spawn(async move { get(addr, "/pattern/300000", &[]).await });
+    }
+    while let Some(answer) = answers.join_next().await {
+        let (status, headers, body) = answer.unwrap().unwrap();
+        assert_eq!(status, StatusCode::OK);
+        assert!(cache_status(&headers).starts_with("gatehouse; hit"));
+        assert!(body == large, "a concurrent answer differs");
+    }
+
+    // A reader with a small window that reads 8 KiB at a time: the body
+    // goes out in many partial sends.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gateway.addr).await.unwrap();
+    let request = format!(
+        "GET /pattern/1000000 HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        gateway.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = vec![0; 8192];
+    loop {
+        let n = stream.read(&mut chunk).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+    assert!(head.contains("cache-status: gatehouse; hit"), "{head}");
+    assert!(got[end..] == slow[..], "the slow reader's body differs");
+
+    // HTTP/2.
+    let out = dir.path().join("h2");
+    let (status, headers, _) =
+        curl(&["--http2-prior-knowledge", "-o", out.to_str().unwrap(), &url]);
+    assert_eq!(status, 200);
+    assert!(headers.starts_with("http/2"), "{headers}");
+    assert!(
+        std::fs::read(&out).unwrap() == large,
+        "the HTTP/2 answer differs"
+    );
+
+    // The HTTP/1.1 hits went out from the files.
+    let sent_after = gateway.metric(sent).await.unwrap();
+    assert!(
+        sent_after - sent_before >= (19 * 300_000 + 1_000_000) as f64,
+        "sent from files: {sent_before} then {sent_after}"
+    );
+    assert_eq!(upstream.hits(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

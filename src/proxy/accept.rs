@@ -26,6 +26,7 @@ use super::Shared;
 use super::log::LoggedBody;
 use super::request;
 use crate::config::ServerConfig;
+use crate::net::ZeroCopy;
 use deadline::{Activity, Protocol, Watched};
 use framing::{FramingGuard, FramingVerdicts};
 
@@ -225,7 +226,11 @@ async fn serve_connection(
     let verdicts = FramingVerdicts::new();
     let activity = Activity::new();
     let io = TokioIo::new(Watched::new(
-        FramingGuard::new(stream, server.max_header_size, Arc::clone(&verdicts)),
+        FramingGuard::new(
+            ZeroCopy::new(stream, protocol == Protocol::Http1),
+            server.max_header_size,
+            Arc::clone(&verdicts),
+        ),
         Arc::clone(&activity),
         protocol,
         server.send_timeout,

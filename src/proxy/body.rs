@@ -2,10 +2,12 @@
 //! by the gateway) or a buffered head followed by the rest streamed.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use super::spool::SpoolReader;
 use super::upstream::h1::UpstreamBody;
+use crate::net::FileCopy;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
@@ -19,6 +21,12 @@ pub enum ProxyBody {
         head: Option<Bytes>,
         rest: Box<UpstreamBody>,
     },
+    /// A stored body that is also in a memory file: offered to the
+    /// connection's writer, which sends it from the file without a copy.
+    Stored {
+        data: Option<Bytes>,
+        copy: Arc<FileCopy>,
+    },
     /// A response larger than the buffer, read whole into a temporary file;
     /// past `max_temp_file_size`, the rest still streams from Gunicorn.
     Spooled {
@@ -31,6 +39,17 @@ impl ProxyBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
         ProxyBody::Full((!bytes.is_empty()).then_some(bytes))
+    }
+
+    /// A stored body, from its memory file when it has one.
+    pub fn stored(body: &Bytes, copy: Option<&Arc<FileCopy>>) -> Self {
+        match copy {
+            Some(copy) if !body.is_empty() => ProxyBody::Stored {
+                data: Some(body.clone()),
+                copy: Arc::clone(copy),
+            },
+            _ => ProxyBody::full(body.clone()),
+        }
     }
 
     pub fn empty() -> Self {
@@ -56,6 +75,10 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
             ProxyBody::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Stored { data, copy } => Poll::Ready(data.take().map(|d| {
+                crate::net::offer(copy);
+                Ok(Frame::data(d))
+            })),
             ProxyBody::Streaming { head, rest } => {
                 if let Some(head) = head.take() {
                     return Poll::Ready(Some(Ok(Frame::data(head))));
@@ -81,7 +104,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Full(data) => data.is_none(),
+            ProxyBody::Full(data) | ProxyBody::Stored { data, .. } => data.is_none(),
             ProxyBody::Streaming { head, rest } => head.is_none() && rest.is_end_stream(),
             ProxyBody::Spooled { file, rest } => {
                 file.remaining() == 0 && rest.as_ref().is_none_or(Body::is_end_stream)
@@ -91,7 +114,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Full(data) => {
+            ProxyBody::Full(data) | ProxyBody::Stored { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ProxyBody::Streaming { head, rest } => {

@@ -810,7 +810,7 @@ pub fn answer(
         response = Response::new(if head {
             ProxyBody::empty()
         } else {
-            ProxyBody::full(entry.body.clone())
+            ProxyBody::stored(&entry.body, entry.copy.as_ref())
         });
         *response.status_mut() = entry.status;
         *response.headers_mut() = entry.headers.clone();

@@ -199,7 +199,8 @@ fn listening(log: &str, service: &str) -> Option<SocketAddr> {
 
 /// A scriptable upstream standing in for Gunicorn where a test needs exact
 /// control (delays, failures, hop-by-hop headers). Paths:
-/// `/delay/<ms>`, `/status/<code>`, `/bytes/<n>`, `/hop`, anything else echoes
+/// `/delay/<ms>`, `/status/<code>`, `/bytes/<n>` (`x`s), `/pattern/<n>`
+/// ([`pattern`]), `/hop`, anything else echoes
 /// the request as JSON (under `/set-cookie/`, `/private/` and `/no-store/`
 /// with what makes it uncacheable).
 pub struct TestUpstream {
@@ -292,6 +293,7 @@ async fn respond(
             let n: usize = n.parse().unwrap_or(0);
             Response::new(Full::new(Bytes::from(vec![b'x'; n])))
         }
+        (Some("pattern"), Some(n)) => Response::new(Full::new(pattern(n.parse().unwrap_or(0)))),
         (Some("hop"), _) => Response::builder()
             .header("connection", "x-upstream-private")
             .header("x-upstream-private", "secret")
@@ -367,6 +369,12 @@ pub async fn send(addr: SocketAddr, mut request: Request<Full<Bytes>>) -> Result
     let (parts, body) = response.into_parts();
     let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((parts.status, parts.headers, body))
+}
+
+/// `n` bytes whose value changes with their place (period 251, not a power
+/// of two), so that a range sent from the wrong offset shows.
+pub fn pattern(n: usize) -> Bytes {
+    (0..n).map(|i| (i % 251) as u8).collect::<Vec<_>>().into()
 }
 
 pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Reply, String> {
