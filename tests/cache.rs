@@ -282,6 +282,49 @@ async fn large_hits_sent_from_memory_files_arrive_byte_for_byte() {
     assert_eq!(upstream.hits(), 2);
 }
 
+/// A client that never reads a large hit fills its socket: the sends from
+/// the memory file stop, and the connection is closed at `send_timeout`
+/// while other clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_a_large_hit_are_closed_at_send_timeout() {
+    use std::io::Write;
+
+    let upstream = TestUpstream::start("a").await;
+    let toml = config(&upstream.url(), "max_entry_size = \"16MiB\"", "")
+        .replace("[server]\n", "[server]\nsend_timeout = \"2s\"\n")
+        .replace(
+            "[upstream.health_check]",
+            "[upstream]\nresponse_buffer_size = \"32MiB\"\n\n[upstream.health_check]",
+        );
+    let gateway = Gatehouse::start(&toml);
+    // More than the socket buffers on both sides hold.
+    let size = 16_000_000;
+    let path = format!("/pattern/{size}");
+    let expected = pattern(size);
+    let (status, headers, body) = get(gateway.addr, &path, &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(cache_status(&headers).contains("stored"), "{headers:?}");
+    assert!(body == expected);
+    assert!(gateway.metric("gatehouse_cache_l1_files").await >= Some(1.0));
+
+    let stuck: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(gateway.addr).unwrap();
+            let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", gateway.addr);
+            stream.write_all(request.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    let (status, headers, body) = get(gateway.addr, &path, &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(cache_status(&headers).starts_with("gatehouse; hit"));
+    assert!(body == expected, "a reading client's body differs");
+    let closed = "gatehouse_http_connections_closed_total{reason=\"send_timeout\"}";
+    assert!(gateway.metric_reaches(closed, 2.0).await);
+    drop(stuck);
+    assert_eq!(upstream.hits(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_misses_make_one_upstream_request() {
     let upstream = TestUpstream::start("a").await;
