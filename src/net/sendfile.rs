@@ -168,6 +168,8 @@ impl ZeroCopy {
         }
     }
 
+    /// Send `len` bytes of `copy` from `at`; on any error the caller writes
+    /// the same bytes by copy, which fails again if the connection is gone.
     fn poll_sendfile(
         &self,
         cx: &mut Context<'_>,
@@ -179,10 +181,16 @@ impl ZeroCopy {
             let mut offset = at;
             rustix::fs::sendfile(socket, &copy.file, Some(&mut offset), len).map_err(Into::into)
         }));
-        if let Ok(n) = sent {
-            SENT.fetch_add(n as u64, Ordering::Relaxed);
+        match sent {
+            Ok(n) if n > 0 => {
+                SENT.fetch_add(n as u64, Ordering::Relaxed);
+                Poll::Ready(Ok(n))
+            }
+            // Nothing sent (the file shorter than the bytes, which sealing
+            // rules out): the caller writes by copy.
+            Ok(_) => Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into())),
+            Err(e) => Poll::Ready(Err(e)),
         }
-        Poll::Ready(sent)
     }
 }
 
