@@ -1,5 +1,6 @@
-//! Response bodies the gateway sends: whole (buffered from Gunicorn, or made
-//! by the gateway) or a buffered head followed by the rest streamed.
+//! Response bodies the gateway sends: whole (buffered from Gunicorn, made by
+//! the gateway, or stored, offered to the writer from its memory file), a
+//! buffered head followed by the rest streamed, or spooled to a file.
 
 use std::pin::Pin;
 use std::sync::Arc;
