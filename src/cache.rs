@@ -1,5 +1,6 @@
 //! The response cache's store, apart from HTTP handling: entries and their
-//! variants in L1 (moka, in this process), tag versions for invalidation,
+//! variants in L1 (moka, in this process; a large body also in a memory
+//! file, `net::FileCopy`, sent without a copy), tag versions for invalidation,
 //! and the per-key locks that make concurrent misses one upstream request.
 //! The gateway's `cache` phase (`proxy::cache`) decides what to look up,
 //! store and invalidate; [`policy`] holds RFC 9111, [`key`] the keys.
