@@ -144,21 +144,68 @@ fn credentialed(config: &Config, headers: &HeaderMap) -> bool {
         .any(|c| c.trim().split('=').next() == Some(session))
 }
 
-/// The lookup: a fresh (or acceptable) stored answer, or the plan to fetch.
-pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
+/// What a lookup reads off the request before it looks: the keys and the
+/// client's directives.
+pub struct Keyed {
+    uri: String,
+    key: String,
+    head: bool,
+    directives: RequestDirectives,
+    credentialed: bool,
+    per_user: bool,
+}
+
+/// The first half of the lookup, which never waits: the request bypasses
+/// the cache, or is answered by a fresh L1 entry when there is no L2 whose
+/// invalidations L1 would have to be checked against; else the keys for
+/// [`lookup`]. A hit thus costs no boxed future.
+pub fn lookup_local(cache: &Cache, ask: &Ask<'_>) -> Result<Lookup, Keyed> {
+    let keyed = match keyed(ask) {
+        Ok(keyed) => keyed,
+        Err(reason) => return Ok(Lookup::Bypass(reason)),
+    };
+    if cache.has_l2() {
+        return Err(keyed);
+    }
+    let Some((entry, false)) = cache.get(&keyed.key, ask.headers) else {
+        return Err(keyed);
+    };
+    let age = entry.age();
+    match policy::usable(age, &entry.freshness, &keyed.directives) {
+        Usable::Fresh | Usable::StaleAccepted => {
+            ask.route_metrics.count_cache_lookup("l1", "hit");
+            Ok(Lookup::Answer(
+                answer(
+                    &entry,
+                    age,
+                    ask.headers,
+                    keyed.head,
+                    &hit_status(&entry, age, None),
+                ),
+                None,
+            ))
+        }
+        Usable::StaleWhileRevalidate | Usable::Stale => Err(keyed),
+    }
+}
+
+/// The keys of a request the cache may answer; `Err`: the request bypasses
+/// it, silently (`None`) for a method or route it does not cover, else with
+/// the reason.
+fn keyed(ask: &Ask<'_>) -> Result<Keyed, Option<&'static str>> {
     let config = &ask.config.cache;
     let route_cache = ask.route.map(|r| &r.cache);
     if !config.enabled || route_cache.is_some_and(|c| !c.enabled) {
-        return Ok(Lookup::Bypass(None));
+        return Err(None);
     }
     let head = match *ask.method {
         Method::GET => false,
         Method::HEAD => true,
-        _ => return Ok(Lookup::Bypass(None)),
+        _ => return Err(None),
     };
     let bypass = |reason: &'static str| {
         ask.route_metrics.count_cache_lookup("none", "bypass");
-        Ok(Lookup::Bypass(Some(reason)))
+        Err(Some(reason))
     };
     // Partial content is not combined from stored responses.
     if ask.headers.contains_key(header::RANGE) {
@@ -192,7 +239,29 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>) -> Result<Lookup, ProxyError> {
         &config.ignore_query_params,
     );
     let key = store::key::primary_key(&uri, ask.headers, subject);
-    let directives = RequestDirectives::parse(ask.headers);
+    Ok(Keyed {
+        uri,
+        key,
+        head,
+        directives: RequestDirectives::parse(ask.headers),
+        credentialed,
+        per_user,
+    })
+}
+
+/// The lookup, after [`lookup_local`]: a fresh (or acceptable) stored
+/// answer from L1 or L2, or the plan to fetch.
+pub async fn lookup(cache: &Cache, ask: Ask<'_>, keyed: Keyed) -> Result<Lookup, ProxyError> {
+    let config = &ask.config.cache;
+    let route_cache = ask.route.map(|r| &r.cache);
+    let Keyed {
+        uri,
+        key,
+        head,
+        directives,
+        credentialed,
+        per_user,
+    } = keyed;
     let mut plan = Plan {
         uri,
         key,

@@ -148,10 +148,14 @@ impl Exchange {
                     path: &path,
                     caller: &caller,
                 };
-                // Bound first: a temporary of the `match` line would live to
-                // the end of the match, across the awaits in its arms, and
-                // the unboxed lookup future would take room in this one.
-                let lookup = Box::pin(cache::lookup(&self.shared.cache, ask)).await?;
+                // A hit from L1 never waits. Else bound first: a temporary
+                // of the `match` line would live to the end of the match,
+                // across the awaits in its arms, and the unboxed lookup
+                // future would take room in this one.
+                let lookup = match cache::lookup_local(&self.shared.cache, &ask) {
+                    Ok(lookup) => lookup,
+                    Err(keyed) => Box::pin(cache::lookup(&self.shared.cache, ask, keyed)).await?,
+                };
                 match lookup {
                     cache::Lookup::Bypass(reason) => bypass = reason,
                     // Kept boxed: it lives across the upstream call, in
