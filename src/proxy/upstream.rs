@@ -288,7 +288,10 @@ impl UpstreamSet {
         let (conn, head) = loop {
             let (mut conn, pooled) = match server.checkout(worker, cfg.idle_timeout) {
                 Some(conn) => (conn, true),
-                None => match server.connect(cfg.connect_timeout).await {
+                // Boxed, as is `spool` below: both are rare, and their
+                // futures would make every request's larger (it is copied
+                // into its box once per request).
+                None => match Box::pin(server.connect(cfg.connect_timeout)).await {
                     Ok(conn) => (conn, false),
                     Err(error) => return Err(Failure::unsent(error)),
                 },
@@ -327,8 +330,7 @@ impl UpstreamSet {
             if buffered > cfg.response_buffer_size {
                 let head = concat(chunks);
                 if cfg.max_temp_file_size > 0 {
-                    return self
-                        .spool(worker, server, parts, head, rest, &mut timer)
+                    return Box::pin(self.spool(worker, server, parts, head, rest, &mut timer))
                         .await;
                 }
                 // Spooling off: send what we have, stream the rest. The
