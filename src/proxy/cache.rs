@@ -24,12 +24,7 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// A cacheable request on its way to Gunicorn.
 pub struct Plan {
-    uri: String,
-    key: String,
-    head: bool,
-    directives: RequestDirectives,
-    credentialed: bool,
-    per_user: bool,
+    keyed: Keyed,
     route_ttl: Duration,
     route_stale: (Duration, Duration),
     /// Route tags and the URI's own tag.
@@ -74,11 +69,11 @@ async fn wait_for_other_gateway(plan: &mut Plan, limit: Duration) -> bool {
     let Some(l2) = plan.l2.clone().filter(|l2| l2.available()) else {
         return false;
     };
-    match l2.try_lock(&plan.key, limit).await {
+    match l2.try_lock(&plan.keyed.key, limit).await {
         Ok(true) => {
             let lock = RedisLock {
                 l2,
-                key: plan.key.clone(),
+                key: plan.keyed.key.clone(),
             };
             *plan.redis_lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(lock);
             false
@@ -87,7 +82,7 @@ async fn wait_for_other_gateway(plan: &mut Plan, limit: Duration) -> bool {
             let deadline = tokio::time::Instant::now() + limit;
             while tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if !l2.locked(&plan.key).await.unwrap_or(false) {
+                if !l2.locked(&plan.keyed.key).await.unwrap_or(false) {
                     break;
                 }
             }
@@ -254,21 +249,9 @@ fn keyed(ask: &Ask<'_>) -> Result<Keyed, Option<&'static str>> {
 pub async fn lookup(cache: &Cache, ask: Ask<'_>, keyed: Keyed) -> Result<Lookup, ProxyError> {
     let config = &ask.config.cache;
     let route_cache = ask.route.map(|r| &r.cache);
-    let Keyed {
-        uri,
-        key,
-        head,
-        directives,
-        credentialed,
-        per_user,
-    } = keyed;
+    let head = keyed.head;
     let mut plan = Plan {
-        uri,
-        key,
-        head,
-        directives,
-        credentialed,
-        per_user,
+        keyed,
         route_ttl: ask
             .route
             .and_then(|r| r.cache_ttl)
@@ -300,7 +283,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>, keyed: Keyed) -> Result<Lookup,
         if let Some((entry, purged, layer)) = find(
             cache,
             plan.l2.as_ref(),
-            &plan.key,
+            &plan.keyed.key,
             ask.headers,
             config.l1_ttl,
         )
@@ -310,7 +293,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>, keyed: Keyed) -> Result<Lookup,
             let usable = if purged {
                 Usable::Stale
             } else {
-                policy::usable(age, &entry.freshness, &plan.directives)
+                policy::usable(age, &entry.freshness, &plan.keyed.directives)
             };
             match usable {
                 Usable::Fresh | Usable::StaleAccepted => {
@@ -338,13 +321,13 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>, keyed: Keyed) -> Result<Lookup,
                     );
                     // One refresh per key at a time; others just answer. A
                     // HEAD's request could not refresh a GET's entry.
-                    let turn = (!head).then(|| cache.turn(&plan.key));
+                    let turn = (!head).then(|| cache.turn(&plan.keyed.key));
                     let refresh = match turn {
                         Some(Turn::Lead(lead)) => {
                             plan._lead = Some(lead);
                             plan.stale = Some(entry);
                             plan.request_headers = ask.headers.clone();
-                            plan.tags = entry_tags(route_cache, ask.path, &plan.uri);
+                            plan.tags = entry_tags(route_cache, ask.path, &plan.keyed.uri);
                             plan.generation = cache.tags.generation();
                             plan.redis_generation = redis_generation(&plan).await;
                             plan.request_time = SystemTime::now();
@@ -355,7 +338,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>, keyed: Keyed) -> Result<Lookup,
                     return Ok(Lookup::Answer(response, refresh));
                 }
                 Usable::Stale => {
-                    plan.refused_by_request = plan.directives.no_cache
+                    plan.refused_by_request = plan.keyed.directives.no_cache
                         && !purged
                         && policy::usable(age, &entry.freshness, &RequestDirectives::default())
                             == Usable::Fresh;
@@ -363,15 +346,15 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>, keyed: Keyed) -> Result<Lookup,
                 }
             }
         }
-        if plan.directives.only_if_cached {
+        if plan.keyed.directives.only_if_cached {
             ask.route_metrics.count_cache_lookup("none", "miss");
             return Err(ProxyError::NotCached);
         }
         // A client that asks for a fresh copy gets its own fetch.
-        if waited || plan.directives.no_cache {
+        if waited || plan.keyed.directives.no_cache {
             break;
         }
-        match cache.turn(&plan.key) {
+        match cache.turn(&plan.keyed.key) {
             Turn::Lead(lead) => {
                 plan._lead = Some(lead);
                 // Across gateways too, when configured: another one fetching
@@ -399,7 +382,7 @@ pub async fn lookup(cache: &Cache, ask: Ask<'_>, keyed: Keyed) -> Result<Lookup,
         },
     );
     plan.request_headers = ask.headers.clone();
-    plan.tags = entry_tags(route_cache, ask.path, &plan.uri);
+    plan.tags = entry_tags(route_cache, ask.path, &plan.keyed.uri);
     plan.generation = cache.tags.generation();
     plan.redis_generation = redis_generation(&plan).await;
     plan.request_time = SystemTime::now();
@@ -500,7 +483,7 @@ fn store_l2(plan: &Plan, entry: Arc<Entry>, grace: Duration) {
     let (Some(l2), Some(since)) = (plan.l2.clone(), plan.redis_generation) else {
         return;
     };
-    let key = plan.key.clone();
+    let key = plan.keyed.key.clone();
     // Given back once the entry is in L2 (or not to be), when dropped.
     let lock = plan
         .redis_lock
@@ -628,12 +611,16 @@ fn store(
     let status = response.status();
     let header_tags = Cache::tag_names(response.headers(), &config.tag_header);
     response.headers_mut().remove(&config.tag_header);
-    let method = if plan.head { Method::HEAD } else { Method::GET };
+    let method = if plan.keyed.head {
+        Method::HEAD
+    } else {
+        Method::GET
+    };
     let request = StoreRequest {
         method: &method,
-        directives: &plan.directives,
-        credentialed: plan.credentialed,
-        per_user: plan.per_user,
+        directives: &plan.keyed.directives,
+        credentialed: plan.keyed.credentialed,
+        per_user: plan.keyed.per_user,
     };
     let decided = policy::storable(
         &request,
@@ -693,7 +680,7 @@ fn store(
         response_time,
         config.l1_ttl,
     );
-    let entry = cache.insert(&plan.key, entry);
+    let entry = cache.insert(&plan.keyed.key, entry);
     store_l2(plan, entry, config.l1_ttl);
     Ok(())
 }
@@ -747,9 +734,9 @@ fn revalidated(
     }
     let request = StoreRequest {
         method: &Method::GET,
-        directives: &plan.directives,
-        credentialed: plan.credentialed,
-        per_user: plan.per_user,
+        directives: &plan.keyed.directives,
+        credentialed: plan.keyed.credentialed,
+        per_user: plan.keyed.per_user,
     };
     let mut tags = plan.tags.clone();
     tags.extend(Cache::tag_names(fresh, &config.tag_header));
@@ -778,17 +765,17 @@ fn revalidated(
                 &entry,
                 entry.age(),
                 &plan.request_headers,
-                plan.head,
+                plan.keyed.head,
                 &format!("{status}; stored"),
             );
-            let entry = cache.insert(&plan.key, entry);
+            let entry = cache.insert(&plan.keyed.key, entry);
             store_l2(plan, entry, config.l1_ttl);
             response
         }
         _ => {
             // No longer storable, or a write raced: serve what was
             // revalidated without keeping it.
-            let mut response = Response::new(if plan.head {
+            let mut response = Response::new(if plan.keyed.head {
                 ProxyBody::empty()
             } else {
                 ProxyBody::full(stale.body.clone())
@@ -819,7 +806,13 @@ fn stale_for_error(
         value.push_str(&format!("; fwd-status={}", status.as_u16()));
     }
     value.push_str("; detail=stale-if-error");
-    Some(answer(stale, age, &plan.request_headers, plan.head, &value))
+    Some(answer(
+        stale,
+        age,
+        &plan.request_headers,
+        plan.keyed.head,
+        &value,
+    ))
 }
 
 /// `Cache-Status` of an answer from the store, with its remaining freshness.
