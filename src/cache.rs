@@ -432,12 +432,12 @@ impl Cache {
         })
     }
 
-    /// L2, when Redis is configured.
     /// Whether an L2 is in use, without taking a reference to it.
     pub fn has_l2(&self) -> bool {
         self.l2.load().is_some()
     }
 
+    /// L2, when Redis is configured.
     pub fn l2(&self) -> Option<Arc<l2::L2>> {
         self.l2.load().as_ref().map(|pair| Arc::clone(&pair.1))
     }
