@@ -142,10 +142,16 @@ impl Words {
             if candidates == 0 {
                 return false;
             }
+            // One load of eight bytes; only the last seven bytes of a text
+            // need a padded copy.
             let mut window = [0u8; 8];
-            let rest = &text[i..];
-            let n = rest.len().min(8);
-            window[..n].copy_from_slice(&rest[..n]);
+            match text.get(i..i + 8) {
+                Some(eight) => window.copy_from_slice(eight),
+                None => {
+                    let rest = &text[i..];
+                    window[..rest.len()].copy_from_slice(rest);
+                }
+            }
             let window = u64::from_le_bytes(window) | 0x2020_2020_2020_2020;
             while candidates != 0 {
                 let (word, mask) = self.words[candidates.trailing_zeros() as usize];
@@ -159,6 +165,13 @@ impl Words {
             false
         })
     }
+}
+
+/// Whether `sql` holds none of the words that could make it set session
+/// state or name a database to close: a text that needs no further look,
+/// before or after it goes to the server.
+pub fn is_plain(sql: &[u8]) -> bool {
+    !WORDS.in_text(sql) && !DATABASE.in_text(sql)
 }
 
 /// Statements classified recently, by their text: clients repeat the same
@@ -717,6 +730,33 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The prefilter finds a word exactly where a plain case-blind
+        /// search does, at any offset, the last bytes of a text included.
+        #[test]
+        fn the_prefilter_agrees_with_a_plain_search(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "set", "SeT", "se", "t", "do", "D", "(", "x", " ", "data", "BASE", "databasE",
+                    "tem", "p", "into", "in", "hold", "call", "ca", "prepare", "load", "listen", "1",
+                ]),
+                0..12,
+            ),
+        ) {
+            let text = pieces.concat().into_bytes();
+            let lower = text.to_ascii_lowercase();
+            let contains = |word: &[u8]| lower.windows(word.len()).any(|w| w == word);
+            let words: [&[u8]; 11] = [
+                b"set", b"listen", b"prepare", b"load", b"temp", b"hold", b"discard", b"do",
+                b"call", b"into", b"(",
+            ];
+            proptest::prop_assert_eq!(WORDS.in_text(&text), words.iter().any(|w| contains(w)));
+            proptest::prop_assert_eq!(DATABASE.in_text(&text), contains(b"database"));
+            proptest::prop_assert_eq!(
+                super::is_plain(&text),
+                !words.iter().any(|w| contains(w)) && !contains(b"database")
+            );
+        }
+
         /// Random soups of SQL tokens, quotes and bytes never panic.
         #[test]
         fn token_soups_never_panic(

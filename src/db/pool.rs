@@ -32,7 +32,10 @@ struct Pool {
     node: Arc<Node>,
     /// As last configured: its server credentials open new connections.
     user: Mutex<DbUser>,
-    idle: Mutex<Vec<ServerConn>>,
+    /// Boxed, as in `Checkout`: a connection is lent and returned once per
+    /// transaction, and moving a box copies a pointer, not the connection.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<ServerConn>>>,
     /// Server connections open for this pool, lent or idle: each counts
     /// itself in while it lives (`ServerConn::count_in`). Permits cannot say this: a permit handed to a waiter
     /// that has not run yet is counted as lent while its connection is
@@ -253,7 +256,7 @@ impl Pools {
                             conn.count_in(&pool.open);
                             metrics.server_connects.with_label_values(&label).inc();
                             pool.missing.store(false, Ordering::Relaxed);
-                            conn
+                            Box::new(conn)
                         }
                         Err(e) => {
                             metrics.server_errors.with_label_values(&label).inc();
@@ -363,7 +366,7 @@ impl Pools {
                         pool.idle
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
-                            .push(conn);
+                            .push(Box::new(conn));
                     }
                     Err(e) => {
                         metrics
@@ -443,8 +446,9 @@ fn keep(conn: &ServerConn, config: &DbConfig, node: &Node, now: Instant) -> bool
 
 /// A server connection lent to one client.
 pub struct Checkout {
-    /// `None` once discarded.
-    conn: Option<ServerConn>,
+    /// `None` once discarded. Boxed: a checkout moves between the pool,
+    /// the session and back once per transaction, and a connection is large.
+    conn: Option<Box<ServerConn>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
     statement_timeout: Duration,
@@ -474,7 +478,7 @@ impl Checkout {
     /// The connection, unless it was discarded.
     pub fn conn_mut(&mut self) -> Result<&mut ServerConn, ServerError> {
         self.conn
-            .as_mut()
+            .as_deref_mut()
             .ok_or_else(|| ServerError::Io(std::io::ErrorKind::NotConnected.into()))
     }
 

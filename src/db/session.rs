@@ -239,6 +239,7 @@ where
         server: None,
         told: Vec::new(),
         pending: std::collections::VecDeque::new(),
+        plain: Vec::new(),
     };
     // The greeting needs a server's parameters: take one now.
     if let Err(refusal) = session.acquire(&[]).await {
@@ -311,6 +312,10 @@ struct Session<'a> {
     /// Query and Sync messages sent and not answered yet: when, and the
     /// statement (kept only for the slow-query log).
     pending: std::collections::VecDeque<(std::time::Instant, Option<bytes::Bytes>)>,
+    /// The SQL of this client's last Query or Parse when it was plain
+    /// (`classify::is_plain`): clients repeat their statements, and the
+    /// same text again is known plain by a comparison instead of a scan.
+    plain: Vec<u8>,
 }
 
 impl Session<'_> {
@@ -668,7 +673,9 @@ impl Session<'_> {
 
     /// `DROP DATABASE x` and the like need nobody connected to `x`: the
     /// pools' idle connections to it are closed before the statement goes.
-    fn before_database_change(&self, frame: &Frame) {
+    /// Also remembers a plain text, which neither this nor `pins` need
+    /// read again.
+    fn before_database_change(&mut self, frame: &Frame) {
         if frame.tag != front::QUERY && frame.tag != front::PARSE {
             return;
         }
@@ -676,6 +683,14 @@ impl Session<'_> {
             Ok(Frontend::Query { sql } | Frontend::Parse { sql, .. }) => sql,
             _ => return,
         };
+        if sql == self.plain.as_slice() {
+            return;
+        }
+        if super::classify::is_plain(sql) {
+            self.plain.clear();
+            self.plain.extend_from_slice(sql);
+            return;
+        }
         for database in super::classify::databases_needing_no_sessions(sql) {
             let closed = self.shared.pools.close_idle(&database);
             tracing::info!(
@@ -704,6 +719,11 @@ impl Session<'_> {
             }
             _ => return false,
         };
+        // Plain: `before_database_change`, which saw this frame first,
+        // found it so.
+        if sql == self.plain.as_slice() {
+            return false;
+        }
         let standard_strings = || lookup(&self.told, "standard_conforming_strings") != Some("off");
         let Some(effect) = self.shared.classifier.effect(sql, standard_strings) else {
             return false;
