@@ -81,14 +81,14 @@ pub struct DbShared {
     /// made (`read_your_writes = "database"`).
     pub written: Mutex<HashMap<String, (u64, std::time::Instant)>>,
     /// True once SIGTERM asked for a drain: sessions end at their next
-    /// transaction boundary. Read on every message, written once.
+    /// transaction boundary. Read on every message, written once; setting
+    /// it wakes every session through its slot (`start_drain`).
     pub draining: std::sync::atomic::AtomicBool,
-    /// Wakes the sessions waiting for their client when the drain starts.
-    pub drain_started: tokio::sync::Notify,
     /// Clients connected now, for `server.max_client_connections`.
     pub connected: std::sync::atomic::AtomicUsize,
     /// Router-issued (process id, secret) → the server that client holds
-    /// now, if any. Each session keeps its own slot to update.
+    /// now, if any. Each session keeps its own slot to update; the drain
+    /// wakes each session through it.
     cancels: Mutex<HashMap<(i32, i32), CancelSlot>>,
     /// Client settings in use, one copy of each: a server connection set up
     /// for one client is recognised as set up for the next with the same
@@ -96,8 +96,18 @@ pub struct DbShared {
     settings: Mutex<Vec<std::sync::Weak<settings::Settings>>>,
 }
 
-/// Where one client's cancel key leads now.
-pub type CancelSlot = Arc<Mutex<Option<CancelTarget>>>;
+/// One logged-in client's slot: where its cancel key leads now, and the
+/// waker of its session, woken when the drain starts.
+#[derive(Default)]
+pub struct Slot {
+    pub target: Mutex<Option<CancelTarget>>,
+    /// A session waiting for its client registers here on every poll: an
+    /// atomic swap, where a `Notify` shared by all sessions would take its
+    /// lock on every poll of every session.
+    pub drain: atomic_waker::AtomicWaker,
+}
+
+pub type CancelSlot = Arc<Slot>;
 
 impl DbShared {
     pub fn new(config: DbConfig) -> Result<Self, prometheus::Error> {
@@ -110,7 +120,6 @@ impl DbShared {
             topology: topology::Topology::default(),
             written: Mutex::new(HashMap::new()),
             draining: std::sync::atomic::AtomicBool::new(false),
-            drain_started: tokio::sync::Notify::new(),
             connected: std::sync::atomic::AtomicUsize::new(0),
             cancels: Mutex::new(HashMap::new()),
             settings: Mutex::new(Vec::new()),
@@ -156,6 +165,17 @@ impl DbShared {
             .remove(&key);
     }
 
+    /// Set `draining` and wake every session, so that one waiting for
+    /// its client sees it.
+    fn start_drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let cancels = self.cancels.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in cancels.values() {
+            slot.drain.wake();
+        }
+    }
+
     async fn cancel(&self, process_id: i32, secret_key: i32) {
         let slot = self
             .cancels
@@ -163,7 +183,12 @@ impl DbShared {
             .unwrap_or_else(|e| e.into_inner())
             .get(&(process_id, secret_key))
             .cloned();
-        let target = slot.and_then(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let target = slot.and_then(|slot| {
+            slot.target
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        });
         let Some(target) = target else {
             tracing::debug!("cancel request with an unknown key ignored");
             return;
@@ -535,10 +560,7 @@ async fn serve(
     if let Some(path) = &own_socket {
         let _ = std::fs::remove_file(path);
     }
-    shared
-        .draining
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    shared.drain_started.notify_waiters();
+    shared.start_drain();
     let timeout = shared.config.load().drain_timeout;
     let clients = shared.connected.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(clients, ?timeout, "draining");

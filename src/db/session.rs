@@ -657,7 +657,12 @@ impl Session<'_> {
     }
 
     fn point_cancel(&self, target: Option<CancelTarget>) {
-        *self.cancel.1.lock().unwrap_or_else(|e| e.into_inner()) = target;
+        *self
+            .cancel
+            .1
+            .target
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = target;
     }
 
     /// In transaction pooling, hand an idle, unpinned server back.
@@ -672,17 +677,10 @@ impl Session<'_> {
     }
 
     /// `DROP DATABASE x` and the like need nobody connected to `x`: the
-    /// pools' idle connections to it are closed before the statement goes.
-    /// Also remembers a plain text, which neither this nor `pins` need
-    /// read again.
-    fn before_database_change(&mut self, frame: &Frame) {
-        if frame.tag != front::QUERY && frame.tag != front::PARSE {
-            return;
-        }
-        let sql = match frame.frontend() {
-            Ok(Frontend::Query { sql } | Frontend::Parse { sql, .. }) => sql,
-            _ => return,
-        };
+    /// pools' idle connections to it are closed before `sql` goes. Also
+    /// remembers a plain text, which neither this nor `pins` need read
+    /// again.
+    fn before_database_change(&mut self, sql: &[u8]) {
         if sql == self.plain.as_slice() {
             return;
         }
@@ -701,25 +699,16 @@ impl Session<'_> {
         }
     }
 
-    /// Whether a message's effect outlives the transaction in a way that
-    /// cannot follow the client to another connection: SQL that sets
-    /// session state other than reported settings, and named prepared
+    /// Whether a Query or Parse (`text`: its statement name, empty for a
+    /// Query, and its SQL) has an effect that outlives the transaction in a
+    /// way that cannot follow the client to another connection: SQL that
+    /// sets session state other than reported settings, and named prepared
     /// statements when they are not kept per client.
-    fn pins(&self, frame: &Frame) -> bool {
-        if frame.tag != front::QUERY && frame.tag != front::PARSE {
-            return false;
+    fn pins(&self, (statement, sql): (&[u8], &[u8])) -> bool {
+        if self.naming == Naming::Server && !statement.is_empty() {
+            return true;
         }
-        let sql = match frame.frontend() {
-            Ok(Frontend::Query { sql }) => sql,
-            Ok(Frontend::Parse { statement, sql }) => {
-                if self.naming == Naming::Server && !statement.is_empty() {
-                    return true;
-                }
-                sql
-            }
-            _ => return false,
-        };
-        // Plain: `before_database_change`, which saw this frame first,
+        // Plain: `before_database_change`, which saw this text first,
         // found it so.
         if sql == self.plain.as_slice() {
             return false;
@@ -828,10 +817,18 @@ impl Session<'_> {
     {
         let mut frames = Vec::new();
         let mut to_client = BytesMut::new();
-        // Made once: a session registers for the drain signal once, not on
-        // every message.
-        let drain_started = self.shared.drain_started.notified();
-        tokio::pin!(drain_started);
+        // Ready once the drain has started; the slot's waker makes sure a
+        // session waiting for its client hears of it.
+        let slot = Arc::clone(&self.cancel.1);
+        let shared = self.shared;
+        let mut drain_started = std::future::poll_fn(move |cx| {
+            slot.drain.register(cx.waker());
+            if shared.draining.load(Ordering::SeqCst) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        });
         let mut drain_seen = false;
         loop {
             // Draining: a client between transactions goes now.
@@ -872,7 +869,6 @@ impl Session<'_> {
                         if frame.tag == front::QUERY || frame.tag == front::SYNC {
                             sync_points += 1;
                         }
-                        self.before_database_change(&frame);
                         frames.push(self.screen(frame));
                     }
                     let keeps_names = self.naming != Naming::Server;
@@ -1058,9 +1054,22 @@ impl Session<'_> {
     /// A client message as it goes on: one that would set session state in
     /// transaction pooling pins the client, or is replaced by a statement
     /// that fails with SQLSTATE 0A000 (`pool.session_state = "refuse"`).
+    /// The frame is read once, for this and `before_database_change`.
     fn screen(&mut self, frame: Frame) -> Frame {
+        let text = match frame.tag {
+            front::QUERY | front::PARSE => match frame.frontend() {
+                Ok(Frontend::Query { sql }) => Some((&b""[..], sql)),
+                Ok(Frontend::Parse { statement, sql }) => Some((statement, sql)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(text) = text else {
+            return frame;
+        };
+        self.before_database_change(text.1);
         // A pinned client keeps its connection whatever it sets.
-        if self.mode != PoolMode::Transaction || self.pinned || !self.pins(&frame) {
+        if self.mode != PoolMode::Transaction || self.pinned || !self.pins(text) {
             return frame;
         }
         let pool = format!("{}/{}", self.database, self.user.name);

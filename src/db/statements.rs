@@ -430,9 +430,14 @@ impl Exchange {
             front::DESCRIBE | front::CLOSE => frame.body().first() == Some(&tag::STATEMENT),
             _ => false,
         };
-        // An unnamed Parse (the body starts with the empty name).
-        let unnamed_parse = frame.tag == front::PARSE && frame.body().first() == Some(&0);
-        if !names || unnamed_parse {
+        // An unnamed Parse (the body starts with the empty name), or a Bind
+        // of the unnamed statement to the unnamed portal.
+        let unnamed = match frame.tag {
+            front::PARSE => frame.body().first() == Some(&0),
+            front::BIND => frame.body().starts_with(&[0, 0]),
+            _ => false,
+        };
+        if !names || unnamed {
             return Handled::No;
         }
         let Ok(message) = frame.frontend() else {
