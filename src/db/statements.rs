@@ -39,6 +39,37 @@ use super::error::DbError;
 /// name in its `Parse` (query text, parameter types).
 pub type StatementId = [u8; 16];
 
+/// Hashes a [`StatementId`] by its first eight bytes: an id is a SHA-256
+/// prefix, a hash already, and a connection holds a bounded number of them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHash;
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+#[derive(Debug)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // An id hashes as its length, then its bytes: the length adds nothing.
+        if let Some(head) = bytes.first_chunk::<8>() {
+            self.0 = u64::from_le_bytes(*head);
+        }
+    }
+
+    fn write_usize(&mut self, _length: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// A client's named statement.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Statement {
@@ -161,7 +192,7 @@ impl ClientStatements {
 /// that gets it, with when each was last used.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    last_used: HashMap<StatementId, u64>,
+    last_used: HashMap<StatementId, u64, IdHash>,
     clock: u64,
     /// Used since the connection was last idle: not evicted, since closing
     /// a statement also closes the portals bound from it.
