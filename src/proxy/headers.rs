@@ -31,20 +31,27 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !any {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    let named: Vec<&str> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
         .collect();
-    for name in named {
+    // Only the names present are removed: a response's usual
+    // `Connection: keep-alive` costs one removal, not ten.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            *name == header::UPGRADE
+                || HOP_BY_HOP.contains(name)
+                || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str()))
+        })
+        .cloned()
+        .collect();
+    for name in present {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
 }
 
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -156,6 +163,20 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+
+        // Repeated fields go whole; a standard field that `Connection`
+        // names goes too; what is neither stays.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, "keep-alive".parse().unwrap());
+        h.append(header::CONNECTION, "Cache-Control".parse().unwrap());
+        h.append(header::TRANSFER_ENCODING, "gzip".parse().unwrap());
+        h.append(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert(header::CACHE_CONTROL, "no-store".parse().unwrap());
+        h.append(header::SET_COOKIE, "a=1".parse().unwrap());
+        h.append(header::SET_COOKIE, "b=2".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.get_all(header::SET_COOKIE).iter().count(), 2);
     }
 
     #[test]
