@@ -291,6 +291,8 @@ pub struct CacheMetrics {
     pub l2_errors: IntCounterVec,
     /// 1 while L2's Redis answers.
     pub l2_up: IntGauge,
+    /// 1 while this gateway follows the invalidation channel.
+    pub l2_following: IntGauge,
     /// Each L2 call to Redis, answered or not.
     pub l2_duration: prometheus::Histogram,
 }
@@ -351,6 +353,11 @@ impl CacheMetrics {
                 &["op"],
             )?,
             l2_up: IntGauge::with_opts(opts("cache_l2_up", "1 while L2's Redis answers"))?,
+            l2_following: IntGauge::with_opts(opts(
+                "cache_l2_following",
+                "1 while this gateway follows the other gateways' invalidations; \
+                 while 0, L1 answers only what was fetched since the last one",
+            ))?,
             l2_duration: prometheus::Histogram::with_opts(
                 prometheus::HistogramOpts::new(
                     "cache_l2_duration_seconds",
@@ -375,6 +382,7 @@ impl CacheMetrics {
         registry.register(Box::new(m.l1_file_sent.clone()))?;
         registry.register(Box::new(m.l2_errors.clone()))?;
         registry.register(Box::new(m.l2_up.clone()))?;
+        registry.register(Box::new(m.l2_following.clone()))?;
         registry.register(Box::new(m.l2_duration.clone()))?;
         // Every reason reads 0 until it first happens, so a rate over it exists.
         for reason in policy::NotStored::ALL {
@@ -490,6 +498,13 @@ impl Cache {
     pub fn clear_local(&self) {
         self.tags.bump_all();
         self.l1.load().cache.invalidate_all();
+    }
+
+    /// Drop from L1 what was fetched before Redis's generation `redis`
+    /// (see [`tags::TagVersions::resync`]); what it drops is refused on
+    /// lookup and ages out.
+    pub fn resync_local(&self, redis: u64) {
+        self.tags.resync(redis);
     }
 
     /// Apply tags another gateway invalidated.

@@ -1040,6 +1040,65 @@ async fn concurrent_misses_across_gateways_make_one_request_with_the_redis_lock(
     assert_eq!(upstream.hits(), 1);
 }
 
+/// A gateway that cannot follow the invalidation channel (Redis refuses its
+/// user every channel) says so in its log and metrics, and still coalesces
+/// concurrent misses into one request: an L1 entry fetched at Redis's
+/// generation of now has missed no invalidation. Once another gateway's
+/// write moves that generation, the entry is not trusted any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_cannot_follow_invalidations_still_coalesces_and_sees_writes() {
+    let redis = TestRedis::shared();
+    let set = redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "no-channels",
+        "on",
+        ">no-channels-secret",
+        "~*",
+        "resetchannels",
+        "+@all",
+    ]);
+    assert_eq!(set.trim(), "OK");
+    let upstream = TestUpstream::start("a").await;
+    let prefix = prefix();
+    let refused = format!("{}?user=no-channels&pass=no-channels-secret", redis.url());
+    let gateway = Gatehouse::start(&with_redis(&upstream.url(), &refused, &prefix, "", ""));
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            gateway
+                .log()
+                .contains("cannot follow the invalidation channel")
+        })
+        .await,
+        "{}",
+        gateway.log()
+    );
+    assert!(!gateway.log().contains("no-channels-secret"));
+    assert_eq!(
+        gateway.metric("gatehouse_cache_l2_following").await,
+        Some(0.0)
+    );
+    assert_eq!(gateway.metric("gatehouse_cache_l2_up").await, Some(1.0));
+    slow_burst(&[gateway.addr], 20, SITE).await;
+    assert_eq!(upstream.hits(), 1);
+    // From L1: the entry was fetched at the generation Redis still holds.
+    let l1_hits = "gatehouse_cache_lookups_total{layer=\"l1\",result=\"hit\",route=\"default\"}";
+    let before = gateway.metric(l1_hits).await.unwrap_or(0.0);
+    let (_, headers, _) = get(gateway.addr, "/delay/400", SITE).await.unwrap();
+    assert!(cache_status(&headers).contains("hit"), "{headers:?}");
+    assert_eq!(gateway.metric(l1_hits).await, Some(before + 1.0));
+
+    let other = Gatehouse::start(&with_redis(&upstream.url(), &redis.url(), &prefix, "", ""));
+    let post = Request::post("/delay/400")
+        .header("host", SITE[0].1)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(other.addr, post).await.unwrap().0, StatusCode::OK);
+    let (_, headers, _) = get(gateway.addr, "/delay/400", SITE).await.unwrap();
+    assert!(cache_status(&headers).contains("fwd=miss"), "{headers:?}");
+    assert_eq!(upstream.hits(), 3);
+}
+
 /// `stale-while-revalidate`: a stale entry answers at once and one refresh
 /// runs behind it; a HEAD answered in that window refreshes nothing (it
 /// could not refill a GET's entry).

@@ -388,7 +388,7 @@ fn dashboards_and_alerts_read_a_running_stack_under_locust() {
     }
     // The rules Prometheus loaded from the file, each evaluating cleanly.
     let rules = prometheus.alert_rules();
-    assert_eq!(rules.len(), 10, "{rules:?}");
+    assert_eq!(rules.len(), 11, "{rules:?}");
     for (name, expr, error) in &rules {
         if let Some(error) = error {
             problems.push(format!("alert {name}: {error}"));

@@ -125,6 +125,7 @@ pub struct L2 {
     /// The newest generation whose message this gateway has applied to L1.
     seen: AtomicU64,
     subscribed: AtomicBool,
+    following: prometheus::IntGauge,
     reader: GenerationReader,
     errors: prometheus::IntCounterVec,
     up: prometheus::IntGauge,
@@ -171,6 +172,7 @@ impl L2 {
             instance: rand::random(),
             seen: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
+            following: metrics.l2_following.clone(),
             reader: GenerationReader::default(),
             errors: metrics.l2_errors.clone(),
             up: metrics.l2_up.clone(),
@@ -425,6 +427,17 @@ impl L2 {
         result
     }
 
+    /// Send `payload` on the invalidation channel.
+    async fn publish(&self, payload: &str) -> Result<(), L2Error> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(self.channel()).arg(payload);
+        let mut conn = self.conn().await?;
+        let _: i64 = tokio::time::timeout(self.timeout, conn.query(&cmd))
+            .await
+            .map_err(|_| L2Error::Timeout(self.timeout))??;
+        Ok(())
+    }
+
     /// Drop every L2 entry fetched before now, and every gateway's L1.
     pub async fn raise_floor(&self) -> Result<(), L2Error> {
         let mut call = self.bump.prepare_invoke();
@@ -492,33 +505,58 @@ impl GenerationReader {
 
 /// Follow the invalidation channel for ever: apply other gateways' tags to
 /// L1. Messages sent while not subscribed are lost, so on every
-/// (re)subscription L1 starts empty.
+/// (re)subscription L1 drops what may have missed one.
 pub async fn subscribe(cache: Arc<Cache>, l2: Arc<L2>) {
     let channel = l2.channel();
+    // This L2's subscriber speaks for the gauge from now (also after a reload).
+    l2.following.set(0);
+    let mut warned = false;
     // Until a reload replaces this L2.
     while cache.uses(&l2) {
+        let applied = l2.seen.load(Ordering::Acquire);
         let pubsub = async {
             let client = redis::Client::open(l2.pubsub_url.as_str())?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
-        let mut pubsub = match tokio::time::timeout(Duration::from_secs(2), pubsub).await {
-            Ok(Ok(pubsub)) => pubsub,
-            _ => {
+        let subscribed = match tokio::time::timeout(Duration::from_secs(2), pubsub).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        };
+        let mut pubsub = match subscribed {
+            Ok(pubsub) => pubsub,
+            Err(error) => {
+                warn_not_following(&mut warned, &error);
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
+        let mut stream = pubsub.on_message();
+        if let Err(error) = confirm(&cache, &l2, &mut stream).await {
+            warn_not_following(&mut warned, &error);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         let Ok(generation) = l2.read_generation().await else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
-        cache.clear_local();
+        // Messages sent while not subscribed were lost. None were when
+        // Redis's generation is the last one applied before; else L1 keeps
+        // only what was fetched after every invalidation up to now.
+        match generation.cmp(&applied) {
+            std::cmp::Ordering::Equal => {}
+            std::cmp::Ordering::Greater => cache.resync_local(generation),
+            // Redis lost its data: nothing it said before counts.
+            std::cmp::Ordering::Less => cache.clear_local(),
+        }
         l2.seen.fetch_max(generation, Ordering::AcqRel);
         l2.subscribed.store(true, Ordering::Release);
+        l2.following.set(1);
+        warned = false;
         tracing::info!("cache: following invalidations from other gateways");
-        let mut stream = pubsub.on_message();
         loop {
             let next = std::future::poll_fn(|cx| {
                 futures_core::Stream::poll_next(Pin::new(&mut stream), cx)
@@ -544,10 +582,52 @@ pub async fn subscribe(cache: Arc<Cache>, l2: Arc<L2>) {
         }
         drop(stream);
         l2.subscribed.store(false, Ordering::Release);
+        l2.following.set(0);
         cache.clear_local();
         tracing::warn!("cache: invalidation channel lost; L1 emptied, resubscribing");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Say once per outage that the channel is not followed.
+fn warn_not_following(warned: &mut bool, error: &str) {
+    if !std::mem::replace(warned, true) {
+        tracing::warn!(
+            error,
+            "cache: cannot follow the invalidation channel; L1 answers only what was fetched since the last invalidation"
+        );
+    }
+}
+
+/// Whether the subscription holds: the client reads Redis's refusal of a
+/// SUBSCRIBE (an ACL without the channel) as success, so a message of this
+/// gateway's own must come back on it. Invalidations that come first are
+/// applied.
+async fn confirm<S>(cache: &Cache, l2: &L2, stream: &mut S) -> Result<(), String>
+where
+    S: futures_core::Stream<Item = redis::Msg> + Unpin,
+{
+    // Not `<generation> <json>`: every gateway's `apply` passes over it.
+    let probe = format!("probe {:016x}", rand::random::<u64>());
+    l2.publish(&probe).await.map_err(|e| e.to_string())?;
+    let back = async {
+        while let Some(message) =
+            std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut *stream), cx))
+                .await
+        {
+            let Ok(payload) = message.get_payload::<String>() else {
+                continue;
+            };
+            if payload == probe {
+                return Ok(());
+            }
+            apply(cache, l2, &payload);
+        }
+        Err("the channel closed".to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(2), back)
+        .await
+        .unwrap_or_else(|_| Err("the subscription received nothing".to_string()))
 }
 
 /// `<generation> <json>`: one invalidation.
@@ -723,6 +803,7 @@ pub fn decode(bytes: &[u8]) -> Option<Decoded> {
         stamp: Stamp {
             generation,
             versions,
+            redis: None,
         },
     })
 }
@@ -746,6 +827,7 @@ mod tests {
         let stamp = Stamp {
             generation: 42,
             versions: vec![("tag:stories".into(), 3, 0), ("uri:h\0/\0".into(), 0, 9)],
+            redis: None,
         };
         let entry = Entry::new(
             StatusCode::OK,

@@ -28,6 +28,11 @@ struct Inner {
     /// Entries whose fetch began before this generation may depend on a
     /// forgotten version: none of them is served.
     floor: u64,
+    /// Set when the invalidation channel is followed again after messages
+    /// may have been missed: entries whose fetch began before the first
+    /// generation are gone, unless it began at or after the second, Redis's
+    /// generation then (no message they could have missed was newer).
+    resync: (u64, u64),
 }
 
 /// What an entry remembers of the tags at its fetch: per tag, its version
@@ -36,6 +41,8 @@ struct Inner {
 pub struct Stamp {
     pub generation: u64,
     pub versions: Vec<(String, u64, u64)>,
+    /// Redis's generation read before the fetch began, when it answered.
+    pub redis: Option<u64>,
 }
 
 /// Whether an entry may still be used.
@@ -62,12 +69,12 @@ impl TagVersions {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The stamp for an entry whose fetch began at `since`; `None` when one
-    /// of `tags` was invalidated after that (the response may be older than
-    /// the write).
-    pub fn stamp(&self, since: u64, tags: Vec<String>) -> Option<Stamp> {
+    /// The stamp for an entry whose fetch began at `since` (and at Redis's
+    /// generation `redis`); `None` when one of `tags` was invalidated after
+    /// that (the response may be older than the write).
+    pub fn stamp(&self, since: u64, redis: Option<u64>, tags: Vec<String>) -> Option<Stamp> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.floor > since {
+        if inner.dropped(since, redis) {
             return None;
         }
         let mut versions = Vec::with_capacity(tags.len());
@@ -82,6 +89,7 @@ impl TagVersions {
         Some(Stamp {
             generation: since,
             versions,
+            redis,
         })
     }
 
@@ -98,7 +106,7 @@ impl TagVersions {
             return Validity::Current;
         }
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.floor > stamp.generation {
+        if inner.dropped(stamp.generation, stamp.redis) {
             return Validity::Gone;
         }
         let mut validity = Validity::Current;
@@ -156,6 +164,25 @@ impl TagVersions {
         inner.floor = generation;
         self.generation.store(generation, Ordering::Release);
     }
+
+    /// Forget every entry fetched before now, except those whose fetch
+    /// began at or after Redis's generation `redis`: invalidations up to it
+    /// may have been missed, and they are the ones that saw them all.
+    pub fn resync(&self, redis: u64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        inner.resync = (generation, redis);
+        self.generation.store(generation, Ordering::Release);
+    }
+}
+
+impl Inner {
+    /// Whether a fetch that began at `since` (Redis: `redis`) was dropped
+    /// whole, whatever its tags.
+    fn dropped(&self, since: u64, redis: Option<u64>) -> bool {
+        let (resynced, from) = self.resync;
+        self.floor > since || (resynced > since && redis.is_none_or(|r| r < from))
+    }
 }
 
 #[cfg(test)]
@@ -166,15 +193,15 @@ mod tests {
     fn a_bump_makes_older_stamps_stale_and_leaves_others() {
         let tags = TagVersions::default();
         let g = tags.generation();
-        let a = tags.stamp(g, vec!["stories".into()]).unwrap();
-        let b = tags.stamp(g, vec!["users".into()]).unwrap();
+        let a = tags.stamp(g, None, vec!["stories".into()]).unwrap();
+        let b = tags.stamp(g, None, vec!["users".into()]).unwrap();
         assert!(tags.current(&a) && tags.current(&b));
         tags.bump(["stories"]);
         assert!(!tags.current(&a));
         assert!(tags.current(&b));
         // Fetched after the write: fine.
         let c = tags
-            .stamp(tags.generation(), vec!["stories".into()])
+            .stamp(tags.generation(), None, vec!["stories".into()])
             .unwrap();
         assert!(tags.current(&c));
     }
@@ -184,21 +211,25 @@ mod tests {
         let tags = TagVersions::default();
         let began = tags.generation();
         tags.bump(["stories"]);
-        assert!(tags.stamp(began, vec!["stories".into()]).is_none());
-        assert!(tags.stamp(began, vec!["users".into()]).is_some());
+        assert!(tags.stamp(began, None, vec!["stories".into()]).is_none());
+        assert!(tags.stamp(began, None, vec!["users".into()]).is_some());
     }
 
     #[test]
     fn forgetting_old_versions_never_revives_an_entry() {
         let tags = TagVersions::default();
-        let old = tags.stamp(tags.generation(), vec!["t0".into()]).unwrap();
+        let old = tags
+            .stamp(tags.generation(), None, vec!["t0".into()])
+            .unwrap();
         tags.bump(["t0"]);
         for i in 1..=MAX_TAGS + 1 {
             tags.bump([format!("t{i}").as_str()]);
         }
         // `t0`'s version was forgotten; the stamp that read 0 must not match.
         assert!(!tags.current(&old));
-        let fresh = tags.stamp(tags.generation(), vec!["t0".into()]).unwrap();
+        let fresh = tags
+            .stamp(tags.generation(), None, vec!["t0".into()])
+            .unwrap();
         assert!(tags.current(&fresh));
     }
 
@@ -206,7 +237,7 @@ mod tests {
     fn a_soft_purge_leaves_entries_stale_not_gone() {
         let tags = TagVersions::default();
         let a = tags
-            .stamp(tags.generation(), vec!["stories".into()])
+            .stamp(tags.generation(), None, vec!["stories".into()])
             .unwrap();
         tags.bump_in(["stories"], true);
         assert_eq!(tags.validity(&a), Validity::Stale);
@@ -214,7 +245,7 @@ mod tests {
         assert_eq!(tags.validity(&a), Validity::Gone);
         // Stored again after the purge: current.
         let b = tags
-            .stamp(tags.generation(), vec!["stories".into()])
+            .stamp(tags.generation(), None, vec!["stories".into()])
             .unwrap();
         assert_eq!(tags.validity(&b), Validity::Current);
     }
@@ -222,8 +253,31 @@ mod tests {
     #[test]
     fn bump_all_stales_everything() {
         let tags = TagVersions::default();
-        let a = tags.stamp(tags.generation(), vec![]).unwrap();
+        let a = tags.stamp(tags.generation(), None, vec![]).unwrap();
         tags.bump_all();
         assert!(!tags.current(&a));
+    }
+
+    #[test]
+    fn a_resync_keeps_only_fetches_that_began_at_or_after_its_redis_generation() {
+        let tags = TagVersions::default();
+        let g = tags.generation();
+        let behind = tags.stamp(g, Some(6), vec!["a".into()]).unwrap();
+        let level = tags.stamp(g, Some(7), vec!["a".into()]).unwrap();
+        let unknown = tags.stamp(g, None, vec!["a".into()]).unwrap();
+        tags.resync(7);
+        assert_eq!(tags.validity(&behind), Validity::Gone);
+        assert_eq!(tags.validity(&unknown), Validity::Gone);
+        assert_eq!(tags.validity(&level), Validity::Current);
+        // Fetches in flight across the resync: stored only if level with it.
+        assert!(tags.stamp(g, Some(6), vec!["b".into()]).is_none());
+        assert!(tags.stamp(g, Some(7), vec!["b".into()]).is_some());
+        // Tag invalidations still apply to what the resync kept.
+        tags.bump(["a"]);
+        assert_eq!(tags.validity(&level), Validity::Gone);
+        // And a later drop of everything leaves nothing.
+        let after = tags.stamp(tags.generation(), Some(7), vec![]).unwrap();
+        tags.bump_all();
+        assert_eq!(tags.validity(&after), Validity::Gone);
     }
 }

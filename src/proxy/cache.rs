@@ -428,8 +428,10 @@ async fn find(
     if let Some((entry, purged)) = cache.get(key, headers) {
         let trusted = match l2 {
             None => true,
+            // Also before this gateway follows the invalidation channel:
+            // an entry fetched at Redis's generation now has missed nothing.
             Some(l2) => match l2.generation().await {
-                Ok(generation) => l2.caught_up(generation),
+                Ok(generation) => l2.caught_up(generation) || entry.stamp.redis == Some(generation),
                 Err(_) => true,
             },
         };
@@ -468,7 +470,9 @@ async fn find(
         }
         purged |= now_soft != soft;
     }
-    let stamp = cache.tags.stamp(local, tags)?;
+    let stamp = cache
+        .tags
+        .stamp(local, Some(decoded.stamp.generation), tags)?;
     let entry = Entry::restore(decoded, stamp, l1_ttl);
     let entry = if purged {
         Arc::new(entry)
@@ -516,6 +520,7 @@ fn store_l2(plan: &Plan, entry: Arc<Entry>, grace: Duration) {
                 .zip(now.tags)
                 .map(|(tag, (hard, soft))| (tag, hard, soft))
                 .collect(),
+            redis: None,
         };
         let bytes = l2::encode(&entry, &stamp);
         let _ = l2.put(&key, bytes, entry.l2_ttl(grace)).await;
@@ -656,7 +661,10 @@ fn store(
     tags.extend(header_tags);
     // A write invalidated one of the tags since the fetch began: this
     // response may predate it. Not stored; the client still gets it.
-    let Some(stamp) = cache.tags.stamp(plan.generation, tags) else {
+    let Some(stamp) = cache
+        .tags
+        .stamp(plan.generation, plan.redis_generation, tags)
+    else {
         cache
             .metrics
             .not_stored
@@ -748,7 +756,12 @@ fn revalidated(
         plan.route_stale,
     );
     let status = "gatehouse; fwd=stale; fwd-status=304";
-    match (freshness, cache.tags.stamp(plan.generation, tags)) {
+    match (
+        freshness,
+        cache
+            .tags
+            .stamp(plan.generation, plan.redis_generation, tags),
+    ) {
         (Ok(freshness), Some(stamp)) => {
             let entry = Entry::new(
                 stale.status,
