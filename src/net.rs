@@ -49,12 +49,20 @@ pub fn write_ip(out: &mut String, ip: IpAddr) {
         let _ = write!(out, "{ip}");
         return;
     };
-    let mut digits = itoa::Buffer::new();
+    // Digit by digit into room made once: formatting each octet and
+    // appending it cost a copy call per piece.
+    out.reserve(15);
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
             out.push('.');
         }
-        out.push_str(digits.format(octet));
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
     }
 }
 

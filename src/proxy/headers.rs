@@ -20,14 +20,18 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
+/// Whether a field describes one connection (`Upgrade` included: the
+/// gateway does not tunnel protocol upgrades).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::UPGRADE || HOP_BY_HOP.contains(name)
+}
+
 /// Remove hop-by-hop fields, including every field `Connection` names.
 /// `Upgrade` goes too: the gateway does not tunnel protocol upgrades.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass of cheap name comparisons instead
     // of a hashed removal per name (measured on the small-response path).
-    let any = headers
-        .keys()
-        .any(|name| name == header::UPGRADE || HOP_BY_HOP.contains(name));
+    let any = headers.keys().any(is_hop_by_hop);
     if !any {
         return;
     }
@@ -43,9 +47,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let present: Vec<HeaderName> = headers
         .keys()
         .filter(|name| {
-            *name == header::UPGRADE
-                || HOP_BY_HOP.contains(name)
-                || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str()))
+            is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_str()))
         })
         .cloned()
         .collect();
@@ -101,7 +103,8 @@ pub fn set_forwarded(headers: &mut HeaderMap, caller: &Caller, host: Option<&Hea
     } else {
         peer
     };
-    if let Ok(value) = HeaderValue::from_str(&xff) {
+    // The text's own buffer becomes the value's, not a copy of it.
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
         headers.insert(X_FORWARDED_FOR, value);
     }
     if !caller.trusted_peer || !headers.contains_key(&X_FORWARDED_PROTO) {

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 use ipnet::IpNet;
 use jsonwebtoken::{DecodingKey, Validation};
 use serde_json::Value;
@@ -23,8 +23,9 @@ use crate::config::IdentityConfig;
 use crate::config::identity::{IdentityMethod, JwtConfig, SessionVerify};
 use crate::net::{self, RealIpHeader};
 
-pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
-pub const X_REQUEST_ID: &str = "x-request-id";
+// Names, not text: a `&str` key is parsed again on every use.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The caller of one request.
 #[derive(Debug, Clone)]

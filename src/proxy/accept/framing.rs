@@ -94,7 +94,7 @@ impl<T> FramingGuard<T> {
         match state {
             State::Off => (State::Off, data.len()),
             // The usual case: a whole head inside one read, parsed in place.
-            State::Head(seen) if seen.is_empty() => match find(data, b"\r\n\r\n") {
+            State::Head(seen) if seen.is_empty() => match head_end(data) {
                 Some(i) => (self.on_head(&data[..i + 4]), i + 4),
                 None if data.len() > self.max_head => (State::Off, data.len()),
                 None => (State::Head(data.to_vec()), data.len()),
@@ -102,7 +102,7 @@ impl<T> FramingGuard<T> {
             State::Head(mut seen) => {
                 let start = seen.len();
                 seen.extend_from_slice(data);
-                let Some(end) = find(&seen, b"\r\n\r\n").map(|i| i + 4) else {
+                let Some(end) = head_end(&seen).map(|i| i + 4) else {
                     if seen.len() > self.max_head {
                         return (State::Off, data.len());
                     }
@@ -240,8 +240,12 @@ impl<T> FramingGuard<T> {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(haystack, needle)
+/// Where a head's blank line begins. The searcher is built once: building
+/// one per call cost more than the search in a short head.
+fn head_end(haystack: &[u8]) -> Option<usize> {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
+    FINDER.find(haystack)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {

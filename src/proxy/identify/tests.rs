@@ -84,7 +84,7 @@ fn untrusted_peer_cannot_choose_its_address_or_request_id() {
     let id = identifier(false);
     let (caller, _) = identify(
         &id,
-        &headers(&[(X_FORWARDED_FOR, "1.2.3.4"), (X_REQUEST_ID, "mine")]),
+        &headers(&[("x-forwarded-for", "1.2.3.4"), ("x-request-id", "mine")]),
         "203.0.113.9".parse().unwrap(),
         &nets(&["10.0.0.0/8"]),
     );
@@ -101,8 +101,8 @@ fn trusted_chain_is_walked_right_to_left() {
     let (caller, _) = identify(
         &id,
         &headers(&[
-            (X_FORWARDED_FOR, "6.6.6.6, 1.2.3.4, 10.0.0.7"),
-            (X_REQUEST_ID, "abc-123"),
+            ("x-forwarded-for", "6.6.6.6, 1.2.3.4, 10.0.0.7"),
+            ("x-request-id", "abc-123"),
         ]),
         "10.0.0.1".parse().unwrap(),
         &nets(&["10.0.0.0/8"]),

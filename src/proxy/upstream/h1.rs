@@ -19,6 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
+use super::super::headers::is_hop_by_hop;
 use crate::net::Stream;
 
 /// A response head larger than this is refused, as nginx refuses one larger
@@ -171,7 +172,7 @@ impl Conn {
     ) -> Result<Head, H1Error> {
         let mut got_any = !self.buf.is_empty();
         loop {
-            if let Some(head) = self.parse_head(method)? {
+            if let Some(head) = parse_head(&mut self.buf, method)? {
                 if head.parts.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(H1Error::Invalid("101 to a request that asked no upgrade"));
                 }
@@ -195,67 +196,6 @@ impl Conn {
         }
     }
 
-    fn parse_head(&mut self, method: &Method) -> Result<Option<Head>, H1Error> {
-        // Left uninitialised: filling 128 empty fields per response costs
-        // more than parsing a small head.
-        let mut fields =
-            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut []);
-        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut response,
-            &self.buf,
-            &mut fields,
-        );
-        let len = match parsed {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => {
-                return Err(H1Error::Invalid("more than 128 header fields"));
-            }
-            Err(_) => return Err(H1Error::Invalid("malformed response head")),
-        };
-        let status = response
-            .code
-            .and_then(|code| StatusCode::from_u16(code).ok())
-            .ok_or(H1Error::Invalid("status code"))?;
-        let version = match response.version {
-            Some(1) => Version::HTTP_11,
-            _ => Version::HTTP_10,
-        };
-        // Values are sliced from the head's own bytes, not copied: their
-        // places are noted while `httparse` holds the buffer.
-        let base = self.buf.as_ptr().addr();
-        let mut spans = Vec::with_capacity(response.headers.len());
-        for field in response.headers.iter() {
-            let name = HeaderName::from_bytes(field.name.as_bytes())
-                .map_err(|_| H1Error::Invalid("header name"))?;
-            let start = match field.value.as_ptr().addr().checked_sub(base) {
-                Some(start) if !field.value.is_empty() => start,
-                _ => 0,
-            };
-            spans.push((name, start, start + field.value.len()));
-        }
-        let bytes = self.buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        for (name, start, end) in spans {
-            let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
-                .map_err(|_| H1Error::Invalid("header value"))?;
-            headers.append(name, value);
-        }
-        let (body, framed) = framing(method, status, &headers)?;
-        let keep_alive = framed && persistent(version, &headers);
-        let mut head = Response::new(());
-        *head.status_mut() = status;
-        *head.version_mut() = version;
-        *head.headers_mut() = headers;
-        let (parts, ()) = head.into_parts();
-        Ok(Some(Head {
-            parts,
-            body,
-            keep_alive,
-        }))
-    }
-
     /// The next piece of the body; `None` at its end.
     pub async fn next_chunk(
         &mut self,
@@ -276,11 +216,83 @@ impl Conn {
     }
 }
 
+/// Parse a response head from the front of `buf`, taking its bytes;
+/// `None` while it is incomplete.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Error> {
+    // Left uninitialised: filling 128 empty fields per response costs
+    // more than parsing a small head.
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(H1Error::Invalid("more than 128 header fields"));
+        }
+        Err(_) => return Err(H1Error::Invalid("malformed response head")),
+    };
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(H1Error::Invalid("status code"))?;
+    let version = match response.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    // Values are sliced from the head's own bytes, not copied: their
+    // places are noted while `httparse` holds the buffer. Hop-by-hop
+    // fields are read for framing and persistence, and not kept: the
+    // client's response never carries them (a `Connection` that names
+    // other fields stays, for `strip_hop_by_hop` to act on).
+    let base = buf.as_ptr().addr();
+    let mut spans = Vec::with_capacity(response.headers.len());
+    let mut link = Link::default();
+    for field in response.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| H1Error::Invalid("header name"))?;
+        if is_hop_by_hop(&name) && !link.note(&name, field.value) {
+            continue;
+        }
+        link.length |= name == header::CONTENT_LENGTH;
+        let start = match field.value.as_ptr().addr().checked_sub(base) {
+            Some(start) if !field.value.is_empty() => start,
+            _ => 0,
+        };
+        spans.push((name, start, start + field.value.len()));
+    }
+    let bytes = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for (name, start, end) in spans {
+        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
+            .map_err(|_| H1Error::Invalid("header value"))?;
+        headers.append(name, value);
+    }
+    let (body, framed) = framing(method, status, &link, &headers)?;
+    let keep_alive = framed && link.persistent(version);
+    let mut head = Response::new(());
+    *head.status_mut() = status;
+    *head.version_mut() = version;
+    *head.headers_mut() = headers;
+    let (parts, ()) = head.into_parts();
+    Ok(Some(Head {
+        parts,
+        body,
+        keep_alive,
+    }))
+}
+
 /// How the body is framed (RFC 9112 §6.3), and whether that framing lets
 /// the connection be reused afterwards.
 fn framing(
     method: &Method,
     status: StatusCode,
+    link: &Link,
     headers: &HeaderMap,
 ) -> Result<(Decoder, bool), H1Error> {
     if *method == Method::HEAD
@@ -290,21 +302,14 @@ fn framing(
     {
         return Ok((Decoder::Done, true));
     }
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|coding| !coding.is_empty());
-        return Ok(match last {
+    let has_length = link.length;
+    if link.transfer_encoding {
+        return Ok(if link.chunked_last {
             // With both, Transfer-Encoding wins and the connection closes
             // after the message (§6.3, item 3).
-            Some(coding) if coding.eq_ignore_ascii_case(b"chunked") => {
-                (Decoder::Chunked(Chunk::Size), !has_length)
-            }
-            _ => (Decoder::Close, false),
+            (Decoder::Chunked(Chunk::Size), !has_length)
+        } else {
+            (Decoder::Close, false)
         });
     }
     if has_length {
@@ -335,20 +340,58 @@ fn content_length(headers: &HeaderMap) -> Result<u64, H1Error> {
     length.ok_or(H1Error::Invalid("Content-Length"))
 }
 
-/// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only when
-/// told `keep-alive`.
-fn persistent(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &[u8]| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-    };
-    if version == Version::HTTP_11 {
-        !has(b"close")
-    } else {
-        has(b"keep-alive")
+/// What a response head's `Content-Length`, `Transfer-Encoding` and
+/// `Connection` fields say, read once as the head is parsed.
+#[derive(Debug, Default)]
+struct Link {
+    /// A `Content-Length` field is present.
+    length: bool,
+    transfer_encoding: bool,
+    /// The last coding `Transfer-Encoding` names is `chunked`.
+    chunked_last: bool,
+    close: bool,
+    keep_alive: bool,
+}
+
+impl Link {
+    /// Note a hop-by-hop field; `true` when it must stay in the head: a
+    /// `Connection` that names fields other than `close` and `keep-alive`.
+    fn note(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        let members = || {
+            value
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .filter(|m| !m.is_empty())
+        };
+        if *name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+            for coding in members() {
+                self.chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if *name == header::CONNECTION {
+            let mut names_fields = false;
+            for token in members() {
+                if token.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else {
+                    names_fields = true;
+                }
+            }
+            return names_fields;
+        }
+        false
+    }
+
+    /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only
+    /// when told `keep-alive`.
+    fn persistent(&self, version: Version) -> bool {
+        if version == Version::HTTP_11 {
+            !self.close
+        } else {
+            self.keep_alive
+        }
     }
 }
 
@@ -704,7 +747,10 @@ mod tests {
     fn framing_follows_rfc_9112_section_6_3() {
         let ok = StatusCode::OK;
         let get = Method::GET;
-        let f = |m: &Method, s, h: &[(&str, &str)]| framing(m, s, &headers(h));
+        let f = |m: &Method, s, h: &[(&str, &str)]| {
+            let map = headers(h);
+            framing(m, s, &link(&map), &map)
+        };
         assert_eq!(
             f(&Method::HEAD, ok, &[("content-length", "5")]).unwrap(),
             (Decoder::Done, true)
@@ -755,18 +801,56 @@ mod tests {
         assert_eq!(f(&get, ok, &[]).unwrap(), (Decoder::Close, false));
     }
 
+    /// What `parse_head` notes of these fields.
+    fn link(map: &HeaderMap) -> Link {
+        let mut link = Link::default();
+        for (name, value) in map {
+            if is_hop_by_hop(name) {
+                link.note(name, value.as_bytes());
+            }
+            link.length |= name == header::CONTENT_LENGTH;
+        }
+        link
+    }
+
     #[test]
     fn persistence_follows_the_version_and_connection_tokens() {
-        assert!(persistent(Version::HTTP_11, &headers(&[])));
+        let persistent = |v, h: &[(&str, &str)]| link(&headers(h)).persistent(v);
+        assert!(persistent(Version::HTTP_11, &[]));
         assert!(!persistent(
             Version::HTTP_11,
-            &headers(&[("connection", "foo, Close")])
+            &[("connection", "foo, Close")]
         ));
-        assert!(!persistent(Version::HTTP_10, &headers(&[])));
+        assert!(!persistent(Version::HTTP_10, &[]));
         assert!(persistent(
             Version::HTTP_10,
-            &headers(&[("connection", "Keep-Alive")])
+            &[("connection", "Keep-Alive")]
         ));
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_read_and_not_kept() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+              Transfer-Encoding: chunked\r\nX-Kept: 1\r\n\r\n"[..],
+        );
+        let head = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(head.body, Decoder::Chunked(Chunk::Size));
+        assert!(head.keep_alive);
+        let names: Vec<&str> = head.parts.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept"]);
+        // A `Connection` naming another field stays, for the strip to follow.
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n"[..],
+        );
+        let head = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert!(!head.keep_alive);
+        assert_eq!(head.body, Decoder::Length(0));
+        let mut headers = head.parts.headers;
+        assert!(headers.contains_key(header::CONNECTION));
+        super::super::super::headers::strip_hop_by_hop(&mut headers);
+        let names: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["content-length"]);
     }
 
     #[test]
