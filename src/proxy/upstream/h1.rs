@@ -256,10 +256,9 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, H1Err
     for field in response.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| H1Error::Invalid("header name"))?;
-        if is_hop_by_hop(&name) && !link.note(&name, field.value) {
+        if !link.keeps(&name, field.value) {
             continue;
         }
-        link.length |= name == header::CONTENT_LENGTH;
         let start = match field.value.as_ptr().addr().checked_sub(base) {
             Some(start) if !field.value.is_empty() => start,
             _ => 0,
@@ -354,6 +353,12 @@ struct Link {
 }
 
 impl Link {
+    /// Note one field of the head; `false`: it is not kept.
+    fn keeps(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        self.length |= *name == header::CONTENT_LENGTH;
+        !is_hop_by_hop(name) || self.note(name, value)
+    }
+
     /// Note a hop-by-hop field; `true` when it must stay in the head: a
     /// `Connection` that names fields other than `close` and `keep-alive`.
     fn note(&mut self, name: &HeaderName, value: &[u8]) -> bool {
@@ -805,10 +810,7 @@ mod tests {
     fn link(map: &HeaderMap) -> Link {
         let mut link = Link::default();
         for (name, value) in map {
-            if is_hop_by_hop(name) {
-                link.note(name, value.as_bytes());
-            }
-            link.length |= name == header::CONTENT_LENGTH;
+            link.keeps(name, value.as_bytes());
         }
         link
     }
