@@ -558,9 +558,7 @@ pub async fn subscribe(cache: Arc<Cache>, l2: Arc<L2>) {
         warned = false;
         tracing::info!("cache: following invalidations from other gateways");
         loop {
-            let next = std::future::poll_fn(|cx| {
-                futures_core::Stream::poll_next(Pin::new(&mut stream), cx)
-            });
+            let next = next_message(&mut stream);
             let message = tokio::select! {
                 message = next => message,
                 // A reload that replaced this L2 ends its subscriber, also
@@ -589,6 +587,14 @@ pub async fn subscribe(cache: Arc<Cache>, l2: Arc<L2>) {
     }
 }
 
+/// The channel's next message; `None` once it is closed.
+async fn next_message<S>(stream: &mut S) -> Option<redis::Msg>
+where
+    S: futures_core::Stream<Item = redis::Msg> + Unpin,
+{
+    std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut *stream), cx)).await
+}
+
 /// Say once per outage that the channel is not followed.
 fn warn_not_following(warned: &mut bool, error: &str) {
     if !std::mem::replace(warned, true) {
@@ -611,10 +617,7 @@ where
     let probe = format!("probe {:016x}", rand::random::<u64>());
     l2.publish(&probe).await.map_err(|e| e.to_string())?;
     let back = async {
-        while let Some(message) =
-            std::future::poll_fn(|cx| futures_core::Stream::poll_next(Pin::new(&mut *stream), cx))
-                .await
-        {
+        while let Some(message) = next_message(stream).await {
             let Ok(payload) = message.get_payload::<String>() else {
                 continue;
             };
