@@ -6,7 +6,8 @@
 //! those hand-offs cost more than HTTP itself (`docs/benchmarks.md`).
 //!
 //! A response is framed as RFC 9112 §6.3 says; anything else is an error and
-//! its connection is never reused.
+//! its connection is never reused. Its hop-by-hop fields are read for that
+//! and for keep-alive as the head is parsed, and are not kept in it.
 
 use std::io;
 use std::pin::Pin;
