@@ -49,20 +49,29 @@ pub fn write_ip(out: &mut String, ip: IpAddr) {
         let _ = write!(out, "{ip}");
         return;
     };
-    // Digit by digit into room made once: formatting each octet and
-    // appending it cost a copy call per piece.
-    out.reserve(15);
+    // Digit by digit on the stack, then appended once: formatting each
+    // octet cost a copy call per piece, and pushing each character a
+    // check of its encoding and of the room left.
+    let mut text = [0u8; 15];
+    let mut len = 0;
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            text[len] = b'.';
+            len += 1;
         }
         if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
+            text[len] = b'0' + octet / 100;
+            len += 1;
         }
         if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
+            text[len] = b'0' + octet / 10 % 10;
+            len += 1;
         }
-        out.push(char::from(b'0' + octet % 10));
+        text[len] = b'0' + octet % 10;
+        len += 1;
+    }
+    if let Ok(text) = std::str::from_utf8(&text[..len]) {
+        out.push_str(text);
     }
 }
 

@@ -150,6 +150,17 @@ async fn hop_by_hop_headers_are_stripped_both_ways() {
     }
     assert_eq!(h["x-client-public"][0], "fine");
 
+    // `Connection` may name `Host`; Gunicorn still gets the one Host.
+    let request = Request::get("/echo")
+        .header("host", "shop.example")
+        .header("connection", "host")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, _, body) = send(gateway.addr, request).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let h = &json(&body)["headers"];
+    assert_eq!(h["host"], serde_json::json!(["shop.example"]), "{h}");
+
     let (_, headers, _) = get(gateway.addr, "/hop", &[]).await.unwrap();
     for name in ["x-upstream-private", "keep-alive", "proxy-authenticate"] {
         assert!(

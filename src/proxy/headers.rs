@@ -28,12 +28,13 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Remove hop-by-hop fields, including every field `Connection` names.
 /// `Upgrade` goes too: the gateway does not tunnel protocol upgrades.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+/// Returns whether there were any.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // Most messages carry none: one pass of cheap name comparisons instead
     // of a hashed removal per name (measured on the small-response path).
     let any = headers.keys().any(is_hop_by_hop);
     if !any {
-        return;
+        return false;
     }
     let named: Vec<&str> = headers
         .get_all(header::CONNECTION)
@@ -54,6 +55,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in present {
         headers.remove(name);
     }
+    true
 }
 
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");

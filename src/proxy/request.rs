@@ -316,24 +316,33 @@ impl Exchange {
         };
         self.request_bytes = body.len() as u64;
 
-        let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        let field = parts.headers.get(header::HOST).cloned();
+        let in_fields = field.is_some();
+        let host = field.or_else(|| {
             parts
                 .uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
         let headers = &mut parts.headers;
-        strip_hop_by_hop(headers);
+        let stripped = strip_hop_by_hop(headers);
         combine_cookies(headers);
         // The body is already here; Gunicorn must not wait to send 100 Continue.
         headers.remove(header::EXPECT);
         set_forwarded(headers, caller, host.as_ref());
         // `preserve_host = false` is applied per attempt, with the address of
         // the server actually chosen.
+        // The client's `Host` stays where it is, unless its `Connection`
+        // named it; an HTTP/2 request's comes from `:authority`.
         match host {
-            Some(host) => headers.insert(header::HOST, host),
-            None => headers.remove(header::HOST),
-        };
+            Some(host) if stripped || !in_fields => {
+                headers.insert(header::HOST, host);
+            }
+            Some(_) => {}
+            None => {
+                headers.remove(header::HOST);
+            }
+        }
         headers.remove(header::CONTENT_LENGTH);
         if !body.is_empty() || body_expected(&parts.method) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
