@@ -49,9 +49,27 @@ pub fn write_ip(out: &mut String, ip: IpAddr) {
         let _ = write!(out, "{ip}");
         return;
     };
-    // Digit by digit on the stack, then appended once: formatting each
-    // octet cost a copy call per piece, and pushing each character a
-    // check of its encoding and of the room left.
+    let (text, len) = ipv4_text(v4);
+    if let Ok(text) = std::str::from_utf8(&text[..len]) {
+        out.push_str(text);
+    }
+}
+
+/// `write_ip` for a head being written as bytes.
+pub fn write_ip_bytes(out: &mut Vec<u8>, ip: IpAddr) {
+    let IpAddr::V4(v4) = ip else {
+        use std::io::Write as _;
+        let _ = write!(out, "{ip}");
+        return;
+    };
+    let (text, len) = ipv4_text(v4);
+    out.extend_from_slice(&text[..len]);
+}
+
+/// Dotted decimal, digit by digit on the stack: formatting each octet cost
+/// a copy call per piece, and pushing each character onto a `String` a
+/// check of its encoding and of the room left.
+fn ipv4_text(v4: std::net::Ipv4Addr) -> ([u8; 15], usize) {
     let mut text = [0u8; 15];
     let mut len = 0;
     for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -70,9 +88,7 @@ pub fn write_ip(out: &mut String, ip: IpAddr) {
         text[len] = b'0' + octet % 10;
         len += 1;
     }
-    if let Ok(text) = std::str::from_utf8(&text[..len]) {
-        out.push_str(text);
-    }
+    (text, len)
 }
 
 /// `::ffff:10.0.0.1` is 10.0.0.1 for trust decisions.

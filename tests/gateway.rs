@@ -76,7 +76,7 @@ async fn forwards_method_path_query_body_and_headers() {
     let h = &echo["headers"];
     assert_eq!(h["x-custom"][0], "kept");
     assert_eq!(h["host"][0], "shop.example");
-    assert_eq!(h["content-length"][0], "7");
+    assert_eq!(h["content-length"], serde_json::json!(["7"]), "{h}");
     assert_eq!(h["x-forwarded-for"][0], "127.0.0.1");
     assert_eq!(h["x-forwarded-proto"][0], "http");
     assert_eq!(h["x-forwarded-host"][0], "shop.example");
@@ -103,22 +103,43 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
         ("x-original-url", "/admin/"),
     ];
 
+    // Each field reaches Gunicorn once: the gateway's value, or with a
+    // trusted proxy, the one it vouches for.
+    let one = |value: &str| serde_json::json!([value]);
     let (_, headers, body) = get(untrusted.addr, "/", &spoof).await.unwrap();
     let h = &json(&body)["headers"];
-    assert_eq!(h["x-forwarded-for"][0], "127.0.0.1");
-    assert_eq!(h["x-forwarded-proto"][0], "http");
+    assert_eq!(h["x-forwarded-for"], one("127.0.0.1"), "{h}");
+    assert_eq!(h["x-forwarded-proto"], one("http"), "{h}");
+    assert_eq!(h["x-forwarded-host"].as_array().map(Vec::len), Some(1), "{h}");
     assert_ne!(h["x-forwarded-host"][0], "evil.example");
+    assert_eq!(h["x-request-id"].as_array().map(Vec::len), Some(1), "{h}");
     assert_ne!(h["x-request-id"][0], "chosen-by-client");
     assert_ne!(headers["x-request-id"], "chosen-by-client");
     assert!(h.get("x-original-url").is_none());
 
     let (_, headers, body) = get(trusted.addr, "/", &spoof).await.unwrap();
     let h = &json(&body)["headers"];
-    assert_eq!(h["x-forwarded-for"][0], "6.6.6.6, 127.0.0.1");
-    assert_eq!(h["x-forwarded-proto"][0], "https");
-    assert_eq!(h["x-forwarded-host"][0], "evil.example");
-    assert_eq!(h["x-request-id"][0], "chosen-by-client");
+    assert_eq!(h["x-forwarded-for"], one("6.6.6.6, 127.0.0.1"), "{h}");
+    assert_eq!(h["x-forwarded-proto"], one("https"), "{h}");
+    assert_eq!(h["x-forwarded-host"], one("evil.example"), "{h}");
+    assert_eq!(h["x-request-id"], one("chosen-by-client"), "{h}");
     assert_eq!(headers["x-request-id"], "chosen-by-client");
+
+    // Several forwarded-for fields from a trusted proxy become one list.
+    let chain = [
+        ("x-forwarded-for", "1.1.1.1"),
+        ("x-forwarded-for", "2.2.2.2, 3.3.3.3"),
+    ];
+    let (_, _, body) = get(trusted.addr, "/", &chain).await.unwrap();
+    let h = &json(&body)["headers"];
+    assert_eq!(
+        h["x-forwarded-for"],
+        one("1.1.1.1, 2.2.2.2, 3.3.3.3, 127.0.0.1"),
+        "{h}"
+    );
+    let (_, _, body) = get(untrusted.addr, "/", &chain).await.unwrap();
+    let h = &json(&body)["headers"];
+    assert_eq!(h["x-forwarded-for"], one("127.0.0.1"), "{h}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1001,7 +1001,7 @@ pub async fn refresh(
     shared: Arc<super::Shared>,
     live: Arc<super::Live>,
     worker: usize,
-    mut request: Request<Bytes>,
+    mut request: Request<super::upstream::Outgoing>,
     mut plan: Box<Plan>,
 ) {
     add_validators(&mut plan, request.headers_mut());

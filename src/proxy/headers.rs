@@ -2,8 +2,6 @@
 //! both directions (RFC 9110 §7.6.1, pingora #706) and the `X-Forwarded-*`
 //! fields set from what the `identify` phase decided.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use super::identify::{Caller, X_FORWARDED_FOR, X_REQUEST_ID};
@@ -80,55 +78,85 @@ const PROXY_ONLY: [HeaderName; 10] = [
     HeaderName::from_static("x-forwarded-scheme"),
 ];
 
-/// An address as header text.
-fn address_value(ip: IpAddr) -> String {
-    let mut text = String::with_capacity(15);
-    crate::net::write_ip(&mut text, ip);
-    text
-}
+/// Write the fields the gateway sets on a request to Gunicorn into `out`,
+/// as the head's lines (`name: value\r\n`): `X-Forwarded-For`,
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` from what the `identify`
+/// phase decided, and `X-Request-ID`. Values a client sent are kept only
+/// when its peer is a trusted proxy; what else it sent of these, and of the
+/// fields only a proxy should set, is removed from `headers`. They are
+/// written, not put in the map: nothing reads them before they go out, and
+/// each insert into the map was a hashed lookup (`docs/benchmarks.md`).
+pub fn forwarded_fields(
+    headers: &mut HeaderMap,
+    caller: &Caller,
+    host: Option<&HeaderValue>,
+    out: &mut Vec<u8>,
+) {
+    let trusted = caller.trusted_peer;
+    // Most requests carry none of these: one pass of name comparisons,
+    // and a removal only for what is there.
+    let (mut forwarded_for, mut proto, mut forwarded_host, mut id, mut proxy_only) =
+        (false, false, false, false, false);
+    for name in headers.keys() {
+        if *name == X_FORWARDED_FOR {
+            forwarded_for = true;
+        } else if *name == X_FORWARDED_PROTO {
+            proto = true;
+        } else if *name == X_FORWARDED_HOST {
+            forwarded_host = true;
+        } else if *name == X_REQUEST_ID {
+            id = true;
+        } else if PROXY_ONLY.contains(name) {
+            proxy_only = true;
+        }
+    }
 
-/// Set `X-Forwarded-For/Proto/Host` and `X-Request-ID` for Gunicorn. Values a
-/// client sent are kept only when its peer is a trusted proxy.
-pub fn set_forwarded(headers: &mut HeaderMap, caller: &Caller, host: Option<&HeaderValue>) {
-    let peer = address_value(caller.peer);
-    let xff = if caller.trusted_peer {
-        let earlier: Vec<&str> = headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        if earlier.is_empty() {
-            peer
-        } else {
-            format!("{}, {peer}", earlier.join(", "))
-        }
-    } else {
-        peer
-    };
-    // The text's own buffer becomes the value's, not a copy of it.
-    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-    if !caller.trusted_peer || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
-    if !caller.trusted_peer || !headers.contains_key(&X_FORWARDED_HOST) {
-        match host {
-            Some(host) => {
-                headers.insert(X_FORWARDED_HOST, host.clone());
-            }
-            None => {
-                headers.remove(X_FORWARDED_HOST);
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if trusted && forwarded_for {
+        for earlier in headers.get_all(X_FORWARDED_FOR) {
+            if let Ok(earlier) = earlier.to_str() {
+                out.extend_from_slice(earlier.as_bytes());
+                out.extend_from_slice(b", ");
             }
         }
     }
-    // Most requests carry none: one pass of name comparisons first.
-    if !caller.trusted_peer && headers.keys().any(|name| PROXY_ONLY.contains(name)) {
+    crate::net::write_ip_bytes(out, caller.peer);
+    out.extend_from_slice(b"\r\n");
+    if forwarded_for {
+        headers.remove(X_FORWARDED_FOR);
+    }
+
+    if !trusted || !proto {
+        line(out, X_FORWARDED_PROTO.as_str(), b"http");
+        if proto {
+            headers.remove(X_FORWARDED_PROTO);
+        }
+    }
+    if !trusted || !forwarded_host {
+        if let Some(host) = host {
+            line(out, X_FORWARDED_HOST.as_str(), host.as_bytes());
+        }
+        if forwarded_host {
+            headers.remove(X_FORWARDED_HOST);
+        }
+    }
+    if !trusted && proxy_only {
         for name in &PROXY_ONLY {
             headers.remove(name);
         }
     }
-    headers.insert(X_REQUEST_ID, caller.request_id.clone());
+    if id {
+        headers.remove(X_REQUEST_ID);
+    }
+    line(out, X_REQUEST_ID.as_str(), caller.request_id.as_bytes());
+}
+
+/// One field of a head: `name: value\r\n`.
+pub fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// One `Cookie` field, the values joined with `; ` (RFC 9113 §8.2.3 for
@@ -154,6 +182,8 @@ pub fn combine_cookies(headers: &mut HeaderMap) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
     #[test]
@@ -196,7 +226,12 @@ mod tests {
             "2001:db8::7",
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            assert_eq!(address_value(ip), ip.to_string());
+            let mut text = String::new();
+            crate::net::write_ip(&mut text, ip);
+            assert_eq!(text, ip.to_string());
+            let mut bytes = Vec::new();
+            crate::net::write_ip_bytes(&mut bytes, ip);
+            assert_eq!(bytes, ip.to_string().as_bytes());
         }
     }
 

@@ -23,10 +23,11 @@ use hyper::body::Incoming;
 use super::body::ProxyBody;
 use super::cache;
 use super::error::ProxyError;
-use super::headers::{combine_cookies, set_forwarded, strip_hop_by_hop};
+use super::headers::{combine_cookies, forwarded_fields, line, strip_hop_by_hop};
 use super::identify::{Caller, Peer, X_REQUEST_ID};
 use super::log::{AccessRecord, LoggedBody};
 use super::route::wsgi_path;
+use super::upstream::Outgoing;
 use super::{Live, Shared};
 
 /// One request's journey and what the `log` phase reports about it.
@@ -305,7 +306,7 @@ impl Exchange {
         &mut self,
         req: Request<Incoming>,
         caller: &Caller,
-    ) -> Result<Request<Bytes>, ProxyError> {
+    ) -> Result<Request<Outgoing>, ProxyError> {
         let (mut parts, body) = req.into_parts();
         // Boxed, and only when there is a body: its timer and buffers would
         // otherwise make every request's future larger.
@@ -327,9 +328,8 @@ impl Exchange {
         let headers = &mut parts.headers;
         let stripped = strip_hop_by_hop(headers);
         combine_cookies(headers);
-        // The body is already here; Gunicorn must not wait to send 100 Continue.
-        headers.remove(header::EXPECT);
-        set_forwarded(headers, caller, host.as_ref());
+        let mut set = Vec::with_capacity(128);
+        forwarded_fields(headers, caller, host.as_ref(), &mut set);
         // `preserve_host = false` is applied per attempt, with the address of
         // the server actually chosen.
         // The client's `Host` stays where it is, unless its `Connection`
@@ -343,9 +343,19 @@ impl Exchange {
                 headers.remove(header::HOST);
             }
         }
-        headers.remove(header::CONTENT_LENGTH);
+        // The body is already here: Gunicorn must not wait to send 100
+        // Continue, and its length is the gateway's to say. Most requests
+        // carry neither field.
+        if headers
+            .keys()
+            .any(|name| *name == header::EXPECT || *name == header::CONTENT_LENGTH)
+        {
+            headers.remove(header::EXPECT);
+            headers.remove(header::CONTENT_LENGTH);
+        }
         if !body.is_empty() || body_expected(&parts.method) {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            let length = HeaderValue::from(body.len());
+            line(&mut set, header::CONTENT_LENGTH.as_str(), length.as_bytes());
         }
         // Gunicorn gets origin-form even when an HTTP/2 client sent a full URI.
         if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
@@ -354,11 +364,14 @@ impl Exchange {
             parts.uri = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
         }
         parts.version = Version::HTTP_11;
-        Ok(Request::from_parts(parts, body))
+        Ok(Request::from_parts(parts, Outgoing { set, body }))
     }
 
     /// upstream, second half: send to a healthy Gunicorn.
-    async fn send(&mut self, request: Request<Bytes>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn send(
+        &mut self,
+        request: Request<Outgoing>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let upstreams = Arc::clone(&self.live.upstreams);
         // Boxed for the same reason as the limiter's call.
         let forwarded =

@@ -22,6 +22,14 @@ use crate::config::{UpstreamConfig, UpstreamTarget};
 use crate::net::Stream;
 use crate::telemetry::Metrics;
 
+/// What a request takes to Gunicorn besides its head's own fields: the
+/// lines the gateway wrote itself (`headers::forwarded_fields`), and the
+/// buffered body.
+pub struct Outgoing {
+    pub set: Vec<u8>,
+    pub body: Bytes,
+}
+
 /// One keep-alive connection waiting in a pool.
 struct Idle {
     conn: Conn,
@@ -218,7 +226,7 @@ impl UpstreamSet {
     pub async fn forward(
         &self,
         worker: usize,
-        request: Request<Bytes>,
+        request: Request<Outgoing>,
         metrics: &Metrics,
     ) -> Result<Forwarded, ProxyError> {
         let retry_safe = is_idempotent(request.method());
@@ -270,7 +278,7 @@ impl UpstreamSet {
         &self,
         worker: usize,
         server: &Server,
-        request: &Request<Bytes>,
+        request: &Request<Outgoing>,
     ) -> Result<Response<ProxyBody>, Failure> {
         let cfg = &self.config;
         let host = (!cfg.preserve_host || !request.headers().contains_key(http::header::HOST))
@@ -296,10 +304,17 @@ impl UpstreamSet {
                     Err(error) => return Err(Failure::unsent(error)),
                 },
             };
-            let head = h1::encode_head(method, target, request.headers(), host.as_ref());
+            let outgoing = request.body();
+            let head = h1::encode_head(
+                method,
+                target,
+                request.headers(),
+                host.as_ref(),
+                &outgoing.set,
+            );
             let sent = tokio::select! {
                 biased;
-                sent = conn.send(head, request.body()) => sent,
+                sent = conn.send(head, &outgoing.body) => sent,
                 () = timer.sleep() => return Err(Failure::sent(timed_out())),
             };
             if let Err(e) = sent {

@@ -20,7 +20,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use super::super::headers::is_hop_by_hop;
+use super::super::headers::{is_hop_by_hop, line};
 use crate::net::Stream;
 
 /// A response head larger than this is refused, as nginx refuses one larger
@@ -430,37 +430,33 @@ impl Link {
 }
 
 /// A request head in HTTP/1.1 form. `host`, when given, replaces the
-/// request's own `Host`. Names and values come from `http` types, which
-/// cannot hold CR or LF, so nothing here can split the message.
+/// request's own `Host`; `set` holds the lines the gateway wrote itself
+/// (`headers::forwarded_fields`). Names and values come from `http` types,
+/// which cannot hold CR or LF, so nothing here can split the message.
 pub fn encode_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
     host: Option<&HeaderValue>,
+    set: &[u8],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + target.len() + headers.len() * 48);
+    let mut out = Vec::with_capacity(64 + target.len() + headers.len() * 48 + set.len());
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if let Some(host) = host {
-        field(&mut out, header::HOST.as_str(), host);
+        line(&mut out, header::HOST.as_str(), host.as_bytes());
     }
     for (name, value) in headers {
         if host.is_some() && name == header::HOST {
             continue;
         }
-        field(&mut out, name.as_str(), value);
+        line(&mut out, name.as_str(), value.as_bytes());
     }
+    out.extend_from_slice(set);
     out.extend_from_slice(b"\r\n");
     out
-}
-
-fn field(out: &mut Vec<u8>, name: &str, value: &HeaderValue) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
 }
 
 /// What one step of decoding gave.
@@ -924,16 +920,16 @@ mod tests {
     #[test]
     fn request_heads_carry_every_field_and_the_chosen_host() {
         let fields = headers(&[("host", "example.com"), ("x-a", "1"), ("x-a", "2")]);
-        let head = encode_head(&Method::POST, "/v1/x?q=1", &fields, None);
+        let head = encode_head(&Method::POST, "/v1/x?q=1", &fields, None, b"");
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "POST /v1/x?q=1 HTTP/1.1\r\nhost: example.com\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
         );
         let upstream = HeaderValue::from_static("127.0.0.1:8000");
-        let head = encode_head(&Method::GET, "/", &fields, Some(&upstream));
+        let head = encode_head(&Method::GET, "/", &fields, Some(&upstream), b"x-b: 3\r\n");
         assert_eq!(
             String::from_utf8(head).unwrap(),
-            "GET / HTTP/1.1\r\nhost: 127.0.0.1:8000\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+            "GET / HTTP/1.1\r\nhost: 127.0.0.1:8000\r\nx-a: 1\r\nx-a: 2\r\nx-b: 3\r\n\r\n"
         );
     }
 }

@@ -24,7 +24,7 @@ pub async fn probe(server: &Server, check: &HealthCheck) -> Result<(), String> {
             HeaderValue::from_static("gatehouse-health-check"),
         );
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        let head = h1::encode_head(&Method::GET, &check.path, &headers, None);
+        let head = h1::encode_head(&Method::GET, &check.path, &headers, None, b"");
         conn.send(head, &[]).await.map_err(|e| e.to_string())?;
         let sleep = tokio::time::sleep(check.timeout);
         tokio::pin!(sleep);
