@@ -110,7 +110,11 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
     let h = &json(&body)["headers"];
     assert_eq!(h["x-forwarded-for"], one("127.0.0.1"), "{h}");
     assert_eq!(h["x-forwarded-proto"], one("http"), "{h}");
-    assert_eq!(h["x-forwarded-host"].as_array().map(Vec::len), Some(1), "{h}");
+    assert_eq!(
+        h["x-forwarded-host"].as_array().map(Vec::len),
+        Some(1),
+        "{h}"
+    );
     assert_ne!(h["x-forwarded-host"][0], "evil.example");
     assert_eq!(h["x-request-id"].as_array().map(Vec::len), Some(1), "{h}");
     assert_ne!(h["x-request-id"][0], "chosen-by-client");
