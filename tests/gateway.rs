@@ -317,6 +317,35 @@ async fn slow_upstream_gets_504_at_the_response_timeout() {
     );
     // A timeout is never retried: the request may have been acted on.
     assert_eq!(upstream.hits(), 1);
+
+    // A kept-alive connection carries its response timer to its next
+    // request: the timer still fires on time there, whether it was moved
+    // while set or fired while the connection sat idle, and never early.
+    let timed_out_once = |status: StatusCode, elapsed: Duration| {
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(elapsed >= Duration::from_millis(400), "early: {elapsed:?}");
+        assert!(elapsed < Duration::from_secs(3), "late: {elapsed:?}");
+    };
+    for _ in 0..3 {
+        let (status, _, _) = get(gateway.addr, "/delay/0", &[]).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    let hits = upstream.hits();
+    let started = Instant::now();
+    let (status, _, _) = get(gateway.addr, "/delay/5000", &[]).await.unwrap();
+    timed_out_once(status, started.elapsed());
+    assert_eq!(upstream.hits(), hits + 1);
+    let (status, _, _) = get(gateway.addr, "/delay/0", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    // Idle past the timeout: the kept timer fires with nobody waiting.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, _, body) = get(gateway.addr, "/delay/250", &[]).await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let hits = upstream.hits();
+    let started = Instant::now();
+    let (status, _, _) = get(gateway.addr, "/delay/5000", &[]).await.unwrap();
+    timed_out_once(status, started.elapsed());
+    assert_eq!(upstream.hits(), hits + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,9 +290,9 @@ impl UpstreamSet {
             addr: server.label.to_string(),
             after: timeout,
         };
-        let sleep = tokio::time::sleep(timeout);
-        tokio::pin!(sleep);
-        let mut timer = ReadTimer::new(sleep, timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Set once, with the first connection's timer when it has one.
+        let mut timer = None;
         let (conn, head) = loop {
             let (mut conn, pooled) = match server.checkout(worker, cfg.idle_timeout) {
                 Some(conn) => (conn, true),
@@ -304,6 +304,8 @@ impl UpstreamSet {
                     Err(error) => return Err(Failure::unsent(error)),
                 },
             };
+            let timer =
+                timer.get_or_insert_with(|| ReadTimer::new(conn.take_timer(), deadline, timeout));
             let outgoing = request.body();
             let head = h1::encode_head(
                 method,
@@ -327,7 +329,7 @@ impl UpstreamSet {
                 // server, so an idempotent one may go to another.
                 return Err(Failure::unsent(broken(server, &H1Error::Io(e))));
             }
-            match conn.read_head(method, &mut timer).await {
+            match conn.read_head(method, timer).await {
                 Ok(head) => break (conn, head),
                 // Closed as the request arrived, before any byte of an
                 // answer: the server's keep-alive timeout raced this
@@ -337,6 +339,7 @@ impl UpstreamSet {
                 Err(e) => return Err(Failure::sent(broken(server, &e))),
             }
         };
+        let mut timer = timer.unwrap_or_else(|| ReadTimer::new(None, deadline, timeout));
         let mut rest = UpstreamBody::new(conn, &head);
         let parts = head.parts;
         let mut chunks: Vec<Bytes> = Vec::new();
@@ -365,7 +368,8 @@ impl UpstreamSet {
                 }
             }
         }
-        if let Some(conn) = rest.into_reusable() {
+        if let Some(mut conn) = rest.into_reusable() {
+            conn.keep_timer(timer);
             server.checkin(worker, conn, cfg.max_idle_per_server);
         }
         Ok(Response::from_parts(parts, ProxyBody::full(concat(chunks))))
@@ -384,7 +388,7 @@ impl UpstreamSet {
         parts: http::response::Parts,
         head: Bytes,
         mut rest: UpstreamBody,
-        timer: &mut ReadTimer<'_>,
+        timer: &mut ReadTimer,
     ) -> Result<Response<ProxyBody>, Failure> {
         let cfg = &self.config;
         let mut spool = match Spool::create(&cfg.temp_path).await {

@@ -67,26 +67,46 @@ impl H1Error {
 /// The longest wait between two reads (nginx's `proxy_read_timeout`). One
 /// timer serves a whole response; it is pushed back only when it fires
 /// after a read, not at every read.
-pub struct ReadTimer<'a> {
-    sleep: Pin<&'a mut Sleep>,
+pub struct ReadTimer {
+    sleep: Pin<Box<Sleep>>,
     period: std::time::Duration,
     last_read: Instant,
 }
 
-impl<'a> ReadTimer<'a> {
-    /// `sleep` must be new, due `period` from now.
-    pub fn new(sleep: Pin<&'a mut Sleep>, period: std::time::Duration) -> Self {
-        let last_read = sleep.deadline() - period;
+impl ReadTimer {
+    /// A timer due at `deadline`, `period` after the wait began. It reuses
+    /// `sleep`, the timer a kept-alive connection carried from its last
+    /// request, when there is one: moving a timer that is still set to a
+    /// later time is one atomic update, where setting a new one and
+    /// dropping it cost an insertion into the runtime's timer wheel and a
+    /// removal from it, on every request.
+    pub fn new(
+        sleep: Option<Pin<Box<Sleep>>>,
+        deadline: Instant,
+        period: std::time::Duration,
+    ) -> Self {
+        let sleep = match sleep {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(deadline);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(deadline)),
+        };
         ReadTimer {
             sleep,
             period,
-            last_read,
+            last_read: deadline - period,
         }
     }
 
     /// The timer itself, to bound a wait that is not a read (a write).
     pub fn sleep(&mut self) -> Pin<&mut Sleep> {
         self.sleep.as_mut()
+    }
+
+    /// The timer, for the connection to carry to its next request.
+    pub fn into_sleep(self) -> Pin<Box<Sleep>> {
+        self.sleep
     }
 
     /// The timer fired: push it back if a read came since, else time is up.
@@ -105,6 +125,8 @@ impl<'a> ReadTimer<'a> {
 pub struct Conn {
     io: Stream,
     buf: BytesMut,
+    /// The response timer of its last request, kept for the next.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 /// A response head, and how its body is framed.
@@ -120,7 +142,17 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            timer: None,
         }
+    }
+
+    /// The timer this connection carried from its last request, if any.
+    pub fn take_timer(&mut self) -> Option<Pin<Box<Sleep>>> {
+        self.timer.take()
+    }
+
+    pub fn keep_timer(&mut self, timer: ReadTimer) {
+        self.timer = Some(timer.into_sleep());
     }
 
     /// Nothing arrived while the connection sat idle: the server has not
@@ -140,7 +172,7 @@ impl Conn {
         }
     }
 
-    async fn fill(&mut self, timer: &mut ReadTimer<'_>) -> Result<usize, H1Error> {
+    async fn fill(&mut self, timer: &mut ReadTimer) -> Result<usize, H1Error> {
         self.buf.reserve(READ_SIZE);
         loop {
             tokio::select! {
@@ -169,7 +201,7 @@ impl Conn {
     pub async fn read_head(
         &mut self,
         method: &Method,
-        timer: &mut ReadTimer<'_>,
+        timer: &mut ReadTimer,
     ) -> Result<Head, H1Error> {
         let mut got_any = !self.buf.is_empty();
         loop {
@@ -201,7 +233,7 @@ impl Conn {
     pub async fn next_chunk(
         &mut self,
         body: &mut Decoder,
-        timer: &mut ReadTimer<'_>,
+        timer: &mut ReadTimer,
     ) -> Result<Option<Bytes>, H1Error> {
         loop {
             match body.decode(&mut self.buf)? {
@@ -617,10 +649,7 @@ impl UpstreamBody {
     }
 
     /// The next piece, read within `timer`; `None` at the end.
-    pub async fn next_chunk(
-        &mut self,
-        timer: &mut ReadTimer<'_>,
-    ) -> Result<Option<Bytes>, H1Error> {
+    pub async fn next_chunk(&mut self, timer: &mut ReadTimer) -> Result<Option<Bytes>, H1Error> {
         self.conn.next_chunk(&mut self.decoder, timer).await
     }
 

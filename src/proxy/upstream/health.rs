@@ -26,9 +26,8 @@ pub async fn probe(server: &Server, check: &HealthCheck) -> Result<(), String> {
         headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         let head = h1::encode_head(&Method::GET, &check.path, &headers, None, b"");
         conn.send(head, &[]).await.map_err(|e| e.to_string())?;
-        let sleep = tokio::time::sleep(check.timeout);
-        tokio::pin!(sleep);
-        let mut timer = ReadTimer::new(sleep, check.timeout);
+        let deadline = tokio::time::Instant::now() + check.timeout;
+        let mut timer = ReadTimer::new(None, deadline, check.timeout);
         let mut response = conn
             .read_head(&Method::GET, &mut timer)
             .await
