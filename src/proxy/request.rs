@@ -330,10 +330,10 @@ impl Exchange {
         combine_cookies(headers);
         let mut set = Vec::with_capacity(128);
         forwarded_fields(headers, caller, host.as_ref(), &mut set);
-        // `preserve_host = false` is applied per attempt, with the address of
-        // the server actually chosen.
         // The client's `Host` stays where it is, unless its `Connection`
         // named it; an HTTP/2 request's comes from `:authority`.
+        // `preserve_host = false` is applied per attempt, with the address of
+        // the server actually chosen.
         match host {
             Some(host) if stripped || !in_fields => {
                 headers.insert(header::HOST, host);

@@ -151,6 +151,7 @@ impl Conn {
         self.timer.take()
     }
 
+    /// Keep a response's timer for this connection's next request.
     pub fn keep_timer(&mut self, timer: ReadTimer) {
         self.timer = Some(timer.into_sleep());
     }
