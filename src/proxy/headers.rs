@@ -1,6 +1,7 @@
 //! Header rewriting between client and Gunicorn: hop-by-hop fields removed in
-//! both directions (RFC 9110 §7.6.1, pingora #706) and the `X-Forwarded-*`
-//! fields set from what the `identify` phase decided.
+//! both directions (RFC 9110 §7.6.1, pingora #706), and the fields the gateway
+//! sets itself (`X-Forwarded-*` from what the `identify` phase decided,
+//! `X-Request-ID`), written as lines of Gunicorn's request head.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 

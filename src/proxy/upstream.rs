@@ -339,6 +339,8 @@ impl UpstreamSet {
                 Err(e) => return Err(Failure::sent(broken(server, &e))),
             }
         };
+        // Set by every turn of the loop that reaches here; the fallback only
+        // keeps this free of a panic.
         let mut timer = timer.unwrap_or_else(|| ReadTimer::new(None, deadline, timeout));
         let mut rest = UpstreamBody::new(conn, &head);
         let parts = head.parts;
