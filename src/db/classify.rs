@@ -93,85 +93,136 @@ const STATEFUL_BUILTINS: [&str; 15] = [
 ];
 
 /// Words without which a statement cannot change session state, unless it
-/// calls a function (`(`): most queries are cleared without a parse.
-static WORDS: Words = Words::new(&[
-    b"set", b"listen", b"prepare", b"load", b"temp", b"hold", b"discard", b"do", b"call", b"into",
-    b"(",
-]);
+/// calls a function (`(`): most queries are cleared without a parse. They
+/// are looked for where a token can start, so each keyword is here as the
+/// token it is (`reset`, not the `set` inside it), and so are the names that
+/// make a relation temporary without `TEMP`: the `pg_temp` schema, also
+/// spelled with Unicode escapes (`U&"pg\005ftemp"`).
+const SESSION_WORDS: &[&[u8]] = &[
+    b"set", b"reset", b"listen", b"prepare", b"load", b"temp", b"hold", b"discard", b"do", b"call",
+    b"into", b"(", b"pg_temp", b"u&\"",
+];
 
-static DATABASE: Words = Words::new(&[b"database"]);
+static WORDS: Words = Words::new(&[SESSION_WORDS]);
 
-/// Up to 16 words of at most 8 bytes, looked for anywhere in a text,
-/// ignoring case. A prefilter: a false match only costs a parse.
+static DATABASE: Words = Words::new(&[&[b"database"]]);
+
+/// Both, for one pass over a text that needs neither.
+static EITHER: Words = Words::new(&[SESSION_WORDS, &[b"database"]]);
+
+/// Up to 16 words of at most 8 bytes, looked for in a text where a token
+/// can start, ignoring case. A prefilter: a false match only costs a parse.
 struct Words {
     /// Each word as a little-endian integer of its bytes with bit 5 set,
     /// and the mask of its length.
     words: [(u64, u64); 16],
     /// For each byte, the words that start with it in either case, as a
-    /// bit set of their indexes.
-    first: [u16; 256],
+    /// bit set of their indexes, and [`IDENTIFIER`] if it continues an
+    /// identifier.
+    bytes: [u32; 256],
 }
 
+/// In [`Words::bytes`]: the byte continues an identifier
+/// ([`continues_identifier`]).
+const IDENTIFIER: u32 = 1 << 16;
+
 impl Words {
-    const fn new(list: &[&[u8]]) -> Words {
+    const fn new(lists: &[&[&[u8]]]) -> Words {
         let mut words = [(0u64, 0u64); 16];
-        let mut first = [0u16; 256];
-        let mut i = 0;
-        while i < list.len() {
-            let word = list[i];
-            assert!(word.len() <= 8 && i < 16);
-            let mut j = 0;
-            while j < word.len() {
-                words[i].0 |= ((word[j] | 0x20) as u64) << (8 * j);
-                words[i].1 |= 0xff << (8 * j);
-                j += 1;
+        let mut bytes = [0u32; 256];
+        let mut byte = 0;
+        while byte < 256 {
+            if continues_identifier(byte as u8) {
+                bytes[byte] = IDENTIFIER;
             }
-            first[word[0] as usize] |= 1 << i;
-            first[word[0].to_ascii_uppercase() as usize] |= 1 << i;
-            i += 1;
+            byte += 1;
         }
-        Words { words, first }
+        let mut i = 0;
+        let mut list = 0;
+        while list < lists.len() {
+            let mut k = 0;
+            while k < lists[list].len() {
+                let word = lists[list][k];
+                assert!(word.len() <= 8 && i < 16);
+                let mut j = 0;
+                while j < word.len() {
+                    words[i].0 |= ((word[j] | 0x20) as u64) << (8 * j);
+                    words[i].1 |= 0xff << (8 * j);
+                    j += 1;
+                }
+                bytes[word[0] as usize] |= 1 << i;
+                bytes[word[0].to_ascii_uppercase() as usize] |= 1 << i;
+                i += 1;
+                k += 1;
+            }
+            list += 1;
+        }
+        Words { words, bytes }
     }
 
-    /// Whether any word occurs in `text`: one pass, and at each byte only
-    /// the words that start with it are compared, eight bytes at once with
-    /// bit 5 set in each (ASCII letters in lowercase).
+    /// Whether any word occurs in `text` where a token can start: one pass,
+    /// one table load per byte, and only at a byte that does not continue an
+    /// identifier or at the first byte of one are the words that start with
+    /// it compared. Inside `pgbench_accounts` or `OFFSET` nothing is.
     fn in_text(&self, text: &[u8]) -> bool {
-        text.iter().enumerate().any(|(i, &c)| {
-            let mut candidates = self.first[usize::from(c)];
-            if candidates == 0 {
-                return false;
+        // IDENTIFIER when the byte before continues an identifier.
+        let mut within = 0;
+        for (i, &c) in text.iter().enumerate() {
+            let entry = self.bytes[usize::from(c)];
+            // Both this byte and the one before continue an identifier:
+            // nothing starts here.
+            if entry & within == 0 && entry as u16 != 0 && self.at(text, i, entry as u16) {
+                return true;
             }
-            // One load of eight bytes; only the last seven bytes of a text
-            // need a padded copy.
-            let mut window = [0u8; 8];
-            match text.get(i..i + 8) {
-                Some(eight) => window.copy_from_slice(eight),
-                None => {
-                    let rest = &text[i..];
-                    window[..rest.len()].copy_from_slice(rest);
-                }
-            }
-            let window = u64::from_le_bytes(window) | 0x2020_2020_2020_2020;
-            while candidates != 0 {
-                let (word, mask) = self.words[candidates.trailing_zeros() as usize];
-                // A word longer than what is left meets bytes past the
-                // end, which became spaces: no letter matches them.
-                if window & mask == word {
-                    return true;
-                }
-                candidates &= candidates - 1;
-            }
-            false
-        })
+            within = entry & IDENTIFIER;
+        }
+        false
     }
+
+    /// Whether one of `candidates` starts at `text[i]`: eight bytes compared
+    /// at once with bit 5 set in each (ASCII letters in lowercase).
+    #[inline(never)]
+    fn at(&self, text: &[u8], i: usize, mut candidates: u16) -> bool {
+        // One load of eight bytes; only the last seven bytes of a text need
+        // a padded copy.
+        let mut window = [0u8; 8];
+        match text.get(i..i + 8) {
+            Some(eight) => window.copy_from_slice(eight),
+            None => {
+                let rest = &text[i..];
+                window[..rest.len()].copy_from_slice(rest);
+            }
+        }
+        let window = u64::from_le_bytes(window) | 0x2020_2020_2020_2020;
+        while candidates != 0 {
+            let (word, mask) = self.words[candidates.trailing_zeros() as usize];
+            // A word longer than what is left meets bytes past the end,
+            // which became spaces: no letter matches them.
+            if window & mask == word {
+                return true;
+            }
+            candidates &= candidates - 1;
+        }
+        false
+    }
+}
+
+/// Whether a byte after an identifier's byte belongs to the same token:
+/// PostgreSQL's identifiers go on with letters, `_` and any byte above 127
+/// (in every client encoding a multibyte character is an identifier's
+/// character, whatever its trailing bytes look like). Digits and `$` do not
+/// count here, although identifiers may hold them: a keyword may follow a
+/// number (`1set` on servers before 15), a parameter (`$1set`) or the end of
+/// a dollar quote (`$$set`), so after them it is looked for too.
+const fn continues_identifier(byte: u8) -> bool {
+    byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80
 }
 
 /// Whether `sql` holds none of the words that could make it set session
 /// state or name a database to close: a text that needs no further look,
 /// before or after it goes to the server.
 pub fn is_plain(sql: &[u8]) -> bool {
-    !WORDS.in_text(sql) && !DATABASE.in_text(sql)
+    !EITHER.in_text(sql)
 }
 
 /// Statements classified recently, by their text: clients repeat the same
@@ -532,34 +583,88 @@ mod tests {
     use proptest::prelude::Strategy;
 
     #[test]
-    fn the_prefilter_finds_its_words_in_any_case_anywhere() {
+    fn the_prefilter_finds_its_words_in_any_case_where_a_token_starts() {
         for text in [
             &b"SET x = 1"[..],
             b"select 1; reset all",
+            b"select 1;reset all",
             b"LiStEn ch",
             b"select f(1)",
+            b"select count(*)",
             b"x(",
             b"DISCARD",
             b"abc do",
+            b"select 1/*c*/set",
+            b"select 1set",
+            b"select $1set",
+            b"select $$a$$set",
+            b"select \"x\"set",
+            b"create table pg_temp.t as select 1",
+            b"create table \"PG_TEMP_3\".t as select 1",
+            b"create table u&\"pg\\005ftemp\".t as select 1",
+            b"UPDATE t SET", // the word ends the text
         ] {
             assert!(WORDS.in_text(text), "{}", String::from_utf8_lossy(text));
         }
         for text in [
             &b"SELECT abalance FROM pgbench_accounts WHERE aid = 42"[..],
+            b"SELECT * FROM t ORDER BY id LIMIT 21 OFFSET 40",
+            b"SELECT onset, preset_at, \xc3\xa9set FROM t_temp",
             b"",
             b"se",
-            b"UPDATE t SET", // "set" ends the text: found
         ] {
-            let expected = text.ends_with(b"SET");
-            assert_eq!(
-                WORDS.in_text(text),
-                expected,
-                "{}",
-                String::from_utf8_lossy(text)
-            );
+            assert!(!WORDS.in_text(text), "{}", String::from_utf8_lossy(text));
         }
         assert!(DATABASE.in_text(b"drop DataBase x"));
         assert!(!DATABASE.in_text(b"drop databas"));
+        assert!(!DATABASE.in_text(b"select my_database from t"));
+    }
+
+    /// The prefilter never clears a statement that the grammar says changes
+    /// the session, however it is spaced, cased or glued to what is before
+    /// and after it.
+    #[test]
+    fn the_prefilter_passes_every_statement_that_changes_the_session() {
+        let statements = [
+            "SET x = 1",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "RESET x",
+            "RESET ALL",
+            "LISTEN c",
+            "PREPARE p AS SELECT 1",
+            "LOAD 'x'",
+            "CREATE TEMP TABLE t (a int)",
+            "CREATE TEMPORARY TABLE t AS SELECT 1",
+            "CREATE TABLE pg_temp.t AS SELECT 1",
+            "CREATE VIEW pg_temp_3.v AS SELECT 1",
+            "CREATE TABLE \"pg_temp\".t AS SELECT 1",
+            "CREATE TABLE U&\"pg\\005ftemp\".t AS SELECT 1",
+            "SELECT 1 INTO TEMP t",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "DISCARD ALL",
+            "DO $$BEGIN END$$",
+            "CALL p()",
+            "SELECT f()",
+            "SELECT pg_advisory_lock(1)",
+        ];
+        let before = [
+            "",
+            " ",
+            "SELECT 1;",
+            "SELECT 1 ;",
+            "/*c*/",
+            "--c\n",
+            "SELECT $$x$$;",
+        ];
+        for statement in statements {
+            for case in [str::to_string, str::to_ascii_lowercase] {
+                for prefix in before {
+                    let sql = format!("{prefix}{}", case(statement));
+                    assert_ne!(effect(sql.as_bytes(), true), super::Effect::NONE, "{sql}");
+                    assert!(WORDS.in_text(sql.as_bytes()), "{sql}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -731,24 +836,26 @@ mod tests {
 
     proptest::proptest! {
         /// The prefilter finds a word exactly where a plain case-blind
-        /// search does, at any offset, the last bytes of a text included.
+        /// search at each token's start does, at any offset, the last bytes
+        /// of a text included.
         #[test]
         fn the_prefilter_agrees_with_a_plain_search(
             pieces in proptest::collection::vec(
                 proptest::sample::select(vec![
                     "set", "SeT", "se", "t", "do", "D", "(", "x", " ", "data", "BASE", "databasE",
                     "tem", "p", "into", "in", "hold", "call", "ca", "prepare", "load", "listen", "1",
+                    "re", "_", "$", "pg_", "u&", "\"", "\u{e9}",
                 ]),
                 0..12,
             ),
         ) {
             let text = pieces.concat().into_bytes();
             let lower = text.to_ascii_lowercase();
-            let contains = |word: &[u8]| lower.windows(word.len()).any(|w| w == word);
-            let words: [&[u8]; 11] = [
-                b"set", b"listen", b"prepare", b"load", b"temp", b"hold", b"discard", b"do",
-                b"call", b"into", b"(",
-            ];
+            let identifier = |b: u8| b.is_ascii_alphabetic() || b == b'_' || b >= 0x80;
+            let starts = |i: usize| i == 0 || !identifier(lower[i - 1]) || !identifier(lower[i]);
+            let contains =
+                |word: &[u8]| (0..lower.len()).any(|i| starts(i) && lower[i..].starts_with(word));
+            let words = super::SESSION_WORDS;
             proptest::prop_assert_eq!(WORDS.in_text(&text), words.iter().any(|w| contains(w)));
             proptest::prop_assert_eq!(DATABASE.in_text(&text), contains(b"database"));
             proptest::prop_assert_eq!(
