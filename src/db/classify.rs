@@ -225,13 +225,14 @@ pub fn is_plain(sql: &[u8]) -> bool {
     !EITHER.in_text(sql)
 }
 
-/// Statements classified recently, by their text: clients repeat the same
-/// few statements, with parameters or not.
+/// Statements classified recently, by their shape: clients repeat the same
+/// few statements, with parameters or with their literals written in
+/// (psycopg's client-side binding, which Django uses by default).
 pub struct Classifier {
     known: Mutex<HashMap<Box<[u8]>, Arc<Effect>>>,
 }
 
-/// How many texts the cache holds before it starts again.
+/// How many shapes the cache holds before it starts again.
 const CACHED: usize = 4096;
 /// Longer statements are not parsed (a tree of many megabytes, for one
 /// statement, is a cost a client could impose at will): they count as
@@ -265,9 +266,7 @@ impl Classifier {
         if sql.len() > CACHED_LEN {
             return Some(Arc::new(effect(sql, standard_strings)));
         }
-        let mut key = Vec::with_capacity(sql.len() + 1);
-        key.push(u8::from(standard_strings));
-        key.extend_from_slice(sql);
+        let key = cache_key(sql, standard_strings);
         if let Some(known) = self
             .known
             .lock()
@@ -284,6 +283,28 @@ impl Classifier {
         known.insert(key.into(), Arc::clone(&found));
         Some(found)
     }
+}
+
+/// Texts in which a literal's value can change the effect:
+/// `set_config('name', value, false)`, and identifiers with Unicode escapes,
+/// which may spell `set_config`.
+static LITERALS_MATTER: Words = Words::new(&[&[b"set_conf", b"u&\""]]);
+
+/// The classifier's key for `sql`: its shape (every string and number literal
+/// replaced, [`access::shape_key`]) where no literal's value can change its
+/// effect, which is so for everything but `set_config`'s name and scope (a
+/// setting's value is the server's to report). Otherwise, or for a text the
+/// shape's lexer does not follow to its end, the text itself, marked apart.
+fn cache_key(sql: &[u8], standard_strings: bool) -> Vec<u8> {
+    if !LITERALS_MATTER.in_text(sql) {
+        if let Some(shape) = access::shape_key(sql, standard_strings) {
+            return shape;
+        }
+    }
+    let mut key = Vec::with_capacity(sql.len() + 1);
+    key.push(2 + u8::from(standard_strings));
+    key.extend_from_slice(sql);
+    key
 }
 
 /// The effect of `sql`, parsed with PostgreSQL's grammar. Text that does not
@@ -834,7 +855,211 @@ mod tests {
         }
     }
 
+    #[test]
+    fn statements_that_differ_only_in_literals_share_one_classification() {
+        let classifier = super::Classifier::default();
+        let first = classifier.effect(b"SELECT a FROM t WHERE id IN (1) AND b = 'x'", || true);
+        let again = classifier.effect(b"SELECT a FROM t WHERE id IN (22) AND b = 'y''z'", || true);
+        let (Some(first), Some(again)) = (first, again) else {
+            panic!("'(' makes both worth a look");
+        };
+        assert!(std::sync::Arc::ptr_eq(&first, &again), "one parse for both");
+        assert!(!again.pins(reported));
+        // The same shape in the other string mode is another entry.
+        let other = classifier.effect(b"SELECT a FROM t WHERE id IN (1) AND b = 'x'", || false);
+        assert!(other.is_some_and(|e| !std::sync::Arc::ptr_eq(&first, &e)));
+    }
+
+    #[test]
+    fn set_config_is_classified_by_its_literals() {
+        let classifier = super::Classifier::default();
+        for (sql, setting, scope_known) in [
+            (
+                &b"SELECT set_config('TimeZone', 'UTC', false) FROM t WHERE id = 1"[..],
+                "timezone",
+                true,
+            ),
+            (
+                b"SELECT set_config('work_mem', '1MB', false) FROM t WHERE id = 2",
+                "work_mem",
+                true,
+            ),
+            (
+                b"SELECT set_config('work_mem', '1MB', 'off') FROM t WHERE id = 2",
+                "work_mem",
+                true,
+            ),
+            (
+                b"SELECT set_config('work_mem', '1MB', true) FROM t WHERE id = 2",
+                "",
+                true,
+            ),
+            (
+                b"SELECT set_config('work_mem', '1MB', 'maybe') FROM t WHERE id = 2",
+                "",
+                false,
+            ),
+            (
+                br#"SELECT U&"set\005fconfig"('TimeZone', 'UTC', false) FROM t WHERE id = 3"#,
+                "timezone",
+                true,
+            ),
+            (
+                br#"SELECT U&"set\005fconfig"('work_mem', '1MB', false) FROM t WHERE id = 4"#,
+                "work_mem",
+                true,
+            ),
+        ] {
+            let cached = classifier.effect(sql, || true);
+            let text = String::from_utf8_lossy(sql);
+            assert_eq!(cached.as_deref(), Some(&effect(sql, true)), "{text}");
+            let cached = cached.unwrap_or_default();
+            if !scope_known {
+                assert!(cached.session.is_some(), "{text}");
+            } else if setting.is_empty() {
+                assert_eq!(*cached, super::Effect::NONE, "{text}");
+            } else {
+                assert_eq!(cached.settings, [setting], "{text}");
+            }
+        }
+    }
+
+    /// Every pair of tricky literals around every piece of code, in both
+    /// string modes, through one cache: wherever the shape's lexer and the
+    /// grammar disagreed on where a literal ends, code would be swallowed
+    /// into a `?` and two statements with different effects would share a
+    /// shape.
+    #[test]
+    fn no_two_statements_of_one_shape_differ_in_effect() {
+        let contents = [
+            "", "'", "''", "\\", "\\'", "\\\\'", "$$", "$q$", "--", "/*", "*/", "a\nb",
+        ];
+        let codes = [
+            ", lower(1),",
+            "; SET x = 1; SELECT",
+            "; SELECT pg_advisory_lock(1); SELECT",
+            "/* ; SET x = 1; */ ,",
+            ", $q$ ; SET x = 1; $q$ ,",
+            "; LISTEN c; SELECT",
+        ];
+        let templates = [
+            "SELECT {} {code} {}",
+            "SELECT {} {code} E{}",
+            "SELECT f({}) {code} {}",
+        ];
+        for standard in [true, false] {
+            let classifier = super::Classifier::default();
+            let literal = |content: &str, dollar: bool| {
+                if dollar {
+                    format!("$z${content}$z$")
+                } else if standard {
+                    format!("'{}'", content.replace('\'', "''"))
+                } else {
+                    format!("'{}'", content.replace('\\', "\\\\").replace('\'', "\\'"))
+                }
+            };
+            for template in templates {
+                for code in codes {
+                    for first in contents {
+                        for second in contents {
+                            for dollar in [false, true] {
+                                let sql = template
+                                    .replace("{code}", code)
+                                    .replacen("{}", &literal(first, dollar), 1)
+                                    .replacen("{}", &literal(second, false), 1);
+                                let expected = effect(sql.as_bytes(), standard);
+                                let cached = classifier.effect(sql.as_bytes(), || standard);
+                                assert_eq!(
+                                    cached.as_deref(),
+                                    Some(&expected),
+                                    "{sql} (standard_conforming_strings {standard})"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     proptest::proptest! {
+        /// Whatever a literal holds (quotes, backslashes, dollar quotes,
+        /// comments, statements) and whatever stands between literals, a
+        /// statement classified after others gets the effect the grammar
+        /// gives it: a shared shape never hides a difference.
+        #[test]
+        fn a_cached_shape_answers_as_the_grammar_does(
+            statements in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "SELECT a FROM t WHERE b = {} AND c IN (1)",
+                        "SELECT lower({}); SELECT 1",
+                        "SET application_name = {}",
+                        "SELECT {}::text, f(2)",
+                        "SELECT E{} , count(*)",
+                        "SELECT {} -- (\nSET x = 1",
+                        "SELECT pg_advisory_lock(7), {}",
+                        "SELECT set_config({}, 'x', false)",
+                        "SELECT set_config('work_mem', {}, {})",
+                        "DO {}",
+                        "SELECT {} {code} {}",
+                        "SELECT {} {code} E{}",
+                        "SELECT abs({}) {code} {}",
+                    ]),
+                    proptest::sample::select(vec![
+                        ", 1,", "; SET x = 1; SELECT", "; SELECT pg_advisory_lock(1); SELECT",
+                        ", lower(1),", "/* ; SET x = 1; */ ,", ", $q$ ; SET x = 1; $q$ ,",
+                        "; LISTEN c; SELECT", ",",
+                    ]),
+                    proptest::collection::vec(
+                        proptest::collection::vec(
+                            proptest::sample::select(vec![
+                                "a", "'", "\\", "\\'", "$$", "$q$", "--", "/*", "*/", "\n",
+                                "SET x = 1; ", "(", "false",
+                            ]),
+                            0..4,
+                        )
+                        .prop_map(|pieces| pieces.concat()),
+                        2,
+                    ),
+                    proptest::bool::ANY,
+                ),
+                2..8,
+            ),
+            standard in proptest::bool::ANY,
+        ) {
+            let classifier = super::Classifier::default();
+            for (template, code, contents, dollar) in &statements {
+                // Each literal written as the client would write it.
+                let literal = |content: &String| {
+                    if *dollar && !content.contains("$z$") {
+                        format!("$z${content}$z$")
+                    } else if standard {
+                        format!("'{}'", content.replace('\'', "''"))
+                    } else {
+                        format!("'{}'", content.replace('\\', "\\\\").replace('\'', "\\'"))
+                    }
+                };
+                let sql = template
+                    .replace("{code}", code)
+                    .replacen("{}", &literal(&contents[0]), 1)
+                    .replacen("{}", &literal(&contents[1]), 1);
+                let expected = effect(sql.as_bytes(), standard);
+                let cached = classifier.effect(sql.as_bytes(), || standard);
+                if let Some(cached) = cached {
+                    proptest::prop_assert_eq!(&*cached, &expected, "{}", sql);
+                } else {
+                    // No word, no parse: a text the server cannot read either
+                    // changes nothing.
+                    proptest::prop_assert!(
+                        !expected.pins(|_| false) || expected.session == Some("not parsed"),
+                        "{}",
+                        sql
+                    );
+                }
+            }
+        }
+
         /// The prefilter finds a word exactly where a plain case-blind
         /// search at each token's start does, at any offset, the last bytes
         /// of a text included.
