@@ -4,7 +4,9 @@
 # Starts its own PostgreSQL (initdb in a scratch directory), PgBouncer in
 # transaction mode and gatehouse db in transaction mode, both with the same
 # pool size, then runs pgbench -S (select-only) through each and directly:
-# 50 clients, 2 threads, in -M simple, extended and prepared. Prints tps and
+# 50 clients, 2 threads, in -M simple, extended and prepared, and the same
+# select with its parameter written into the text (`literals`: a new text
+# each time, as Django's queries arrive). Prints tps and
 # average latency, and the ratios. A run with failed transactions prints
 # "failed" (PgBouncer before 1.21 cannot pool -M prepared in transaction
 # mode: its clients get "prepared statement does not exist").
@@ -46,7 +48,7 @@ cleanup() {
 trap cleanup EXIT
 
 PG=$(free_port); PGB=$(free_port); GH=$(free_port); GB=$(free_port)
-modes=${MODES:-simple extended prepared}
+modes=${MODES:-simple extended prepared literals}
 targets="direct pgbouncer gatehouse"
 
 "${owner[@]}" "$BIN/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync >/dev/null

@@ -22,14 +22,23 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # CPU ticks (user + system, all threads) a process has used.
 ticks() { [ -n "$1" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
 
-# measure HOST PORT MODE [POOLER_PID]: pgbench -S -c 50 -j 2 →
+# measure HOST PORT MODE [POOLER_PID]: pgbench -S -c 50 -j 2 (MODE simple,
+# extended or prepared; or `literals`, below) →
 # "tps latency_ms pooler_cpu_us_per_transaction", or "failed - -" when a
 # transaction failed. The pooler's CPU per transaction is steadier than tps
 # on a shared machine.
 measure() {
-  local before after
+  local before after load=(-S -M "$3")
+  if [ "$3" = literals ]; then
+    # pgbench -S's statement with its parameter written into the text, as
+    # psycopg's client-side binding (Django's default) sends every query,
+    # and with a `(` that makes it worth a session-state look.
+    printf '%s\n' '\set aid random(1, 1000000)' \
+      'SELECT abalance FROM pgbench_accounts WHERE aid IN (:aid);' > "$dir/literals.sql"
+    load=(-M simple -f "$dir/literals.sql")
+  fi
   before=$(ticks "$4")
-  "$BIN/pgbench" -h "$1" -p "$2" -U postgres -n -S -c 50 -j 2 -T "$duration" -M "$3" bench > "$dir/pgbench.out" 2>&1 || true
+  "$BIN/pgbench" -h "$1" -p "$2" -U postgres -n "${load[@]}" -c 50 -j 2 -T "$duration" bench > "$dir/pgbench.out" 2>&1 || true
   after=$(ticks "$4")
   awk -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v pooled="${4:+1}" '
     /^latency average/ { lat=$4 } /^tps = / { tps=$3 }

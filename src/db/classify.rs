@@ -103,12 +103,45 @@ const SESSION_WORDS: &[&[u8]] = &[
     b"into", b"(", b"pg_temp", b"u&\"",
 ];
 
-static WORDS: Words = Words::new(&[SESSION_WORDS]);
-
 static DATABASE: Words = Words::new(&[&[b"database"]]);
 
-/// Both, for one pass over a text that needs neither.
-static EITHER: Words = Words::new(&[SESSION_WORDS, &[b"database"]]);
+/// Every word a statement's text is looked at for, in one pass ([`scan`]):
+/// [`SESSION_WORDS`], then `database` ([`databases_needing_no_sessions`]),
+/// then `set_config`, whose literals matter ([`cache_key`]).
+static ALL: Words = Words::new(&[SESSION_WORDS, &[b"database", b"set_conf"]]);
+
+/// The session words' bits in [`Found`].
+const SESSION: u16 = (1 << SESSION_WORDS.len()) - 1;
+/// `database`'s bit.
+const DATABASE_WORD: u16 = 1 << SESSION_WORDS.len();
+/// The words that make literals matter: `set_config` and `u&"` (which is
+/// also a session word: an identifier with Unicode escapes may spell it).
+const LITERALS_MATTER: u16 = 1 << (SESSION_WORDS.len() + 1) | 1 << (SESSION_WORDS.len() - 1);
+const _: () = {
+    let last = SESSION_WORDS[SESSION_WORDS.len() - 1];
+    assert!(last.len() == 3 && last[0] == b'u' && last[1] == b'&' && last[2] == b'"');
+};
+
+/// Which of the words a text holds where a token can start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found(u16);
+
+impl Found {
+    /// None: the text can change no session and name no database.
+    pub fn nothing(self) -> bool {
+        self.0 == 0
+    }
+
+    /// A word that names a database (`DROP DATABASE`, …).
+    pub fn database(self) -> bool {
+        self.0 & DATABASE_WORD != 0
+    }
+}
+
+/// The words `sql` holds, in one pass.
+pub fn scan(sql: &[u8]) -> Found {
+    Found(ALL.found(sql))
+}
 
 /// Up to 16 words of at most 8 bytes, looked for in a text where a token
 /// can start, ignoring case. A prefilter: a false match only costs a parse.
@@ -160,29 +193,48 @@ impl Words {
         Words { words, bytes }
     }
 
-    /// Whether any word occurs in `text` where a token can start: one pass,
-    /// one table load per byte, and only at a byte that does not continue an
-    /// identifier or at the first byte of one are the words that start with
-    /// it compared. Inside `pgbench_accounts` or `OFFSET` nothing is.
+    /// Whether any word occurs in `text` where a token can start.
     fn in_text(&self, text: &[u8]) -> bool {
+        self.first(text) != 0
+    }
+
+    /// The first word found where a token can start, as its bit (0 for
+    /// none): one table load per byte, and only at a byte that does not
+    /// continue an identifier or at the first byte of one are the words
+    /// that start with it compared. Inside `pgbench_accounts` or `OFFSET`
+    /// nothing is.
+    fn first(&self, text: &[u8]) -> u16 {
+        self.words_in(text, true)
+    }
+
+    /// Every word found where a token can start, as a bit set.
+    fn found(&self, text: &[u8]) -> u16 {
+        self.words_in(text, false)
+    }
+
+    fn words_in(&self, text: &[u8], first: bool) -> u16 {
+        let mut found = 0;
         // IDENTIFIER when the byte before continues an identifier.
         let mut within = 0;
         for (i, &c) in text.iter().enumerate() {
             let entry = self.bytes[usize::from(c)];
             // Both this byte and the one before continue an identifier:
             // nothing starts here.
-            if entry & within == 0 && entry as u16 != 0 && self.at(text, i, entry as u16) {
-                return true;
+            if entry & within == 0 && entry as u16 & !found != 0 {
+                found |= self.at(text, i, entry as u16 & !found);
+                if first && found != 0 {
+                    return found;
+                }
             }
             within = entry & IDENTIFIER;
         }
-        false
+        found
     }
 
-    /// Whether one of `candidates` starts at `text[i]`: eight bytes compared
-    /// at once with bit 5 set in each (ASCII letters in lowercase).
+    /// Which of `candidates` start at `text[i]`: eight bytes compared at
+    /// once with bit 5 set in each (ASCII letters in lowercase).
     #[inline(never)]
-    fn at(&self, text: &[u8], i: usize, mut candidates: u16) -> bool {
+    fn at(&self, text: &[u8], i: usize, mut candidates: u16) -> u16 {
         // One load of eight bytes; only the last seven bytes of a text need
         // a padded copy.
         let mut window = [0u8; 8];
@@ -194,16 +246,18 @@ impl Words {
             }
         }
         let window = u64::from_le_bytes(window) | 0x2020_2020_2020_2020;
+        let mut found = 0;
         while candidates != 0 {
-            let (word, mask) = self.words[candidates.trailing_zeros() as usize];
+            let index = candidates.trailing_zeros();
+            let (word, mask) = self.words[index as usize];
             // A word longer than what is left meets bytes past the end,
             // which became spaces: no letter matches them.
             if window & mask == word {
-                return true;
+                found |= 1 << index;
             }
             candidates &= candidates - 1;
         }
-        false
+        found
     }
 }
 
@@ -222,7 +276,7 @@ const fn continues_identifier(byte: u8) -> bool {
 /// state or name a database to close: a text that needs no further look,
 /// before or after it goes to the server.
 pub fn is_plain(sql: &[u8]) -> bool {
-    !EITHER.in_text(sql)
+    ALL.first(sql) == 0
 }
 
 /// Statements classified recently, by their shape: clients repeat the same
@@ -259,14 +313,24 @@ impl Classifier {
         sql: &[u8],
         standard_strings: impl FnOnce() -> bool,
     ) -> Option<Arc<Effect>> {
-        if !WORDS.in_text(sql) {
+        self.effect_of(sql, scan(sql), standard_strings)
+    }
+
+    /// [`Classifier::effect`], for a text already [`scan`]ned.
+    pub fn effect_of(
+        &self,
+        sql: &[u8],
+        found: Found,
+        standard_strings: impl FnOnce() -> bool,
+    ) -> Option<Arc<Effect>> {
+        if found.0 & SESSION == 0 {
             return None;
         }
         let standard_strings = standard_strings();
         if sql.len() > CACHED_LEN {
             return Some(Arc::new(effect(sql, standard_strings)));
         }
-        let key = cache_key(sql, standard_strings);
+        let key = cache_key(sql, found, standard_strings);
         if let Some(known) = self
             .known
             .lock()
@@ -285,18 +349,15 @@ impl Classifier {
     }
 }
 
-/// Texts in which a literal's value can change the effect:
-/// `set_config('name', value, false)`, and identifiers with Unicode escapes,
-/// which may spell `set_config`.
-static LITERALS_MATTER: Words = Words::new(&[&[b"set_conf", b"u&\""]]);
-
 /// The classifier's key for `sql`: its shape (every string and number literal
 /// replaced, [`access::shape_key`]) where no literal's value can change its
 /// effect, which is so for everything but `set_config`'s name and scope (a
-/// setting's value is the server's to report). Otherwise, or for a text the
-/// shape's lexer does not follow to its end, the text itself, marked apart.
-fn cache_key(sql: &[u8], standard_strings: bool) -> Vec<u8> {
-    if !LITERALS_MATTER.in_text(sql) {
+/// setting's value is the server's to report), in a text that names it or
+/// holds an identifier with Unicode escapes, which may spell it ([`Found`]).
+/// Otherwise, or for a text the shape's lexer does not follow to its end,
+/// the text itself, marked apart.
+fn cache_key(sql: &[u8], found: Found, standard_strings: bool) -> Vec<u8> {
+    if found.0 & LITERALS_MATTER == 0 {
         if let Some(shape) = access::shape_key(sql, standard_strings) {
             return shape;
         }
@@ -600,7 +661,12 @@ pub fn discards_all(sql: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{DATABASE, WORDS, deallocates, deallocates_all, discards_all, effect};
+    use super::{DATABASE, deallocates, deallocates_all, discards_all, effect};
+
+    /// Whether the one-pass scan finds a session word in `text`.
+    fn session_word(text: &[u8]) -> bool {
+        super::scan(text).0 & super::SESSION != 0
+    }
     use proptest::prelude::Strategy;
 
     #[test]
@@ -625,7 +691,7 @@ mod tests {
             b"create table u&\"pg\\005ftemp\".t as select 1",
             b"UPDATE t SET", // the word ends the text
         ] {
-            assert!(WORDS.in_text(text), "{}", String::from_utf8_lossy(text));
+            assert!(session_word(text), "{}", String::from_utf8_lossy(text));
         }
         for text in [
             &b"SELECT abalance FROM pgbench_accounts WHERE aid = 42"[..],
@@ -634,7 +700,7 @@ mod tests {
             b"",
             b"se",
         ] {
-            assert!(!WORDS.in_text(text), "{}", String::from_utf8_lossy(text));
+            assert!(!session_word(text), "{}", String::from_utf8_lossy(text));
         }
         assert!(DATABASE.in_text(b"drop DataBase x"));
         assert!(!DATABASE.in_text(b"drop databas"));
@@ -682,10 +748,24 @@ mod tests {
                 for prefix in before {
                     let sql = format!("{prefix}{}", case(statement));
                     assert_ne!(effect(sql.as_bytes(), true), super::Effect::NONE, "{sql}");
-                    assert!(WORDS.in_text(sql.as_bytes()), "{sql}");
+                    assert!(session_word(sql.as_bytes()), "{sql}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn one_pass_finds_every_word_a_text_holds() {
+        let found = super::scan(b"SELECT set_config('a', 'b', false); DROP DATABASE x");
+        assert!(found.database() && !found.nothing());
+        // `set` (the start of `set_config`) and `(`.
+        assert_eq!(found.0 & super::SESSION, 1 | 1 << 11);
+        assert_ne!(found.0 & super::LITERALS_MATTER, 0);
+        let found = super::scan(br#"SELECT U&"a" FROM t"#);
+        assert!(!found.database());
+        assert_ne!(found.0 & super::LITERALS_MATTER, 0);
+        assert_ne!(found.0 & super::SESSION, 0);
+        assert!(super::scan(b"SELECT a FROM t WHERE id = 1 OFFSET 5").nothing());
     }
 
     #[test]
@@ -1081,7 +1161,7 @@ mod tests {
             let contains =
                 |word: &[u8]| (0..lower.len()).any(|i| starts(i) && lower[i..].starts_with(word));
             let words = super::SESSION_WORDS;
-            proptest::prop_assert_eq!(WORDS.in_text(&text), words.iter().any(|w| contains(w)));
+            proptest::prop_assert_eq!(session_word(&text), words.iter().any(|w| contains(w)));
             proptest::prop_assert_eq!(DATABASE.in_text(&text), contains(b"database"));
             proptest::prop_assert_eq!(
                 super::is_plain(&text),

@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
 use super::auth::{AuthError, ScramExchange, ScramVerifier, md5_response_ok, md5_secret};
+use super::classify::Found;
 use super::classify::access::Access;
 use super::codec::tag::front;
 use super::codec::{
@@ -679,15 +680,19 @@ impl Session<'_> {
     /// `DROP DATABASE x` and the like need nobody connected to `x`: the
     /// pools' idle connections to it are closed before `sql` goes. Also
     /// remembers a plain text, which neither this nor `pins` need read
-    /// again.
-    fn before_database_change(&mut self, sql: &[u8]) {
+    /// again. The words found in a text that is not plain, for `pins`.
+    fn before_database_change(&mut self, sql: &[u8]) -> Option<Found> {
         if sql == self.plain.as_slice() {
-            return;
+            return None;
         }
-        if super::classify::is_plain(sql) {
+        let found = super::classify::scan(sql);
+        if found.nothing() {
             self.plain.clear();
             self.plain.extend_from_slice(sql);
-            return;
+            return None;
+        }
+        if !found.database() {
+            return Some(found);
         }
         for database in super::classify::databases_needing_no_sessions(sql) {
             let closed = self.shared.pools.close_idle(&database);
@@ -697,6 +702,7 @@ impl Session<'_> {
                 "idle connections closed for a statement that needs none"
             );
         }
+        Some(found)
     }
 
     /// Whether a Query or Parse (`text`: its statement name, empty for a
@@ -704,17 +710,18 @@ impl Session<'_> {
     /// way that cannot follow the client to another connection: SQL that
     /// sets session state other than reported settings, and named prepared
     /// statements when they are not kept per client.
-    fn pins(&self, (statement, sql): (&[u8], &[u8])) -> bool {
+    /// `found`: the words `before_database_change`, which saw this text
+    /// first, found in it; `None` for a plain text.
+    fn pins(&self, (statement, sql): (&[u8], &[u8]), found: Option<Found>) -> bool {
         if self.naming == Naming::Server && !statement.is_empty() {
             return true;
         }
-        // Plain: `before_database_change`, which saw this text first,
-        // found it so.
-        if sql == self.plain.as_slice() {
+        let Some(found) = found else {
             return false;
-        }
+        };
         let standard_strings = || lookup(&self.told, "standard_conforming_strings") != Some("off");
-        let Some(effect) = self.shared.classifier.effect(sql, standard_strings) else {
+        let classifier = &self.shared.classifier;
+        let Some(effect) = classifier.effect_of(sql, found, standard_strings) else {
             return false;
         };
         let pins = effect.pins(|name| self.tracks(name));
@@ -1067,9 +1074,9 @@ impl Session<'_> {
         let Some(text) = text else {
             return frame;
         };
-        self.before_database_change(text.1);
+        let found = self.before_database_change(text.1);
         // A pinned client keeps its connection whatever it sets.
-        if self.mode != PoolMode::Transaction || self.pinned || !self.pins(text) {
+        if self.mode != PoolMode::Transaction || self.pinned || !self.pins(text, found) {
             return frame;
         }
         let pool = format!("{}/{}", self.database, self.user.name);

@@ -157,6 +157,18 @@ fn may_read(sql: &[u8]) -> bool {
     .any(|w| word.eq_ignore_ascii_case(w))
 }
 
+/// The bytes at which [`shape_key`] may find a literal, a quoted name or a
+/// comment: quotes, `$`, digits, `-` and `/`.
+static MAY_START: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        table[c] = matches!(c as u8, b'\'' | b'"' | b'$' | b'0'..=b'9' | b'-' | b'/');
+        c += 1;
+    }
+    table
+};
+
 /// `sql` with every string and number literal replaced by `?`, and the
 /// string-escaping mode in front: statements that differ only in their
 /// literals share it. `None` for text the lexer does not follow to its end
@@ -167,7 +179,14 @@ pub fn shape_key(sql: &[u8], standard_strings: bool) -> Option<Vec<u8>> {
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80;
     let mut i = 0;
     while i < sql.len() {
-        let c = sql[i];
+        // Bytes that can start nothing below are copied in one run.
+        let run = sql[i..]
+            .iter()
+            .position(|&c| MAY_START[usize::from(c)])
+            .map_or(sql.len(), |n| i + n);
+        key.extend_from_slice(&sql[i..run]);
+        i = run;
+        let Some(&c) = sql.get(i) else { break };
         let after_ident = i > 0 && ident(sql[i - 1]);
         match c {
             b'\'' => {
