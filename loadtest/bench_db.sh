@@ -6,8 +6,8 @@
 # pool size, then runs pgbench -S (select-only) through each and directly:
 # 50 clients, 2 threads, in -M simple, extended and prepared, and the same
 # select with its parameter written into the text (`literals`: a new text
-# each time, as Django's queries arrive). Prints tps and
-# average latency, and the ratios. A run with failed transactions prints
+# each time, as Django's queries arrive). Prints tps and average latency,
+# and the ratios. A run with failed transactions prints
 # "failed" (PgBouncer before 1.21 cannot pool -M prepared in transaction
 # mode: its clients get "prepared statement does not exist").
 # Both poolers listen on a Unix socket and trust local clients, as Django on

@@ -662,12 +662,12 @@ pub fn discards_all(sql: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::{DATABASE, deallocates, deallocates_all, discards_all, effect};
+    use proptest::prelude::Strategy;
 
     /// Whether the one-pass scan finds a session word in `text`.
     fn session_word(text: &[u8]) -> bool {
         super::scan(text).0 & super::SESSION != 0
     }
-    use proptest::prelude::Strategy;
 
     #[test]
     fn the_prefilter_finds_its_words_in_any_case_where_a_token_starts() {
