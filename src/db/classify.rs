@@ -195,16 +195,7 @@ impl Words {
 
     /// Whether any word occurs in `text` where a token can start.
     fn in_text(&self, text: &[u8]) -> bool {
-        self.first(text) != 0
-    }
-
-    /// The first word found where a token can start, as its bit (0 for
-    /// none): one table load per byte, and only at a byte that does not
-    /// continue an identifier or at the first byte of one are the words
-    /// that start with it compared. Inside `pgbench_accounts` or `OFFSET`
-    /// nothing is.
-    fn first(&self, text: &[u8]) -> u16 {
-        self.words_in(text, true)
+        self.words_in(text, true) != 0
     }
 
     /// Every word found where a token can start, as a bit set.
@@ -212,6 +203,11 @@ impl Words {
         self.words_in(text, false)
     }
 
+    /// The words found where a token can start, as a bit set; with `first`,
+    /// only the first. One table load per byte, and only at a byte that does
+    /// not continue an identifier or at the first byte of one are the words
+    /// that start with it compared: inside `pgbench_accounts` or `OFFSET`
+    /// nothing is.
     fn words_in(&self, text: &[u8], first: bool) -> u16 {
         let mut found = 0;
         // IDENTIFIER when the byte before continues an identifier.
@@ -270,13 +266,6 @@ impl Words {
 /// a dollar quote (`$$set`), so after them it is looked for too.
 const fn continues_identifier(byte: u8) -> bool {
     byte.is_ascii_alphabetic() || byte == b'_' || byte >= 0x80
-}
-
-/// Whether `sql` holds none of the words that could make it set session
-/// state or name a database to close: a text that needs no further look,
-/// before or after it goes to the server.
-pub fn is_plain(sql: &[u8]) -> bool {
-    ALL.first(sql) == 0
 }
 
 /// Statements classified recently, by their shape: clients repeat the same
@@ -1164,7 +1153,7 @@ mod tests {
             proptest::prop_assert_eq!(session_word(&text), words.iter().any(|w| contains(w)));
             proptest::prop_assert_eq!(DATABASE.in_text(&text), contains(b"database"));
             proptest::prop_assert_eq!(
-                super::is_plain(&text),
+                super::scan(&text).nothing(),
                 !words.iter().any(|w| contains(w)) && !contains(b"database")
             );
         }

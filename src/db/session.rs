@@ -314,8 +314,9 @@ struct Session<'a> {
     /// statement (kept only for the slow-query log).
     pending: std::collections::VecDeque<(std::time::Instant, Option<bytes::Bytes>)>,
     /// The SQL of this client's last Query or Parse when it was plain
-    /// (`classify::is_plain`): clients repeat their statements, and the
-    /// same text again is known plain by a comparison instead of a scan.
+    /// (`classify::scan` found none of its words): clients repeat their
+    /// statements, and the same text again is known plain by a comparison
+    /// instead of a scan.
     plain: Vec<u8>,
 }
 
