@@ -103,8 +103,6 @@ const SESSION_WORDS: &[&[u8]] = &[
     b"into", b"(", b"pg_temp", b"u&\"",
 ];
 
-static DATABASE: Words = Words::new(&[&[b"database"]]);
-
 /// Every word a statement's text is looked at for, in one pass ([`scan`]):
 /// [`SESSION_WORDS`], then `database` ([`databases_needing_no_sessions`]),
 /// then `set_config`, whose literals matter ([`cache_key`]).
@@ -193,22 +191,11 @@ impl Words {
         Words { words, bytes }
     }
 
-    /// Whether any word occurs in `text` where a token can start.
-    fn in_text(&self, text: &[u8]) -> bool {
-        self.words_in(text, true) != 0
-    }
-
-    /// Every word found where a token can start, as a bit set.
+    /// Every word found where a token can start, as a bit set. One table
+    /// load per byte, and only at a byte that does not continue an identifier
+    /// or at the first byte of one are the words that start with it
+    /// compared: inside `pgbench_accounts` or `OFFSET` nothing is.
     fn found(&self, text: &[u8]) -> u16 {
-        self.words_in(text, false)
-    }
-
-    /// The words found where a token can start, as a bit set; with `first`,
-    /// only the first. One table load per byte, and only at a byte that does
-    /// not continue an identifier or at the first byte of one are the words
-    /// that start with it compared: inside `pgbench_accounts` or `OFFSET`
-    /// nothing is.
-    fn words_in(&self, text: &[u8], first: bool) -> u16 {
         let mut found = 0;
         // IDENTIFIER when the byte before continues an identifier.
         let mut within = 0;
@@ -218,9 +205,6 @@ impl Words {
             // nothing starts here.
             if entry & within == 0 && entry as u16 & !found != 0 {
                 found |= self.at(text, i, entry as u16 & !found);
-                if first && found != 0 {
-                    return found;
-                }
             }
             within = entry & IDENTIFIER;
         }
@@ -535,7 +519,7 @@ const OBJECT_DATABASE: i64 = 10;
 /// x`. Idle pooled connections to them are closed first, or the server
 /// refuses (Django's test runner creates and drops its test database).
 pub fn databases_needing_no_sessions(sql: &[u8]) -> Vec<String> {
-    if sql.len() > PARSED_LEN || !DATABASE.in_text(sql) {
+    if sql.len() > PARSED_LEN || !scan(sql).database() {
         return Vec::new();
     }
     let Some(tree) = std::str::from_utf8(sql)
@@ -650,7 +634,7 @@ pub fn discards_all(sql: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{DATABASE, deallocates, deallocates_all, discards_all, effect};
+    use super::{deallocates, deallocates_all, discards_all, effect};
     use proptest::prelude::Strategy;
 
     /// Whether the one-pass scan finds a session word in `text`.
@@ -691,9 +675,9 @@ mod tests {
         ] {
             assert!(!session_word(text), "{}", String::from_utf8_lossy(text));
         }
-        assert!(DATABASE.in_text(b"drop DataBase x"));
-        assert!(!DATABASE.in_text(b"drop databas"));
-        assert!(!DATABASE.in_text(b"select my_database from t"));
+        assert!(super::scan(b"drop DataBase x").database());
+        assert!(!super::scan(b"drop databas").database());
+        assert!(!super::scan(b"select my_database from t").database());
     }
 
     /// The prefilter never clears a statement that the grammar says changes
@@ -1151,7 +1135,7 @@ mod tests {
                 |word: &[u8]| (0..lower.len()).any(|i| starts(i) && lower[i..].starts_with(word));
             let words = super::SESSION_WORDS;
             proptest::prop_assert_eq!(session_word(&text), words.iter().any(|w| contains(w)));
-            proptest::prop_assert_eq!(DATABASE.in_text(&text), contains(b"database"));
+            proptest::prop_assert_eq!(super::scan(&text).database(), contains(b"database"));
             proptest::prop_assert_eq!(
                 super::scan(&text).nothing(),
                 !words.iter().any(|w| contains(w)) && !contains(b"database")
