@@ -137,20 +137,21 @@ pub fn reloaded<T>(
     );
     match load() {
         Ok(config) => Some((config, file)),
+        // Said before it is counted: whoever sees the count can read why.
         Err(e) => {
-            reloads.with_label_values(&["error"]).inc();
             for problem in &e.problems {
                 tracing::error!(%file, %problem, "reload rejected; keeping the running configuration");
             }
+            reloads.with_label_values(&["error"]).inc();
             None
         }
     }
 }
 
-/// A reload applied: count it and say so.
+/// A reload applied: say so, then count it.
 pub fn reload_applied(reloads: &prometheus::IntCounterVec, file: &str) {
-    reloads.with_label_values(&["ok"]).inc();
     tracing::info!(%file, "configuration reloaded");
+    reloads.with_label_values(&["ok"]).inc();
 }
 
 /// Validate a file for `check-config`. A file with `[primary]`,
