@@ -962,4 +962,102 @@ mod tests {
             "GET / HTTP/1.1\r\nhost: 127.0.0.1:8000\r\nx-a: 1\r\nx-a: 2\r\nx-b: 3\r\n\r\n"
         );
     }
+
+    /// Read one response (head, then body) from `stream` arriving in pieces
+    /// cut at `cuts`, as `read_head` and `next_chunk` do, without a socket.
+    /// `Ok` holds the body and the bytes left after it.
+    fn read_response(stream: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, Vec<u8>), H1Error> {
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut pieces = cuts
+            .into_iter()
+            .chain([stream.len()])
+            .scan(0, |start, cut| {
+                let piece = &stream[*start..cut];
+                *start = cut;
+                Some(piece)
+            });
+        let mut buf = BytesMut::new();
+        let head = loop {
+            if let Some(head) = parse_head(&mut buf, &Method::GET)? {
+                if !head.parts.status.is_informational() {
+                    break head;
+                }
+                continue;
+            }
+            match pieces.next() {
+                Some(piece) => buf.extend_from_slice(piece),
+                None => return Err(H1Error::Truncated),
+            }
+        };
+        let mut decoder = head.body;
+        let mut body = Vec::new();
+        loop {
+            match decoder.decode(&mut buf)? {
+                Step::Data(data) => body.extend_from_slice(&data),
+                Step::End => {
+                    // What the reads brought beyond the body, and what is still to come.
+                    let rest = [&buf[..]].into_iter().chain(pieces).collect::<Vec<_>>();
+                    return Ok((body, rest.concat()));
+                }
+                Step::More => match pieces.next() {
+                    Some(piece) => buf.extend_from_slice(piece),
+                    None => {
+                        decoder.at_eof()?;
+                        return Ok((body, buf.to_vec()));
+                    }
+                },
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Gunicorn's bytes come from the network: whatever they are and
+        /// however the reads split them, reading them is an answer or an
+        /// error, never a panic.
+        #[test]
+        fn arbitrary_response_bytes_never_panic(
+            head in proptest::sample::select(vec![
+                &b""[..],
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",
+                b"HTTP/1.0 200 OK\r\n\r\n",
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+            ]),
+            stream in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024),
+            cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..8),
+        ) {
+            let _ = read_response(&[head, &stream[..]].concat(), &cuts);
+        }
+
+        /// A chunked body, with extensions and trailers, decodes to its data
+        /// however the reads split it, and leaves the next response's bytes.
+        #[test]
+        fn chunked_bodies_decode_the_same_however_reads_split(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 1..300), 0..6),
+            extension in proptest::prelude::any::<bool>(),
+            trailer in proptest::prelude::any::<bool>(),
+            cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..10),
+        ) {
+            let mut stream = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            for chunk in &chunks {
+                stream.extend_from_slice(format!("{:X}", chunk.len()).as_bytes());
+                if extension {
+                    stream.extend_from_slice(b";name=\"v\"");
+                }
+                stream.extend_from_slice(b"\r\n");
+                stream.extend_from_slice(chunk);
+                stream.extend_from_slice(b"\r\n");
+            }
+            stream.extend_from_slice(b"0\r\n");
+            if trailer {
+                stream.extend_from_slice(b"X-Checksum: 1\r\n");
+            }
+            stream.extend_from_slice(b"\r\nHTTP/1.1 204");
+            let (body, rest) = read_response(&stream, &cuts).unwrap();
+            proptest::prop_assert_eq!(body, chunks.concat());
+            proptest::prop_assert_eq!(rest, b"HTTP/1.1 204".to_vec());
+        }
+    }
 }
