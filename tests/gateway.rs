@@ -1222,6 +1222,34 @@ async fn proxy_only_headers_from_clients_are_removed() {
     assert_eq!(seen["x-forwarded-proto"][0], "http");
 }
 
+/// An absolute-form target names the host Django must see; the client's
+/// `Host` is replaced with it (RFC 9112 §3.2.2), as nginx's `$host` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_names_the_host_django_sees() {
+    let gunicorn = Gunicorn::start(1);
+    let gateway = Gatehouse::start(&simple(&[gunicorn.upstream_url()]));
+    let ask = |request: &'static [u8]| {
+        let mut stream = TcpStream::connect(gateway.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request).unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        assert_eq!(status_of(&answer), 200, "{answer}");
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(body).unwrap()
+    };
+    let seen = ask(b"GET http://other.example/v1/auth/whoami/ HTTP/1.1\r\n\
+        Host: client.example\r\nConnection: close\r\n\r\n");
+    assert_eq!(seen["host"], "other.example");
+    assert_eq!(seen["path"], "/v1/auth/whoami/");
+    // In origin form, the client's `Host` is the one.
+    let seen = ask(b"GET /v1/auth/whoami/ HTTP/1.1\r\n\
+        Host: client.example\r\nConnection: close\r\n\r\n");
+    assert_eq!(seen["host"], "client.example");
+}
+
 /// HTTP/2 clients send one `cookie` field per cookie (RFC 9113 §8.2.3);
 /// HTTP/1.1 clients may repeat the field. Django must see every cookie,
 /// in the order the gateway identified the caller by.

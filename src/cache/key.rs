@@ -126,13 +126,12 @@ fn escape_into(key: &mut String, bytes: &[u8]) {
     }
 }
 
-/// The host as keyed: `Host`, else the URI's authority; `None` when the
-/// allowlist does not hold it.
+/// The host as keyed: the URI's authority (an absolute-form target, or
+/// HTTP/2's `:authority`), else `Host`, as the request is forwarded
+/// (RFC 9112 §3.2.2); `None` when the allowlist does not hold it.
 pub fn host(headers: &HeaderMap, authority: Option<&str>, allowed: &[String]) -> Option<String> {
-    let raw = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or(authority)
+    let raw = authority
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
         .unwrap_or("");
     let host = crate::config::normalise_host(raw);
     (allowed.is_empty() || allowed.contains(&host)).then_some(host)
@@ -232,6 +231,12 @@ mod tests {
         );
         headers.insert(header::HOST, "other.example".parse().unwrap());
         assert_eq!(host(&headers, None, &allowed), None);
+        // An absolute-form target's host is the one forwarded, so it is the
+        // one keyed, whatever `Host` says.
+        assert_eq!(
+            host(&headers, Some("EXAMPLE.com"), &allowed).as_deref(),
+            Some("example.com")
+        );
     }
 
     #[test]

@@ -317,21 +317,23 @@ impl Exchange {
         };
         self.request_bytes = body.len() as u64;
 
-        let field = parts.headers.get(header::HOST).cloned();
-        let in_fields = field.is_some();
-        let host = field.or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // An absolute-form target names the host, and a proxy replaces the
+        // client's `Host` with it (RFC 9112 §3.2.2), as nginx's `$host` does;
+        // an HTTP/2 request's `:authority` comes the same way.
+        let authority = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        let field = parts.headers.get(header::HOST);
+        let in_fields = field.is_some() && (authority.is_none() || authority.as_ref() == field);
+        let host = authority.or_else(|| field.cloned());
         let headers = &mut parts.headers;
         let stripped = strip_hop_by_hop(headers);
         combine_cookies(headers);
         let mut set = Vec::with_capacity(128);
         forwarded_fields(headers, caller, host.as_ref(), &mut set);
         // The client's `Host` stays where it is, unless its `Connection`
-        // named it; an HTTP/2 request's comes from `:authority`.
+        // named it or the target named another host.
         // `preserve_host = false` is applied per attempt, with the address of
         // the server actually chosen.
         match host {

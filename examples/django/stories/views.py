@@ -133,13 +133,14 @@ def login(request):
 
 @never_cache
 def whoami(request):
-    """What Django made of the request: the session it read, the scheme and
-    path it saw, and the forwarded address."""
+    """What Django made of the request: the session it read, the scheme,
+    host and path it saw, and the forwarded address."""
     return JsonResponse(
         {
             "member_id": request.session.get("member_id"),
             "session_key": request.session.session_key,
             "scheme": request.scheme,
+            "host": request.get_host(),
             "path": request.path,
             "method": request.method,
             "forwarded_for": request.META.get("HTTP_X_FORWARDED_FOR"),
