@@ -47,7 +47,7 @@ start_gatehouse gatehouse "$GH" "$UP" GATEHOUSE_SERVER__WORKERS="$gatehouse_work
 curl -sf "http://127.0.0.1:$NG/small" >/dev/null
 
 printf '%-8s %-10s %5s %10s %9s %9s\n' size target round req/s p50_ms p99_ms
-declare -A best_rps best_p99
+declare -A best_rps best_p99 round_rps
 for size in small large; do
   curl -s "http://127.0.0.1:$UP/$size" >/dev/null
   for round in $(seq "$rounds"); do
@@ -56,6 +56,7 @@ for size in small large; do
       read -r rps p50 p99 < <(measure "http://127.0.0.1:$port/$size" "$duration")
       printf '%-8s %-10s %5s %10s %9s %9s\n' "$size" "$target" "$round" "$rps" "$p50" "$p99"
       key="$size/$target"
+      round_rps[$key/$round]=$rps
       if [ -z "${best_rps[$key]:-}" ] || [ "$rps" -gt "${best_rps[$key]}" ]; then
         best_rps[$key]=$rps; best_p99[$key]=$p99
       fi
@@ -70,10 +71,17 @@ echo "best of $rounds rounds, ${duration}s each, 64 connections, $(nproc) cores;
 if [ "$access_log" = on ]; then
   echo "access-log lines: nginx $(wc -l < "$dir/nginx-access.log"), gatehouse $(wc -l < "$dir/gatehouse-access.log")"
 fi
-printf '%-8s %12s %12s %12s %16s %18s\n' size direct nginx gatehouse "gatehouse/nginx" "p99 gh-nginx (ms)"
+printf '%-8s %12s %12s %12s %16s %18s %s\n' size direct nginx gatehouse "gatehouse/nginx" "p99 gh-nginx (ms)" \
+  "  round by round (median)"
 for size in small large; do
   d=${best_rps[$size/direct]}; n=${best_rps[$size/nginx]}; g=${best_rps[$size/gatehouse]}
   ratio=$(awk -v g="$g" -v n="$n" 'BEGIN { printf "%.2f", g/n }')
   dp99=$(awk -v g="${best_p99[$size/gatehouse]}" -v n="${best_p99[$size/nginx]}" 'BEGIN { printf "%+.3f", g-n }')
-  printf '%-8s %12s %12s %12s %16s %18s\n' "$size" "$d" "$n" "$g" "${ratio}x" "$dp99"
+  # Each round measures nginx and gatehouse back to back, so a round's ratio
+  # sees the same machine; its median is steadier than best against best.
+  rounds_ratio=$(for round in $(seq "$rounds"); do
+    echo "${round_rps[$size/gatehouse/$round]} ${round_rps[$size/nginx/$round]}"
+  done | awk '{ printf "%.2f\n", $1 / $2 }' | sort -n | awk '{ r[NR] = $1; printf "%s ", $1 }
+    END { printf "(%.2fx)", NR % 2 ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }')
+  printf '%-8s %12s %12s %12s %16s %18s   %s\n' "$size" "$d" "$n" "$g" "${ratio}x" "$dp99" "$rounds_ratio"
 done
