@@ -390,6 +390,76 @@ async fn slowloris_client_is_cut_at_the_header_deadline() {
     assert_eq!(get(gateway.addr, "/", &[]).await.unwrap().0, StatusCode::OK);
 }
 
+/// Between requests on a kept-alive HTTP/1.1 connection the head deadline
+/// runs again: a client that goes quiet after its answer, or drips its next
+/// head, is closed at the deadline, and that head never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_is_held_to_the_head_deadline_again() {
+    let (upstream, gateway) = gateway_with("a", "header_read_timeout = \"1s\"", "").await;
+    for drip in [false, true] {
+        let mut stream = TcpStream::connect(gateway.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        // The first answer, whole: its head, then Content-Length bytes.
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        let whole = |answer: &[u8]| {
+            let text = String::from_utf8_lossy(answer);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            length.is_some_and(|n| body.len() >= n)
+        };
+        while !whole(&answer) {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "closed before the first answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(status_of(&String::from_utf8_lossy(&answer)), 200);
+        let answered = Instant::now();
+        let dripper = drip.then(|| {
+            let mut writer = stream.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let _ = writer.write_all(b"GET /second HTTP/1.1\r\nHost: x\r\n");
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(8)
+                    && writer.write_all(b"X-Drip: 1\r\n").is_ok()
+                {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        });
+        let closed = closed_within(&mut stream, Duration::from_secs(6));
+        let took = answered.elapsed();
+        assert!(
+            closed.is_some(),
+            "drip {drip}: still open {took:?} after the answer"
+        );
+        assert!(
+            took >= Duration::from_millis(900),
+            "drip {drip}: closed after {took:?}, before the deadline"
+        );
+        drop(stream);
+        if let Some(dripper) = dripper {
+            dripper.join().unwrap();
+        }
+    }
+    // The two first requests; neither quiet nor dripped head went further.
+    assert_eq!(upstream.hits(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_connections_are_kept_alive() {
     let upstream = TestUpstream::start("a").await;
