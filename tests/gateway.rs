@@ -1298,7 +1298,7 @@ async fn proxy_only_headers_from_clients_are_removed() {
 async fn an_absolute_form_target_names_the_host_django_sees() {
     let gunicorn = Gunicorn::start(1);
     let gateway = Gatehouse::start(&simple(&[gunicorn.upstream_url()]));
-    let ask = |request: &'static [u8]| {
+    let answer = |request: &[u8]| {
         let mut stream = TcpStream::connect(gateway.addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -1306,6 +1306,10 @@ async fn an_absolute_form_target_names_the_host_django_sees() {
         stream.write_all(request).unwrap();
         let mut answer = String::new();
         let _ = stream.read_to_string(&mut answer);
+        answer
+    };
+    let ask = |request: &'static [u8]| {
+        let answer = answer(request);
         assert_eq!(status_of(&answer), 200, "{answer}");
         let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
         serde_json::from_str::<serde_json::Value>(body).unwrap()
@@ -1318,6 +1322,18 @@ async fn an_absolute_form_target_names_the_host_django_sees() {
     let seen = ask(b"GET /v1/auth/whoami/ HTTP/1.1\r\n\
         Host: client.example\r\nConnection: close\r\n\r\n");
     assert_eq!(seen["host"], "client.example");
+    // Credentials in the target are refused, not forwarded as a host.
+    let refused = answer(
+        b"GET http://user:secret@other.example/v1/auth/whoami/ HTTP/1.1\r\n\
+        Host: client.example\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status_of(&refused), 400, "{refused}");
+    // By the gateway (its problem+json), before Django could see it.
+    assert!(
+        refused.contains("application/problem+json") && refused.contains("userinfo"),
+        "{refused}"
+    );
+    assert!(!refused.contains("secret"), "{refused}");
 }
 
 /// HTTP/2 clients send one `cookie` field per cookie (RFC 9113 §8.2.3);

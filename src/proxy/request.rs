@@ -216,6 +216,16 @@ impl Exchange {
         if req.uri().path_and_query().is_none() && req.method() != Method::OPTIONS {
             return Err(ProxyError::BadRequest("request target has no path"));
         }
+        // The target's host replaces `Host`; one with credentials in it
+        // (`http://user:secret@host/`) is an error (RFC 9110 §4.2.4, RFC 9113
+        // §8.3.1), not a host to forward or key the cache on.
+        if req
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().contains('@'))
+        {
+            return Err(ProxyError::BadRequest("userinfo in the request target"));
+        }
         // RFC 9112 §3.2: exactly one Host in HTTP/1.1; HTTP/2 may use :authority.
         let hosts = req.headers().get_all(header::HOST).iter().count();
         if hosts > 1 {
