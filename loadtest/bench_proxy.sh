@@ -7,9 +7,10 @@
 # one per core as well), then drives each with wrk: 64 connections,
 # a small (2 KiB) and a large (64 KiB) response. Rounds alternate between the
 # two proxies so drift on a shared machine hits both. Prints req/s, p50, p99 and
-# the gatehouse/nginx ratios. Access logs are off for both, or with
-# ACCESS_LOG=on written by both to a file in the scratch directory (nginx's
-# default buffered-less `access_log FILE`, gatehouse's `log.access_log_path`).
+# the gatehouse/nginx ratios: best against best, and each round's with their
+# median. Access logs are off for both, or with ACCESS_LOG=on written by both to
+# a file in the scratch directory (nginx's default buffered-less
+# `access_log FILE`, gatehouse's `log.access_log_path`).
 #
 # Usage: [ACCESS_LOG=on] loadtest/bench_proxy.sh [seconds-per-run=10] [rounds=3]
 set -euo pipefail
