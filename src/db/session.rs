@@ -276,6 +276,10 @@ where
     }
 }
 
+/// Server connections a client's first messages may try when each one
+/// turns out broken as its settings are applied.
+const SETUP_TRIES: u32 = 3;
+
 /// One logged-in client and the server connection it holds, if any.
 struct Session<'a> {
     shared: &'a DbShared,
@@ -325,7 +329,12 @@ impl Session<'_> {
     /// transaction), with this client's settings, on the node the router
     /// picks for them.
     async fn acquire(&mut self, frames: &[Frame]) -> Result<(), DbError> {
-        if self.server.is_none() {
+        // A connection that broke while it sat in the pool (its node just
+        // went down) is found when the client's settings are applied;
+        // nothing has reached the client yet, so another one is taken.
+        let mut tries = SETUP_TRIES;
+        while self.server.is_none() {
+            tries -= 1;
             // The configuration as it is now: a reload reaches clients that
             // are already connected (timeouts, the nodes).
             let config = self.shared.config.load_full();
@@ -340,7 +349,19 @@ impl Session<'_> {
             };
             if let Err(e) = applied {
                 server.discard();
-                return Err(DbError::StartupParameters(e.to_string()));
+                if !matches!(e, super::server::ServerError::Io(_)) || tries == 0 {
+                    return Err(DbError::StartupParameters(e.to_string()));
+                }
+                if let Some(broken) = self.transaction.take().filter(|c| c.replica) {
+                    tracing::warn!(node = %broken.node, error = %e, "a replica's connection broke before use; trying another node");
+                    if let Some(health) = &broken.health {
+                        self.shared.topology.failed(health, &broken.node, &config);
+                    }
+                    self.avoid = Some(broken.node);
+                } else {
+                    tracing::warn!(error = %e, "a server connection broke before use; taking another");
+                }
+                continue;
             }
             self.point_cancel(Some(CancelTarget {
                 node: Arc::clone(server.conn().node()),
