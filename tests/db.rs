@@ -1980,3 +1980,115 @@ fn pools_of_unlisted_databases_leave_no_metrics_behind() {
     assert_eq!(db.wire().value("SELECT 'listed'"), "listed");
     assert!(series("pool=\"app/app\""), "listed pools stay");
 }
+
+/// A TCP relay to the test server whose connections can be cut without a
+/// sign: once `poison` is called, each connection open at that moment is
+/// closed the next time gatehouse sends on it, and only then.
+struct Relay {
+    port: u16,
+    opened: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    poisoned_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    fn start(server_port: u16) -> Relay {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let opened = Arc::new(AtomicU64::new(0));
+        let poisoned_below = Arc::new(AtomicU64::new(0));
+        let (count, poison) = (Arc::clone(&opened), Arc::clone(&poisoned_below));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let id = count.fetch_add(1, Ordering::SeqCst);
+                let mut server = std::net::TcpStream::connect(("127.0.0.1", server_port)).unwrap();
+                let (mut from_server, mut to_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_server, &mut to_client);
+                });
+                let poison = Arc::clone(&poison);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let n = match client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if id < poison.load(Ordering::SeqCst)
+                            || server.write_all(&buf[..n]).is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Relay {
+            port,
+            opened,
+            poisoned_below,
+        }
+    }
+
+    /// Cut every connection open now, at its next message from gatehouse.
+    fn poison(&self) {
+        let open = self.opened.load(std::sync::atomic::Ordering::SeqCst);
+        self.poisoned_below
+            .store(open, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A pooled server connection can break without a sign while it sits idle
+/// (its server went away between two transactions). The next client's
+/// settings are applied on it before anything reaches that client: the
+/// failure is found there, and the client is served on another connection
+/// instead of getting a FATAL.
+#[test]
+fn a_pooled_connection_found_broken_at_setup_is_replaced() {
+    let pg = TestPostgres::shared();
+    let relay = Relay::start(pg.port);
+    let (config, _) = GatehouseDb::config(pg, "", "transaction", "");
+    let direct = format!("host = \"{}\"\nport = {}", pg.socket_dir.display(), pg.port);
+    assert!(config.contains(&direct));
+    let config = config.replace(
+        &direct,
+        &format!("host = \"127.0.0.1\"\nport = {}", relay.port),
+    );
+    let db = GatehouseDb::start_with_text(&config);
+    let ask = |app: &str| {
+        let out = std::process::Command::new("psql")
+            .arg("-h")
+            .arg(db.socket_dir.path())
+            .args(["-p", &db.port.to_string(), "-U", APP_USER, "-d", APP_DB])
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-c",
+                "SELECT current_setting('application_name')",
+            ])
+            .env("PGPASSWORD", APP_PASSWORD)
+            .env("PGAPPNAME", app)
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    assert_eq!(ask("first").0, "first");
+    let before = relay.opened.load(std::sync::atomic::Ordering::SeqCst);
+    relay.poison();
+    // The idle connection has a different application_name to set.
+    let (answer, error) = ask("second");
+    assert_eq!(answer, "second", "{error}\n{}", db.log());
+    assert!(
+        relay.opened.load(std::sync::atomic::Ordering::SeqCst) > before,
+        "the answer did not come on a new connection"
+    );
+}
