@@ -1700,3 +1700,142 @@ async fn the_gateway_runs_in_process_and_stops_when_told() {
         "nothing listens any more"
     );
 }
+
+/// A client connection read answer by answer: each head, and as many body
+/// bytes as its `Content-Length` says.
+struct Answers {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Answers {
+    fn connect(addr: std::net::SocketAddr) -> Answers {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Answers {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// The next head, lower-cased, without its blank line.
+    fn head(&mut self) -> String {
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_lowercase();
+                self.buf.drain(..end + 4);
+                return head;
+            }
+            self.fill();
+        }
+    }
+
+    /// The next answer: its head and its body.
+    fn answer(&mut self) -> (String, Vec<u8>) {
+        let head = self.head();
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+        while self.buf.len() < length {
+            self.fill();
+        }
+        let body = self.buf.drain(..length).collect();
+        (head, body)
+    }
+
+    fn fill(&mut self) {
+        let mut chunk = [0u8; 8192];
+        let n = self.stream.read(&mut chunk).unwrap();
+        assert!(
+            n > 0,
+            "closed; unread: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// Whether the server closed the connection (after what was read).
+    fn closed(&mut self) -> bool {
+        self.buf.is_empty() && closed_within(&mut self.stream, Duration::from_secs(3)).is_some()
+    }
+}
+
+/// The gateway serves HTTP/1.x itself: pipelined requests, HTTP/1.0
+/// persistence, `Expect: 100-continue`, versions it does not speak and
+/// request lines it cannot read, each as RFC 9112 says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_clients_are_served_as_rfc_9112_says() {
+    let (upstream, gateway) = gateway_with("a", "max_body_size = 1024", "").await;
+
+    // Pipelined: both in one write, answered in order on one connection.
+    let mut client = Answers::connect(gateway.addr);
+    client.send(
+        b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          GET /third HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    for (path, body) in [("/first", ""), ("/second", "hello"), ("/third", "")] {
+        let (head, answer) = client.answer();
+        assert!(head.starts_with("http/1.1 200 ok"), "{head}");
+        let echo = json(&answer);
+        assert_eq!(echo["path"], path);
+        assert_eq!(echo["body"], body);
+    }
+
+    // HTTP/1.0: closed after the answer unless the client asks to keep it.
+    let mut client = Answers::connect(gateway.addr);
+    client.send(b"GET /old HTTP/1.0\r\n\r\n");
+    let (head, _) = client.answer();
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(client.closed());
+    let mut client = Answers::connect(gateway.addr);
+    for _ in 0..2 {
+        client.send(b"GET /old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        let (head, answer) = client.answer();
+        assert!(head.contains("connection: keep-alive"), "{head}");
+        assert_eq!(json(&answer)["path"], "/old");
+    }
+
+    // Expect: 100-continue: the go-ahead first, then the answer.
+    let mut client = Answers::connect(gateway.addr);
+    client.send(
+        b"POST /expecting HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n",
+    );
+    assert_eq!(client.head(), "http/1.1 100 continue");
+    client.send(b"data");
+    let (head, answer) = client.answer();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert_eq!(json(&answer)["body"], "data");
+    assert!(
+        !json(&answer)["headers"]
+            .as_object()
+            .unwrap()
+            .contains_key("expect")
+    );
+    // A body over the limit is refused without a go-ahead, and the body
+    // the client may send anyway is never taken for a request.
+    let hits = upstream.hits();
+    client.send(
+        b"POST /too-big HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4000\r\n\r\n",
+    );
+    let (head, _) = client.answer();
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    client.send(b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(client.closed());
+    assert_eq!(upstream.hits(), hits, "nothing reached the upstream");
+
+    // A version it does not speak, and a request line it cannot read.
+    let answer = raw_exchange(gateway.addr, b"GET / HTTP/1.2\r\nHost: x\r\n\r\n");
+    assert_eq!(status_of(&answer), 505, "{answer}");
+    let answer = raw_exchange(gateway.addr, b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status_of(&answer), 400, "{answer}");
+    assert_eq!(upstream.hits(), hits);
+}

@@ -3,7 +3,7 @@
 //!
 //! A [`FileCopy`] holds a body's bytes and the same bytes in a sealed
 //! memory file. The body that sends them [`offer`]s the copy to its thread
-//! before it hands the bytes to hyper; when [`ZeroCopy`]'s write then gets
+//! before it hands the bytes to the connection; when [`ZeroCopy`]'s write then gets
 //! a slice lying inside those bytes, it sends that range from the file with
 //! `sendfile(2)`: the socket takes references to the file's pages instead of
 //! a copy of the data (25% of the CPU a 64 KiB cache hit costs, measured).
@@ -285,7 +285,7 @@ mod tests {
         (ZeroCopy::new(accepted.unwrap().0, on), client.unwrap())
     }
 
-    /// Write `slices` as hyper does (vectored, again from where a partial
+    /// Write `slices` as a connection does (vectored, again from where a partial
     /// write stopped) while the other side reads `expected.len()` bytes.
     async fn write_and_read(on: bool, slices: Vec<Bytes>, expected: Vec<u8>) -> Vec<u8> {
         let (mut writer, mut reader) = pair(on).await;

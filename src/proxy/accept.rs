@@ -1,10 +1,10 @@
 //! The `accept` phase: one listener per worker (`SO_REUSEPORT`), the
 //! connection limit, the header deadline (slowloris, pingora #447) and size
-//! limits, HTTP/1.1 and h2c, the framing guard against request smuggling,
-//! and the bounded drain on shutdown.
+//! limits, HTTP/1.1 (`http1`, with the framing rules against request
+//! smuggling) and h2c (hyper), and the bounded drain on shutdown.
 
 pub mod deadline;
-pub mod framing;
+pub mod http1;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Socket, Type};
@@ -28,7 +28,6 @@ use super::request;
 use crate::config::ServerConfig;
 use crate::net::ZeroCopy;
 use deadline::{Activity, Protocol, Watched};
-use framing::{FramingGuard, FramingVerdicts};
 
 /// Bind `count` listeners on one address with `SO_REUSEPORT`, so that each
 /// worker accepts on its own socket. Port 0 is resolved by the first bind.
@@ -66,19 +65,6 @@ pub fn bind(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::TcpListe
         listeners.push(listener);
     }
     Ok(listeners)
-}
-
-/// HTTP/1.1 straight on hyper's own connection: the protocol is already
-/// sniffed (by peeking), so nothing needs the `auto` builder's replay layer.
-fn http1_builder(server: &ServerConfig) -> http1::Builder {
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
-        // Headers that do not fit get 431 from hyper.
-        .max_buf_size(server.max_header_size)
-        .max_headers(server.max_headers);
-    builder
 }
 
 fn http2_builder(server: &ServerConfig) -> http2::Builder<TokioExecutor> {
@@ -210,7 +196,7 @@ async fn serve_connection(
     worker: usize,
     shared: &Arc<Shared>,
     watcher: hyper_util::server::graceful::Watcher,
-    mut draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
 ) {
     let live = shared.live.load_full();
     let server = &live.config.server;
@@ -223,27 +209,13 @@ async fn serve_connection(
             .inc();
         return;
     };
-    let verdicts = FramingVerdicts::new();
     let activity = Activity::new();
-    let io = TokioIo::new(Watched::new(
-        FramingGuard::new(
-            ZeroCopy::new(stream, protocol == Protocol::Http1),
-            server.max_header_size,
-            Arc::clone(&verdicts),
-        ),
+    let io = Watched::new(
+        ZeroCopy::new(stream, protocol == Protocol::Http1),
         Arc::clone(&activity),
         protocol,
         server.send_timeout,
-    ));
-    let service = ConnectionService {
-        shared: Arc::clone(shared),
-        worker,
-        peer,
-        verdicts,
-        activity: (protocol == Protocol::Http2).then(|| Arc::clone(&activity)),
-        begun: Arc::new(tokio::sync::Notify::new()),
-    };
-    let begun = Arc::clone(&service.begun);
+    );
     let send_timed_out = || {
         if activity
             .send_timed_out
@@ -257,32 +229,32 @@ async fn serve_connection(
         }
     };
     if protocol == Protocol::Http1 {
-        // hyper keeps the head deadline and the keep-alive idle time itself.
-        let grace = FIRST_REQUEST_GRACE.min(server.header_read_timeout);
-        let connection = http1_builder(server).serve_connection(io, service);
-        tokio::pin!(connection);
-        let ended = tokio::select! {
-            ended = connection.as_mut() => ended,
-            _ = async { drop(draining.wait_for(|d| *d).await) } => {
-                // Idle between requests: closed now. Fresh: its first
-                // request is read and answered first, with `Connection:
-                // close`. In flight: finished, then closed.
-                tokio::select! {
-                    ended = connection.as_mut() => ended,
-                    _ = tokio::time::timeout(grace, begun.notified()) => {
-                        connection.as_mut().graceful_shutdown();
-                        connection.await
-                    }
-                }
-            }
+        let limits = http1::Limits {
+            max_head: server.max_header_size,
+            max_headers: server.max_headers,
+            header_timeout: server.header_read_timeout,
+            first_request_grace: FIRST_REQUEST_GRACE.min(server.header_read_timeout),
         };
-        if let Err(e) = ended {
+        drop(live);
+        let client = http1::Client {
+            shared: Arc::clone(shared),
+            worker,
+            peer,
+        };
+        if let Err(e) = http1::serve(io, client, limits, draining).await {
             tracing::debug!(error = %e, %peer, "client connection ended with an error");
         }
         send_timed_out();
         drop(watcher);
         return;
     }
+    let service = ConnectionService {
+        shared: Arc::clone(shared),
+        worker,
+        peer,
+        activity: Arc::clone(&activity),
+    };
+    let io = TokioIo::new(io);
     let connection = watcher.watch(http2_builder(server).serve_connection(io, service));
     let (header_timeout, idle_timeout) = (server.header_read_timeout, server.http2_idle_timeout);
     drop(live);
@@ -340,17 +312,15 @@ impl AcceptBackoff {
     }
 }
 
-/// The per-connection service: hands each request to the request path.
+/// The per-connection service of an HTTP/2 connection: hands each request
+/// to the request path.
 #[derive(Clone)]
 struct ConnectionService {
     shared: Arc<Shared>,
     worker: usize,
     peer: SocketAddr,
-    verdicts: Arc<FramingVerdicts>,
-    /// HTTP/2 only: requests in flight keep the connection from idling out.
-    activity: Option<Arc<Activity>>,
-    /// Holds a permit once a request has begun on the connection.
-    begun: Arc<tokio::sync::Notify>,
+    /// Requests in flight keep the connection from idling out.
+    activity: Arc<Activity>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnectionService {
@@ -359,20 +329,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnectionService {
     type Future = Pin<Box<dyn Future<Output = Result<Response<LoggedBody>, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let ambiguous_framing = self.verdicts.next_request_is_ambiguous();
-        let exchange = request::Exchange::new(
-            Arc::clone(&self.shared),
-            self.worker,
-            self.peer,
-            ambiguous_framing,
-        );
-        self.begun.notify_one();
-        // HTTP/1.1, the common case, needs nothing around the exchange: the
-        // future is built once, and its size is copied once, into its box.
-        let Some(activity) = &self.activity else {
-            return Box::pin(exchange.handle(req));
-        };
-        let in_flight = activity.request();
+        let exchange =
+            request::Exchange::new(Arc::clone(&self.shared), self.worker, self.peer, false);
+        let in_flight = self.activity.request();
         Box::pin(async move {
             let response = exchange.handle(req).await;
             drop(in_flight);

@@ -90,7 +90,7 @@ impl Body for ProxyBody {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
                 Poll::Ready(Some(Err(e))) => {
-                    // The client gets a cut body; hyper closes the connection.
+                    // The client gets a cut body, and the connection closes.
                     tracing::error!(error = %e, "reading a spooled response");
                     *rest = None;
                     Poll::Ready(None)

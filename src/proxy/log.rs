@@ -432,7 +432,7 @@ impl Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
-        // hyper drops an empty body (or a HEAD response's) without polling it.
+        // An empty body (or a HEAD response's) is dropped without being polled.
         let head = self
             .record
             .as_ref()

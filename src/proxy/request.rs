@@ -18,7 +18,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use super::body::ProxyBody;
 use super::cache;
@@ -29,6 +28,21 @@ use super::log::{AccessRecord, LoggedBody};
 use super::route::wsgi_path;
 use super::upstream::Outgoing;
 use super::{Live, Shared};
+
+/// A request body as the request path reads it: hyper's for HTTP/2, the
+/// gateway's own for HTTP/1 (`accept::http1`).
+pub trait RequestBody:
+    Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
+{
+}
+
+impl<B> RequestBody for B where
+    B: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + Unpin
+        + 'static
+{
+}
 
 /// One request's journey and what the `log` phase reports about it.
 pub struct Exchange {
@@ -80,12 +94,12 @@ impl Exchange {
     /// Run the phases, turn an error into its problem response, and hand
     /// the response to the `log` phase, which writes its line once the body
     /// is out. Dropped before that (the client went away), the exchange logs
-    /// a 499 itself. It never fails: the `Result` is the one hyper's
+    /// a 499 itself. It never fails: the `Result` is the one hyper's HTTP/2
     /// service wants, so that this future is the boxed one, not wrapped in
     /// another that would hold the exchange and the request twice.
-    pub async fn handle(
+    pub async fn handle<B: RequestBody>(
         mut self,
-        req: Request<Incoming>,
+        req: Request<B>,
     ) -> Result<Response<LoggedBody>, std::convert::Infallible> {
         self.request = Some(RequestLine {
             method: req.method().clone(),
@@ -113,7 +127,10 @@ impl Exchange {
         Ok(Response::from_parts(parts, LoggedBody::new(body, record)))
     }
 
-    async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn run<B: RequestBody>(
+        &mut self,
+        req: Request<B>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         self.accept(&req)?;
         let caller = self.identify(&req).await?;
         if req.uri().path() == self.live.config.server.health_path {
@@ -205,9 +222,9 @@ impl Exchange {
     }
 
     /// accept: refuse framing a next hop could read differently (RFC 9112 §6.1).
-    /// hyper itself answers obs-fold and conflicting `Content-Length` with 400
+    /// The connection itself answers obs-fold and conflicting `Content-Length` with 400
     /// and oversized heads with 431.
-    fn accept(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    fn accept<B>(&self, req: &Request<B>) -> Result<(), ProxyError> {
         if self.ambiguous_framing {
             return Err(ProxyError::BadRequest(
                 "both Content-Length and Transfer-Encoding",
@@ -239,7 +256,7 @@ impl Exchange {
 
     /// identify: who is calling, the client address and the request id. A
     /// bad token is a 401 only when `identity.jwt.reject_invalid` says so.
-    async fn identify(&mut self, req: &Request<Incoming>) -> Result<Caller, ProxyError> {
+    async fn identify<B>(&mut self, req: &Request<B>) -> Result<Caller, ProxyError> {
         let server = &self.live.config.server;
         let peer = Peer {
             addr: self.peer.ip(),
@@ -305,16 +322,16 @@ impl Exchange {
     /// route: match the one route table on the path Django will see; a path
     /// that cannot be decoded unambiguously is a 400 and never reaches Django.
     /// The decoded path is what the cache keys and tags are made of.
-    fn route<'r>(&mut self, req: &'r Request<Incoming>) -> Result<Cow<'r, [u8]>, ProxyError> {
+    fn route<'r, B>(&mut self, req: &'r Request<B>) -> Result<Cow<'r, [u8]>, ProxyError> {
         let path = wsgi_path(req.uri().path()).map_err(ProxyError::BadPath)?;
         self.route = self.live.routes.find(req.method(), &path);
         Ok(path)
     }
 
     /// upstream, first half: buffer the body and rewrite the headers.
-    async fn prepare(
+    async fn prepare<B: RequestBody>(
         &mut self,
-        req: Request<Incoming>,
+        req: Request<B>,
         caller: &Caller,
     ) -> Result<Request<Outgoing>, ProxyError> {
         let (mut parts, body) = req.into_parts();
@@ -396,7 +413,7 @@ impl Exchange {
     /// The whole request body, within `max_body_size` (else 413) and
     /// `body_read_timeout`, before any upstream is contacted: Gunicorn's sync
     /// workers must not wait on a slow client.
-    async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
+    async fn read_body<B: RequestBody>(&self, body: B) -> Result<Bytes, ProxyError> {
         let server = &self.live.config.server;
         let limit = server.max_body_size;
         if body.size_hint().lower() > limit {

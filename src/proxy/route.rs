@@ -146,7 +146,7 @@ impl RouteTable {
 }
 
 /// Methods compare case-insensitively: a `post` must meet the `POST` rules.
-/// (hyper already refuses a method that is not a token with 400.)
+/// (A method that is not a token is refused with 400 as the head is parsed.)
 pub fn canonical_method(method: &Method) -> Cow<'_, Method> {
     let text = method.as_str();
     if !text.bytes().any(|b| b.is_ascii_lowercase()) {

@@ -1,4 +1,4 @@
-//! Deadlines hyper does not keep for us: the protocol sniff (a client that
+//! Deadlines beside the HTTP/1 head deadline (`http1`): the protocol sniff (a client that
 //! sends nothing, or part of the HTTP/2 preface), HTTP/2 request headers (a
 //! HEADERS frame without END_HEADERS, or one trickled byte by byte), and an
 //! idle HTTP/2 connection. The watched stream records when bytes move and
@@ -145,7 +145,7 @@ const END_HEADERS: u8 = 0x4;
 pub struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
-    /// `None` for HTTP/1, whose head deadline hyper keeps.
+    /// `None` for HTTP/1, whose connection keeps its own head deadline.
     frames: Option<Frames>,
     /// A HEADERS frame without END_HEADERS was read; its CONTINUATIONs are due.
     open_block: bool,
@@ -282,7 +282,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &polled {
-            // Only HTTP/2 is watched for idleness here; hyper keeps
+            // Only HTTP/2 is watched for idleness here; `http1` keeps
             // HTTP/1.1's own timers, and a clock read per read is not free.
             if buf.filled().len() > before && this.frames.is_some() {
                 this.activity.bytes_moved();

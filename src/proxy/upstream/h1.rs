@@ -380,7 +380,15 @@ fn framing(
 }
 
 /// One `Content-Length`, or several fields or list members that all agree.
-fn content_length(headers: &HeaderMap) -> Result<u64, H1Error> {
+pub fn content_length(headers: &HeaderMap) -> Result<u64, H1Error> {
+    let mut fields = headers.get_all(header::CONTENT_LENGTH).iter();
+    // The usual case: one field of a few digits.
+    if let (Some(only), None) = (fields.next(), fields.next()) {
+        let digits = only.as_bytes();
+        if (1..=15).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit) {
+            return Ok(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')));
+        }
+    }
     let mut length = None;
     for member in headers
         .get_all(header::CONTENT_LENGTH)
@@ -404,19 +412,19 @@ fn content_length(headers: &HeaderMap) -> Result<u64, H1Error> {
 /// What a response head's `Content-Length`, `Transfer-Encoding` and
 /// `Connection` fields say, read once as the head is parsed.
 #[derive(Debug, Default)]
-struct Link {
+pub struct Link {
     /// A `Content-Length` field is present.
-    length: bool,
-    transfer_encoding: bool,
+    pub length: bool,
+    pub transfer_encoding: bool,
     /// The last coding `Transfer-Encoding` names is `chunked`.
-    chunked_last: bool,
+    pub chunked_last: bool,
     close: bool,
     keep_alive: bool,
 }
 
 impl Link {
     /// Note one field of the head; `false`: it is not kept.
-    fn keeps(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+    pub fn keeps(&mut self, name: &HeaderName, value: &[u8]) -> bool {
         self.length |= *name == header::CONTENT_LENGTH;
         !is_hop_by_hop(name) || self.note(name, value)
     }
@@ -453,7 +461,7 @@ impl Link {
 
     /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only
     /// when told `keep-alive`.
-    fn persistent(&self, version: Version) -> bool {
+    pub fn persistent(&self, version: Version) -> bool {
         if version == Version::HTTP_11 {
             !self.close
         } else {
