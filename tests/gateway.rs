@@ -1832,6 +1832,24 @@ async fn http1_clients_are_served_as_rfc_9112_says() {
     assert!(client.closed());
     assert_eq!(upstream.hits(), hits, "nothing reached the upstream");
 
+    // A body refused unread, while the client keeps sending it: the client
+    // reads the whole answer, and the rest of its body is never a request.
+    let mut client = Answers::connect(gateway.addr);
+    client.send(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 4194304\r\n\r\n");
+    let mut writer = client.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = vec![b'z'; 64 * 1024];
+        for _ in 0..16 {
+            if writer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let (head, body) = client.answer();
+    assert!(head.starts_with("http/1.1 413"), "{head}");
+    assert_eq!(json(&body)["status"], 413);
+    sender.join().unwrap();
+
     // A version it does not speak, and a request line it cannot read.
     let answer = raw_exchange(gateway.addr, b"GET / HTTP/1.2\r\nHost: x\r\n\r\n");
     assert_eq!(status_of(&answer), 505, "{answer}");

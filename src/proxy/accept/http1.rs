@@ -514,7 +514,13 @@ pub async fn serve(
         )
         .await?;
         if !reusable {
-            let _ = conn.io.shutdown().await;
+            // The body of an ambiguous request was never read: what the
+            // client still sends must not reset the answer.
+            if ambiguous {
+                linger(&mut conn).await;
+            } else {
+                let _ = conn.io.shutdown().await;
+            }
             return Ok(());
         }
     }
