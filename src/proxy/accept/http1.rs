@@ -31,7 +31,7 @@ use tokio::time::{Instant, Sleep};
 use super::super::Shared;
 use super::super::log::LoggedBody;
 use super::super::request::Exchange;
-use super::super::upstream::h1::{Chunk, Decoder, Link, Step, content_length};
+use super::super::upstream::h1::{Chunk, Decoder, Link, content_length, poll_body};
 use super::deadline::Watched;
 use crate::net::ZeroCopy;
 
@@ -78,10 +78,7 @@ struct Conn {
 impl Conn {
     /// Read what the client sent; `Ok(0)` when it closed its side.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_SIZE / 2 {
-            self.buf.reserve(READ_SIZE);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        poll_read_into(&mut self.io, &mut self.buf, cx)
     }
 
     async fn fill(&mut self) -> io::Result<usize> {
@@ -101,6 +98,18 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Read what the client sent into `buf`, growing it when it is nearly full.
+fn poll_read_into(
+    io: &mut Io,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < READ_SIZE / 2 {
+        buf.reserve(READ_SIZE);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 /// Why a head is refused before the request path sees it.
@@ -352,23 +361,11 @@ impl Body for RequestBody {
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
         }
-        loop {
-            match lent.decoder.decode(&mut lent.conn.buf) {
-                Err(e) => return Poll::Ready(Some(Err(e.into_io()))),
-                Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                Ok(Step::End) => return Poll::Ready(None),
-                Ok(Step::More) => match ready!(lent.conn.poll_fill(cx)) {
-                    Ok(0) => {
-                        return Poll::Ready(Some(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the client closed the connection inside the request body",
-                        ))));
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Poll::Ready(Some(Err(e))),
-                },
-            }
-        }
+        // A request body is never close-delimited: the end of the stream cuts it.
+        let Conn { io, buf } = &mut lent.conn;
+        poll_body(&mut lent.decoder, buf, cx, |buf, cx| {
+            poll_read_into(io, buf, cx)
+        })
     }
 
     fn is_end_stream(&self) -> bool {

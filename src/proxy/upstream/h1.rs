@@ -45,7 +45,7 @@ pub enum H1Error {
     /// The connection ended before any byte of a response.
     #[error("connection closed before a response")]
     ClosedEarly,
-    #[error("connection closed in the middle of the response")]
+    #[error("connection closed in the middle of the message")]
     Truncated,
     #[error("no data within the response timeout")]
     TimedOut,
@@ -190,11 +190,6 @@ impl Conn {
                 }
             }
         }
-    }
-
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_SIZE);
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
     /// Read the head of the response to a `method` request, skipping
@@ -640,6 +635,33 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     })
 }
 
+/// The next piece of a body framed by `decoder`: from `buf`, then from what
+/// `fill` reads into it. The end of the stream ends a close-delimited body
+/// and cuts any other.
+pub fn poll_body(
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    mut fill: impl FnMut(&mut BytesMut, &mut Context<'_>) -> Poll<io::Result<usize>>,
+) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    loop {
+        match decoder.decode(buf) {
+            Err(e) => return Poll::Ready(Some(Err(e.into_io()))),
+            Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+            Ok(Step::End) => return Poll::Ready(None),
+            Ok(Step::More) => match ready!(fill(buf, cx)) {
+                Err(e) => return Poll::Ready(Some(Err(e))),
+                Ok(0) => {
+                    if let Err(e) = decoder.at_eof() {
+                        return Poll::Ready(Some(Err(e.into_io())));
+                    }
+                }
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
 /// The rest of a response body, read from its connection as it is sent on.
 /// Streamed to the client, the connection closes with it.
 pub struct UpstreamBody {
@@ -677,22 +699,11 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
-        loop {
-            match this.decoder.decode(&mut this.conn.buf) {
-                Err(e) => return Poll::Ready(Some(Err(e.into_io()))),
-                Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                Ok(Step::End) => return Poll::Ready(None),
-                Ok(Step::More) => match ready!(this.conn.poll_fill(cx)) {
-                    Err(e) => return Poll::Ready(Some(Err(e))),
-                    Ok(0) => {
-                        if let Err(e) = this.decoder.at_eof() {
-                            return Poll::Ready(Some(Err(e.into_io())));
-                        }
-                    }
-                    Ok(_) => {}
-                },
-            }
-        }
+        let Conn { io, buf, .. } = &mut this.conn;
+        poll_body(&mut this.decoder, buf, cx, |buf, cx| {
+            buf.reserve(READ_SIZE);
+            tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)
+        })
     }
 
     fn is_end_stream(&self) -> bool {
