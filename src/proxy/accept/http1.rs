@@ -406,7 +406,7 @@ enum Framing {
 }
 
 /// Serve one HTTP/1.x connection until it closes, times out, or the worker
-/// drains. `watcher` is held for the connection's life, for the drain to count.
+/// drains (`draining` turns true).
 pub async fn serve(
     io: Io,
     context: Client,
@@ -445,7 +445,7 @@ pub async fn serve(
             keep_alive,
             expect_continue,
             ambiguous,
-        } = *head;
+        } = head;
         let is_head = parts.method == Method::HEAD;
         let mut keep_alive = keep_alive && parts.method != Method::CONNECT;
         let version = parts.version;
@@ -524,8 +524,11 @@ pub async fn serve(
 }
 
 /// What waiting for a head gave.
+// The head is returned once per request and taken apart at once; boxing it
+// would cost an allocation per request.
+#[expect(clippy::large_enum_variant)]
 enum Waited {
-    Head(Box<Head>),
+    Head(Head),
     /// The client closed, or the worker drains and the connection is idle.
     Closed,
     TimedOut,
@@ -546,7 +549,7 @@ async fn read_head(
     loop {
         if !conn.buf.is_empty() {
             match parse_head(&mut conn.buf, limits) {
-                Ok(Some(head)) => return Waited::Head(Box::new(head)),
+                Ok(Some(head)) => return Waited::Head(head),
                 Ok(None) => {}
                 Err(refusal) => return Waited::Refused(refusal),
             }
