@@ -386,7 +386,10 @@ pub fn new_request_id() -> HeaderValue {
     let mut text = [0u8; 32];
     // 16 bytes always fill 32 hex digits, a valid header value.
     let _ = hex::encode_to_slice(id.to_be_bytes(), &mut text);
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    // Owned, not copied: the id is cloned into the response and the log
+    // line, and a copied `Bytes` allocates again on its first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 #[cfg(test)]
