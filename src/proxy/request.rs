@@ -31,12 +31,12 @@ use super::{Live, Shared};
 
 /// A request body as the request path reads it: hyper's for HTTP/2, the
 /// gateway's own for HTTP/1 (`accept::http1`).
-pub trait RequestBody:
+pub trait ClientBody:
     Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
 {
 }
 
-impl<B> RequestBody for B where
+impl<B> ClientBody for B where
     B: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
         + Send
         + Unpin
@@ -95,9 +95,8 @@ impl Exchange {
     /// the response to the `log` phase, which writes its line once the body
     /// is out. Dropped before that (the client went away), the exchange logs
     /// a 499 itself. It never fails: the `Result` is the one hyper's HTTP/2
-    /// service wants, so that this future is the boxed one, not wrapped in
-    /// another that would hold the exchange and the request twice.
-    pub async fn handle<B: RequestBody>(
+    /// service wants.
+    pub async fn handle<B: ClientBody>(
         mut self,
         req: Request<B>,
     ) -> Result<Response<LoggedBody>, std::convert::Infallible> {
@@ -127,7 +126,7 @@ impl Exchange {
         Ok(Response::from_parts(parts, LoggedBody::new(body, record)))
     }
 
-    async fn run<B: RequestBody>(
+    async fn run<B: ClientBody>(
         &mut self,
         req: Request<B>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
@@ -329,7 +328,7 @@ impl Exchange {
     }
 
     /// upstream, first half: buffer the body and rewrite the headers.
-    async fn prepare<B: RequestBody>(
+    async fn prepare<B: ClientBody>(
         &mut self,
         req: Request<B>,
         caller: &Caller,
@@ -413,7 +412,7 @@ impl Exchange {
     /// The whole request body, within `max_body_size` (else 413) and
     /// `body_read_timeout`, before any upstream is contacted: Gunicorn's sync
     /// workers must not wait on a slow client.
-    async fn read_body<B: RequestBody>(&self, body: B) -> Result<Bytes, ProxyError> {
+    async fn read_body<B: ClientBody>(&self, body: B) -> Result<Bytes, ProxyError> {
         let server = &self.live.config.server;
         let limit = server.max_body_size;
         if body.size_hint().lower() > limit {

@@ -10,7 +10,8 @@
 //! connection closes (§6.1: the next hop could frame it differently),
 //! conflicting lengths, a `Transfer-Encoding` whose last coding is not
 //! `chunked`, obs-fold and malformed heads get 400 here, a head larger than
-//! `max_header_size` or with more than `max_headers` fields 431.
+//! `max_header_size` or with more than `max_headers` fields 431, a version
+//! other than 1.0 and 1.1 505.
 
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -29,6 +30,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
 use super::super::Shared;
+use super::super::headers::line;
 use super::super::log::LoggedBody;
 use super::super::request::Exchange;
 use super::super::upstream::h1::{Chunk, Decoder, Link, content_length, poll_body};
@@ -675,7 +677,7 @@ async fn respond(
         {
             continue;
         }
-        field(out, name.as_str().as_bytes(), value.as_bytes());
+        line(out, name.as_str(), value.as_bytes());
     }
     if !parts.headers.contains_key(header::DATE) {
         date_line(out);
@@ -748,6 +750,7 @@ async fn respond(
                 ])
                 .await?;
                 if end {
+                    // Terminated with the last chunk: nothing more to write.
                     framing = Framing::None;
                 }
             }
@@ -790,13 +793,6 @@ fn status_line(out: &mut Vec<u8>, status: StatusCode) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// `date: …`, formatted once a second per thread.
 fn date_line(out: &mut Vec<u8>) {
     thread_local! {
@@ -811,7 +807,7 @@ fn date_line(out: &mut Vec<u8>) {
         if date.0 != second || date.1.is_empty() {
             *date = (second, httpdate::fmt_http_date(now));
         }
-        field(out, b"date", date.1.as_bytes());
+        line(out, "date", date.1.as_bytes());
     });
 }
 
