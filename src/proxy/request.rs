@@ -9,7 +9,7 @@
 //! and it sees the response before `response`.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,11 @@ pub struct Exchange {
     peer: SocketAddr,
     ambiguous_framing: bool,
     started: Instant,
-    caller: Option<Caller>,
+    /// What the `log` phase and an error response need of the caller, kept
+    /// once `identify` has run (not the whole `Caller`: its subject would
+    /// be copied for every request).
+    request_id: Option<HeaderValue>,
+    client: Option<IpAddr>,
     /// Taken by the `log` phase; still here when the exchange is dropped
     /// before it, which means the client went away.
     request: Option<RequestLine>,
@@ -81,7 +85,8 @@ impl Exchange {
             peer,
             ambiguous_framing,
             started: Instant::now(),
-            caller: None,
+            request_id: None,
+            client: None,
             request: None,
             route: None,
             upstream: None,
@@ -263,7 +268,8 @@ impl Exchange {
             real_ip_header: server.real_ip_header,
         };
         let (caller, invalid) = self.live.identifier.identify(req.headers(), peer).await;
-        self.caller = Some(caller.clone());
+        self.request_id = Some(caller.request_id.clone());
+        self.client = Some(caller.client);
         match invalid {
             Some(invalid) => Err(ProxyError::Unauthorized(invalid.to_string())),
             None => Ok(caller),
@@ -445,7 +451,7 @@ impl Exchange {
 
     fn request_id(&self) -> &HeaderValue {
         static UNKNOWN: HeaderValue = HeaderValue::from_static("-");
-        self.caller.as_ref().map_or(&UNKNOWN, |c| &c.request_id)
+        self.request_id.as_ref().unwrap_or(&UNKNOWN)
     }
 
     /// log: the request metrics now, and the record the access-log line is
@@ -464,7 +470,7 @@ impl Exchange {
             shared: Arc::clone(&self.shared),
             format: config.access_log.then_some(config.format),
             request_id: self.request_id().clone(),
-            client: self.caller.as_ref().map_or(self.peer.ip(), |c| c.client),
+            client: self.client.unwrap_or(self.peer.ip()),
             method: request.method,
             target: request.target,
             version: request.version,

@@ -138,13 +138,11 @@ impl Server {
         None
     }
 
-    fn checkin(&self, worker: usize, conn: Conn, max_idle: usize) {
+    /// Pool a connection idle `since` its last read.
+    fn checkin(&self, worker: usize, conn: Conn, max_idle: usize, since: Instant) {
         if let Some(Ok(mut pool)) = self.idle.get(worker).map(|p| p.lock()) {
             if pool.len() < max_idle {
-                pool.push(Idle {
-                    conn,
-                    since: Instant::now(),
-                });
+                pool.push(Idle { conn, since });
             }
         }
     }
@@ -241,10 +239,10 @@ impl UpstreamSet {
                 metrics.upstream_retries.inc();
             }
             let started = Instant::now();
-            match self.attempt(worker, server, &request).await {
-                Ok(response) => {
+            match self.attempt(worker, server, &request, started).await {
+                Ok((response, done)) => {
                     server.record_success();
-                    let elapsed = started.elapsed();
+                    let elapsed = done.saturating_duration_since(started);
                     server.duration.observe(elapsed.as_secs_f64());
                     server.succeeded.inc();
                     return Ok(Forwarded {
@@ -273,13 +271,16 @@ impl UpstreamSet {
     }
 
     /// One server: a pooled connection (a stale one is replaced without
-    /// counting as a failure), the request, the buffered response.
+    /// counting as a failure), the request, the buffered response, and when
+    /// its last byte was read (the clock is read once per read, not again
+    /// here).
     async fn attempt(
         &self,
         worker: usize,
         server: &Server,
         request: &Request<Outgoing>,
-    ) -> Result<Response<ProxyBody>, Failure> {
+        started: Instant,
+    ) -> Result<(Response<ProxyBody>, Instant), Failure> {
         let cfg = &self.config;
         let host = (!cfg.preserve_host || !request.headers().contains_key(http::header::HOST))
             .then(|| server.host_header());
@@ -290,7 +291,7 @@ impl UpstreamSet {
             addr: server.label.to_string(),
             after: timeout,
         };
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::from_std(started) + timeout;
         // Set once, with the first connection's timer when it has one.
         let mut timer = None;
         let (conn, head) = loop {
@@ -344,37 +345,38 @@ impl UpstreamSet {
         let mut timer = timer.unwrap_or_else(|| ReadTimer::new(None, deadline, timeout));
         let mut rest = UpstreamBody::new(conn, &head);
         let parts = head.parts;
-        let mut chunks: Vec<Bytes> = Vec::new();
-        let mut buffered = 0usize;
+        let mut chunks = Gathered::default();
         loop {
-            if buffered > cfg.response_buffer_size {
-                let head = concat(chunks);
+            if chunks.len > cfg.response_buffer_size {
+                let head = chunks.into_bytes();
                 if cfg.max_temp_file_size > 0 {
-                    return Box::pin(self.spool(worker, server, parts, head, rest, &mut timer))
-                        .await;
+                    let response =
+                        Box::pin(self.spool(worker, server, parts, head, rest, &mut timer)).await?;
+                    return Ok((response, timer.last_read().into_std()));
                 }
                 // Spooling off: send what we have, stream the rest. The
                 // connection is not pooled; it closes when the body ends.
-                return Ok(Response::from_parts(
-                    parts,
-                    ProxyBody::streaming(head, rest),
+                return Ok((
+                    Response::from_parts(parts, ProxyBody::streaming(head, rest)),
+                    timer.last_read().into_std(),
                 ));
             }
             match rest.next_chunk(&mut timer).await {
                 Err(H1Error::TimedOut) => return Err(Failure::sent(timed_out())),
                 Err(e) => return Err(Failure::sent(broken(server, &e))),
                 Ok(None) => break,
-                Ok(Some(data)) => {
-                    buffered += data.len();
-                    chunks.push(data);
-                }
+                Ok(Some(data)) => chunks.push(data),
             }
         }
+        let done = timer.last_read().into_std();
         if let Some(mut conn) = rest.into_reusable() {
             conn.keep_timer(timer);
-            server.checkin(worker, conn, cfg.max_idle_per_server);
+            server.checkin(worker, conn, cfg.max_idle_per_server, done);
         }
-        Ok(Response::from_parts(parts, ProxyBody::full(concat(chunks))))
+        Ok((
+            Response::from_parts(parts, ProxyBody::full(chunks.into_bytes())),
+            done,
+        ))
     }
 }
 
@@ -431,7 +433,12 @@ impl UpstreamSet {
         let file = spool.into_reader().await.map_err(failed)?;
         let rest = if complete {
             if let Some(conn) = rest.into_reusable() {
-                server.checkin(worker, conn, cfg.max_idle_per_server);
+                server.checkin(
+                    worker,
+                    conn,
+                    cfg.max_idle_per_server,
+                    timer.last_read().into_std(),
+                );
             }
             None
         } else {
@@ -484,16 +491,37 @@ fn broken(server: &Server, error: &H1Error) -> ProxyError {
     }
 }
 
-fn concat(mut chunks: Vec<Bytes>) -> Bytes {
-    match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
-            for chunk in chunks {
-                all.extend_from_slice(&chunk);
+/// A body read into memory. Most arrive in one piece, which is kept as it
+/// is: no list to allocate, nothing copied.
+#[derive(Default)]
+struct Gathered {
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
+    len: usize,
+}
+
+impl Gathered {
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        if self.first.is_none() {
+            self.first = Some(data);
+        } else {
+            self.more.push(data);
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self.first {
+            None => Bytes::new(),
+            Some(first) if self.more.is_empty() => first,
+            Some(first) => {
+                let mut all = BytesMut::with_capacity(self.len);
+                all.extend_from_slice(&first);
+                for chunk in self.more {
+                    all.extend_from_slice(&chunk);
+                }
+                all.freeze()
             }
-            all.freeze()
         }
     }
 }

@@ -99,6 +99,12 @@ impl ReadTimer {
         }
     }
 
+    /// When the last read from the server ended (the attempt's start before
+    /// any): the end of a buffered response, without reading the clock again.
+    pub fn last_read(&self) -> Instant {
+        self.last_read
+    }
+
     /// The timer itself, to bound a wait that is not a read (a write).
     pub fn sleep(&mut self) -> Pin<&mut Sleep> {
         self.sleep.as_mut()
