@@ -13,11 +13,12 @@
 # a file in the scratch directory (nginx's default buffered-less
 # `access_log FILE`, gatehouse's `log.access_log_path`).
 #
-# Usage: [ACCESS_LOG=on] loadtest/bench_proxy.sh [seconds-per-run=10] [rounds=3]
+# Usage: [ACCESS_LOG=on] loadtest/bench_proxy.sh [seconds-per-run=10] [rounds=4]
+# (an even count of rounds gives each proxy the first place equally often)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
-rounds=${2:-3}
+rounds=${2:-4}
 nginx_workers=${NGINX_WORKERS:-auto}
 gatehouse_workers=${GATEHOUSE_WORKERS:-0}
 access_log=${ACCESS_LOG:-off}
