@@ -613,4 +613,24 @@ mod tests {
         set.servers[0].record_success();
         assert!(set.pick(&[1]).is_some());
     }
+
+    #[test]
+    fn a_gathered_body_is_its_one_piece_or_its_pieces_in_order() {
+        assert!(Gathered::default().into_bytes().is_empty());
+
+        let piece = Bytes::from_static(b"one piece");
+        let mut one = Gathered::default();
+        one.push(piece.clone());
+        assert_eq!(one.len, 9);
+        let body = one.into_bytes();
+        // The piece itself, not a copy of it.
+        assert_eq!(body.as_ptr(), piece.as_ptr());
+
+        let mut three = Gathered::default();
+        for part in ["ab", "", "cde"] {
+            three.push(Bytes::from_static(part.as_bytes()));
+        }
+        assert_eq!(three.len, 5);
+        assert_eq!(three.into_bytes(), "abcde");
+    }
 }
