@@ -458,8 +458,8 @@ pub async fn serve(
             ambiguous,
         );
         let response = if decoder.is_done() {
-            let handled = exchange.handle(Request::from_parts(parts, RequestBody::Empty));
-            tokio::pin!(handled);
+            let mut handled =
+                std::pin::pin!(exchange.handle(Request::from_parts(parts, RequestBody::Empty)));
             // While the request runs, a client that leaves is noticed
             // (dropping the request logs it as 499); what it pipelines is kept.
             loop {
