@@ -18,8 +18,15 @@ need_packages() {
 
 need_packages nginx:nginx-light wrk:wrk
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cargo build --release --locked -q
-GATEHOUSE=$PWD/target/release/gatehouse
+# BUILD picks the gatehouse measured: `plain` (the default) is `cargo build
+# --release`, `pgo` is scripts/release-build.sh's profile-guided build, and
+# `none` keeps the GATEHOUSE the caller set.
+case ${BUILD:-plain} in
+  plain) cargo build --release --locked -q; GATEHOUSE=$PWD/target/release/gatehouse ;;
+  pgo) scripts/release-build.sh >&2; GATEHOUSE=$PWD/target/pgo/release/gatehouse ;;
+  none) ;;
+  *) echo "BUILD is plain, pgo or none, not '$BUILD'" >&2; exit 2 ;;
+esac
 
 dir=$(mktemp -d)
 chmod 755 "$dir"  # nginx workers run as www-data
